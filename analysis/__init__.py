@@ -1,0 +1,1 @@
+"""Pure metric functions over accuracy matrices and curves, tables, plots and reports."""

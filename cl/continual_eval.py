@@ -1,0 +1,93 @@
+"""Continual evaluation: score the stream and the general suite at evaluation points.
+
+An evaluation point scores every stream task (``kind`` = ``stream`` for seen tasks, ``future`` for
+unseen ones) and every general task on fixed seeded subsets, appends one line per (point, task) to
+``curves.jsonl`` and mirrors the numbers to the logger against ``cl/global_iter``. Points happen before
+the first update, at every task boundary and, with ``every_n_steps``, inside tasks (the callback).
+Evaluation leaves training untouched: RNG states, train/eval mode and gradients are restored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from cl.evaluation import EvalSet, Scorer
+
+
+class ContinualEvaluator:
+    """Owns the eval subsets, the curves file and the evaluation clock.
+
+    Args:
+        scorer: computes per-task accuracy.
+        stream: eval sets of the stream tasks, in stream order.
+        general: eval sets of the general-capability tasks.
+        curves_path: ``curves.jsonl`` (appended to).
+        log: ``dict -> None`` mirror (W&B); failures are the logger's business.
+        future_tasks: at intermediate points, how many unseen tasks to score (boundaries score all).
+    """
+
+    def __init__(self, scorer: Scorer, stream: list[EvalSet], general: list[EvalSet], curves_path: str | Path,
+                 log=None, future_tasks: int = 1):
+        self.scorer, self.stream, self.general = scorer, stream, general
+        self.curves_path = Path(curves_path)
+        self.log = log
+        self.future_tasks = future_tasks
+        self.seconds = 0.0
+        self.points = 0
+
+    def evaluate(self, model: torch.nn.Module, global_iter: int, task_idx: int, train_task: str,
+                 boundary: bool) -> dict[str, dict[str, float]]:
+        """Score one evaluation point; returns ``{"stream": {name: acc}, "general": {name: acc}}``."""
+        start = time.perf_counter()
+        result: dict[str, dict[str, float]] = {"stream": {}, "general": {}}
+        lines, metrics = [], {"cl/global_iter": global_iter}
+        with torch.random.fork_rng(devices=[]):
+            for j, es in enumerate(self.stream):
+                if not boundary and j > task_idx + self.future_tasks:
+                    continue
+                kind = "stream" if j <= task_idx else "future"
+                acc = self.scorer.accuracy(model, es)
+                result["stream"][es.name] = acc
+                lines.append(self._line(global_iter, task_idx, train_task, es.name, kind, acc, boundary))
+                metrics[f"eval/{kind}/{es.name}"] = acc
+            for es in self.general:
+                acc = self.scorer.accuracy(model, es)
+                result["general"][es.name] = acc
+                lines.append(self._line(global_iter, task_idx, train_task, es.name, "general", acc, boundary))
+                metrics[f"eval/general/{es.name}"] = acc
+        if result["general"]:
+            metrics["eval/general_mean"] = sum(result["general"].values()) / len(result["general"])
+        seen = [result["stream"][es.name] for es in self.stream[: task_idx + 1] if es.name in result["stream"]]
+        if seen:
+            metrics["eval/seen_mean"] = sum(seen) / len(seen)
+        with self.curves_path.open("a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        if self.log is not None:
+            self.log(metrics)
+        self.seconds += time.perf_counter() - start
+        self.points += 1
+        return result
+
+    @staticmethod
+    def _line(global_iter, task_idx, train_task, eval_task, kind, acc, boundary) -> dict:
+        return {"global_iter": global_iter, "task_idx": task_idx, "train_task": train_task,
+                "eval_task": eval_task, "kind": kind, "acc": acc, "boundary": boundary}
+
+
+class EvalEveryNSteps(pl.Callback):
+    """Runs an evaluation point every ``n`` optimizer steps inside a task (not at its last step,
+    which the task boundary covers)."""
+
+    def __init__(self, evaluator: ContinualEvaluator, n: int, train_task: str):
+        self.evaluator, self.n, self.train_task = evaluator, n, train_task
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.n == 0 and step < trainer.max_steps:
+            self.evaluator.evaluate(pl_module.model, pl_module.global_iter, pl_module.task_idx,
+                                    self.train_task, boundary=False)

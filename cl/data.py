@@ -1,0 +1,121 @@
+"""Turning (prompt, answer) rows into token ids and padded batches.
+
+A training sequence is ``prompt_ids + answer_ids + [eos]``; the loss sees only the answer and eos
+(labels are -100 on the prompt and on padding). ``prompt_ids`` come either from the raw prompt (with
+the tokenizer's bos, the toy world) or from the tokenizer's chat template (instruct models).
+Training batches are right-padded; generation batches are left-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts and answers become ids for one tokenizer.
+
+    Attributes:
+        tokenizer: a transformers tokenizer with ``eos_token_id`` and ``pad_token_id``.
+        use_chat_template: wrap the prompt as one user turn and add the generation prompt.
+        system_prompt: optional system turn for chat templates.
+    """
+
+    tokenizer: object
+    use_chat_template: bool = False
+    system_prompt: str | None = None
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def prompt_texts(self, prompts: list[str]) -> list[str]:
+        if not self.use_chat_template:
+            return list(prompts)
+        out = []
+        for p in prompts:
+            msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            msgs.append({"role": "user", "content": p})
+            out.append(self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        return out
+
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        ids = self.tokenizer(self.prompt_texts(prompts), add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if not self.use_chat_template and bos is not None:
+            ids = [[bos] + x for x in ids]
+        return ids
+
+    def answer_ids(self, answers: list[str]) -> list[list[int]]:
+        ids = self.tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+        return [x + [self.eos_id] for x in ids]
+
+    def encode(self, prompts: list[str], answers: list[str]) -> list[tuple[list[int], list[int]]]:
+        return list(zip(self.prompt_ids(prompts), self.answer_ids(answers), strict=True))
+
+    def decode(self, ids: list[int]) -> str:
+        """Decode completion ids up to (not including) the first eos."""
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class EncodedPairs(TorchDataset):
+    """A map-style dataset of ``(prompt_ids, answer_ids)`` pairs with their source row index."""
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        return self.pairs[i]
+
+
+def collate_sft(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``prompt + answer`` sequences.
+
+    Returns:
+        ``input_ids`` [B, L], ``attention_mask`` [B, L], ``labels`` [B, L] (-100 outside answers).
+    """
+    length = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(pairs), length), dtype=torch.long)
+    for i, (p, a) in enumerate(pairs):
+        n = len(p) + len(a)
+        ids[i, :n] = torch.tensor(p + a)
+        labels[i, len(p) : n] = torch.tensor(a)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class SFTCollator:
+    """Picklable collate function for DataLoaders."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, pairs):
+        return collate_sft(pairs, self.pad_id)
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompts for generation: ``input_ids`` [B, L], ``attention_mask`` [B, L]."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p) :] = torch.tensor(p)
+        mask[i, length - len(p) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}

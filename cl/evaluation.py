@@ -1,0 +1,129 @@
+"""Scoring a model on a task's fixed evaluation subset.
+
+Greedy exact match can be computed in one teacher-forced forward pass: greedy decoding reproduces
+``answer + eos`` exactly when, given the gold prefix, every answer token and the eos are the argmax
+(``tests/test_evaluation.py`` checks this against ``generate``). That shortcut is used where the
+task's verifier is strict exact match (``method=auto``); otherwise completions are generated greedily
+and scored by the verifier.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from cl.data import PromptFormat, collate_sft
+from cl.generation import generate_ids
+from tasks.base import Task
+
+METHODS = ("auto", "teacher_forced", "generate")
+
+
+@dataclass
+class EvalSet:
+    """A fixed, seeded subset of one task's eval split, already tokenized."""
+
+    task: Task
+    rows: dict[str, list]
+    pairs: list[tuple[list[int], list[int]]]
+
+    @classmethod
+    def build(cls, task: Task, fmt: PromptFormat, n: int, seed: int) -> "EvalSet":
+        idx = list(range(len(task.eval)))
+        random.Random(f"{seed}/{task.name}/evalsubset").shuffle(idx)
+        sub = task.eval.select(sorted(idx[: min(n, len(idx))]))
+        rows = sub.to_dict()
+        return cls(task=task, rows=rows, pairs=fmt.encode(rows["prompt"], rows["answer"]))
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+
+@torch.no_grad()
+def teacher_forced_correct(
+    model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 512
+) -> list[bool]:
+    """Per example: are all answer tokens and the eos the argmax given the gold prefix?"""
+    device = next(model.parameters()).device
+    out: list[bool] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate_sft(pairs[start : start + batch_size], pad_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
+        pred = logits[:, :-1].argmax(-1).cpu()
+        target = batch["labels"][:, 1:]
+        scored = target != -100
+        out.extend(((pred == target) | ~scored).all(-1).tolist())
+    return out
+
+
+class Scorer:
+    """Accuracy of a model on an :class:`EvalSet`, by the cheapest exact method.
+
+    Args:
+        fmt: prompt format of the run.
+        method: ``auto`` (teacher-forced where exact, else generate), ``teacher_forced``, ``generate``.
+        max_new_tokens: generation budget beyond the longest reference answer.
+        batch_size: evaluation batch size.
+    """
+
+    def __init__(self, fmt: PromptFormat, method: str = "auto", max_new_tokens: int = 8, batch_size: int = 256):
+        if method not in METHODS:
+            raise ValueError(f"eval.method: '{method}' is not one of {', '.join(METHODS)}")
+        self.fmt, self.method, self.max_new_tokens, self.batch_size = fmt, method, max_new_tokens, batch_size
+
+    def uses_teacher_forcing(self, es: EvalSet) -> bool:
+        if self.method == "teacher_forced" and not es.task.exact_match:
+            raise ValueError(
+                f"eval.method=teacher_forced is exact only for exact-match verifiers; task '{es.name}' has another"
+            )
+        return self.method == "teacher_forced" or (self.method == "auto" and es.task.exact_match)
+
+    @torch.no_grad()
+    def scores(self, model: torch.nn.Module, es: EvalSet) -> list[float]:
+        """Per-example scores in [0, 1]; the model's train/eval mode is restored afterwards."""
+        was_training = model.training
+        model.eval()
+        try:
+            if self.uses_teacher_forcing(es):
+                return [float(c) for c in teacher_forced_correct(model, es.pairs, self.fmt.pad_id, self.batch_size)]
+            return self.generated_scores(model, es)
+        finally:
+            model.train(was_training)
+
+    def generated_scores(self, model: torch.nn.Module, es: EvalSet) -> list[float]:
+        longest = max(len(a) for _, a in es.pairs)
+        ids = generate_ids(
+            model,
+            [p for p, _ in es.pairs],
+            self.fmt,
+            max_new_tokens=longest + self.max_new_tokens,
+            batch_size=self.batch_size,
+        )
+        completions = [self.fmt.decode(x) for x in ids]
+        return es.task.score(completions, **es.rows)
+
+    def accuracy(self, model: torch.nn.Module, es: EvalSet) -> float:
+        s = self.scores(model, es)
+        return sum(s) / len(s)
+
+
+def pass_at_k(
+    model: torch.nn.Module, es: EvalSet, fmt: PromptFormat, k: int = 8, temperature: float = 1.0,
+    max_new_tokens: int = 8, batch_size: int = 128,
+) -> float:
+    """Fraction of prompts with at least one correct completion among ``k`` samples."""
+    longest = max(len(a) for _, a in es.pairs)
+    ids = generate_ids(
+        model, [p for p, _ in es.pairs], fmt, max_new_tokens=longest + max_new_tokens, do_sample=True,
+        temperature=temperature, num_return_sequences=k, batch_size=batch_size,
+    )
+    completions = [fmt.decode(x) for x in ids]
+    cols = {c: [v for v in vals for _ in range(k)] for c, vals in es.rows.items()}
+    scores = es.task.score(completions, **cols)
+    hits = [max(scores[i * k : (i + 1) * k]) for i in range(len(es.pairs))]
+    return sum(hits) / len(hits)

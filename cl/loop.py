@@ -1,0 +1,103 @@
+"""The outer continual loop: plain Python over the stream, Lightning inside each task.
+
+    evaluate the starting model (base_acc, general_base)
+    for t, task in enumerate(stream):
+        components.on_task_start(ctx)
+        trainer.fit(module, data of task t)
+        components.on_task_end(ctx)
+        evaluate at the boundary -> row t of R and of the general matrix
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch.utils.data import DataLoader
+
+from cl.continual_eval import ContinualEvaluator, EvalEveryNSteps
+from cl.module import ContinualLM
+from cl.trainer import make_trainer
+from tasks.base import Task
+
+
+@dataclass
+class TaskContext:
+    """What components see at task boundaries."""
+
+    task_idx: int
+    task: Task
+    module: ContinualLM
+    stream: list[Task]
+
+
+@dataclass
+class StreamResult:
+    tasks: list[str]
+    general_tasks: list[str]
+    base_acc: list[float] = field(default_factory=list)
+    general_base: list[float] = field(default_factory=list)
+    acc_matrix: list[list[float]] = field(default_factory=list)
+    general_matrix: list[list[float]] = field(default_factory=list)
+    task_end_iters: list[int] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def run_stream(
+    module: ContinualLM,
+    stream: list[Task],
+    phases: list[Task],
+    make_loader: Callable[[Task, int], DataLoader],
+    evaluator: ContinualEvaluator,
+    trainer_kwargs: dict,
+    steps_per_task: int,
+    eval_every_n_steps: int | None = None,
+    logger=None,
+    components=(),
+    on_task_end: Callable[[int, StreamResult], None] | None = None,
+) -> StreamResult:
+    """Train ``module`` phase by phase and fill the accuracy matrices.
+
+    Args:
+        stream: the stream tasks (columns of the accuracy matrix).
+        phases: what each phase trains on: the stream itself (sequential mode) or, in joint mode, the
+            mixture of all tasks repeated once per stream task (same budget, same evaluation points).
+        make_loader: ``(phase_task, t) -> DataLoader`` of exactly ``steps_per_task`` batches.
+        on_task_end: called after each boundary evaluation (e.g. to write partial results).
+    """
+    names = [t.name for t in stream]
+    res = StreamResult(tasks=names, general_tasks=[es.name for es in evaluator.general])
+    first = evaluator.evaluate(module.model, 0, -1, "base", boundary=True)
+    res.base_acc = [first["stream"][n] for n in names]
+    res.general_base = [first["general"][es.name] for es in evaluator.general]
+
+    def status() -> str:
+        k = module.task_idx
+        return f"task {k + 1}/{len(stream)} {names[k]}"
+
+    for t, phase in enumerate(phases):
+        ctx = TaskContext(t, phase, module, stream)
+        for c in components:
+            getattr(c, "on_task_start", lambda _: None)(ctx)
+        module.start_task(t)
+        callbacks = [EvalEveryNSteps(evaluator, eval_every_n_steps, names[t])] if eval_every_n_steps else []
+        trainer = make_trainer(steps_per_task, trainer_kwargs, f"task {t + 1}/{len(stream)} {names[t]}",
+                               callbacks=callbacks, logger=logger, status=status)
+        t0 = time.perf_counter()
+        trainer.fit(module, make_loader(phase, t))
+        res.train_seconds += time.perf_counter() - t0
+        module.end_task(trainer.global_step)
+        for c in components:
+            getattr(c, "on_task_end", lambda _: None)(ctx)
+        row = evaluator.evaluate(module.model, module.global_iter, t, names[t], boundary=True)
+        res.acc_matrix.append([row["stream"][n] for n in names])
+        res.general_matrix.append([row["general"][es.name] for es in evaluator.general])
+        res.task_end_iters.append(module.global_iter)
+        seen = res.acc_matrix[-1][: t + 1]
+        print(f"[eval] after task {t + 1}/{len(stream)} {names[t]}: "
+              + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, res.acc_matrix[-1]))
+              + f" | seen mean {sum(seen) / len(seen):.3f}", flush=True)
+        if on_task_end is not None:
+            on_task_end(t, res)
+    return res

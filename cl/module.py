@@ -1,0 +1,94 @@
+"""``ContinualLM``: the one LightningModule of the suite.
+
+Methods are composed into it rather than subclassed: an objective computes the loss of a batch
+(SFT, GRPO, ...), and any number of components may add loss terms (regularizers, replay losses).
+The module keeps ``global_iter``, the optimizer-step counter across all tasks of the stream
+(Lightning's ``global_step`` restarts with every Trainer).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Protocol
+
+import pytorch_lightning as pl
+import torch
+
+from cl.objectives import Objective
+from cl.schedule import LRSchedule
+
+
+class LossComponent(Protocol):
+    """A mitigation that adds a loss term: ``extra_loss(module, batch) -> (term, logs)``."""
+
+    def extra_loss(self, module: "ContinualLM", batch: dict) -> tuple[torch.Tensor, dict]: ...
+
+
+class ContinualLM(pl.LightningModule):
+    """A causal LM trained task after task.
+
+    Args:
+        model: a transformers causal LM.
+        objective: computes ``(loss, logs)`` for a batch.
+        optimizer: ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``).
+        schedule: the per-task LR schedule.
+        reset_optimizer_per_task: a fresh optimizer (and its state) for every task; otherwise the
+            optimizer state carries over and only the schedule restarts.
+        loss_components: objects with ``extra_loss`` whose terms are added to the objective's loss.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: Objective,
+        optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+        schedule: LRSchedule = LRSchedule(),
+        reset_optimizer_per_task: bool = True,
+        loss_components: Iterable[LossComponent] = (),
+    ):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.make_optimizer = optimizer
+        self.schedule = schedule
+        self.reset_optimizer_per_task = reset_optimizer_per_task
+        self.loss_components = list(loss_components)
+        self.global_iter_offset = 0
+        self.task_idx = 0
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def global_iter(self) -> int:
+        """Optimizer steps taken over the whole stream so far."""
+        step = self.trainer.global_step if self._trainer is not None else 0
+        return self.global_iter_offset + step
+
+    def start_task(self, task_idx: int) -> None:
+        self.task_idx = task_idx
+
+    def end_task(self, steps_taken: int) -> None:
+        """Fold the finished Trainer's steps into the offset and detach from that Trainer."""
+        self.global_iter_offset += steps_taken
+        self.trainer = None
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.objective.step(self, batch)
+        for component in self.loss_components:
+            term, extra = component.extra_loss(self, batch)
+            loss = loss + term
+            logs.update(extra)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at task {self.task_idx}, global_iter {self.global_iter}"
+            )
+        logs = {f"train/{k}": v for k, v in logs.items()}
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch["input_ids"].size(0))
+        self.log("cl/global_iter", float(self.global_iter + 1), on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.reset_optimizer_per_task or self._optimizer is None:
+            self._optimizer = self.make_optimizer(params)
+        total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, self.schedule.lr_lambda(total))
+        return {"optimizer": self._optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

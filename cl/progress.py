@@ -1,0 +1,33 @@
+"""Progress display: Lightning's bar on a terminal, plain periodic lines otherwise (logs, CI, SLURM)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytorch_lightning as pl
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+class PlainProgress(pl.Callback):
+    """Prints ``[label] step s/N loss x | last eval ...`` every ``every`` steps and at the end."""
+
+    def __init__(self, label: str, every: int = 50, status=None):
+        self.label, self.every, self.status = label, max(1, every), status
+        self.t0 = 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps:
+            return
+        loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
+        extra = f" | {self.status()}" if self.status else ""
+        rate = step / max(1e-9, time.perf_counter() - self.t0)
+        print(f"[{self.label}] step {step}/{trainer.max_steps} loss {loss:.4f} ({rate:.1f} it/s){extra}",
+              flush=True)

@@ -1,0 +1,193 @@
+"""Entry point: ``python -m cl.run [overrides]`` runs one continual post-training experiment.
+
+cfg -> validate -> build tasks -> ensure base checkpoint -> load model -> ContinualLM
+    -> run_stream (task loop, continual evaluation) -> results.json, curves.jsonl, summary table
+
+Hydra's ``instantiate`` is called only here, and only on ``_target_``s inside the allowlisted packages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, RandomSampler
+
+from analysis.curve_metrics import curve_metrics
+from analysis.metrics import matrix_metrics
+from cl.base_stage import BaseRecipe, ensure_base
+from cl.continual_eval import ContinualEvaluator
+from cl.data import EncodedPairs, PromptFormat, SFTCollator
+from cl.evaluation import EvalSet, Scorer
+from cl.loop import StreamResult, run_stream
+from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_model_and_tokenizer
+from cl.module import ContinualLM
+from cl.results import format_matrix, format_metrics, provenance, write_json_atomic
+from cl.schedule import LRSchedule
+from cl.tracking import make_logger
+from cl.validate import ConfigError, validate_config
+from tasks.base import Task
+from tasks.stream import build_tasks, joint_task
+from tasks.user_data import DataError
+
+log = logging.getLogger("cl")
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+transformers.utils.logging.disable_progress_bar()
+for noisy in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+              "pytorch_lightning.accelerators.cuda", "lightning_fabric.utilities.seed"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int):
+    """``(task, t) -> DataLoader`` of exactly ``steps`` batches sampled with replacement, seeded per task."""
+
+    def make(task: Task, t: int) -> DataLoader:
+        pairs = fmt.encode(task.train["prompt"], task.train["answer"])
+        gen = torch.Generator().manual_seed(seed * 1000 + t)
+        sampler = RandomSampler(pairs, replacement=True, num_samples=steps * batch_size, generator=gen)
+        return DataLoader(EncodedPairs(pairs), batch_size=batch_size, sampler=sampler,
+                          collate_fn=SFTCollator(fmt.pad_id))
+
+    return make
+
+
+def prepare_model(cfg: DictConfig, run_dir: Path, tasks: dict[str, Task]):
+    """Return ``(model, tokenizer, base_info)`` for the configured model and base stage."""
+    m, b = cfg.model, cfg.base
+    if b.kind == "pretrain":
+        recipe = BaseRecipe(**{k: v for k, v in OmegaConf.to_container(b, resolve=True).items() if k != "kind"})
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        arch = OmegaConf.to_container(m.arch, resolve=True)
+        path = ensure_base(cfg.cache_dir, arch, recipe, data, tasks, OmegaConf.to_container(cfg.trainer))
+    elif m.name_or_path:
+        path = m.name_or_path
+    else:
+        path = build_tiny_llama(run_dir / "init_model", seed=cfg.seed, **OmegaConf.to_container(m.arch))
+    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=m.trust_remote_code, dtype=m.dtype)
+    model.train()
+    return model, tokenizer, {"path": str(path), "parameters": count_parameters(model)}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run one experiment in ``run_dir``; returns the results dict (also written to results.json)."""
+    start = time.time()
+    validate_config(OmegaConf.to_container(cfg, resolve=True))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results_path, curves_path = run_dir / "results.json", run_dir / "curves.jsonl"
+    curves_path.unlink(missing_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    results: dict = {"status": "running", "config": resolved, "provenance": provenance(cfg.seed, start, None)}
+
+    d = cfg.data
+    stream = build_tasks(list(cfg.stream.tasks), d.n_train, d.n_eval, d.seed)
+    general = build_tasks(list(cfg.stream.general), d.n_train, d.n_eval, d.seed)
+    by_name = {t.name: t for t in stream + general}
+    if cfg.base.kind == "pretrain":
+        extra = [n for n in list(cfg.base.general) + list(cfg.base.exposure) if n not in by_name]
+        by_name.update({t.name: t for t in build_tasks(extra, d.n_train, d.n_eval, d.seed)})
+
+    logger = make_logger(cfg.logger.kind, str(run_dir), project=cfg.logger.get("project", "cl-suite"),
+                         mode=cfg.logger.get("mode", "offline"), name=run_dir.name,
+                         group=cfg.logger.get("group"), tags=cfg.logger.get("tags"), config=resolved)
+    try:
+        model, tokenizer, base_info = prepare_model(cfg, run_dir, by_name)
+        results["base_model"] = base_info
+        pl.seed_everything(cfg.seed, verbose=False)
+        fmt = PromptFormat(tokenizer, cfg.model.use_chat_template, cfg.model.get("system_prompt"))
+        scorer = Scorer(fmt, cfg.eval.method, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        evaluator = ContinualEvaluator(
+            scorer,
+            [EvalSet.build(t, fmt, cfg.eval.n_per_task, cfg.eval.subset_seed) for t in stream],
+            [EvalSet.build(t, fmt, cfg.eval.n_per_task, cfg.eval.subset_seed) for t in general],
+            curves_path, log=logger.log if logger else None,
+        )
+        module = ContinualLM(
+            model, instantiate(cfg.objective), instantiate(cfg.optimizer),
+            LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction),
+            reset_optimizer_per_task=cfg.train.reset_optimizer_per_task,
+        )
+        phases = stream if cfg.stream.mode == "sequential" else [joint_task(stream)] * len(stream)
+        print(f"[run] {cfg.stream.mode} stream: {' -> '.join(t.name for t in stream)} | objective "
+              f"{module.objective.name} | lr {cfg.optimizer.lr} | {cfg.stream.steps_per_task} steps x "
+              f"{cfg.stream.batch_size} per task | {base_info['parameters'] / 1e6:.2f}M params | {run_dir}",
+              flush=True)
+
+        def partial_results(t: int, res: StreamResult) -> None:
+            write_json_atomic(results_path, {**results, **_matrices(res), "completed_tasks": t + 1})
+
+        res = run_stream(
+            module, stream, phases,
+            _loader(fmt, cfg.stream.batch_size, cfg.stream.steps_per_task, cfg.seed),
+            evaluator, OmegaConf.to_container(cfg.trainer, resolve=True), cfg.stream.steps_per_task,
+            eval_every_n_steps=cfg.eval.every_n_steps, logger=logger, on_task_end=partial_results,
+        )
+        end = time.time()
+        metrics = matrix_metrics(res.acc_matrix, res.base_acc, res.general_matrix, res.general_base)
+        metrics.update(curve_metrics(_read_curves(curves_path), res.tasks, res.task_end_iters))
+        metrics["eval_seconds"] = evaluator.seconds
+        metrics["train_seconds"] = res.train_seconds
+        metrics["eval_time_fraction"] = evaluator.seconds / max(1e-9, evaluator.seconds + res.train_seconds)
+        results.update(_matrices(res), metrics=metrics, status="completed",
+                       provenance=provenance(cfg.seed, start, end))
+        write_json_atomic(results_path, results)
+        print("\nAccuracy matrix (rows: after training task i; right of '|': general tasks)")
+        print(format_matrix(res.tasks, res.acc_matrix, res.base_acc, res.general_tasks, res.general_matrix,
+                            res.general_base))
+        print("\n" + format_metrics(metrics))
+        print(f"\nresults: {results_path}\ncurves:  {curves_path}\nwall time {end - start:.0f} s "
+              f"(evaluation {metrics['eval_time_fraction']:.0%} of train+eval)")
+        if logger is not None:
+            logger.log_table("acc_matrix", ["after"] + res.tasks,
+                             [[f"{i + 1}:{n}"] + row for i, (n, row) in enumerate(zip(res.tasks, res.acc_matrix))])
+            logger.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return results
+    except BaseException as e:
+        results.update(status=f"failed: {type(e).__name__}: {e}".splitlines()[0],
+                       provenance=provenance(cfg.seed, start, time.time()))
+        write_json_atomic(results_path, results)
+        raise
+    finally:
+        if logger is not None:
+            logger.finish(exit_code=0 if results["status"] == "completed" else 1)
+
+
+def _matrices(res: StreamResult) -> dict:
+    return {"tasks": res.tasks, "general_tasks": res.general_tasks, "acc_matrix": res.acc_matrix,
+            "base_acc": res.base_acc, "general_matrix": res.general_matrix, "general_base": res.general_base,
+            "task_end_iters": res.task_end_iters}
+
+
+def _read_curves(path: Path) -> list[dict]:
+    import json
+
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = run(cfg, run_dir)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    return results["metrics"]["avg_acc"]
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,28 @@
+"""Building the Lightning Trainer of one training phase (a task, or the base stage)."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+from cl.progress import PlainProgress, is_tty
+
+
+def make_trainer(max_steps: int, trainer_kwargs: dict, label: str, callbacks=(), logger=None,
+                 progress_every: int = 50, status=None) -> pl.Trainer:
+    """A Trainer for ``max_steps`` optimizer steps; ``trainer_kwargs`` come from ``conf/trainer``."""
+    callbacks = list(callbacks)
+    tty = is_tty()
+    if not tty:
+        callbacks.append(PlainProgress(label, every=progress_every, status=status))
+    return pl.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=tty,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **trainer_kwargs,
+    )

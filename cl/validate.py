@@ -1,0 +1,154 @@
+"""Whole-config validation before any work: one line per problem, naming the field and allowed values."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cl.evaluation import METHODS
+from cl.schedule import DECAYS
+from cl.tracking import MODES
+from tasks.registry import TASK_NAMES
+from tasks.verifiers import VERIFIER_KINDS
+
+ALLOWED_TARGET_PREFIXES = ("cl.", "tasks.", "replay.", "analysis.", "torch.optim.")
+STREAM_MODES = ("sequential", "joint")
+BASE_KINDS = ("pretrain", "none")
+LOGGER_KINDS = ("wandb", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _get(cfg: Mapping, dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+class _Checker:
+    def __init__(self, cfg: Mapping):
+        self.cfg, self.problems = cfg, []
+
+    def add(self, field: str, msg: str) -> None:
+        self.problems.append(f"{field}: {msg}")
+
+    def integer(self, field: str, minimum: int = 1, optional: bool = False) -> None:
+        v = _get(self.cfg, field)
+        if v is None and optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            self.add(field, f"must be an integer >= {minimum}, got {v!r}")
+
+    def number(self, field: str, lo: float | None = None, hi: float | None = None, strict_lo: bool = False) -> None:
+        v = _get(self.cfg, field)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.add(field, f"must be a number, got {v!r}")
+            return
+        if lo is not None and (v <= lo if strict_lo else v < lo):
+            self.add(field, f"must be {'>' if strict_lo else '>='} {lo}, got {v!r}")
+        if hi is not None and v > hi:
+            self.add(field, f"must be <= {hi}, got {v!r}")
+
+    def choice(self, field: str, allowed: Sequence[str]) -> None:
+        v = _get(self.cfg, field)
+        if v not in allowed:
+            self.add(field, f"'{v}' is not one of {', '.join(allowed)}")
+
+    def task_list(self, field: str, allow_user: bool) -> list[str]:
+        v = _get(self.cfg, field)
+        if not isinstance(v, Sequence) or isinstance(v, str):
+            self.add(field, f"must be a list of task names, got {v!r}")
+            return []
+        names = []
+        for i, item in enumerate(v):
+            if isinstance(item, str):
+                if item not in TASK_NAMES:
+                    self.add(f"{field}[{i}]", f"unknown task '{item}'; allowed: {', '.join(TASK_NAMES)} "
+                                              "or a mapping with name/train for user data")
+                names.append(item)
+            elif allow_user and isinstance(item, Mapping):
+                if not item.get("name") or not item.get("train"):
+                    self.add(f"{field}[{i}]", "a user-data task needs 'name' and 'train' (a file path or hub:NAME)")
+                if item.get("verifier", "exact") not in VERIFIER_KINDS:
+                    self.add(f"{field}[{i}].verifier",
+                             f"'{item.get('verifier')}' is not one of {', '.join(VERIFIER_KINDS)}")
+                names.append(str(item.get("name")))
+            else:
+                self.add(f"{field}[{i}]", f"must be a task name{' or a mapping' if allow_user else ''}, got {item!r}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            self.add(field, f"task names repeat: {', '.join(dup)}")
+        return names
+
+
+def validate_config(cfg: Mapping) -> None:
+    """Raise :class:`ConfigError` listing every problem found in the composed config."""
+    c = _Checker(cfg)
+    c.integer("seed", minimum=0)
+    c.integer("data.seed", minimum=0)
+    c.integer("data.n_train", minimum=1)
+    c.integer("data.n_eval", minimum=1)
+
+    c.choice("stream.mode", STREAM_MODES)
+    stream = c.task_list("stream.tasks", allow_user=True)
+    if not stream and "stream.tasks" not in " ".join(c.problems):
+        c.add("stream.tasks", "the stream is empty")
+    general = c.task_list("stream.general", allow_user=False)
+    overlap = sorted(set(stream) & set(general))
+    if overlap:
+        c.add("stream.general", f"general tasks must not also be stream tasks: {', '.join(overlap)}")
+    c.integer("stream.steps_per_task", minimum=1)
+    c.integer("stream.batch_size", minimum=1)
+
+    c.number("optimizer.lr", lo=0.0, strict_lo=True)
+    c.integer("train.warmup_steps", minimum=0)
+    c.choice("train.decay", DECAYS)
+    c.number("train.min_lr_ratio", lo=0.0, hi=1.0)
+    if not isinstance(_get(cfg, "train.reset_optimizer_per_task"), bool):
+        c.add("train.reset_optimizer_per_task", "must be true or false")
+
+    c.choice("eval.method", METHODS)
+    c.integer("eval.n_per_task", minimum=1)
+    c.integer("eval.every_n_steps", minimum=1, optional=True)
+    c.integer("eval.batch_size", minimum=1)
+
+    c.choice("model.dtype", DTYPES)
+    c.choice("base.kind", BASE_KINDS)
+    if _get(cfg, "base.kind") == "pretrain":
+        if _get(cfg, "model.name_or_path"):
+            c.add("base.kind", "'pretrain' builds the embedded tiny model; with model.name_or_path set use base=none")
+        c.integer("base.steps", minimum=1)
+        c.integer("base.batch_size", minimum=1)
+        c.number("base.lr", lo=0.0, strict_lo=True)
+        for group in ("general", "exposure"):
+            mix = _get(cfg, f"base.{group}") or {}
+            for name, w in mix.items():
+                if name not in TASK_NAMES:
+                    c.add(f"base.{group}.{name}", f"unknown task; allowed: {', '.join(TASK_NAMES)}")
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
+                    c.add(f"base.{group}.{name}", f"weight must be a positive number, got {w!r}")
+    elif not _get(cfg, "model.name_or_path") and not _get(cfg, "model.arch"):
+        c.add("model", "base=none needs model.name_or_path (hub id or local directory) or model.arch")
+
+    c.choice("logger.kind", LOGGER_KINDS)
+    if _get(cfg, "logger.kind") == "wandb":
+        c.choice("logger.mode", MODES)
+
+    target = _get(cfg, "objective._target_")
+    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
+        c.add("objective._target_", f"'{target}' is outside the allowed packages {', '.join(ALLOWED_TARGET_PREFIXES)}")
+    target = _get(cfg, "optimizer._target_")
+    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
+        c.add("optimizer._target_", f"'{target}' is outside the allowed packages {', '.join(ALLOWED_TARGET_PREFIXES)}")
+    if c.problems:
+        raise ConfigError(c.problems)

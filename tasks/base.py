@@ -1,0 +1,41 @@
+"""The task value object: data plus a verifier.
+
+A task's ``train`` and ``eval`` splits are ``datasets.Dataset`` objects with at least the columns
+``prompt`` and ``answer``. Its verifier has the calling shape of a TRL reward function:
+``score(completions, **columns) -> list[float]``, one score in [0, 1] per completion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from datasets import Dataset
+
+Verifier = Callable[..., list[float]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One learnable task.
+
+    Attributes:
+        name: unique name, used in results files and logs.
+        train: training split (columns ``prompt``, ``answer`` and any extras the verifier reads).
+        eval: held-out split, disjoint from ``train`` by prompt.
+        verifier: scores completions against the row's columns.
+        exact_match: True when the verifier is strict string equality with ``answer``; then greedy
+            accuracy can be computed in one teacher-forced forward pass.
+        family: the generator family (``"user"`` for loaded data).
+    """
+
+    name: str
+    train: Dataset
+    eval: Dataset
+    verifier: Verifier
+    exact_match: bool = True
+    family: str = "user"
+
+    def score(self, completions: list[str], **columns) -> list[float]:
+        """Score completions; ``columns`` are the dataset columns of the same rows."""
+        return self.verifier(completions, **columns)

@@ -1,0 +1,155 @@
+"""Tasks from user data: local JSONL / CSV / Parquet files, or a hub dataset name when online.
+
+A user task is described by a mapping in the stream config::
+
+    - name: my_qa
+      train: data/qa_train.jsonl        # .jsonl/.json, .csv, .parquet, or hub:<dataset name>
+      eval: data/qa_eval.jsonl          # optional; otherwise ``eval_fraction`` of train is held out
+      prompt_column: question
+      answer_column: answer
+      verifier: exact                   # exact | numeric | regex | function
+      pattern: null                     # for regex
+      function: null                    # for function: "package.module:function"
+
+Files are checked before any training: a missing, empty, non-UTF-8 or malformed file, a missing column
+or a non-string value fails with one line naming the file, row and column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from tasks.base import Task
+from tasks.verifiers import exact_match, make_verifier
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """A user data file cannot be used; the message names the file and the problem."""
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type '{suffix}'; allowed: {', '.join(SUFFIXES)}")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    if suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        return rows
+    rows = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _check_rows(rows: list, where: str, prompt_column: str, answer_column: str) -> list[dict]:
+    if not rows:
+        raise DataError(f"{where}: no rows")
+    out = []
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: row {i} is not an object with columns")
+        for col in (prompt_column, answer_column):
+            if col not in row:
+                raise DataError(
+                    f"{where}: row {i} has no column '{col}' (columns: {', '.join(map(str, row))})"
+                )
+            value = row[col]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and col == answer_column:
+                value = str(value)
+            if not isinstance(value, str):
+                raise DataError(f"{where}: row {i} column '{col}' must be a string, got {type(value).__name__}")
+            if col == prompt_column and not value:
+                raise DataError(f"{where}: row {i} column '{col}' is empty")
+        extra = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
+        out.append({**extra, "prompt": row[prompt_column], "answer": str(row[answer_column])})
+    return out
+
+
+def load_rows(source: str, prompt_column: str, answer_column: str, split: str = "train") -> list[dict]:
+    """Read and check rows from a local file or ``hub:<name>``; returns rows with prompt/answer columns."""
+    if source.startswith("hub:"):
+        import datasets
+
+        name = source[4:]
+        try:
+            rows = datasets.load_dataset(name, split=split).to_list()
+        except Exception as e:  # offline, missing, gated...
+            raise DataError(f"{source}: cannot load hub dataset ({type(e).__name__}: {e})") from None
+    else:
+        rows = _read_rows(Path(source))
+    return _check_rows(rows, source, prompt_column, answer_column)
+
+
+def load_user_task(
+    name: str,
+    train: str,
+    eval: str | None = None,
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+    verifier: str = "exact",
+    pattern: str | None = None,
+    function: str | None = None,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+) -> Task:
+    """Build a :class:`Task` from user data; eval rows are removed from train by prompt."""
+    try:
+        score = make_verifier(verifier, pattern=pattern, function=function)
+    except ValueError as e:
+        raise DataError(f"task '{name}': {e}") from None
+    train_rows = load_rows(train, prompt_column, answer_column, "train")
+    if eval is not None:
+        eval_rows = load_rows(eval, prompt_column, answer_column, "test")
+    else:
+        if not 0.0 < eval_fraction < 1.0:
+            raise DataError(f"task '{name}': eval_fraction must be in (0, 1), got {eval_fraction}")
+        rows = list(train_rows)
+        random.Random(f"{seed}/{name}/split").shuffle(rows)
+        n_eval = max(1, int(len(rows) * eval_fraction))
+        eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
+    held_out = {r["prompt"] for r in eval_rows}
+    train_rows = [r for r in train_rows if r["prompt"] not in held_out]
+    if not train_rows:
+        raise DataError(f"task '{name}': no training rows left after removing eval prompts")
+    for r in train_rows + eval_rows:
+        r["task"] = name
+    return Task(
+        name=name,
+        train=Dataset.from_list(train_rows),
+        eval=Dataset.from_list(eval_rows),
+        verifier=score,
+        exact_match=score is exact_match,
+        family="user",
+    )
