@@ -92,8 +92,9 @@ def ensure_base(cache_dir: str | Path, arch: dict, recipe: BaseRecipe, data: dic
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "base_report.json").exists():  # built by a concurrent run while we waited
             return final
+        for stale in root.glob(f"base-{key}.tmp-*"):  # left by a run killed mid-build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f"base-{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         report = _train_base(tmp, arch, recipe, tasks, trainer_kwargs)
         report["key"], report["arch"], report["recipe"], report["data"] = key, arch, asdict(recipe), data
         (tmp / "base_report.json").write_text(json.dumps(report, indent=2))

@@ -29,16 +29,25 @@ class ContinualEvaluator:
         curves_path: ``curves.jsonl`` (appended to).
         log: ``dict -> None`` mirror (W&B); failures are the logger's business.
         future_tasks: at intermediate points, how many unseen tasks to score (boundaries score all).
+        max_samples_per_point: at intermediate points, cap on the items scored over all tasks; each
+            task then scores a prefix of its fixed subset, so the cost of a point does not grow with
+            the stream (boundaries always score the full subsets: they fill the accuracy matrix).
     """
 
     def __init__(self, scorer: Scorer, stream: list[EvalSet], general: list[EvalSet], curves_path: str | Path,
-                 log=None, future_tasks: int = 1):
+                 log=None, future_tasks: int = 1, max_samples_per_point: int | None = None):
         self.scorer, self.stream, self.general = scorer, stream, general
         self.curves_path = Path(curves_path)
         self.log = log
         self.future_tasks = future_tasks
+        self.max_samples_per_point = max_samples_per_point
         self.seconds = 0.0
         self.points = 0
+        self.old_task_acc: float | None = None
+
+    def status(self) -> str:
+        """Short progress text: the latest mean accuracy on earlier tasks."""
+        return "" if self.old_task_acc is None else f"old-task acc {self.old_task_acc:.3f}"
 
     def evaluate(self, model: torch.nn.Module, global_iter: int, task_idx: int, train_task: str,
                  boundary: bool) -> dict[str, dict[str, float]]:
@@ -46,25 +55,34 @@ class ContinualEvaluator:
         start = time.perf_counter()
         result: dict[str, dict[str, float]] = {"stream": {}, "general": {}}
         lines, metrics = [], {"cl/global_iter": global_iter}
+        stream = [(j, es) for j, es in enumerate(self.stream) if boundary or j <= task_idx + self.future_tasks]
+        n = None
+        if not boundary and self.max_samples_per_point:
+            n = max(1, self.max_samples_per_point // (len(stream) + len(self.general)))
         with torch.random.fork_rng(devices=[]):
-            for j, es in enumerate(self.stream):
-                if not boundary and j > task_idx + self.future_tasks:
-                    continue
+            for j, es in stream:
                 kind = "stream" if j <= task_idx else "future"
+                es = es.head(n) if n else es
                 acc = self.scorer.accuracy(model, es)
                 result["stream"][es.name] = acc
-                lines.append(self._line(global_iter, task_idx, train_task, es.name, kind, acc, boundary))
+                lines.append(self._line(global_iter, task_idx, train_task, es.name, kind, acc, boundary, len(es)))
                 metrics[f"eval/{kind}/{es.name}"] = acc
             for es in self.general:
+                es = es.head(n) if n else es
                 acc = self.scorer.accuracy(model, es)
                 result["general"][es.name] = acc
-                lines.append(self._line(global_iter, task_idx, train_task, es.name, "general", acc, boundary))
+                lines.append(self._line(global_iter, task_idx, train_task, es.name, "general", acc, boundary,
+                                        len(es)))
                 metrics[f"eval/general/{es.name}"] = acc
         if result["general"]:
             metrics["eval/general_mean"] = sum(result["general"].values()) / len(result["general"])
         seen = [result["stream"][es.name] for es in self.stream[: task_idx + 1] if es.name in result["stream"]]
         if seen:
             metrics["eval/seen_mean"] = sum(seen) / len(seen)
+        old = seen[:-1]  # tasks before the one being trained
+        if old:
+            self.old_task_acc = sum(old) / len(old)
+            metrics["eval/old_mean"] = self.old_task_acc
         with self.curves_path.open("a") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
         if self.log is not None:
@@ -74,9 +92,9 @@ class ContinualEvaluator:
         return result
 
     @staticmethod
-    def _line(global_iter, task_idx, train_task, eval_task, kind, acc, boundary) -> dict:
+    def _line(global_iter, task_idx, train_task, eval_task, kind, acc, boundary, n) -> dict:
         return {"global_iter": global_iter, "task_idx": task_idx, "train_task": train_task,
-                "eval_task": eval_task, "kind": kind, "acc": acc, "boundary": boundary}
+                "eval_task": eval_task, "kind": kind, "acc": acc, "boundary": boundary, "n": n}
 
 
 class EvalEveryNSteps(pl.Callback):

@@ -41,6 +41,15 @@ class EvalSet:
     def name(self) -> str:
         return self.task.name
 
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def head(self, n: int) -> "EvalSet":
+        """The first ``n`` items (the subset stays fixed; a smaller budget takes a prefix of it)."""
+        if n >= len(self.pairs):
+            return self
+        return EvalSet(self.task, {k: v[:n] for k, v in self.rows.items()}, self.pairs[:n])
+
 
 @torch.no_grad()
 def teacher_forced_correct(

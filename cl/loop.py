@@ -74,7 +74,8 @@ def run_stream(
 
     def status() -> str:
         k = module.task_idx
-        return f"task {k + 1}/{len(stream)} {names[k]}"
+        old = evaluator.status()
+        return f"task {k + 1}/{len(stream)} {names[k]}" + (f" | {old}" if old else "")
 
     for t, phase in enumerate(phases):
         ctx = TaskContext(t, phase, module, stream)

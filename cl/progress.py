@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import RichProgressBar
 
 
 def is_tty() -> bool:
@@ -31,3 +32,18 @@ class PlainProgress(pl.Callback):
         rate = step / max(1e-9, time.perf_counter() - self.t0)
         print(f"[{self.label}] step {step}/{trainer.max_steps} loss {loss:.4f} ({rate:.1f} it/s){extra}",
               flush=True)
+
+
+class StatusRichBar(RichProgressBar):
+    """Lightning's rich bar with the stream status (task k/T, old-task accuracy) among its metrics."""
+
+    def __init__(self, status=None):
+        super().__init__(leave=True)
+        self.status = status
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        if self.status is not None:
+            items["stream"] = self.status()
+        return items

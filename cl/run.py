@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, RandomSampler
 
+from analysis import plots
 from analysis.curve_metrics import curve_metrics
 from analysis.metrics import matrix_metrics
 from cl.base_stage import BaseRecipe, ensure_base
@@ -35,6 +36,7 @@ from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_mo
 from cl.module import ContinualLM
 from cl.results import format_matrix, format_metrics, provenance, write_json_atomic
 from cl.schedule import LRSchedule
+from cl.shift import DistributionShiftProbe
 from cl.tracking import make_logger
 from cl.validate import ConfigError, validate_config
 from tasks.base import Task
@@ -98,11 +100,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         extra = [n for n in list(cfg.base.general) + list(cfg.base.exposure) if n not in by_name]
         by_name.update({t.name: t for t in build_tasks(extra, d.n_train, d.n_eval, d.seed)})
 
-    logger = make_logger(cfg.logger.kind, str(run_dir), project=cfg.logger.get("project", "cl-suite"),
-                         mode=cfg.logger.get("mode", "offline"), name=run_dir.name,
-                         group=cfg.logger.get("group"), tags=cfg.logger.get("tags"), config=resolved)
+    logger = None
     try:
         model, tokenizer, base_info = prepare_model(cfg, run_dir, by_name)
+        # W&B starts after the (cached) base stage so its service does not compete with pretraining.
+        logger = make_logger(cfg.logger.kind, str(run_dir), project=cfg.logger.get("project", "cl-suite"),
+                             mode=cfg.logger.get("mode", "offline"), name=run_dir.name,
+                             group=cfg.logger.get("group"), tags=cfg.logger.get("tags"), config=resolved)
         results["base_model"] = base_info
         pl.seed_everything(cfg.seed, verbose=False)
         fmt = PromptFormat(tokenizer, cfg.model.use_chat_template, cfg.model.get("system_prompt"))
@@ -112,7 +116,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             [EvalSet.build(t, fmt, cfg.eval.n_per_task, cfg.eval.subset_seed) for t in stream],
             [EvalSet.build(t, fmt, cfg.eval.n_per_task, cfg.eval.subset_seed) for t in general],
             curves_path, log=logger.log if logger else None,
+            max_samples_per_point=cfg.eval.max_samples_per_point,
         )
+        components = []
+        if cfg.eval.shift_metrics:
+            probe = DistributionShiftProbe(evaluator.stream, evaluator.general, fmt.pad_id, cfg.eval.shift_n,
+                                           log=logger.log if logger else None)
+            components.append(probe)
         module = ContinualLM(
             model, instantiate(cfg.objective), instantiate(cfg.optimizer),
             LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction),
@@ -131,11 +141,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             module, stream, phases,
             _loader(fmt, cfg.stream.batch_size, cfg.stream.steps_per_task, cfg.seed),
             evaluator, OmegaConf.to_container(cfg.trainer, resolve=True), cfg.stream.steps_per_task,
-            eval_every_n_steps=cfg.eval.every_n_steps, logger=logger, on_task_end=partial_results,
+            eval_every_n_steps=cfg.eval.every_n_steps, logger=logger, components=components,
+            on_task_end=partial_results,
         )
         end = time.time()
+        if cfg.save_final_model:
+            model.save_pretrained(run_dir / "final_model")
+            tokenizer.save_pretrained(run_dir / "final_model")
+        curves = _read_curves(curves_path)
         metrics = matrix_metrics(res.acc_matrix, res.base_acc, res.general_matrix, res.general_base)
-        metrics.update(curve_metrics(_read_curves(curves_path), res.tasks, res.task_end_iters))
+        metrics.update(curve_metrics(curves, res.tasks, res.task_end_iters))
+        if cfg.eval.shift_metrics:
+            results["shift"] = probe.records
+            metrics["forward_kl_mean"] = sum(r["forward_kl"] for r in probe.records) / len(probe.records)
+            if "kl_base_general" in probe.records[-1]:
+                metrics["kl_base_general_final"] = probe.records[-1]["kl_base_general"]
         metrics["eval_seconds"] = evaluator.seconds
         metrics["train_seconds"] = res.train_seconds
         metrics["eval_time_fraction"] = evaluator.seconds / max(1e-9, evaluator.seconds + res.train_seconds)
@@ -148,7 +168,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         print("\n" + format_metrics(metrics))
         print(f"\nresults: {results_path}\ncurves:  {curves_path}\nwall time {end - start:.0f} s "
               f"(evaluation {metrics['eval_time_fraction']:.0%} of train+eval)")
+        pictures = _plots(run_dir, res, curves)
         if logger is not None:
+            logger.log_images(pictures)
             logger.log_table("acc_matrix", ["after"] + res.tasks,
                              [[f"{i + 1}:{n}"] + row for i, (n, row) in enumerate(zip(res.tasks, res.acc_matrix))])
             logger.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -167,6 +189,20 @@ def _matrices(res: StreamResult) -> dict:
     return {"tasks": res.tasks, "general_tasks": res.general_tasks, "acc_matrix": res.acc_matrix,
             "base_acc": res.base_acc, "general_matrix": res.general_matrix, "general_base": res.general_base,
             "task_end_iters": res.task_end_iters}
+
+
+def _plots(run_dir: Path, res: StreamResult, curves: list[dict]) -> dict[str, Path]:
+    """Curves, matrix heatmap and stability-gap zoom as PNGs under ``run_dir/plots``."""
+    out = run_dir / "plots"
+    pics = {
+        "plots/curves": plots.plot_curves(curves, res.tasks, res.task_end_iters, out / "curves.png"),
+        "plots/acc_matrix": plots.plot_matrix(res.acc_matrix, res.tasks, out / "acc_matrix.png",
+                                              res.general_matrix, res.general_tasks),
+    }
+    gap = plots.plot_stability_gap(curves, res.tasks, res.task_end_iters, out / "stability_gap.png")
+    if gap is not None:
+        pics["plots/stability_gap"] = gap
+    return pics
 
 
 def _read_curves(path: Path) -> list[dict]:

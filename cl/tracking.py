@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from lightning_fabric.loggers.logger import _DummyExperiment
 from pytorch_lightning.loggers import WandbLogger
 
 log = logging.getLogger(__name__)
@@ -25,16 +26,30 @@ class SafeWandbLogger(WandbLogger):
         super().__init__(*args, **kwargs)
         self.broken = False
 
+    def _break(self, what: str, e: Exception) -> None:
+        self.broken = True
+        log.warning("W&B %s failed (%s: %s); continuing without W&B, local files are complete",
+                    what, type(e).__name__, e)
+
     def _guard(self, what: str, fn, *args, **kwargs):
         if self.broken:
             return None
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # any W&B problem must not stop training
-            self.broken = True
-            log.warning("W&B %s failed (%s: %s); continuing without W&B, local files are complete",
-                        what, type(e).__name__, e)
+            self._break(what, e)
             return None
+
+    @property
+    def experiment(self):
+        """The W&B run, or a do-nothing stand-in once W&B has failed (Lightning calls this directly)."""
+        if self.broken:
+            return _DummyExperiment()
+        try:
+            return WandbLogger.experiment.fget(self)
+        except Exception as e:
+            self._break("init", e)
+            return _DummyExperiment()
 
     def start(self) -> None:
         """Create the run now and declare ``cl/global_iter`` the step metric."""
@@ -57,6 +72,16 @@ class SafeWandbLogger(WandbLogger):
 
     def log_table(self, key: str, columns: list[str], data: list[list[Any]]) -> None:
         self._guard("table", super().log_table, key=key, columns=columns, data=data)
+
+    def log_images(self, images: dict[str, "os.PathLike"]) -> None:
+        """Log PNG files as ``wandb.Image``s (one step, keyed by name)."""
+
+        def _log():
+            import wandb
+
+            self.experiment.log({k: wandb.Image(str(v)) for k, v in images.items()})
+
+        self._guard("images", _log)
 
     def summary(self, values: dict[str, Any]) -> None:
         self._guard("summary", lambda: self.experiment.summary.update(values))

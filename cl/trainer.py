@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from cl.progress import PlainProgress, is_tty
+from cl.progress import PlainProgress, StatusRichBar, is_tty
 
 
 def make_trainer(max_steps: int, trainer_kwargs: dict, label: str, callbacks=(), logger=None,
@@ -12,7 +12,9 @@ def make_trainer(max_steps: int, trainer_kwargs: dict, label: str, callbacks=(),
     """A Trainer for ``max_steps`` optimizer steps; ``trainer_kwargs`` come from ``conf/trainer``."""
     callbacks = list(callbacks)
     tty = is_tty()
-    if not tty:
+    if tty:
+        callbacks.append(StatusRichBar(status))
+    else:
         callbacks.append(PlainProgress(label, every=progress_every, status=status))
     return pl.Trainer(
         max_steps=max_steps,

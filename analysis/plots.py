@@ -1,0 +1,131 @@
+"""Pictures of a run (matplotlib, PNG): accuracy curves with task boundaries, the accuracy-matrix
+heatmap, a zoom on the stability gap after each boundary, and forgetting vs KL across runs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _series(curves: list[dict], kinds: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in curves:
+        if r["kind"] in kinds:
+            out[r["eval_task"]][r["global_iter"]] = r["acc"]
+    return {k: sorted(v.items()) for k, v in out.items()}
+
+
+def plot_curves(curves: list[dict], tasks: Sequence[str], ends: Sequence[int], path: str | Path,
+                title: str = "") -> Path:
+    """Per-task accuracy over ``global_iter`` (dashed before the task is trained), boundaries marked,
+    and the mean over general tasks in black."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    stream = _series(curves, ("stream", "future"))
+    starts = [0] + list(ends[:-1])
+    colors = plt.cm.tab10(np.arange(len(tasks)) % 10)
+    for j, t in enumerate(tasks):
+        pts = stream.get(t, [])
+        before = [(n, a) for n, a in pts if n <= starts[j]]
+        after = [(n, a) for n, a in pts if n >= starts[j]]
+        if before:
+            ax.plot(*zip(*before), "--", color=colors[j], alpha=0.5)
+        if after:
+            ax.plot(*zip(*after), "-", color=colors[j], label=t, marker="." if len(after) < 40 else None)
+    general = _series(curves, ("general",))
+    if general:
+        iters = sorted({n for s in general.values() for n, _ in s})
+        by = [dict(s) for s in general.values()]
+        mean = [np.mean([d[n] for d in by if n in d]) for n in iters]
+        ax.plot(iters, mean, color="black", lw=2, label="general (mean)")
+    for e in ends[:-1]:
+        ax.axvline(e, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("global iteration")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or "accuracy over the stream (dotted lines: task boundaries)")
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_matrix(R: Sequence[Sequence[float]], tasks: Sequence[str], path: str | Path,
+                general: Sequence[Sequence[float]] | None = None, general_tasks: Sequence[str] = (),
+                title: str = "") -> Path:
+    """Heatmap of ``R[i][j]`` (rows: after task i), with the general tasks as extra columns."""
+    M = np.asarray(R, dtype=float)
+    cols = list(tasks)
+    if general is not None and len(general_tasks):
+        M = np.concatenate([M, np.asarray(general, dtype=float)], axis=1)
+        cols += [f"[g] {g}" for g in general_tasks]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 1.0 + 0.6 * len(tasks)))
+    im = ax.imshow(M, vmin=0, vmax=1, cmap="viridis")
+    for i in range(M.shape[0]):
+        for j in range(M.shape[1]):
+            ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if M[i, j] < 0.5 else "black")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=8)
+    if len(tasks) < len(cols):
+        ax.axvline(len(tasks) - 0.5, color="white", lw=2)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    ax.set_title(title or "accuracy matrix")
+    return _save(fig, path)
+
+
+def plot_stability_gap(curves: list[dict], tasks: Sequence[str], ends: Sequence[int], path: str | Path,
+                       window: int | None = None) -> Path | None:
+    """One panel per later boundary: earlier tasks' accuracy from just before the boundary to
+    ``window`` iterations after it (default: the whole next task). None when there is one task."""
+    if len(tasks) < 2:
+        return None
+    stream = _series(curves, ("stream", "future"))
+    n = len(tasks) - 1
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.5), squeeze=False)
+    for m in range(1, len(tasks)):
+        ax = axes[0][m - 1]
+        b = ends[m - 1]
+        hi = b + (window or (ends[m] - b))
+        lo = b - max(1, (hi - b) // 5)
+        for j in range(m):
+            pts = [(x, a) for x, a in stream.get(tasks[j], []) if lo <= x <= hi]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=tasks[j])
+        ax.axvline(b, color="gray", ls=":")
+        ax.set_title(f"start of {tasks[m]}", fontsize=9)
+        ax.set_xlabel("global iteration")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("accuracy of earlier tasks")
+    return _save(fig, path)
+
+
+def plot_forgetting_vs_kl(points: Sequence[dict], path: str | Path, x: str = "forward_kl",
+                          y: str = "forgetting") -> Path:
+    """Scatter of one point per run (``{"label", x, y}``), e.g. forgetting vs KL(pi_0 || pi)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for p in points:
+        groups[p.get("label", "")].append(p)
+    for label, ps in groups.items():
+        ax.scatter([p[x] for p in ps], [p[y] for p in ps], label=label or None)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if any(groups):
+        ax.legend(fontsize=8)
+    ax.set_title(f"{y} vs {x}")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

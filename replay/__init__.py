@@ -1,0 +1,1 @@
+"""Replay buffers, schedules, mixing of replayed and new data, replay losses (grows with the replay issue)."""

@@ -1,0 +1,89 @@
+"""Evaluation cost: (a) one-pass teacher-forced scoring vs generate-based greedy scoring on the same
+eval sets (identical accuracies required; target >= 5x faster); (b) the share of wall time spent
+evaluating at the default schedule on the default stream (target <= 20%).
+
+    python scripts/bench_eval.py [--n 200] [--repeats 3] [--skip-run] [overrides for part (b) ...]
+
+Uses the cached default base checkpoint (trained on first use, ~5 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+from cl.data import PromptFormat
+from cl.evaluation import EvalSet, Scorer
+from cl.run import prepare_model, run
+from tasks.stream import build_tasks
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def part_a(cfg, n: int, repeats: int) -> None:
+    d = cfg.data
+    names = list(cfg.stream.tasks) + list(cfg.stream.general)
+    tasks = build_tasks(names + [x for x in list(cfg.base.general) + list(cfg.base.exposure) if x not in names],
+                        d.n_train, d.n_eval, d.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok, _ = prepare_model(cfg, Path(tmp), {t.name: t for t in tasks})
+    model.eval()
+    fmt = PromptFormat(tok)
+    sets = [EvalSet.build(t, fmt, n, seed=0) for t in tasks if t.name in names]
+    tf, gen = Scorer(fmt, "teacher_forced"), Scorer(fmt, "generate")
+    times = {"teacher_forced": [], "generate": []}
+    accs = {}
+    for _ in range(repeats):
+        for name, scorer in (("teacher_forced", tf), ("generate", gen)):
+            t0 = time.perf_counter()
+            accs[name] = [scorer.scores(model, es) for es in sets]
+            times[name].append(time.perf_counter() - t0)
+    same = accs["teacher_forced"] == accs["generate"]
+    t_tf, t_gen = statistics.median(times["teacher_forced"]), statistics.median(times["generate"])
+    print(f"(a) {len(sets)} tasks x {n} items, median of {repeats}")
+    for es, a in zip(sets, accs["teacher_forced"]):
+        print(f"    {es.name:<10} acc {sum(a) / len(a):.3f}")
+    print(f"    teacher-forced {t_tf:.3f} s | generate {t_gen:.3f} s | speedup {t_gen / t_tf:.1f}x "
+          f"(target >= 5x: {'met' if t_gen / t_tf >= 5 else 'NOT met'}) | per-item scores identical: {same}")
+
+
+def part_b(overrides: list[str]) -> None:
+    cfg = compose(["logger=none", *overrides])
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = run(cfg, Path(tmp) / "run")
+        wall = time.perf_counter() - t0
+    m = res["metrics"]
+    share_wall = m["eval_seconds"] / wall
+    print(f"(b) default stream, eval.every_n_steps={cfg.eval.every_n_steps}, "
+          f"max_samples_per_point={cfg.eval.max_samples_per_point}: eval {m['eval_seconds']:.1f} s, "
+          f"train {m['train_seconds']:.1f} s, run wall {wall:.1f} s")
+    print(f"    evaluation share: {m['eval_time_fraction']:.1%} of train+eval, {share_wall:.1%} of the run's wall "
+          f"time (target <= 20%: {'met' if share_wall <= 0.20 else 'NOT met'})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-run", action="store_true", help="only part (a)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for part (b)")
+    args = ap.parse_args()
+    part_a(compose([]), args.n, args.repeats)
+    if not args.skip_run:
+        part_b(args.overrides)
+
+
+if __name__ == "__main__":
+    main()

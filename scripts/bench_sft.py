@@ -1,0 +1,109 @@
+"""Throughput of SFT through the suite (ContinualLM + Lightning Trainer) vs a plain PyTorch loop.
+
+Same model initialisation, same batches (same sampler seed), same optimizer, schedule and gradient
+clipping, in one process; runs alternate (plain, suite, plain, suite, ...) and the median steady-state
+throughput (steps after a warm-up) of each is compared. Target: suite >= 0.90x plain.
+
+    python scripts/bench_sft.py [--steps 300] [--warmup 30] [--batch-size 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+import warnings
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+import transformers
+
+from cl.data import PromptFormat
+from cl.model import build_tiny_llama, load_model_and_tokenizer
+from cl.module import ContinualLM
+from cl.objectives.sft import SFTObjective, answer_cross_entropy
+from cl.run import _loader
+from cl.schedule import LRSchedule
+from cl.trainer import make_trainer
+from tasks.registry import build_task
+
+warnings.filterwarnings("ignore")
+transformers.utils.logging.disable_progress_bar()
+import logging  # noqa: E402
+
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+
+
+class StepClock(pl.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.t0, self.t1 = warmup, 0.0, 0.0
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step == self.warmup:
+            self.t0 = time.perf_counter()
+        self.t1 = time.perf_counter()
+
+
+def plain(model, loader, lr, schedule, steps, warmup) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule.lr_lambda(steps))
+    model.train()
+    t0 = 0.0
+    for i, batch in enumerate(loader, start=1):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = answer_cross_entropy(logits, batch["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if i == warmup:
+            t0 = time.perf_counter()
+    return (steps - warmup) / (time.perf_counter() - t0)
+
+
+def suite(model, loader, lr, schedule, steps, warmup) -> float:
+    module = ContinualLM(model, SFTObjective(), partial(torch.optim.AdamW, lr=lr), schedule)
+    clock = StepClock(warmup)
+    trainer_kwargs = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "gradient_clip_val": 1.0,
+                      "log_every_n_steps": 10}
+    make_trainer(steps, trainer_kwargs, "bench", callbacks=[clock], progress_every=10**9).fit(module, loader)
+    return (steps - warmup) / (clock.t1 - clock.t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        build_tiny_llama(d, seed=0)
+        base, tok = load_model_and_tokenizer(d)
+    fmt = PromptFormat(tok)
+    task = build_task("add3", 5000, 100, 0)
+    make_loader = _loader(fmt, args.batch_size, args.steps, seed=0)
+    schedule = LRSchedule(warmup_steps=10)
+    rates: dict[str, list[float]] = {"plain": [], "suite": []}
+    for r in range(args.repeats):
+        for name, fn in (("plain", plain), ("suite", suite)):
+            torch.manual_seed(0)
+            rate = fn(copy.deepcopy(base), make_loader(task, 0), 1e-4, schedule, args.steps, args.warmup)
+            rates[name].append(rate)
+            print(f"repeat {r + 1}: {name:<5} {rate:7.1f} steps/s", flush=True)
+    p, s = statistics.median(rates["plain"]), statistics.median(rates["suite"])
+    tokens = sum(len(a) + len(b) for a, b in fmt.encode(list(task.train["prompt"][:1000]),
+                                                         list(task.train["answer"][:1000]))) / 1000
+    print(f"\nmodel 1.06M params, batch {args.batch_size} x ~{tokens:.0f} tokens, {args.steps} steps "
+          f"({args.warmup} warm-up), median of {args.repeats}")
+    print(f"plain loop  {p:7.1f} steps/s  ({p * args.batch_size * tokens:,.0f} tokens/s)")
+    print(f"suite       {s:7.1f} steps/s  ({s * args.batch_size * tokens:,.0f} tokens/s)")
+    print(f"ratio suite/plain = {s / p:.3f}  (target >= 0.90: {'met' if s / p >= 0.90 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

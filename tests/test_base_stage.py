@@ -1,0 +1,84 @@
+"""The base stage: cached by a hash of what determines it, trained once when runs start together."""
+
+import json
+import multiprocessing as mp
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from cl.base_stage import BaseRecipe, base_key, ensure_base
+from tasks.registry import build_task
+
+ARCH = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+        "max_position_embeddings": 64}
+DATA = {"seed": 0, "n_train": 100, "n_eval": 20}
+RECIPE = BaseRecipe(steps=3, batch_size=8, warmup_steps=1, general={"copy6": 0.5}, exposure={"add3": 0.5},
+                    report_n=8, report_pass_k=2)
+TRAINER = {"accelerator": "cpu", "devices": 1, "log_every_n_steps": 1}
+
+
+def _tasks():
+    return {n: build_task(n, DATA["n_train"], DATA["n_eval"], DATA["seed"]) for n in ("copy6", "add3")}
+
+
+def _build(cache: str, log: str) -> str:
+    import cl.base_stage as bs
+
+    original = bs._train_base
+
+    def counted(*a, **k):
+        with open(log, "a") as f:
+            f.write("trained\n")
+        return original(*a, **k)
+
+    bs._train_base = counted
+    return str(ensure_base(cache, ARCH, RECIPE, DATA, _tasks(), TRAINER))
+
+
+def test_key_depends_on_arch_recipe_and_data():
+    k = base_key(ARCH, RECIPE, DATA)
+    assert k == base_key(dict(ARCH), replace(RECIPE), dict(DATA))
+    assert k != base_key({**ARCH, "hidden_size": 64}, RECIPE, DATA)
+    assert k != base_key(ARCH, replace(RECIPE, steps=4), DATA)
+    assert k != base_key(ARCH, RECIPE, {**DATA, "seed": 1})
+
+
+def test_concurrent_runs_train_once_and_share_the_checkpoint(tmp_path):
+    log = tmp_path / "log"
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        paths = pool.starmap(_build, [(str(tmp_path / "cache"), str(log))] * 2)
+    assert paths[0] == paths[1]
+    assert log.read_text().count("trained") == 1
+    final = Path(paths[0])
+    report = json.loads((final / "base_report.json").read_text())
+    assert report["key"] == base_key(ARCH, RECIPE, DATA)
+    assert (final / "config.json").exists() and (final / "tokenizer.json").exists()
+    assert not list((tmp_path / "cache").glob("*.tmp-*"))
+    # a later call reuses it without training
+    assert _build(str(tmp_path / "cache"), str(log)) == paths[0]
+    assert log.read_text().count("trained") == 1
+
+
+@pytest.mark.slow
+def test_default_base_stage_meets_the_recipe_targets(tmp_path):
+    """General tasks >= 90% greedy; every stream task pass@8 >= 20% with greedy headroom."""
+    from omegaconf import OmegaConf
+
+    from cl.run import prepare_model
+    from tasks.stream import build_tasks
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(f"cache_dir={tmp_path}")
+    names = list(cfg.base.general) + list(cfg.base.exposure)
+    tasks = {t.name: t for t in build_tasks(names, cfg.data.n_train, cfg.data.n_eval, cfg.data.seed)}
+    _, _, info = prepare_model(cfg, tmp_path, tasks)
+    report = json.loads((Path(info["path"]) / "base_report.json").read_text())
+    for name in cfg.base.general:
+        assert report["greedy"][name] >= 0.9, report
+    for name in cfg.stream.tasks:
+        assert report["pass@8"][name] >= 0.2, report
+        assert report["greedy"][name] <= 0.9, report
+    assert report["seconds"] <= 300 * 1.5, "base stage far slower than its 5-minute target"
+    OmegaConf.to_container(cfg)

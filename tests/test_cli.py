@@ -1,0 +1,90 @@
+"""The entry point as a user runs it: smoke experiment, multirun, clear errors before training."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+CONTRACT = ("tasks", "general_tasks", "acc_matrix", "base_acc", "general_matrix", "general_base", "metrics",
+            "config", "provenance", "status")
+METRICS = ("avg_acc", "bwt", "fwt", "forgetting", "general_retention", "min_acc", "wc_acc", "stability_gap")
+
+
+def _check_contract(run_dir: Path) -> dict:
+    res = json.loads((run_dir / "results.json").read_text())
+    for key in CONTRACT:
+        assert key in res, key
+    assert res["status"] == "completed"
+    T, G = len(res["tasks"]), len(res["general_tasks"])
+    assert len(res["acc_matrix"]) == T and all(len(r) == T for r in res["acc_matrix"])
+    assert len(res["general_matrix"]) == T and all(len(r) == G for r in res["general_matrix"])
+    assert len(res["base_acc"]) == T and len(res["general_base"]) == G
+    for m in METRICS:
+        assert isinstance(res["metrics"][m], float), m
+    assert all(0.0 <= a <= 1.0 for row in res["acc_matrix"] for a in row)
+    for k in ("commit", "dirty"):
+        assert k in res["provenance"]["git"]
+    assert res["provenance"]["wall_seconds"] > 0 and res["provenance"]["seed"] == res["config"]["seed"]
+    lines = [json.loads(x) for x in (run_dir / "curves.jsonl").read_text().splitlines()]
+    for line in lines:
+        assert {"global_iter", "task_idx", "train_task", "eval_task", "kind", "acc"} <= set(line)
+        assert line["kind"] in ("stream", "general", "future")
+    iters = [line["global_iter"] for line in lines]
+    assert iters == sorted(iters), "global_iter must be monotonic over the stream"
+    # boundary rows of the curves are the matrix rows
+    steps = res["config"]["stream"]["steps_per_task"]
+    for i, row in enumerate(res["acc_matrix"]):
+        at = {x["eval_task"]: x["acc"] for x in lines if x["global_iter"] == (i + 1) * steps and x.get("boundary")}
+        assert [at[t] for t in res["tasks"]] == row
+    return res
+
+
+def test_smoke_experiment_end_to_end(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    proc = run_cli("experiment=smoke", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _check_contract(out)
+    assert res["tasks"] == ["sub2", "mul21"]
+    assert "Accuracy matrix" in proc.stdout and "avg_acc" in proc.stdout
+    assert (cache_dir.glob("base-*/base_report.json"))
+
+
+def test_multirun_writes_one_directory_per_job(tmp_path, cache_dir):
+    proc = run_cli("-m", "experiment=smoke", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   "stream.steps_per_task=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(results) == 2
+    seeds = sorted(json.loads(p.read_text())["config"]["seed"] for p in results)
+    assert seeds == [0, 1]
+    for p in results:
+        _check_contract(p.parent)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("stream.steps_per_task=-3", "error: stream.steps_per_task: must be an integer >= 1, got -3"),
+        ("stream.tasks=[sub2,nope]", "error: stream.tasks[1]: unknown task 'nope'"),
+    ],
+)
+def test_bad_config_fails_before_training_with_one_line(tmp_path, override, expected):
+    out = tmp_path / "run"
+    proc = run_cli("experiment=smoke", f"hydra.run.dir={out}", override, f"cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [expected] or (len(errors) == 1 and errors[0].startswith(expected)), proc.stderr
+    assert not (tmp_path / "cache").exists(), "no base stage may start on a bad config"
+
+
+def test_malformed_user_data_fails_before_training(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1"}\n')
+    proc = run_cli("experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                   f"stream.tasks=[sub2,{{name: mine, train: {bad}, prompt_column: question}}]")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad}: row 1 has no column 'answer' (columns: question)"], proc.stderr
+    assert not (tmp_path / "cache").exists()

@@ -1,0 +1,68 @@
+"""Bad configs fail before any work, with one line per problem naming the field."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from cl.validate import ConfigError, validate_config
+from tests.conftest import compose_cfg
+
+
+def _problems(*overrides):
+    cfg = OmegaConf.to_container(compose_cfg(*overrides), resolve=True)
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+@pytest.mark.parametrize("experiment", ["smoke", "sft_default", "joint"])
+def test_shipped_configs_are_valid(experiment):
+    assert _problems(f"experiment={experiment}") == []
+
+
+def test_default_config_is_valid():
+    assert _problems() == []
+
+
+@pytest.mark.parametrize(
+    "override, field, words",
+    [
+        ("stream.steps_per_task=-5", "stream.steps_per_task", "integer >= 1"),
+        ("stream.steps_per_task=1.5", "stream.steps_per_task", "integer >= 1"),
+        ("stream.batch_size=0", "stream.batch_size", "integer >= 1"),
+        ("stream.tasks=[add3,nope]", "stream.tasks[1]", "unknown task 'nope'; allowed: add2"),
+        ("stream.tasks=[]", "stream.tasks", "empty"),
+        ("stream.tasks=[add3,add3]", "stream.tasks", "repeat"),
+        ("stream.general=[add3]", "stream.general", "must not also be stream tasks"),
+        ("stream.mode=mixed", "stream.mode", "sequential, joint"),
+        ("optimizer.lr=0", "optimizer.lr", "> 0.0"),
+        ("optimizer.lr=fast", "optimizer.lr", "must be a number"),
+        ("train.decay=step", "train.decay", "constant, linear, cosine"),
+        ("train.min_lr_ratio=2", "train.min_lr_ratio", "<= 1.0"),
+        ("eval.method=sample", "eval.method", "auto, teacher_forced, generate"),
+        ("eval.n_per_task=0", "eval.n_per_task", "integer >= 1"),
+        ("eval.every_n_steps=-1", "eval.every_n_steps", "integer >= 1"),
+        ("data.n_eval=0", "data.n_eval", "integer >= 1"),
+        ("model.dtype=int8", "model.dtype", "float32"),
+        ("base.kind=finetune", "base.kind", "pretrain, none"),
+        ("base.steps=0", "base.steps", "integer >= 1"),
+        ("+base.exposure.nope=0.1", "base.exposure.nope", "unknown task"),
+        ("logger.kind=tensorboard", "logger.kind", "wandb, none"),
+        ("objective._target_=os.system", "objective._target_", "outside the allowed packages"),
+        ("model=qwen2_5_0_5b_instruct", "base.kind", "use base=none"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_field(override, field, words):
+    problems = _problems(override)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{field}: ") and words in problems[0], problems
+
+
+def test_several_problems_are_all_reported():
+    assert len(_problems("stream.steps_per_task=0", "optimizer.lr=-1", "eval.method=x")) == 3
+
+
+def test_user_data_task_entry_needs_name_and_train():
+    problems = _problems("stream.tasks=[{name: mine}]")
+    assert problems == ["stream.tasks[0]: a user-data task needs 'name' and 'train' (a file path or hub:NAME)"]

@@ -1,0 +1,78 @@
+"""Continual evaluation: leaves training untouched, respects its budget, feeds metrics, plots, reports."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from analysis.report import main as report_main
+from cl.run import run
+from tests.conftest import compose_cfg
+
+SMALL = ("experiment=smoke", "stream.steps_per_task=12", "logger=none", "save_final_model=true")
+
+
+def _run(tmp_path, name, cache_dir, *extra):
+    cfg = compose_cfg(*SMALL, f"cache_dir={cache_dir}", *extra)
+    return run(cfg, tmp_path / name), tmp_path / name
+
+
+def test_evaluating_every_step_does_not_change_training(tmp_path, cache_dir):
+    every, d1 = _run(tmp_path, "every", cache_dir, "eval.every_n_steps=1")
+    bounds, d2 = _run(tmp_path, "bounds", cache_dir)
+    w1 = load_file(d1 / "final_model" / "model.safetensors")
+    w2 = load_file(d2 / "final_model" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    assert all((w1[k] == w2[k]).all() for k in w1), "evaluation changed the trained weights"
+    assert every["acc_matrix"] == bounds["acc_matrix"]
+    lines = [json.loads(x) for x in (d1 / "curves.jsonl").read_text().splitlines()]
+    points = sorted({x["global_iter"] for x in lines})
+    assert points == list(range(0, 25)), points
+
+
+def test_every_n_steps_gives_points_per_task_and_curve_metrics(tmp_path, cache_dir):
+    res, d = _run(tmp_path, "five", cache_dir, "eval.every_n_steps=5", "stream.steps_per_task=30")
+    lines = [json.loads(x) for x in (d / "curves.jsonl").read_text().splitlines()]
+    for j, task in enumerate(res["tasks"]):
+        seen = {x["global_iter"] for x in lines if x["eval_task"] == task and x["kind"] == "stream"}
+        assert len(seen) >= 5, (task, seen)
+    # the next unseen task is scored inside task 1; general tasks at every point
+    assert any(x["kind"] == "future" and not x["boundary"] for x in lines)
+    m = res["metrics"]
+    for key in ("min_acc", "wc_acc", "wf_10", "wp_10", "wf_100", "wp_100", "lca", "stability_gap",
+                "stability_gaps", "forgetting_curve", "forward_kl_mean", "kl_base_general_final"):
+        assert key in m, key
+    assert len(res["shift"]) == 2 and res["shift"][1]["forward_kl"] > 0 and "kl_base_prev" in res["shift"][1]
+    assert 0 < m["eval_time_fraction"] < 1
+    for png in ("curves.png", "acc_matrix.png", "stability_gap.png"):
+        assert (d / "plots" / png).stat().st_size > 1000
+
+
+def test_sample_cap_bounds_intermediate_points_only(tmp_path, cache_dir):
+    res, d = _run(tmp_path, "cap", cache_dir, "eval.every_n_steps=4", "eval.max_samples_per_point=40")
+    lines = [json.loads(x) for x in (d / "curves.jsonl").read_text().splitlines()]
+    inner = {}
+    for x in lines:
+        if not x["boundary"]:
+            inner.setdefault(x["global_iter"], 0)
+            inner[x["global_iter"]] += x["n"]
+    assert inner and all(total <= 40 for total in inner.values()), inner
+    assert all(x["n"] == 50 for x in lines if x["boundary"])
+
+
+def test_report_puts_two_runs_side_by_side(tmp_path, cache_dir):
+    _, d1 = _run(tmp_path, "a", cache_dir, "eval.every_n_steps=4")
+    _, d2 = _run(tmp_path, "b", cache_dir, "optimizer.lr=3e-3", "eval.every_n_steps=4")
+    report_main([str(d1), str(d2), "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| metric |"))
+    assert "lr=0.001" in header and "lr=0.003" in header
+    assert "| avg_acc |" in md and "| forgetting |" in md
+    for rel in ("run0/curves.png", "run1/matrix.png", "run1/stability_gap.png", "forgetting_vs_kl.png"):
+        assert (tmp_path / "rep" / rel).exists(), rel
+        assert rel in md
+
+
+def test_report_on_a_non_run_directory_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no results.json"):
+        report_main([str(tmp_path)])

@@ -1,0 +1,91 @@
+"""Teacher-forced exact match equals greedy generation + exact-match verification."""
+
+from functools import partial
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from cl.data import EncodedPairs, PromptFormat, SFTCollator
+from cl.evaluation import EvalSet, Scorer, pass_at_k, teacher_forced_correct
+from cl.model import load_model_and_tokenizer
+from cl.objectives.sft import SFTObjective, answer_cross_entropy
+from tasks.registry import build_task
+
+
+@pytest.fixture(scope="module")
+def half_trained(tmp_path_factory):
+    """A tiny model trained briefly on add2/reverse6 so that some answers are right and some wrong."""
+    from cl.model import build_tiny_llama
+
+    d = build_tiny_llama(tmp_path_factory.mktemp("m"), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, seed=0)
+    model, tok = load_model_and_tokenizer(d)
+    fmt = PromptFormat(tok)
+    tasks = [build_task(n, 2000, 100, 0) for n in ("add2", "copy6")]
+    pairs = sum((fmt.encode(list(t.train["prompt"]), list(t.train["answer"])) for t in tasks), [])
+    loader = DataLoader(EncodedPairs(pairs), batch_size=64, collate_fn=SFTCollator(fmt.pad_id),
+                        sampler=RandomSampler(pairs, replacement=True, num_samples=64 * 250,
+                                              generator=torch.Generator().manual_seed(0)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for batch in loader:
+        loss, _ = SFTObjective().step(type("M", (), {"model": model})(), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, fmt, tasks
+
+
+def test_teacher_forced_equals_greedy_generate(half_trained):
+    model, fmt, tasks = half_trained
+    accs = []
+    for task in tasks:
+        es = EvalSet.build(task, fmt, 100, seed=0)
+        tf = Scorer(fmt, method="teacher_forced").scores(model, es)
+        gen = Scorer(fmt, method="generate").scores(model, es)
+        assert tf == gen
+        accs.append(sum(tf) / len(tf))
+    # the check is only meaningful if both right and wrong answers occur
+    assert any(0.05 < a < 0.95 for a in accs), accs
+
+
+def test_scorer_restores_train_mode_and_auto_picks_teacher_forcing(half_trained):
+    model, fmt, tasks = half_trained
+    es = EvalSet.build(tasks[0], fmt, 20, seed=0)
+    model.train()
+    Scorer(fmt).scores(model, es)
+    assert model.training
+    assert Scorer(fmt).uses_teacher_forcing(es)
+    model.eval()
+
+
+def test_pass_at_k_is_at_least_greedy_accuracy(half_trained):
+    model, fmt, tasks = half_trained
+    es = EvalSet.build(tasks[0], fmt, 100, seed=0)
+    greedy = Scorer(fmt).accuracy(model, es)
+    torch.manual_seed(0)
+    assert pass_at_k(model, es, fmt, k=8) >= greedy - 0.05
+
+
+def test_eval_subset_is_fixed_by_seed():
+    from cl.tokenizer import build_char_tokenizer
+
+    fmt = PromptFormat(build_char_tokenizer())
+    t = build_task("add3", 10, 300, 0)
+    a, b, c = (EvalSet.build(t, fmt, 50, seed=s) for s in (0, 0, 1))
+    assert a.rows["prompt"] == b.rows["prompt"] != c.rows["prompt"]
+
+
+def test_sft_loss_matches_transformers_builtin_loss(half_trained):
+    """Our answer-only CE equals transformers' own causal-LM loss given the same masked labels."""
+    model, fmt, tasks = half_trained
+    from cl.data import collate_sft
+
+    batch = collate_sft(fmt.encode(["A2:12+34=", "C:abcdef="], ["046", "abcdef"]), fmt.pad_id)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    ours = answer_cross_entropy(out.logits, batch["labels"])
+    assert ours.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    # changing prompt tokens' labels has no effect: they are masked
+    assert (batch["labels"][:, :3] == -100).all()

@@ -1,0 +1,68 @@
+import math
+
+import pytest
+
+from analysis.curve_metrics import curve_metrics, stability_gaps, task_series
+from analysis.metrics import (avg_acc, bwt, forgetting, forgetting_curve, forgetting_per_task, fwt,
+                              general_retention, matrix_metrics, new_acc)
+
+R = [[0.9, 0.1, 0.2],
+     [0.6, 0.8, 0.3],
+     [0.5, 0.7, 0.7]]
+B = [0.1, 0.2, 0.25]
+
+
+def test_matrix_metrics_by_hand():
+    assert avg_acc(R) == pytest.approx((0.5 + 0.7 + 0.7) / 3)
+    assert new_acc(R) == pytest.approx((0.9 + 0.8 + 0.7) / 3)
+    assert bwt(R) == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+    assert fwt(R, B) == pytest.approx(((0.1 - 0.2) + (0.3 - 0.25)) / 2)
+    assert forgetting_per_task(R) == pytest.approx([0.9 - 0.5, 0.8 - 0.7])
+    assert forgetting(R) == pytest.approx(0.25)
+    assert forgetting_curve(R) == pytest.approx([0.0, 0.3, 0.25])
+
+
+def test_forgetting_uses_the_best_earlier_value_not_the_diagonal():
+    # task 0 improves after task 1 (backward transfer) and then drops: f uses the max (0.95).
+    M = [[0.5, 0.0], [0.95, 0.9]]
+    M3 = [[0.5, 0.0, 0.0], [0.95, 0.9, 0.0], [0.6, 0.9, 0.8]]
+    assert forgetting_per_task(M) == pytest.approx([0.5 - 0.95])
+    assert forgetting_per_task(M3) == pytest.approx([0.35, 0.0])
+
+
+def test_general_retention_and_single_task_edge_cases():
+    assert general_retention([[0.9, 0.5], [0.8, 0.3]], [1.0, 0.6]) == pytest.approx(((0.8 - 1.0) + (0.3 - 0.6)) / 2)
+    one = matrix_metrics([[0.7]], [0.2], [[0.9]], [1.0])
+    assert one["bwt"] == 0.0 and one["forgetting"] == 0.0 and one["fwt"] == 0.0
+    assert one["general_retention"] == pytest.approx(-0.1)
+    with pytest.raises(ValueError, match="square"):
+        avg_acc([[0.1, 0.2]])
+
+
+def _curves(series: dict[str, list[tuple[int, float]]]):
+    return [{"global_iter": n, "eval_task": t, "kind": "stream", "acc": a} for t, s in series.items() for n, a in s]
+
+
+def test_stability_gap_depth_and_recovery_on_a_hand_built_curve():
+    # task a learned in [0, 10]; task b in (10, 20]. a dips from 0.9 to 0.4 at 12, back to 0.9 at 16.
+    a = [(0, 0.1), (5, 0.6), (10, 0.9), (12, 0.4), (14, 0.7), (16, 0.9), (18, 0.88), (20, 0.85)]
+    b = [(0, 0.0), (10, 0.1), (12, 0.3), (14, 0.5), (16, 0.7), (18, 0.8), (20, 0.9)]
+    curves = _curves({"a": a, "b": b})
+    gaps = stability_gaps(task_series(curves, ["a", "b"]), ["a", "b"], [10, 20])
+    assert gaps == [{"task": "a", "boundary_task": "b", "depth": pytest.approx(0.5), "recovery_iters": 6}]
+    m = curve_metrics(curves, ["a", "b"], [10, 20], windows=(2, 100))
+    assert m["min_acc"] == pytest.approx(0.4)
+    assert m["wc_acc"] == pytest.approx(0.9 / 2 + 0.4 / 2)
+    assert m["stability_gap"] == pytest.approx(0.5)
+    # WF^2 over a after its end: consecutive drops 0.5, 0.02, 0.03 -> 0.5; b has one point after its end.
+    assert m["wf_2"] == pytest.approx(0.5)
+    # WP^2: a rises 0.5 (0->5), b rises 0.2 (10->12 ... max consecutive rise) -> mean
+    assert m["wp_2"] == pytest.approx((0.5 + 0.2) / 2)
+    assert m["lca"] == pytest.approx((((0.1 + 0.6 + 0.9) / 3) + ((0.1 + 0.3 + 0.5 + 0.7 + 0.8 + 0.9) / 6)) / 2)
+
+
+def test_no_recovery_is_reported_as_none():
+    a = [(10, 0.9), (15, 0.5), (20, 0.6)]
+    b = [(10, 0.0), (15, 0.5), (20, 0.8)]
+    gaps = stability_gaps(task_series(_curves({"a": a, "b": b}), ["a", "b"]), ["a", "b"], [10, 20])
+    assert gaps[0]["recovery_iters"] is None and gaps[0]["depth"] == pytest.approx(0.4)

@@ -1,0 +1,122 @@
+import json
+
+import pytest
+
+from tasks.registry import TASK_NAMES, build_task
+from tasks.stream import build_tasks, joint_task
+from tasks.user_data import DataError, load_user_task
+from tasks.verifiers import exact_match, make_verifier, numeric_match, regex_match
+
+
+def _solve(name: str, prompt: str) -> str:
+    body = prompt.split(":", 1)[1][:-1]
+    if name.startswith("add"):
+        a, b = body.split("+")
+        return f"{int(a) + int(b):0{len(a) + 1}d}"
+    if name.startswith("sub"):
+        a, b = body.split("-")
+        return f"{int(a) - int(b):0{len(a)}d}"
+    if name == "mul21":
+        a, d = body.split("*")
+        return f"{int(a) * int(d):03d}"
+    if name == "mod3":
+        a, m = body.split("%")
+        return str(int(a) % int(m))
+    if name == "rotate6":
+        k, w = body.split(",")
+        return w[int(k):] + w[: int(k)]
+    if name == "count8":
+        c, w = body.split(",")
+        return str(w.count(c))
+    return {"copy6": body, "reverse6": body[::-1], "sort6": "".join(sorted(body)),
+            "double4": "".join(c + c for c in body)}[name]
+
+
+def test_at_least_eight_families():
+    families = {build_task(n, 5, 5, 0).family for n in TASK_NAMES}
+    assert len(families) >= 8
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_answers_are_correct_and_splits_disjoint_and_deterministic(name):
+    t = build_task(name, n_train=300, n_eval=100, seed=7)
+    for row in list(t.train) + list(t.eval):
+        assert row["answer"] == _solve(name, row["prompt"]), row
+    assert not set(list(t.train["prompt"])) & set(list(t.eval["prompt"]))
+    assert len(set(list(t.eval["prompt"]))) == 100
+    again = build_task(name, n_train=300, n_eval=100, seed=7)
+    assert list(again.train["prompt"]) == list(t.train["prompt"]) and list(again.eval["prompt"]) == list(t.eval["prompt"])
+    assert build_task(name, 300, 100, seed=8).eval["prompt"] != list(t.eval["prompt"])
+
+
+def test_unknown_task_lists_allowed_names():
+    with pytest.raises(ValueError, match="unknown task 'nope'; allowed: add2"):
+        build_task("nope", 1, 1, 0)
+
+
+def test_verifiers():
+    assert exact_match(["12", "12 "], answer=["12", "12"]) == [1.0, 0.0]
+    assert numeric_match(["so 42.0", "x", "41"], answer=["42", "42", "42"]) == [1.0, 0.0, 0.0]
+    assert regex_match(["ans: 7", "none"], answer=["7", "7"], pattern=r"ans: (\d+)") == [1.0, 0.0]
+    f = make_verifier("function", function="tasks.verifiers:exact_match")
+    assert f(["a"], answer=["a"]) == [1.0]
+    with pytest.raises(ValueError, match="allowed"):
+        make_verifier("fuzzy")
+
+
+def test_joint_task_mixes_all_training_rows():
+    ts = build_tasks(["add3", "sub2"], n_train=50, n_eval=10, seed=0)
+    j = joint_task(ts)
+    assert len(j.train) == 100 and set(list(j.train["task"])) == {"add3", "sub2"}
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_user_jsonl_csv_parquet_load(tmp_path):
+    rows = [{"q": f"what is {i}+1", "a": str(i + 1)} for i in range(40)]
+    j = _write_jsonl(tmp_path / "d.jsonl", rows)
+    t = load_user_task("mine", train=j, prompt_column="q", answer_column="a", verifier="numeric")
+    assert len(t.train) + len(t.eval) == 40 and not t.exact_match
+    assert not set(list(t.train["prompt"])) & set(list(t.eval["prompt"]))
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    for f in ("d.csv", "d.parquet"):
+        t2 = load_user_task("mine", train=str(tmp_path / f), prompt_column="q", answer_column="a")
+        assert sorted(list(t2.train["prompt"]) + list(t2.eval["prompt"])) == sorted(r["q"] for r in rows)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "file is empty"),
+        (b"   \n", "file is empty"),
+        (b"\xff\xfe\x00bad", "not valid UTF-8"),
+        (b'{"prompt": "a", "answer": "b"}\n{oops\n', "line 2 is not valid JSON"),
+        (b'{"prompt": "a"}\n', "no column 'answer'"),
+        (b'{"prompt": ["a"], "answer": "b"}\n', "column 'prompt' must be a string, got list"),
+        (b'{"prompt": "", "answer": "b"}\n', "column 'prompt' is empty"),
+        (b'[1, 2]\n', "row 1 is not an object"),
+    ],
+)
+def test_malformed_user_files_fail_with_one_clear_line(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=match) as e:
+        load_user_task("bad", train=str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_user_task("x", train=str(tmp_path / "none.jsonl"))
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_user_task("x", train=str(tmp_path / "x.txt"))
+    good = _write_jsonl(tmp_path / "g.jsonl", [{"prompt": "p", "answer": "a"}] * 3)
+    with pytest.raises(DataError, match="verifier 'regex' needs a 'pattern'"):
+        load_user_task("x", train=good, verifier="regex")
