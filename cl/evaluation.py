@@ -51,7 +51,7 @@ class EvalSet:
         return EvalSet(self.task, {k: v[:n] for k, v in self.rows.items()}, self.pairs[:n])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def teacher_forced_correct(
     model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 512
 ) -> list[bool]:

@@ -85,9 +85,9 @@ def run_stream(
         callbacks = [EvalEveryNSteps(evaluator, eval_every_n_steps, names[t])] if eval_every_n_steps else []
         trainer = make_trainer(steps_per_task, trainer_kwargs, f"task {t + 1}/{len(stream)} {names[t]}",
                                callbacks=callbacks, logger=logger, status=status)
-        t0 = time.perf_counter()
+        t0, e0 = time.perf_counter(), evaluator.seconds
         trainer.fit(module, make_loader(phase, t))
-        res.train_seconds += time.perf_counter() - t0
+        res.train_seconds += time.perf_counter() - t0 - (evaluator.seconds - e0)  # minus inner evaluation
         module.end_task(trainer.global_step)
         for c in components:
             getattr(c, "on_task_end", lambda _: None)(ctx)

@@ -156,25 +156,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             metrics["forward_kl_mean"] = sum(r["forward_kl"] for r in probe.records) / len(probe.records)
             if "kl_base_general" in probe.records[-1]:
                 metrics["kl_base_general_final"] = probe.records[-1]["kl_base_general"]
-        metrics["eval_seconds"] = evaluator.seconds
+        eval_s = evaluator.seconds + (probe.seconds if cfg.eval.shift_metrics else 0.0)
+        metrics["eval_seconds"] = eval_s
+        metrics["shift_seconds"] = probe.seconds if cfg.eval.shift_metrics else 0.0
         metrics["train_seconds"] = res.train_seconds
-        metrics["eval_time_fraction"] = evaluator.seconds / max(1e-9, evaluator.seconds + res.train_seconds)
+        metrics["eval_time_fraction"] = eval_s / max(1e-9, eval_s + res.train_seconds)
+        metrics["eval_points"] = evaluator.points
         results.update(_matrices(res), metrics=metrics, status="completed",
                        provenance=provenance(cfg.seed, start, end))
         write_json_atomic(results_path, results)
-        print("\nAccuracy matrix (rows: after training task i; right of '|': general tasks)")
-        print(format_matrix(res.tasks, res.acc_matrix, res.base_acc, res.general_tasks, res.general_matrix,
-                            res.general_base))
-        print("\n" + format_metrics(metrics))
-        print(f"\nresults: {results_path}\ncurves:  {curves_path}\nwall time {end - start:.0f} s "
-              f"(evaluation {metrics['eval_time_fraction']:.0%} of train+eval)")
         pictures = _plots(run_dir, res, curves)
         if logger is not None:
             logger.log_images(pictures)
             logger.log_table("acc_matrix", ["after"] + res.tasks,
                              [[f"{i + 1}:{n}"] + row for i, (n, row) in enumerate(zip(res.tasks, res.acc_matrix))])
             logger.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        return results
     except BaseException as e:
         results.update(status=f"failed: {type(e).__name__}: {e}".splitlines()[0],
                        provenance=provenance(cfg.seed, start, time.time()))
@@ -183,6 +179,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         if logger is not None:
             logger.finish(exit_code=0 if results["status"] == "completed" else 1)
+    print_summary(results, run_dir)
+    return results
+
+
+def print_summary(results: dict, run_dir: Path) -> None:
+    """The accuracy matrix and the summary metrics, readable in a terminal."""
+    m = results["metrics"]
+    print("\nAccuracy matrix (rows: after training task i; right of '|': general tasks)")
+    print(format_matrix(results["tasks"], results["acc_matrix"], results["base_acc"], results["general_tasks"],
+                        results["general_matrix"], results["general_base"]))
+    print("\n" + format_metrics(m))
+    print(f"\nresults: {run_dir / 'results.json'}\ncurves:  {run_dir / 'curves.jsonl'}\nplots:   {run_dir / 'plots'}"
+          f"\nwall time {results['provenance']['wall_seconds']:.0f} s (evaluation {m['eval_time_fraction']:.0%} "
+          f"of train+eval)")
 
 
 def _matrices(res: StreamResult) -> dict:

@@ -7,15 +7,17 @@
   retention across runs (../shared/TOYWORLD.md).
 
 Simplification: the KL is the mean per-token KL of the next-token distributions along the
-*reference* answers (teacher forcing, one forward pass per model), not a Monte-Carlo estimate over
-samples of pi_0. Both models see identical prefixes, so it is exact for those prefixes and cheap.
-Keeping pi_0 and the base costs two frozen copies of the model; ``eval.shift_metrics=false`` turns
-the probe off for large models.
+*reference* answers (teacher forcing), not a Monte-Carlo estimate over samples of pi_0. Both models
+see identical prefixes, so it is exact for those prefixes and cheap. The reference side is computed
+once: pi_0's log-probs at the task start, the base's log-probs before the stream (kept in memory when
+small, otherwise a frozen copy of the base model is kept and re-run). ``eval.shift_metrics=false``
+turns the probe off.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.nn.functional as F
@@ -23,66 +25,87 @@ import torch.nn.functional as F
 from cl.data import collate_sft
 from cl.evaluation import EvalSet
 
+CACHE_LIMIT = 20_000_000  # floats of cached reference log-probs per eval set (80 MB)
 
-@torch.no_grad()
-def answer_token_kl(p_model: torch.nn.Module, q_model: torch.nn.Module, pairs, pad_id: int,
-                    batch_size: int = 256) -> float:
-    """Mean over answer positions (answer tokens and eos) of KL(p(.|prefix) || q(.|prefix))."""
-    device = next(q_model.parameters()).device
-    total, count = 0.0, 0
-    modes = (p_model.training, q_model.training)
-    p_model.eval()
-    q_model.eval()
+
+@torch.inference_mode()
+def answer_logprobs(model: torch.nn.Module, pairs, pad_id: int, batch_size: int = 256) -> list[torch.Tensor]:
+    """Per batch: log-softmax at answer positions, [n_positions, V] (float32, on CPU)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
     try:
         for start in range(0, len(pairs), batch_size):
             batch = collate_sft(pairs[start : start + batch_size], pad_id)
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
             scored = (batch["labels"][:, 1:] != -100).to(device)
-            logp = F.log_softmax(p_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            logq = F.log_softmax(q_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            kl = (logp.exp() * (logp - logq)).sum(-1)
-            total += kl[scored].sum().item()
-            count += int(scored.sum())
+            out.append(F.log_softmax(logits[scored].float(), -1).cpu())
     finally:
-        p_model.train(modes[0])
-        q_model.train(modes[1])
-    return total / max(1, count)
+        model.train(was_training)
+    return out
+
+
+def kl_from_logprobs(ref: list[torch.Tensor], cur: list[torch.Tensor]) -> float:
+    """Mean over positions of KL(ref || cur) given matching lists of [n, V] log-prob tensors."""
+    total = sum((r.exp() * (r - c)).sum().item() for r, c in zip(ref, cur, strict=True))
+    return total / max(1, sum(r.size(0) for r in ref))
+
+
+def answer_token_kl(p_model: torch.nn.Module, q_model: torch.nn.Module, pairs, pad_id: int) -> float:
+    """Mean over answer positions (answer tokens and eos) of KL(p(.|prefix) || q(.|prefix))."""
+    return kl_from_logprobs(answer_logprobs(p_model, pairs, pad_id), answer_logprobs(q_model, pairs, pad_id))
 
 
 class DistributionShiftProbe:
-    """A task-boundary component: snapshots the model at the stream start and each task start, and at
-    each task end records the KLs above. ``records`` holds one dict per task."""
+    """A task-boundary component: references are recorded at the stream start (base) and at each task
+    start (pi_0); at each task end the KLs above are appended to ``records``."""
 
-    def __init__(self, stream: list[EvalSet], general: list[EvalSet], pad_id: int, n: int = 100,
-                 log=None):
+    def __init__(self, stream: list[EvalSet], general: list[EvalSet], pad_id: int, n: int = 50, log=None):
         self.stream, self.general, self.pad_id, self.n, self.log = stream, general, pad_id, n, log
-        self.base: torch.nn.Module | None = None
-        self.task_start: torch.nn.Module | None = None
+        self.base_ref: dict[str, list[torch.Tensor]] | None = None
+        self.base_model: torch.nn.Module | None = None
+        self.task_ref: list[torch.Tensor] | None = None
         self.records: list[dict] = []
+        self.seconds = 0.0
 
-    @staticmethod
-    def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-        c = copy.deepcopy(model).eval()
-        for p in c.parameters():
-            p.requires_grad_(False)
-        return c
+    def _pairs(self, es: EvalSet):
+        return es.pairs[: self.n]
+
+    def _ref(self, model, es: EvalSet) -> list[torch.Tensor]:
+        return answer_logprobs(model, self._pairs(es), self.pad_id)
 
     def on_task_start(self, ctx) -> None:
-        if self.base is None:
-            self.base = self._frozen_copy(ctx.module.model)
-        self.task_start = self._frozen_copy(ctx.module.model)
+        t0 = time.perf_counter()
+        model = ctx.module.model
+        if self.base_ref is None:
+            sets = self.general + self.stream
+            size = max(len(self._pairs(es)) * max(len(a) for _, a in self._pairs(es)) for es in sets)
+            if size * model.config.vocab_size <= CACHE_LIMIT:
+                self.base_ref = {es.name: self._ref(model, es) for es in sets}
+            else:
+                self.base_ref = {}
+                self.base_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.task_ref = self._ref(model, self.stream[ctx.task_idx])
+        self.seconds += time.perf_counter() - t0
+
+    def _kl_base(self, model, es: EvalSet) -> float:
+        ref = self.base_ref.get(es.name) or self._ref(self.base_model, es)
+        return kl_from_logprobs(ref, self._ref(model, es))
 
     def on_task_end(self, ctx) -> None:
+        t0 = time.perf_counter()
         model, t = ctx.module.model, ctx.task_idx
-        kl = lambda ref, es: answer_token_kl(ref, model, es.pairs[: self.n], self.pad_id)  # noqa: E731
         rec = {"task_idx": t, "task": self.stream[t].name, "global_iter": ctx.module.global_iter,
-               "forward_kl": kl(self.task_start, self.stream[t])}
+               "forward_kl": kl_from_logprobs(self.task_ref, self._ref(model, self.stream[t]))}
         if self.general:
-            rec["kl_base_general"] = sum(kl(self.base, es) for es in self.general) / len(self.general)
+            rec["kl_base_general"] = sum(self._kl_base(model, es) for es in self.general) / len(self.general)
         if t > 0:
-            rec["kl_base_prev"] = sum(kl(self.base, es) for es in self.stream[:t]) / t
+            rec["kl_base_prev"] = sum(self._kl_base(model, es) for es in self.stream[:t]) / t
         self.records.append(rec)
-        self.task_start = None
+        self.task_ref = None
+        self.seconds += time.perf_counter() - t0
         if self.log is not None:
             self.log({"cl/global_iter": rec["global_iter"],
                       **{f"shift/{k}": v for k, v in rec.items() if k.startswith(("forward", "kl_"))}})

@@ -76,3 +76,23 @@ def test_report_puts_two_runs_side_by_side(tmp_path, cache_dir):
 def test_report_on_a_non_run_directory_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no results.json"):
         report_main([str(tmp_path)])
+
+
+def test_answer_token_kl_is_zero_for_identical_models_and_positive_otherwise(tiny_model_dir):
+    import copy
+
+    import torch
+
+    from cl.data import PromptFormat
+    from cl.model import load_model_and_tokenizer
+    from cl.shift import answer_token_kl
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    fmt = PromptFormat(tok)
+    pairs = fmt.encode(["A2:12+34=", "C:abcdef="], ["046", "abcdef"])
+    assert answer_token_kl(model, model, pairs, fmt.pad_id) == pytest.approx(0.0, abs=1e-7)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert answer_token_kl(model, other, pairs, fmt.pad_id) > 1e-4
