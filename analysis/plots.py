@@ -129,3 +129,42 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_pareto(points: Sequence[dict], path: str | Path, x: str, y: str, x_better: str = "high",
+                group: str = "paradigm", annotate: str | None = "lr", title: str = "") -> Path:
+    """Mean +- std over seeds per (group, setting) and each group's Pareto frontier: the settings no
+    other setting beats on both axes (higher ``y``; lower or higher ``x`` as ``x_better`` says).
+
+    Args:
+        points: one dict per run with ``group``, ``annotate`` (the setting) and the metrics ``x``, ``y``.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    groups: dict[str, dict] = defaultdict(lambda: defaultdict(list))
+    for p in points:
+        groups[p[group]][p.get(annotate)].append(p)
+    for gi, (g, settings) in enumerate(sorted(groups.items())):
+        color = plt.cm.tab10(gi % 10)
+        xs, ys = [], []
+        for setting, ps in settings.items():
+            mx, my = np.mean([p[x] for p in ps]), np.mean([p[y] for p in ps])
+            sx = np.std([p[x] for p in ps]) if len(ps) > 1 else 0.0
+            sy = np.std([p[y] for p in ps]) if len(ps) > 1 else 0.0
+            ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", color=color, capsize=3)
+            if annotate:
+                ax.annotate(f"{setting}", (mx, my), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            xs.append(mx)
+            ys.append(my)
+        order = np.argsort(xs) if x_better == "low" else np.argsort(xs)[::-1]
+        front, best = [], -np.inf
+        for i in order:  # walk from the best x; keep points that improve y
+            if ys[i] > best:
+                front.append((xs[i], ys[i]))
+                best = ys[i]
+        if front:
+            ax.plot(*zip(*sorted(front)), "-", color=color, label=f"{g} frontier")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title or f"{y} vs {x}")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -69,6 +69,28 @@ class PromptFormat:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
+class TaskExamples(TorchDataset):
+    """A task's training rows with their token ids: items are ``(prompt_ids, answer_ids, row)``."""
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], rows: list[dict]):
+        if len(pairs) != len(rows):
+            raise ValueError("pairs and rows differ in length")
+        self.pairs, self.rows = pairs, rows
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        return (*self.pairs[i], self.rows[i])
+
+
+class PromptRowsCollator:
+    """Batches for RL objectives: prompt ids (unpadded; rollouts pad them) and the rows for the verifier."""
+
+    def __call__(self, items) -> dict:
+        return {"prompt_ids": [it[0] for it in items], "rows": [it[2] for it in items]}
+
+
 class EncodedPairs(TorchDataset):
     """A map-style dataset of ``(prompt_ids, answer_ids)`` pairs with their source row index."""
 
@@ -106,8 +128,8 @@ class SFTCollator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, pairs):
-        return collate_sft(pairs, self.pad_id)
+    def __call__(self, items):
+        return collate_sft([(it[0], it[1]) for it in items], self.pad_id)
 
 
 def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

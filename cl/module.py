@@ -81,7 +81,8 @@ class ContinualLM(pl.LightningModule):
                 f"non-finite loss {loss.item()} at task {self.task_idx}, global_iter {self.global_iter}"
             )
         logs = {f"train/{k}": v for k, v in logs.items()}
-        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch["input_ids"].size(0))
+        n = batch["input_ids"].size(0) if "input_ids" in batch else len(batch["prompt_ids"])
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=n)
         self.log("cl/global_iter", float(self.global_iter + 1), on_step=True, on_epoch=False)
         return loss
 

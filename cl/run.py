@@ -29,7 +29,7 @@ from analysis.curve_metrics import curve_metrics
 from analysis.metrics import matrix_metrics
 from cl.base_stage import BaseRecipe, ensure_base
 from cl.continual_eval import ContinualEvaluator
-from cl.data import EncodedPairs, PromptFormat, SFTCollator
+from cl.data import PromptFormat, SFTCollator, TaskExamples
 from cl.evaluation import EvalSet, Scorer
 from cl.loop import StreamResult, run_stream
 from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_model_and_tokenizer
@@ -52,15 +52,19 @@ for noisy in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilit
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int):
-    """``(task, t) -> DataLoader`` of exactly ``steps`` batches sampled with replacement, seeded per task."""
+def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_fn=None):
+    """``(task, t) -> DataLoader`` of exactly ``steps`` batches sampled with replacement, seeded per task.
+
+    ``collate_fn`` comes from the objective (padded sequences for SFT, prompts + rows for RL)."""
+    collate_fn = collate_fn or SFTCollator(fmt.pad_id)
 
     def make(task: Task, t: int) -> DataLoader:
-        pairs = fmt.encode(task.train["prompt"], task.train["answer"])
+        rows = task.train.to_list()
+        pairs = fmt.encode([r["prompt"] for r in rows], [r["answer"] for r in rows])
         gen = torch.Generator().manual_seed(seed * 1000 + t)
         sampler = RandomSampler(pairs, replacement=True, num_samples=steps * batch_size, generator=gen)
-        return DataLoader(EncodedPairs(pairs), batch_size=batch_size, sampler=sampler,
-                          collate_fn=SFTCollator(fmt.pad_id))
+        return DataLoader(TaskExamples(pairs, rows), batch_size=batch_size, sampler=sampler,
+                          collate_fn=collate_fn)
 
     return make
 
@@ -123,8 +127,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             probe = DistributionShiftProbe(evaluator.stream, evaluator.general, fmt.pad_id, cfg.eval.shift_n,
                                            log=logger.log if logger else None)
             components.append(probe)
+        objective = instantiate(cfg.objective)
+        if hasattr(objective, "bind"):  # RL objectives score rollouts with the tasks' verifiers
+            objective.bind(fmt, {t.name: t for t in stream})
+        if hasattr(objective, "on_task_start"):
+            components.insert(0, objective)
         module = ContinualLM(
-            model, instantiate(cfg.objective), instantiate(cfg.optimizer),
+            model, objective, instantiate(cfg.optimizer),
             LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction),
             reset_optimizer_per_task=cfg.train.reset_optimizer_per_task,
         )
@@ -139,7 +148,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         res = run_stream(
             module, stream, phases,
-            _loader(fmt, cfg.stream.batch_size, cfg.stream.steps_per_task, cfg.seed),
+            _loader(fmt, cfg.stream.batch_size, cfg.stream.steps_per_task, cfg.seed, objective.collate_fn(fmt.pad_id)),
             evaluator, OmegaConf.to_container(cfg.trainer, resolve=True), cfg.stream.steps_per_task,
             eval_every_n_steps=cfg.eval.every_n_steps, logger=logger, components=components,
             on_task_end=partial_results,
@@ -162,6 +171,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["train_seconds"] = res.train_seconds
         metrics["eval_time_fraction"] = eval_s / max(1e-9, eval_s + res.train_seconds)
         metrics["eval_points"] = evaluator.points
+        metrics["compute"] = {
+            "optimizer_steps": module.global_iter,
+            "examples_seen": module.global_iter * cfg.stream.batch_size,
+            "tokens_generated": getattr(objective, "tokens_generated", 0),
+        }
         results.update(_matrices(res), metrics=metrics, status="completed",
                        provenance=provenance(cfg.seed, start, end))
         write_json_atomic(results_path, results)

@@ -148,6 +148,23 @@ def validate_config(cfg: Mapping) -> None:
     if _get(cfg, "logger.kind") == "wandb":
         c.choice("logger.mode", MODES)
 
+    if str(_get(cfg, "objective._target_", "")).endswith("GRPOObjective"):
+        from cl.objectives.grpo import REFERENCES
+        from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS
+
+        c.integer("objective.group_size", minimum=2)
+        c.integer("objective.max_new_tokens", minimum=1)
+        c.integer("objective.ppo_epochs", minimum=1)
+        c.number("objective.temperature", lo=0.0, strict_lo=True)
+        c.number("objective.top_p", lo=0.0, hi=1.0, strict_lo=True)
+        c.number("objective.eps_low", lo=0.0, hi=1.0)
+        c.number("objective.eps_high", lo=0.0)
+        c.number("objective.kl_coef", lo=0.0)
+        c.choice("objective.reference", REFERENCES)
+        c.choice("objective.loss_agg", AGGREGATIONS)
+        c.choice("objective.advantage", ADVANTAGES)
+        if _get(cfg, "objective.reference") == "sync":
+            c.integer("objective.ref_sync_every", minimum=1)
     target = _get(cfg, "objective._target_")
     if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
         c.add("objective._target_", f"'{target}' is outside the allowed packages {', '.join(ALLOWED_TARGET_PREFIXES)}")

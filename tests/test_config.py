@@ -16,7 +16,8 @@ def _problems(*overrides):
     return []
 
 
-@pytest.mark.parametrize("experiment", ["smoke", "sft_default", "joint"])
+@pytest.mark.parametrize("experiment", ["smoke", "sft_default", "joint", "rft_cpt_sft", "rft_cpt_grpo",
+                                        "rft_cpt_grpo_nokl", "rft_cpt_joint", "rft_cpt_joint_sft"])
 def test_shipped_configs_are_valid(experiment):
     assert _problems(f"experiment={experiment}") == []
 
@@ -51,10 +52,15 @@ def test_default_config_is_valid():
         ("logger.kind=tensorboard", "logger.kind", "wandb, none"),
         ("objective._target_=os.system", "objective._target_", "outside the allowed packages"),
         ("model=qwen2_5_0_5b_instruct", "base.kind", "use base=none"),
+        ("objective=grpo objective.group_size=1", "objective.group_size", "integer >= 2"),
+        ("objective=grpo objective.kl_coef=-0.1", "objective.kl_coef", ">= 0.0"),
+        ("objective=grpo objective.loss_agg=sum", "objective.loss_agg", "token_mean"),
+        ("objective=grpo objective.reference=sync", "objective.ref_sync_every", "integer >= 1"),
+        ("objective=grpo objective.top_p=0", "objective.top_p", "> 0.0"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_field(override, field, words):
-    problems = _problems(override)
+    problems = _problems(*override.split())
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{field}: ") and words in problems[0], problems
 

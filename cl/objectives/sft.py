@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cl.data import IGNORE
+from cl.data import IGNORE, SFTCollator
 
 
 def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -26,6 +26,9 @@ class SFTObjective:
     """Teacher forcing on reference answers."""
 
     name = "sft"
+
+    def collate_fn(self, pad_id: int):
+        return SFTCollator(pad_id)
 
     def step(self, module, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -1,0 +1,195 @@
+"""GRPO-family reinforcement fine-tuning with verifier rewards, composed into ``ContinualLM``.
+
+Follows DeepSeekMath's GRPO with the knobs of ../shared/METHODS.md section 2: per prompt a group of
+G completions sampled with the KV cache (``transformers`` ``generate``), the task verifier as reward,
+group-normalised advantages (or Dr. GRPO / RLOO), the clipped ratio with separate eps_low/eps_high,
+optional PPO epochs over one rollout batch, k3 KL to a reference policy with an explicit ``kl_coef``,
+and three loss aggregations. The loss itself is ``cl/objectives/grpo_loss.py`` (pure functions).
+
+Simplifications, stated: one rollout batch is the loader batch of the step that draws it; with
+``ppo_epochs = E`` the next ``E - 1`` optimizer steps reuse it (their loader batches are skipped), so
+a task's step budget is in optimizer steps. Dynamic sampling drops all-equal groups without refilling
+(DAPO refills by sampling more prompts); a step whose groups are all dropped has zero loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cl.data import PromptFormat, PromptRowsCollator
+from cl.generation import generate_ids
+from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, group_advantages, grpo_loss
+from tasks.base import Task
+
+REFERENCES = ("base", "task_start", "sync")
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor      # [B, L] prompt + completion, right-padded
+    attention_mask: torch.Tensor  # [B, L]
+    completion_mask: torch.Tensor  # [B, L-1] 1 where position t predicts a completion token
+    advantages: torch.Tensor     # [B]
+    old_logp: torch.Tensor | None  # [B, L-1] (None: one PPO epoch, the current policy is the old one)
+    ref_logp: torch.Tensor | None  # [B, L-1]
+    logs: dict
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """[B, L-1] log-prob of each next token (logits divided by the sampling temperature, as TRL/verl do)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+class GRPOObjective:
+    """Group-relative policy optimisation.
+
+    Args:
+        group_size: completions per prompt (G).
+        temperature, top_p: sampling settings of the rollouts.
+        max_new_tokens: completion budget (also the Dr. GRPO length normaliser).
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``.
+        kl_coef: weight of the k3 KL to the reference (0: no KL and no reference copy).
+        reference: ``base`` (model before the stream), ``task_start``, or ``sync`` (refreshed every
+            ``ref_sync_every`` steps).
+        loss_agg: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum_norm``.
+        advantage: ``grpo`` | ``dr_grpo`` | ``rloo``.
+        ppo_epochs: optimizer steps per rollout batch.
+        dynamic_sampling: drop groups whose rewards are all equal.
+        reward_scale: rewards are multiplied by this (verifier scores are in [0, 1]).
+    """
+
+    name = "grpo"
+
+    def __init__(self, group_size: int = 8, temperature: float = 1.0, top_p: float = 0.99,
+                 max_new_tokens: int = 16, eps_low: float = 0.2, eps_high: float = 0.3, kl_coef: float = 0.01,
+                 reference: str = "task_start", ref_sync_every: int | None = None, loss_agg: str = "token_mean",
+                 advantage: str = "grpo", ppo_epochs: int = 1, dynamic_sampling: bool = False,
+                 reward_scale: float = 1.0):
+        if reference not in REFERENCES:
+            raise ValueError(f"objective.reference: '{reference}' is not one of {', '.join(REFERENCES)}")
+        if advantage not in ADVANTAGES:
+            raise ValueError(f"objective.advantage: '{advantage}' is not one of {', '.join(ADVANTAGES)}")
+        if loss_agg not in AGGREGATIONS:
+            raise ValueError(f"objective.loss_agg: '{loss_agg}' is not one of {', '.join(AGGREGATIONS)}")
+        if reference == "sync" and not ref_sync_every:
+            raise ValueError("objective.ref_sync_every: needed (>= 1) with reference=sync")
+        self.group_size, self.temperature, self.top_p = group_size, temperature, top_p
+        self.max_new_tokens, self.eps_low, self.eps_high = max_new_tokens, eps_low, eps_high
+        self.kl_coef, self.reference, self.ref_sync_every = kl_coef, reference, ref_sync_every
+        self.loss_agg, self.advantage, self.ppo_epochs = loss_agg, advantage, ppo_epochs
+        self.dynamic_sampling, self.reward_scale = dynamic_sampling, reward_scale
+        self.fmt: PromptFormat | None = None
+        self.tasks: dict[str, Task] = {}
+        self.ref_model: torch.nn.Module | None = None
+        self._rollout: Rollout | None = None
+        self._uses = 0
+        self._steps = 0
+        self.tokens_generated = 0
+
+    # -- wiring -------------------------------------------------------------------------------------
+    def bind(self, fmt: PromptFormat, tasks: dict[str, Task]) -> None:
+        """Give the objective the prompt format and the tasks whose verifiers are the rewards."""
+        self.fmt, self.tasks = fmt, dict(tasks)
+
+    def collate_fn(self, pad_id: int):
+        return PromptRowsCollator()
+
+    def _snapshot(self, model: torch.nn.Module) -> None:
+        self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def on_task_start(self, ctx) -> None:
+        self._rollout, self._uses = None, 0
+        if not self.kl_coef:
+            self.ref_model = None
+        elif self.reference == "task_start" or (self.reference in ("base", "sync") and self.ref_model is None):
+            self._snapshot(ctx.module.model)
+
+    # -- rollouts -----------------------------------------------------------------------------------
+    def _rewards(self, completions: list[str], rows: list[dict]) -> torch.Tensor:
+        g = self.group_size
+        expanded = [r for r in rows for _ in range(g)]
+        rewards = [0.0] * len(expanded)
+        by_task: dict[str, list[int]] = {}
+        for i, r in enumerate(expanded):
+            by_task.setdefault(r["task"], []).append(i)
+        for name, idx in by_task.items():
+            if name not in self.tasks:
+                raise KeyError(f"no verifier for task '{name}' (bound tasks: {', '.join(self.tasks)})")
+            cols = {k: [expanded[i][k] for i in idx] for k in expanded[idx[0]]}
+            for i, s in zip(idx, self.tasks[name].score([completions[i] for i in idx], **cols)):
+                rewards[i] = float(s)
+        return torch.tensor(rewards) * self.reward_scale
+
+    @torch.no_grad()
+    def rollout(self, module, batch: dict) -> Rollout:
+        """Sample G completions per prompt, score them, and compute advantages and reference log-probs."""
+        model, fmt, g = module.model, self.fmt, self.group_size
+        prompts: list[list[int]] = batch["prompt_ids"]
+        comps = generate_ids(model, prompts, fmt, max_new_tokens=self.max_new_tokens, do_sample=True,
+                             temperature=self.temperature, top_p=self.top_p, num_return_sequences=g)
+        texts = [fmt.decode(c) for c in comps]
+        raw = self._rewards(texts, batch["rows"])
+        adv = group_advantages(raw, g, self.advantage)
+        keep = torch.ones(len(prompts), dtype=torch.bool)
+        zero_groups = (raw.view(-1, g).max(-1).values == raw.view(-1, g).min(-1).values)
+        if self.dynamic_sampling:
+            keep = ~zero_groups
+        seqs = [p + c for i, p in enumerate(prompts) if keep[i] for c in comps[i * g:(i + 1) * g]]
+        plen = [len(p) for i, p in enumerate(prompts) if keep[i] for _ in range(g)]
+        adv = adv.view(-1, g)[keep].reshape(-1)
+        device = next(model.parameters()).device
+        logs = self._logs(raw, comps, batch["rows"], zero_groups)
+        self.tokens_generated += sum(len(c) for c in comps)
+        if not seqs:
+            return Rollout(torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long),
+                           torch.zeros(0, 0), adv, None, None, logs)
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), fmt.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), L), dtype=torch.long)
+        cmask = torch.zeros((len(seqs), L - 1))
+        for i, (s, pl) in enumerate(zip(seqs, plen)):
+            ids[i, : len(s)] = torch.tensor(s)
+            attn[i, : len(s)] = 1
+            cmask[i, pl - 1 : len(s) - 1] = 1.0
+        ids, attn, cmask = ids.to(device), attn.to(device), cmask.to(device)
+        old = token_logprobs(model, ids, attn, self.temperature) if self.ppo_epochs > 1 else None
+        ref = token_logprobs(self.ref_model, ids, attn, self.temperature) if self.kl_coef else None
+        return Rollout(ids, attn, cmask, adv.to(device), old, ref, logs)
+
+    def _logs(self, rewards: torch.Tensor, comps: list[list[int]], rows: list[dict], zero_groups) -> dict:
+        g = self.group_size
+        lens = torch.tensor([float(len(c)) for c in comps])
+        logs = {"reward": rewards.mean(), "pass_rate": (rewards >= self.reward_scale).float().mean(),
+                "completion_len": lens.mean(), "zero_adv_frac": zero_groups.float().mean()}
+        for name in {r["task"] for r in rows}:
+            idx = torch.tensor([i for i, r in enumerate(rows) if r["task"] == name])
+            logs[f"{name}/reward"] = rewards.view(-1, g)[idx].mean()
+        return logs
+
+    # -- the objective ------------------------------------------------------------------------------
+    def step(self, module, batch: dict) -> tuple[torch.Tensor, dict]:
+        if self.fmt is None:
+            raise RuntimeError("GRPOObjective.bind(fmt, tasks) was not called")
+        if self.reference == "sync" and self.kl_coef and self._steps and self._steps % self.ref_sync_every == 0:
+            self._snapshot(module.model)
+        self._steps += 1
+        if self._rollout is None or self._uses >= self.ppo_epochs:
+            self._rollout, self._uses = self.rollout(module, batch), 0
+        ro = self._rollout
+        self._uses += 1
+        if ro.input_ids.size(0) == 0:  # every group dropped by dynamic sampling
+            zero = sum(p.sum() for p in module.model.parameters() if p.requires_grad) * 0.0
+            return zero, dict(ro.logs)
+        logp = token_logprobs(module.model, ro.input_ids, ro.attention_mask, self.temperature)
+        old = ro.old_logp if ro.old_logp is not None else logp.detach()
+        loss, stats = grpo_loss(logp, old, ro.advantages, ro.completion_mask, self.eps_low, self.eps_high,
+                                self.kl_coef, ro.ref_logp, self.loss_agg, self.max_new_tokens)
+        return loss, {**ro.logs, **stats, "loss": loss.detach()}

@@ -1,0 +1,121 @@
+"""Reproduce the RFT-CPT comparison (Lai et al. 2025) at toy scale, plus a fair learning-rate sweep.
+
+Part 1, the paper's protocol: SFT, GRPO, GRPO without KL, and multi-task joint GRPO (the upper bound)
+on the default stream at one shared learning rate, over seeds, each as a Hydra multirun
+(``python -m cl.run -m experiment=rft_cpt_<arm> seed=0,1,2``). Budgets are matched in prompts: every
+arm takes the same optimizer steps x prompts per task; GRPO additionally samples G completions per
+prompt (reported as generated tokens). Printed: avg_acc, forgetting, bwt, new_acc, general_retention,
+mean +- 95% CI over seeds.
+
+Part 2, the fair protocol: SFT and GRPO at several learning rates each, and the Pareto frontiers of
+new-task accuracy against forgetting and against general retention (../shared/TOYWORLD.md found the
+paper's gap at a shared lr but not with per-paradigm tuned lrs).
+
+Resumable: jobs whose results.json is complete are skipped when the script runs again.
+
+    python scripts/reproduce_rft_cpt.py --quick          # toy budget, minutes (base stage cached)
+    python scripts/reproduce_rft_cpt.py                  # full: 3 seeds everywhere, default budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from analysis.aggregate import completed_results, markdown_table, summarise  # noqa: E402
+from analysis.plots import plot_pareto  # noqa: E402
+
+ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grpo_nokl",
+        "joint GRPO (MTL)": "rft_cpt_joint"}
+METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forward_kl_mean",
+           "kl_base_general_final"]
+QUICK = ["stream.steps_per_task=60", "eval.every_n_steps=null", "eval.n_per_task=100", "logger=none"]
+
+
+def run_sweep(out: Path, experiment: str, seeds: list[int], extra: list[str]) -> None:
+    """One Hydra multirun over the seeds still missing under ``out`` (resume = skip completed ones)."""
+    done = {r["config"]["seed"] for r in completed_results(out)}
+    todo = [s for s in seeds if s not in done]
+    if not todo:
+        print(f"  {out.name}: all {len(seeds)} seeds complete, skipped", flush=True)
+        return
+    sweep_dir = out / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [sys.executable, "-m", "cl.run", "-m", f"experiment={experiment}", f"seed={','.join(map(str, todo))}",
+           f"hydra.sweep.dir={sweep_dir}", *extra]
+    print(f"  {out.name}: seeds {todo} -> {sweep_dir}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"error: sweep {experiment} failed (exit {proc.returncode})")
+    print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="toy budget: 60 steps per task, boundary-only eval")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--lrs", default="3e-5,1e-4,3e-4", help="learning rates of the fair sweep")
+    ap.add_argument("--sweep-seeds", type=int, default=None, help="seeds per lr (default: 1 quick, 3 full)")
+    ap.add_argument("--out", default=None, help="output root (default: results/rft_cpt[_quick])")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
+    args = ap.parse_args()
+    root = Path(args.out or f"results/rft_cpt{'_quick' if args.quick else ''}")
+    extra = (QUICK if args.quick else []) + args.overrides
+    seeds = list(range(args.seeds))
+    sweep_seeds = list(range(args.sweep_seeds or (1 if args.quick else 3)))
+    lrs = [x.strip() for x in args.lrs.split(",") if x.strip()]
+    t0 = time.perf_counter()
+
+    print("Part 1: the paper's protocol (shared learning rate)", flush=True)
+    for label, exp in ARMS.items():
+        run_sweep(root / "paper" / exp, exp, seeds, extra)
+    rows = {label: summarise(completed_results(root / "paper" / exp), METRICS) for label, exp in ARMS.items()}
+    compute = {}
+    for label, exp in ARMS.items():
+        runs = completed_results(root / "paper" / exp)
+        if runs:
+            c = runs[0]["metrics"].get("compute", {})
+            compute[label] = (c.get("examples_seen"), c.get("tokens_generated"),
+                              sum(r["metrics"]["train_seconds"] for r in runs) / len(runs))
+    table = markdown_table(rows, METRICS)
+
+    print("\nPart 2: learning-rate sweep per paradigm", flush=True)
+    points = []
+    for paradigm, exp in (("SFT", "rft_cpt_sft"), ("GRPO", "rft_cpt_grpo")):
+        for lr in lrs:
+            out = root / "lr_sweep" / f"{exp}_lr{lr}"
+            run_sweep(out, exp, sweep_seeds, [*extra, f"optimizer.lr={lr}"])
+            for r in completed_results(out):
+                points.append({"paradigm": paradigm, "lr": lr, **{m: r["metrics"][m] for m in
+                                                                   ("new_acc", "forgetting", "general_retention", "avg_acc")}})
+    sweep_rows = {}
+    for paradigm, exp in (("SFT", "rft_cpt_sft"), ("GRPO", "rft_cpt_grpo")):
+        for lr in lrs:
+            sweep_rows[f"{paradigm} lr={lr}"] = summarise(completed_results(root / "lr_sweep" / f"{exp}_lr{lr}"),
+                                                          ["new_acc", "forgetting", "general_retention", "avg_acc"])
+    sweep_table = markdown_table(sweep_rows, ["new_acc", "forgetting", "general_retention", "avg_acc"])
+    p1 = plot_pareto(points, root / "pareto_forgetting.png", x="forgetting", y="new_acc", x_better="low",
+                     title="new-task accuracy vs forgetting (mean ± std over seeds)")
+    p2 = plot_pareto(points, root / "pareto_general.png", x="general_retention", y="new_acc", x_better="high",
+                     title="new-task accuracy vs general retention")
+
+    lines = ["# RFT-CPT at toy scale", "", "## The paper's protocol (shared lr)", "", table, "",
+             "| method | task examples seen | tokens generated | train seconds (mean) |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v[0]} | {v[1]} | {v[2]:.1f} |" for k, v in compute.items()]
+    lines += ["", "## Learning-rate sweep", "", sweep_table, "", f"![forgetting]({p1.name})",
+              f"![general]({p2.name})", ""]
+    (root / "table.md").write_text("\n".join(lines))
+    (root / "points.json").write_text(json.dumps(points, indent=1))
+    print("\n" + "\n".join(lines))
+    print(f"\nwritten: {root / 'table.md'}, {p1}, {p2} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
