@@ -82,6 +82,9 @@ def run_stream(
         for c in components:
             getattr(c, "on_task_start", lambda _: None)(ctx)
         module.start_task(t)
+        for c in components:  # data components (e.g. RIF-RFT) return a filtered or mixed task
+            if hasattr(c, "prepare_data"):
+                phase = c.prepare_data(ctx, phase)
         callbacks = [EvalEveryNSteps(evaluator, eval_every_n_steps, names[t])] if eval_every_n_steps else []
         trainer = make_trainer(steps_per_task, trainer_kwargs, f"task {t + 1}/{len(stream)} {names[t]}",
                                callbacks=callbacks, logger=logger, status=status)

@@ -34,6 +34,7 @@ from cl.evaluation import EvalSet, Scorer
 from cl.loop import StreamResult, run_stream
 from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_model_and_tokenizer
 from cl.module import ContinualLM
+from cl.rif import RolloutInstanceFilter
 from cl.results import format_matrix, format_metrics, provenance, write_json_atomic
 from cl.schedule import LRSchedule
 from cl.shift import DistributionShiftProbe
@@ -132,6 +133,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             objective.bind(fmt, {t.name: t for t in stream})
         if hasattr(objective, "on_task_start"):
             components.insert(0, objective)
+        if cfg.get("rif", {}).get("enabled", False):
+            rif = RolloutInstanceFilter(
+                fmt, k=cfg.rif.k, max_instances=cfg.rif.max_instances, drop_all_correct=cfg.rif.drop_all_correct,
+                max_new_tokens=getattr(objective, "max_new_tokens", 16),
+                planned_prompts=cfg.stream.steps_per_task * cfg.stream.batch_size,
+                group_size=getattr(objective, "group_size", 1), log=logger.log if logger else None)
+            components.append(rif)
         module = ContinualLM(
             model, objective, instantiate(cfg.optimizer),
             LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction),
@@ -160,6 +168,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         curves = _read_curves(curves_path)
         metrics = matrix_metrics(res.acc_matrix, res.base_acc, res.general_matrix, res.general_base)
         metrics.update(curve_metrics(curves, res.tasks, res.task_end_iters))
+        if cfg.get("rif", {}).get("enabled", False):
+            results["rif"] = rif.records
         if cfg.eval.shift_metrics:
             results["shift"] = probe.records
             metrics["forward_kl_mean"] = sum(r["forward_kl"] for r in probe.records) / len(probe.records)

@@ -144,6 +144,11 @@ def validate_config(cfg: Mapping) -> None:
     elif not _get(cfg, "model.name_or_path") and not _get(cfg, "model.arch"):
         c.add("model", "base=none needs model.name_or_path (hub id or local directory) or model.arch")
 
+    if _get(cfg, "rif") is not None:
+        if not isinstance(_get(cfg, "rif.enabled"), bool):
+            c.add("rif.enabled", "must be true or false")
+        c.integer("rif.k", minimum=1)
+        c.integer("rif.max_instances", minimum=1)
     c.choice("logger.kind", LOGGER_KINDS)
     if _get(cfg, "logger.kind") == "wandb":
         c.choice("logger.mode", MODES)

@@ -1,6 +1,6 @@
 """Reproduce the RFT-CPT comparison (Lai et al. 2025) at toy scale, plus a fair learning-rate sweep.
 
-Part 1, the paper's protocol: SFT, GRPO, GRPO without KL, and multi-task joint GRPO (the upper bound)
+Part 1, the paper's protocol: SFT, GRPO, GRPO without KL, RIF-GRPO and multi-task joint GRPO (the upper bound)
 on the default stream at one shared learning rate, over seeds, each as a Hydra multirun
 (``python -m cl.run -m experiment=rft_cpt_<arm> seed=0,1,2``). Budgets are matched in prompts: every
 arm takes the same optimizer steps x prompts per task; GRPO additionally samples G completions per
@@ -32,7 +32,7 @@ from analysis.aggregate import completed_results, markdown_table, summarise  # n
 from analysis.plots import plot_pareto  # noqa: E402
 
 ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grpo_nokl",
-        "joint GRPO (MTL)": "rft_cpt_joint"}
+        "RIF-GRPO": "rft_cpt_rif_grpo", "joint GRPO (MTL)": "rft_cpt_joint"}
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forward_kl_mean",
            "kl_base_general_final"]
 QUICK = ["stream.steps_per_task=60", "eval.every_n_steps=null", "eval.n_per_task=100", "logger=none"]

@@ -17,7 +17,8 @@ def _problems(*overrides):
 
 
 @pytest.mark.parametrize("experiment", ["smoke", "sft_default", "joint", "rft_cpt_sft", "rft_cpt_grpo",
-                                        "rft_cpt_grpo_nokl", "rft_cpt_joint", "rft_cpt_joint_sft"])
+                                        "rft_cpt_grpo_nokl", "rft_cpt_joint", "rft_cpt_joint_sft",
+                                        "rft_cpt_rif_grpo"])
 def test_shipped_configs_are_valid(experiment):
     assert _problems(f"experiment={experiment}") == []
 

@@ -158,3 +158,22 @@ def test_token_logprobs_match_log_softmax(tiny_model_dir):
     for t in range(4):
         assert lp[0, t].item() == pytest.approx(full[t, ids[0, t + 1]].item(), abs=1e-5)
     assert not math.isnan(lp.sum().item())
+
+
+def test_rif_drops_instances_without_a_correct_rollout(tiny_model_dir):
+    from datasets import Dataset
+
+    from cl.rif import RolloutInstanceFilter
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    fmt = PromptFormat(tok)
+    rows = [{"prompt": f"A:{i}=", "answer": "1", "task": "t", "learnable": i % 3 == 0} for i in range(12)]
+    score = lambda completions, learnable, **_: [float(x) for x in learnable]  # noqa: E731
+    task = Task("t", train=Dataset.from_list(rows), eval=None, verifier=score)
+    rif = RolloutInstanceFilter(fmt, k=2, max_instances=9, max_new_tokens=3, planned_prompts=10, group_size=4)
+    ctx = type("C", (), {"module": type("M", (), {"model": model, "global_iter": 0})(), "task_idx": 0})()
+    kept = rif.prepare_data(ctx, task)
+    assert list(kept.train["prompt"]) == ["A:0=", "A:3=", "A:6="]
+    rec = rif.records[0]
+    assert (rec["screened"], rec["kept"], rec["dropped"]) == (9, 3, 6)
+    assert rec["rollout_tokens_cost"] > 0 and rec["rollout_tokens_saved_est"] > 0

@@ -1,0 +1,72 @@
+"""RIF-RFT: rollout-based instance filtering before RL on a task (RFT-CPT paper, Lai et al. 2025).
+
+Before training on a task, roll out K completions per training instance with the current model
+(temperature 1) and drop the instances with no correct completion ("not learnable now"); optionally
+drop the all-correct ones too (off by default, as in the paper). GRPO then trains on the rest.
+
+Simplification: only the first ``max_instances`` training rows are screened (the stream samples
+``steps x batch`` rows per task; screening all of a large pool would cost more than the RL itself);
+the kept rows form the task's training pool. Reported per task: screened, kept, dropped, the
+rollout tokens the screening cost, and the rollout tokens it saves: the share of the task's planned
+GRPO rollouts that would have gone to dropped (zero-signal) prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from cl.generation import generate_ids
+from tasks.base import Task
+
+
+class RolloutInstanceFilter:
+    """A data component: ``prepare_data(ctx, task) -> task`` with unlearnable instances removed.
+
+    Args:
+        k: rollouts per instance.
+        max_instances: how many training rows to screen.
+        drop_all_correct: also drop rows whose K rollouts are all correct.
+        max_new_tokens: completion budget (use the objective's).
+        temperature: sampling temperature of the screening rollouts.
+        planned_prompts: prompts GRPO will roll out on this task (steps x batch), for "saved".
+        group_size: GRPO's G, for "saved".
+    """
+
+    def __init__(self, fmt, k: int = 8, max_instances: int = 1024, drop_all_correct: bool = False,
+                 max_new_tokens: int = 16, temperature: float = 1.0, planned_prompts: int = 0,
+                 group_size: int = 8, log=None):
+        self.fmt, self.k, self.max_instances, self.drop_all_correct = fmt, k, max_instances, drop_all_correct
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.planned_prompts, self.group_size, self.log = planned_prompts, group_size, log
+        self.records: list[dict] = []
+
+    def prepare_data(self, ctx, task: Task) -> Task:
+        rows = task.train.select(range(min(self.max_instances, len(task.train)))).to_list()
+        prompts = self.fmt.prompt_ids([r["prompt"] for r in rows])
+        comps = generate_ids(ctx.module.model, prompts, self.fmt, self.max_new_tokens, do_sample=True,
+                             temperature=self.temperature, num_return_sequences=self.k)
+        texts = [self.fmt.decode(c) for c in comps]
+        cols = {c: [r[c] for r in rows for _ in range(self.k)] for c in rows[0]}
+        scores = task.score(texts, **cols)
+        kept = []
+        for i in range(len(rows)):
+            s = scores[i * self.k:(i + 1) * self.k]
+            if max(s) <= 0 or (self.drop_all_correct and min(s) >= 1):
+                continue
+            kept.append(i)
+        cost = sum(len(c) for c in comps)
+        mean_len = cost / max(1, len(comps))
+        dropped = len(rows) - len(kept)
+        saved = self.planned_prompts * self.group_size * mean_len * dropped / max(1, len(rows))
+        rec = {"task_idx": ctx.task_idx, "task": task.name, "screened": len(rows), "kept": len(kept),
+               "dropped": dropped, "rollout_tokens_cost": cost, "rollout_tokens_saved_est": saved}
+        self.records.append(rec)
+        print(f"[rif] {task.name}: kept {len(kept)}/{len(rows)} instances (dropped {dropped} with no correct "
+              f"completion in {self.k}); screening cost {cost} generated tokens, saves ~{saved:.0f}", flush=True)
+        if self.log is not None:
+            self.log({"cl/global_iter": ctx.module.global_iter, **{f"rif/{k}": v for k, v in rec.items()
+                                                                   if isinstance(v, (int, float))}})
+        if not kept:
+            print(f"[rif] {task.name}: no learnable instance; training on the unfiltered pool", flush=True)
+            return task
+        return replace(task, train=task.train.select(kept))
