@@ -88,3 +88,26 @@ def test_malformed_user_data_fails_before_training(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {bad}: row 1 has no column 'answer' (columns: question)"], proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_grpo_and_joint_run_end_to_end(tmp_path, cache_dir):
+    out = tmp_path / "grpo"
+    proc = run_cli("experiment=smoke", "objective=grpo", "objective.group_size=4", "stream.steps_per_task=6",
+                   "stream.mode=joint", "rif.enabled=true", "rif.max_instances=16", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _check_contract(out)
+    assert res["metrics"]["compute"]["tokens_generated"] > 0
+    assert [r["task"] for r in res["rif"]] == ["joint", "joint"]
+    assert "objective grpo" in proc.stdout and "[rif]" in proc.stdout
+
+
+@pytest.mark.slow
+def test_grpo_raises_greedy_accuracy_on_a_one_task_stream(tmp_path):
+    """On the default base, 200 GRPO steps on sub2 (greedy 0.09, pass@8 0.40 at the base) raise greedy
+    accuracy clearly (measured: 0.09 -> 0.59 at step 200, 0.76 at step 400)."""
+    out = tmp_path / "run"
+    proc = run_cli("objective=grpo", "stream.tasks=[sub2]", "stream.steps_per_task=200", "logger=none",
+                   "eval.every_n_steps=null", f"hydra.run.dir={out}", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["acc_matrix"][0][0] >= res["base_acc"][0] + 0.2, (res["base_acc"], res["acc_matrix"])
