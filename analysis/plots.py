@@ -162,7 +162,8 @@ def plot_pareto(points: Sequence[dict], path: str | Path, x: str, y: str, x_bett
                 front.append((xs[i], ys[i]))
                 best = ys[i]
         if front:
-            ax.plot(*zip(*sorted(front)), "-", color=color, label=f"{g} frontier")
+            ax.plot(*zip(*sorted(front)), "-s", color=color, markersize=11, markerfacecolor="none",
+                    label=f"{g} frontier (squares)")
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title or f"{y} vs {x}")

@@ -36,6 +36,15 @@ class Task:
     exact_match: bool = True
     family: str = "user"
 
+    @classmethod
+    def from_rows(cls, name: str, train_rows: list[dict], eval_rows: list[dict], verifier: Verifier,
+                  exact_match: bool, family: str) -> "Task":
+        """Build a task from row dicts, tagging every row with ``task = name``."""
+        for r in train_rows + eval_rows:
+            r["task"] = name
+        return cls(name=name, train=Dataset.from_list(train_rows), eval=Dataset.from_list(eval_rows),
+                   verifier=verifier, exact_match=exact_match, family=family)
+
     def score(self, completions: list[str], **columns) -> list[float]:
         """Score completions; ``columns`` are the dataset columns of the same rows."""
         return self.verifier(completions, **columns)

@@ -13,8 +13,6 @@ import string
 from dataclasses import dataclass, field
 from typing import Callable
 
-from datasets import Dataset
-
 from tasks.base import Task
 from tasks.verifiers import exact_match
 
@@ -136,13 +134,4 @@ class SyntheticFamily:
         eval_rows = self.rows(n_eval, random.Random(f"{seed}/{name}/eval"), set(), unique=True)
         eval_prompts = {r["prompt"] for r in eval_rows}
         train_rows = self.rows(n_train, random.Random(f"{seed}/{name}/train"), eval_prompts, unique=False)
-        for r in train_rows + eval_rows:
-            r["task"] = name
-        return Task(
-            name=name,
-            train=Dataset.from_list(train_rows),
-            eval=Dataset.from_list(eval_rows),
-            verifier=exact_match,
-            exact_match=True,
-            family=self.family,
-        )
+        return Task.from_rows(name, train_rows, eval_rows, exact_match, exact_match=True, family=self.family)

@@ -23,8 +23,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
-
 from tasks.base import Task
 from tasks.verifiers import exact_match, make_verifier
 
@@ -143,13 +141,4 @@ def load_user_task(
     train_rows = [r for r in train_rows if r["prompt"] not in held_out]
     if not train_rows:
         raise DataError(f"task '{name}': no training rows left after removing eval prompts")
-    for r in train_rows + eval_rows:
-        r["task"] = name
-    return Task(
-        name=name,
-        train=Dataset.from_list(train_rows),
-        eval=Dataset.from_list(eval_rows),
-        verifier=score,
-        exact_match=score is exact_match,
-        family="user",
-    )
+    return Task.from_rows(name, train_rows, eval_rows, score, exact_match=score is exact_match, family="user")
