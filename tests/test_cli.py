@@ -111,3 +111,19 @@ def test_grpo_raises_greedy_accuracy_on_a_one_task_stream(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["acc_matrix"][0][0] >= res["base_acc"][0] + 0.2, (res["base_acc"], res["acc_matrix"])
+
+
+def test_console_script_alias(tmp_path, cache_dir):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("cl-run", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("package not installed with its console script")
+    out = tmp_path / "run"
+    proc = subprocess.run([exe, "experiment=smoke", "stream.steps_per_task=3", f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["status"] == "completed"
