@@ -123,23 +123,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             curves_path, log=logger.log if logger else None,
             max_samples_per_point=cfg.eval.max_samples_per_point,
         )
-        components = []
-        if cfg.eval.shift_metrics:
-            probe = DistributionShiftProbe(evaluator.stream, evaluator.general, fmt.pad_id, cfg.eval.shift_n,
-                                           log=logger.log if logger else None)
-            components.append(probe)
         objective = instantiate(cfg.objective)
         if hasattr(objective, "bind"):  # RL objectives score rollouts with the tasks' verifiers
             objective.bind(fmt, {t.name: t for t in stream})
-        if hasattr(objective, "on_task_start"):
-            components.insert(0, objective)
-        if cfg.get("rif", {}).get("enabled", False):
-            rif = RolloutInstanceFilter(
-                fmt, k=cfg.rif.k, max_instances=cfg.rif.max_instances, drop_all_correct=cfg.rif.drop_all_correct,
-                max_new_tokens=getattr(objective, "max_new_tokens", 16),
-                planned_prompts=cfg.stream.steps_per_task * cfg.stream.batch_size,
-                group_size=getattr(objective, "group_size", 1), log=logger.log if logger else None)
-            components.append(rif)
+        components = build_components(cfg, fmt, evaluator, objective, logger)
         module = ContinualLM(
             model, objective, instantiate(cfg.optimizer),
             LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction),
@@ -166,21 +153,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             model.save_pretrained(run_dir / "final_model")
             tokenizer.save_pretrained(run_dir / "final_model")
         curves = _read_curves(curves_path)
-        metrics = matrix_metrics(res.acc_matrix, res.base_acc, res.general_matrix, res.general_base)
-        metrics.update(curve_metrics(curves, res.tasks, res.task_end_iters))
-        if cfg.get("rif", {}).get("enabled", False):
-            results["rif"] = rif.records
-        if cfg.eval.shift_metrics:
-            results["shift"] = probe.records
-            metrics["forward_kl_mean"] = sum(r["forward_kl"] for r in probe.records) / len(probe.records)
-            if "kl_base_general" in probe.records[-1]:
-                metrics["kl_base_general_final"] = probe.records[-1]["kl_base_general"]
-        eval_s = evaluator.seconds + (probe.seconds if cfg.eval.shift_metrics else 0.0)
-        metrics["eval_seconds"] = eval_s
-        metrics["shift_seconds"] = probe.seconds if cfg.eval.shift_metrics else 0.0
-        metrics["train_seconds"] = res.train_seconds
-        metrics["eval_time_fraction"] = eval_s / max(1e-9, eval_s + res.train_seconds)
-        metrics["eval_points"] = evaluator.points
+        metrics = collect_metrics(res, curves, evaluator, components, results)
         metrics["compute"] = {
             "optimizer_steps": module.global_iter,
             "examples_seen": module.global_iter * cfg.stream.batch_size,
@@ -205,6 +178,47 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             logger.finish(exit_code=0 if results["status"] == "completed" else 1)
     print_summary(results, run_dir)
     return results
+
+
+def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEvaluator, objective, logger) -> list:
+    """Task-boundary and data components, in the order their hooks run."""
+    log = logger.log if logger else None
+    components = []
+    if hasattr(objective, "on_task_start"):  # e.g. GRPO's reference snapshot
+        components.append(objective)
+    if cfg.eval.shift_metrics:
+        components.append(DistributionShiftProbe(evaluator.stream, evaluator.general, fmt.pad_id,
+                                                 cfg.eval.shift_n, log=log))
+    if cfg.rif.enabled:
+        components.append(RolloutInstanceFilter(
+            fmt, k=cfg.rif.k, max_instances=cfg.rif.max_instances, drop_all_correct=cfg.rif.drop_all_correct,
+            max_new_tokens=getattr(objective, "max_new_tokens", 16),
+            planned_prompts=cfg.stream.steps_per_task * cfg.stream.batch_size,
+            group_size=getattr(objective, "group_size", 1), log=log))
+    return components
+
+
+def collect_metrics(res: StreamResult, curves: list[dict], evaluator: ContinualEvaluator, components: list,
+                    results: dict) -> dict:
+    """Matrix and curve metrics, the components' records (into ``results``) and the evaluation cost."""
+    metrics = matrix_metrics(res.acc_matrix, res.base_acc, res.general_matrix, res.general_base)
+    metrics.update(curve_metrics(curves, res.tasks, res.task_end_iters))
+    eval_s = evaluator.seconds
+    for c in components:
+        if isinstance(c, RolloutInstanceFilter):
+            results["rif"] = c.records
+        if isinstance(c, DistributionShiftProbe):
+            results["shift"] = c.records
+            metrics["forward_kl_mean"] = sum(r["forward_kl"] for r in c.records) / len(c.records)
+            if "kl_base_general" in c.records[-1]:
+                metrics["kl_base_general_final"] = c.records[-1]["kl_base_general"]
+            metrics["shift_seconds"] = c.seconds
+            eval_s += c.seconds  # the probes are evaluation work
+    metrics["eval_seconds"] = eval_s
+    metrics["train_seconds"] = res.train_seconds
+    metrics["eval_time_fraction"] = eval_s / max(1e-9, eval_s + res.train_seconds)
+    metrics["eval_points"] = evaluator.points
+    return metrics
 
 
 def print_summary(results: dict, run_dir: Path) -> None:
