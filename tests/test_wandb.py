@@ -57,3 +57,10 @@ def test_wandb_init_failure_does_not_stop_the_run(tmp_path, cache_dir, monkeypat
     res = run(cfg, tmp_path / "run")
     assert res["status"] == "completed"
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
+
+
+def test_each_multirun_job_gets_its_own_wandb_run(tmp_path, cache_dir):
+    proc = run_cli("-m", *SMALL, "logger=wandb_offline", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("*/wandb/offline-run-*"))
+    assert len(runs) == 2 and runs[0].name != runs[1].name
