@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from cl.data import EncodedPairs, PromptFormat, SFTCollator
+from cl.data import PromptFormat, SFTCollator, TaskExamples
 from cl.evaluation import EvalSet, Scorer, pass_at_k
 from cl.model import build_tiny_llama, load_model_and_tokenizer
 from cl.module import ContinualLM
@@ -118,7 +118,7 @@ def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task
     gen = torch.Generator().manual_seed(recipe.init_seed)
     sampler = WeightedRandomSampler(weights, num_samples=recipe.steps * recipe.batch_size, replacement=True,
                                     generator=gen)
-    loader = DataLoader(EncodedPairs(pairs), batch_size=recipe.batch_size, sampler=sampler,
+    loader = DataLoader(TaskExamples(pairs), batch_size=recipe.batch_size, sampler=sampler,
                         collate_fn=SFTCollator(fmt.pad_id))
     module = ContinualLM(
         model, SFTObjective(),

@@ -70,12 +70,13 @@ class PromptFormat:
 
 
 class TaskExamples(TorchDataset):
-    """A task's training rows with their token ids: items are ``(prompt_ids, answer_ids, row)``."""
+    """Training rows with their token ids: items are ``(prompt_ids, answer_ids, row)`` (row ``None`` when
+    no rows are given: SFT needs only the ids)."""
 
-    def __init__(self, pairs: list[tuple[list[int], list[int]]], rows: list[dict]):
-        if len(pairs) != len(rows):
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], rows: list[dict] | None = None):
+        if rows is not None and len(pairs) != len(rows):
             raise ValueError("pairs and rows differ in length")
-        self.pairs, self.rows = pairs, rows
+        self.pairs, self.rows = pairs, rows if rows is not None else [None] * len(pairs)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -91,17 +92,6 @@ class PromptRowsCollator:
         return {"prompt_ids": [it[0] for it in items], "rows": [it[2] for it in items]}
 
 
-class EncodedPairs(TorchDataset):
-    """A map-style dataset of ``(prompt_ids, answer_ids)`` pairs with their source row index."""
-
-    def __init__(self, pairs: list[tuple[list[int], list[int]]]):
-        self.pairs = pairs
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
-        return self.pairs[i]
 
 
 def collate_sft(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -90,11 +90,11 @@ def prepare_model(cfg: DictConfig, run_dir: Path, tasks: dict[str, Task]):
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one experiment in ``run_dir``; returns the results dict (also written to results.json)."""
     start = time.time()
-    validate_config(OmegaConf.to_container(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    validate_config(resolved)
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path, curves_path = run_dir / "results.json", run_dir / "curves.jsonl"
     curves_path.unlink(missing_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     results: dict = {"status": "running", "config": resolved, "provenance": provenance(cfg.seed, start, None)}
 
     d = cfg.data
@@ -261,6 +261,14 @@ def _read_curves(path: Path) -> list[dict]:
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: works for `cl-run` as well
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The composed config tree with overrides, outside a Hydra job (scripts, tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -18,17 +18,8 @@ from pathlib import Path
 
 from cl.data import PromptFormat
 from cl.evaluation import EvalSet, Scorer
-from cl.run import prepare_model, run
+from cl.run import compose_config, prepare_model, run
 from tasks.stream import build_tasks
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def part_a(cfg, n: int, repeats: int) -> None:
@@ -59,7 +50,7 @@ def part_a(cfg, n: int, repeats: int) -> None:
 
 
 def part_b(overrides: list[str]) -> None:
-    cfg = compose(["logger=none", *overrides])
+    cfg = compose_config("logger=none", *overrides)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = run(cfg, Path(tmp) / "run")
@@ -80,7 +71,7 @@ def main() -> None:
     ap.add_argument("--skip-run", action="store_true", help="only part (a)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for part (b)")
     args = ap.parse_args()
-    part_a(compose([]), args.n, args.repeats)
+    part_a(compose_config(), args.n, args.repeats)
     if not args.skip_run:
         part_b(args.overrides)
 

@@ -33,6 +33,7 @@ from analysis.plots import plot_pareto  # noqa: E402
 
 ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grpo_nokl",
         "RIF-GRPO": "rft_cpt_rif_grpo", "joint GRPO (MTL)": "rft_cpt_joint"}
+RL_ARMS = {"rft_cpt_grpo", "rft_cpt_grpo_nokl", "rft_cpt_rif_grpo", "rft_cpt_joint"}  # take QUICK_RL
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forward_kl_mean",
            "kl_base_general_final"]
 # --quick: a toy budget that checks the whole pipeline in minutes (too short for GRPO to learn much)
@@ -79,7 +80,7 @@ def main() -> None:
     print("Part 1: the paper's protocol (shared learning rate)", flush=True)
     rl_extra = QUICK_RL if args.quick else []
     for label, exp in ARMS.items():
-        run_sweep(root / "paper" / exp, exp, seeds, extra + (rl_extra if "grpo" in exp or "joint" in exp else []))
+        run_sweep(root / "paper" / exp, exp, seeds, extra + (rl_extra if exp in RL_ARMS else []))
     rows = {label: summarise(completed_results(root / "paper" / exp), METRICS) for label, exp in ARMS.items()}
     compute = {}
     for label, exp in ARMS.items():
@@ -95,7 +96,7 @@ def main() -> None:
     for paradigm, exp in (("SFT", "rft_cpt_sft"), ("GRPO", "rft_cpt_grpo")):
         for lr in lrs:
             out = root / "lr_sweep" / f"{exp}_lr{lr}"
-            run_sweep(out, exp, sweep_seeds, [*extra, *(rl_extra if paradigm == "GRPO" else []), f"optimizer.lr={lr}"])
+            run_sweep(out, exp, sweep_seeds, [*extra, *(rl_extra if exp in RL_ARMS else []), f"optimizer.lr={lr}"])
             for r in completed_results(out):
                 points.append({"paradigm": paradigm, "lr": lr, **{m: r["metrics"][m] for m in
                                                                    ("new_acc", "forgetting", "general_retention", "avg_acc")}})

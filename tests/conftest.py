@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+
+from cl.run import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +25,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def compose_cfg(*overrides: str):
     """Compose the real config tree with overrides (no run directory, no Hydra job)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from cl.data import EncodedPairs, PromptFormat, SFTCollator
+from cl.data import PromptFormat, SFTCollator, TaskExamples
 from cl.evaluation import EvalSet, Scorer, pass_at_k, teacher_forced_correct
 from cl.model import load_model_and_tokenizer
 from cl.objectives.sft import SFTObjective, answer_cross_entropy
@@ -24,7 +24,7 @@ def half_trained(tmp_path_factory):
     fmt = PromptFormat(tok)
     tasks = [build_task(n, 2000, 100, 0) for n in ("add2", "copy6")]
     pairs = sum((fmt.encode(list(t.train["prompt"]), list(t.train["answer"])) for t in tasks), [])
-    loader = DataLoader(EncodedPairs(pairs), batch_size=64, collate_fn=SFTCollator(fmt.pad_id),
+    loader = DataLoader(TaskExamples(pairs), batch_size=64, collate_fn=SFTCollator(fmt.pad_id),
                         sampler=RandomSampler(pairs, replacement=True, num_samples=64 * 250,
                                               generator=torch.Generator().manual_seed(0)))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
