@@ -85,7 +85,10 @@ def run_stream(
         for c in components:  # data components (e.g. RIF-RFT) return a filtered or mixed task
             if hasattr(c, "prepare_data"):
                 phase = c.prepare_data(ctx, phase)
-        callbacks = [EvalEveryNSteps(evaluator, eval_every_n_steps, names[t])] if eval_every_n_steps else []
+        # per-step components (Reptile interpolation, k-FPF) act before a same-step evaluation sees the model
+        callbacks = [cb for c in components for cb in getattr(c, "callbacks", lambda: [])()]
+        if eval_every_n_steps:
+            callbacks.append(EvalEveryNSteps(evaluator, eval_every_n_steps, names[t]))
         trainer = make_trainer(steps_per_task, trainer_kwargs, f"task {t + 1}/{len(stream)} {names[t]}",
                                callbacks=callbacks, logger=logger, status=status)
         t0, e0 = time.perf_counter(), evaluator.seconds

@@ -18,9 +18,10 @@ from cl.schedule import LRSchedule
 
 
 class LossComponent(Protocol):
-    """A mitigation that adds a loss term: ``extra_loss(module, batch) -> (term, logs)``."""
+    """A mitigation that adds a loss term: ``extra_loss(module, batch, loss) -> (term, logs)``; ``loss`` is
+    the objective's loss of the step (GeRe's dynamic weight reads it)."""
 
-    def extra_loss(self, module: "ContinualLM", batch: dict) -> tuple[torch.Tensor, dict]: ...
+    def extra_loss(self, module: "ContinualLM", batch: dict, loss: torch.Tensor) -> tuple[torch.Tensor, dict]: ...
 
 
 class ContinualLM(pl.LightningModule):
@@ -72,8 +73,9 @@ class ContinualLM(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.objective.step(self, batch)
+        objective_loss = loss
         for component in self.loss_components:
-            term, extra = component.extra_loss(self, batch)
+            term, extra = component.extra_loss(self, batch, objective_loss)
             loss = loss + term
             logs.update(extra)
         if not torch.isfinite(loss):

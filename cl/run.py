@@ -40,6 +40,10 @@ from cl.schedule import LRSchedule
 from cl.shift import DistributionShiftProbe
 from cl.tracking import make_logger
 from cl.validate import ConfigError, validate_config
+from replay.gere import GeneralReplay, general_replay_rows
+from replay.meta import KFPF, ReptileInterpolation
+from replay.mixing import ExperienceReplay
+from replay.regularizers import EWC, KLDistill, L2Anchor
 from tasks.base import Task
 from tasks.stream import build_tasks, joint_task
 from tasks.user_data import DataError
@@ -53,14 +57,21 @@ for noisy in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilit
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_fn=None):
+def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_fn=None, replay=None):
     """``(task, t) -> DataLoader`` of exactly ``steps`` batches sampled with replacement, seeded per task.
 
-    ``collate_fn`` comes from the objective (padded sequences for SFT, prompts + rows for RL)."""
+    ``collate_fn`` comes from the objective (padded sequences for SFT, prompts + rows for RL). With an
+    active ``replay`` (``replay.mixing.ExperienceReplay``), each batch mixes buffered rows of earlier tasks
+    into the current task's at the replay fraction; otherwise the sampler is the plain one."""
     collate_fn = collate_fn or SFTCollator(fmt.pad_id)
 
     def make(task: Task, t: int) -> DataLoader:
         rows = task.train.to_list()
+        if replay is not None and replay.active():
+            old = replay.rows()
+            pairs = fmt.encode([r["prompt"] for r in rows + old], [r["answer"] for r in rows + old])
+            sampler = replay.sampler(len(rows), steps, batch_size, t, seed * 1000 + t)
+            return DataLoader(TaskExamples(pairs, rows + old), batch_sampler=sampler, collate_fn=collate_fn)
         pairs = fmt.encode([r["prompt"] for r in rows], [r["answer"] for r in rows])
         gen = torch.Generator().manual_seed(seed * 1000 + t)
         sampler = RandomSampler(pairs, replacement=True, num_samples=steps * batch_size, generator=gen)
@@ -126,12 +137,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         objective = instantiate(cfg.objective)
         if hasattr(objective, "bind"):  # RL objectives score rollouts with the tasks' verifiers
             objective.bind(fmt, {t.name: t for t in stream})
-        components = build_components(cfg, fmt, evaluator, objective, logger)
+        components = build_components(cfg, fmt, evaluator, objective, logger, general)
         module = ContinualLM(
             model, objective, instantiate(cfg.optimizer),
             LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction),
             reset_optimizer_per_task=cfg.train.reset_optimizer_per_task,
+            loss_components=[c for c in components if hasattr(c, "extra_loss")],
         )
+        replay = next((c for c in components if isinstance(c, ExperienceReplay)), None)
         phases = stream if cfg.stream.mode == "sequential" else [joint_task(stream)] * len(stream)
         print(f"[run] {cfg.stream.mode} stream: {' -> '.join(t.name for t in stream)} | objective "
               f"{module.objective.name} | lr {cfg.optimizer.lr} | {cfg.stream.steps_per_task} steps x "
@@ -143,7 +156,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         res = run_stream(
             module, stream, phases,
-            _loader(fmt, cfg.stream.batch_size, cfg.stream.steps_per_task, cfg.seed, objective.collate_fn(fmt.pad_id)),
+            _loader(fmt, cfg.stream.batch_size, cfg.stream.steps_per_task, cfg.seed, objective.collate_fn(fmt.pad_id),
+                    replay),
             evaluator, OmegaConf.to_container(cfg.trainer, resolve=True), cfg.stream.steps_per_task,
             eval_every_n_steps=cfg.eval.every_n_steps, logger=logger, components=components,
             on_task_end=partial_results,
@@ -180,12 +194,37 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEvaluator, objective, logger) -> list:
-    """Task-boundary and data components, in the order their hooks run."""
+def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEvaluator, objective, logger,
+                     general: list[Task] = ()) -> list:
+    """Task-boundary, data, loss and per-step components, in the order their hooks run."""
     log = logger.log if logger else None
     components = []
     if hasattr(objective, "on_task_start"):  # e.g. GRPO's reference snapshot
         components.append(objective)
+    r = cfg.get("replay")
+    if r is not None and r.fraction > 0:
+        components.append(ExperienceReplay(r.fraction, r.buffer, r.capacity, r.schedule, r.exponent, r.rate,
+                                           r.rate_schedule, r.rate_steps, r.fill_per_task, seed=cfg.seed))
+    g = cfg.get("gere")
+    if g is not None and g.enabled:
+        components.append(GeneralReplay(fmt, general_replay_rows(general, g.n_samples, cfg.data.seed), g.loss,
+                                        g.batch_size, g.weight, g.temperature, seed=cfg.seed))
+    reg = cfg.get("reg")
+    if reg is not None:
+        if reg.l2 > 0:
+            components.append(L2Anchor(reg.l2))
+        if reg.ewc > 0:
+            components.append(EWC(reg.ewc, fmt, reg.ewc_gamma, reg.ewc_fisher_batches, cfg.stream.batch_size,
+                                  seed=cfg.seed))
+        if reg.kl > 0:
+            components.append(KLDistill(reg.kl, fmt.pad_id, reg.kl_temperature))
+    m = cfg.get("meta_replay")
+    if m is not None and m.enabled:
+        components.append(ReptileInterpolation(m.eps, m.every))
+    k = cfg.get("kfpf")
+    if k is not None and k.enabled:
+        components.append(KFPF(fmt, k.every, k.steps, k.lr, k.batch_size, tuple(k.modules), k.top_blocks,
+                               k.capacity, seed=cfg.seed))
     if cfg.eval.shift_metrics:
         components.append(DistributionShiftProbe(evaluator.stream, evaluator.general, fmt.pad_id,
                                                  cfg.eval.shift_n, log=log))
@@ -207,6 +246,12 @@ def collect_metrics(res: StreamResult, curves: list[dict], evaluator: ContinualE
     for c in components:
         if isinstance(c, RolloutInstanceFilter):
             results["rif"] = c.records
+        if isinstance(c, ExperienceReplay):
+            results["replay"] = c.record()
+        if isinstance(c, ReptileInterpolation):
+            results["meta_replay"] = {"interpolations": c.applied}
+        if isinstance(c, KFPF):
+            results["kfpf"] = {"rounds": c.updates, "buffer_size": len(c.buffer)}
         if isinstance(c, DistributionShiftProbe):
             results["shift"] = c.records
             metrics["forward_kl_mean"] = sum(r["forward_kl"] for r in c.records) / len(c.records)

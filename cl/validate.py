@@ -149,6 +149,7 @@ def validate_config(cfg: Mapping) -> None:
             c.add("rif.enabled", "must be true or false")
         c.integer("rif.k", minimum=1)
         c.integer("rif.max_instances", minimum=1)
+    _validate_replay(c, cfg)
     c.choice("logger.kind", LOGGER_KINDS)
     if _get(cfg, "logger.kind") == "wandb":
         c.choice("logger.mode", MODES)
@@ -178,3 +179,49 @@ def validate_config(cfg: Mapping) -> None:
         c.add("optimizer._target_", f"'{target}' is outside the allowed packages {', '.join(ALLOWED_TARGET_PREFIXES)}")
     if c.problems:
         raise ConfigError(c.problems)
+
+
+def _validate_replay(c: _Checker, cfg: Mapping) -> None:
+    """Replay, GeRe, regularizer, meta-replay and k-FPF blocks (each optional in the config)."""
+    from replay.buffers import BUFFERS
+    from replay.gere import GERE_LOSSES
+    from replay.schedules import RATE_SCHEDULES, TASK_SCHEDULES
+
+    if _get(cfg, "replay") is not None:
+        frac = _get(cfg, "replay.fraction")
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
+            c.add("replay.fraction", f"must be a number in [0, 1) (the replayed share of each batch), got {frac!r}")
+        cap = _get(cfg, "replay.capacity")
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            c.add("replay.capacity", f"must be an integer >= 1, got {cap!r}")
+        elif cap == 0 and isinstance(frac, (int, float)) and frac > 0:
+            c.add("replay.capacity", f"is 0 but replay.fraction is {frac}: a non-zero fraction needs a buffer (>= 1)")
+        c.choice("replay.buffer", tuple(BUFFERS))
+        c.choice("replay.schedule", TASK_SCHEDULES)
+        c.choice("replay.rate_schedule", RATE_SCHEDULES)
+        c.number("replay.exponent", lo=0.0)
+        c.number("replay.rate", lo=0.0)
+        c.integer("replay.rate_steps", minimum=0)
+        c.integer("replay.fill_per_task", minimum=1)
+    if _get(cfg, "gere.enabled"):
+        c.choice("gere.loss", GERE_LOSSES)
+        c.integer("gere.n_samples", minimum=1)
+        c.integer("gere.batch_size", minimum=1)
+        c.number("gere.weight", lo=0.0)
+        c.number("gere.temperature", lo=0.0, strict_lo=True)
+        if not _get(cfg, "stream.general"):
+            c.add("gere.enabled", "GeRe replays general samples: stream.general must list at least one task")
+    if _get(cfg, "reg") is not None:
+        for k in ("l2", "ewc", "kl"):
+            c.number(f"reg.{k}", lo=0.0)
+        c.number("reg.ewc_gamma", lo=0.0, hi=1.0)
+        c.integer("reg.ewc_fisher_batches", minimum=1)
+        c.number("reg.kl_temperature", lo=0.0, strict_lo=True)
+    if _get(cfg, "meta_replay.enabled"):
+        c.number("meta_replay.eps", lo=0.0, hi=1.0, strict_lo=True)
+        c.integer("meta_replay.every", minimum=1)
+    if _get(cfg, "kfpf.enabled"):
+        for k in ("every", "steps", "batch_size", "capacity"):
+            c.integer(f"kfpf.{k}", minimum=1)
+        c.integer("kfpf.top_blocks", minimum=0)
+        c.number("kfpf.lr", lo=0.0, strict_lo=True)

@@ -11,6 +11,11 @@ Part 2, the fair protocol: SFT and GRPO at several learning rates each, and the 
 new-task accuracy against forgetting and against general retention (../shared/TOYWORLD.md found the
 paper's gap at a shared lr but not with per-paradigm tuned lrs).
 
+Part 3, the reasoning ablation: GRPO with worked-steps prompts (``stream=reasoning``: column-by-column
+working, then the answer) vs answer-only prompts on the same problems, both from ``base=tiny_reasoning``
+(pretrained on both formats), same steps x prompts. The paper found reasoning is not the main reason RFT
+forgets less; here it also changes how much there is to learn (the working makes the task easier).
+
 Resumable: jobs whose results.json is complete are skipped when the script runs again.
 
     python scripts/reproduce_rft_cpt.py --quick          # toy budget, minutes (base stage cached)
@@ -33,7 +38,8 @@ from analysis.plots import plot_pareto  # noqa: E402
 
 ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grpo_nokl",
         "RIF-GRPO": "rft_cpt_rif_grpo", "joint GRPO (MTL)": "rft_cpt_joint"}
-RL_ARMS = {"rft_cpt_grpo", "rft_cpt_grpo_nokl", "rft_cpt_rif_grpo", "rft_cpt_joint"}  # take QUICK_RL
+REASONING_ARMS = {"GRPO with reasoning": "rft_cpt_grpo_reasoning", "GRPO without reasoning": "rft_cpt_grpo_noreasoning"}
+RL_ARMS = {"rft_cpt_grpo", "rft_cpt_grpo_nokl", "rft_cpt_rif_grpo", "rft_cpt_joint", *REASONING_ARMS.values()}
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forward_kl_mean",
            "kl_base_general_final"]
 # --quick: a toy budget that checks the whole pipeline in minutes (too short for GRPO to learn much)
@@ -68,6 +74,8 @@ def main() -> None:
     ap.add_argument("--lrs", default="3e-5,1e-4,3e-4", help="learning rates of the fair sweep")
     ap.add_argument("--sweep-seeds", type=int, default=None, help="seeds per lr (default: 1 quick, 3 full)")
     ap.add_argument("--out", default=None, help="output root (default: results/rft_cpt[_quick])")
+    ap.add_argument("--parts", default="paper,sweep,reasoning",
+                    help="comma-separated subset of paper,sweep,reasoning (reasoning needs its own base stage)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
     root = Path(args.out or f"results/rft_cpt{'_quick' if args.quick else ''}")
@@ -77,20 +85,44 @@ def main() -> None:
     lrs = [x.strip() for x in args.lrs.split(",") if x.strip()]
     t0 = time.perf_counter()
 
-    print("Part 1: the paper's protocol (shared learning rate)", flush=True)
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if parts - {"paper", "sweep", "reasoning"}:
+        raise SystemExit(f"error: --parts: unknown {sorted(parts - {'paper', 'sweep', 'reasoning'})}; "
+                         "allowed: paper, sweep, reasoning")
     rl_extra = QUICK_RL if args.quick else []
+    lines = ["# RFT-CPT at toy scale", ""]
+    if "paper" in parts:
+        lines += part_paper(root, seeds, extra, rl_extra)
+    if "sweep" in parts:
+        lines += part_sweep(root, lrs, sweep_seeds, extra, rl_extra)
+    if "reasoning" in parts:
+        lines += part_reasoning(root, seeds, extra, rl_extra)
+    (root / "table.md").write_text("\n".join(lines))
+    print("\n" + "\n".join(lines))
+    print(f"\nwritten: {root / 'table.md'} ({time.perf_counter() - t0:.0f} s)")
+
+
+def _compute_rows(root: Path, arms: dict[str, str]) -> list[str]:
+    out = ["| method | task examples seen | tokens generated | train seconds (mean) |", "|---|---|---|---|"]
+    for label, exp in arms.items():
+        runs = completed_results(root / exp)
+        if runs:
+            c = runs[0]["metrics"].get("compute", {})
+            secs = sum(r["metrics"]["train_seconds"] for r in runs) / len(runs)
+            out.append(f"| {label} | {c.get('examples_seen')} | {c.get('tokens_generated')} | {secs:.1f} |")
+    return out
+
+
+def part_paper(root: Path, seeds: list[int], extra: list[str], rl_extra: list[str]) -> list[str]:
+    print("Part 1: the paper's protocol (shared learning rate)", flush=True)
     for label, exp in ARMS.items():
         run_sweep(root / "paper" / exp, exp, seeds, extra + (rl_extra if exp in RL_ARMS else []))
     rows = {label: summarise(completed_results(root / "paper" / exp), METRICS) for label, exp in ARMS.items()}
-    compute = {}
-    for label, exp in ARMS.items():
-        runs = completed_results(root / "paper" / exp)
-        if runs:
-            c = runs[0]["metrics"].get("compute", {})
-            compute[label] = (c.get("examples_seen"), c.get("tokens_generated"),
-                              sum(r["metrics"]["train_seconds"] for r in runs) / len(runs))
-    table = markdown_table(rows, METRICS)
+    return ["## The paper's protocol (shared lr)", "", markdown_table(rows, METRICS), "",
+            *_compute_rows(root / "paper", ARMS), ""]
 
+
+def part_sweep(root: Path, lrs: list[str], sweep_seeds: list[int], extra: list[str], rl_extra: list[str]) -> list[str]:
     print("\nPart 2: learning-rate sweep per paradigm", flush=True)
     points = []
     for paradigm, exp in (("SFT", "rft_cpt_sft"), ("GRPO", "rft_cpt_grpo")):
@@ -111,15 +143,23 @@ def main() -> None:
     p2 = plot_pareto(points, root / "pareto_general.png", x="general_retention", y="new_acc", x_better="high",
                      title="new-task accuracy vs general retention")
 
-    lines = ["# RFT-CPT at toy scale", "", "## The paper's protocol (shared lr)", "", table, "",
-             "| method | task examples seen | tokens generated | train seconds (mean) |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v[0]} | {v[1]} | {v[2]:.1f} |" for k, v in compute.items()]
-    lines += ["", "## Learning-rate sweep", "", sweep_table, "", f"![forgetting]({p1.name})",
-              f"![general]({p2.name})", ""]
-    (root / "table.md").write_text("\n".join(lines))
     (root / "points.json").write_text(json.dumps(points, indent=1))
-    print("\n" + "\n".join(lines))
-    print(f"\nwritten: {root / 'table.md'}, {p1}, {p2} ({time.perf_counter() - t0:.0f} s)")
+    print(f"plots: {p1}, {p2}", flush=True)
+    return ["## Learning-rate sweep", "", sweep_table, "", f"![forgetting]({p1.name})", f"![general]({p2.name})", ""]
+
+
+def part_reasoning(root: Path, seeds: list[int], extra: list[str], rl_extra: list[str]) -> list[str]:
+    print("\nPart 3: reasoning ablation (worked-steps vs answer-only prompts, base=tiny_reasoning)", flush=True)
+    for label, exp in REASONING_ARMS.items():
+        run_sweep(root / "reasoning" / exp, exp, seeds, extra + rl_extra)
+    rows = {}
+    for label, exp in REASONING_ARMS.items():
+        runs = completed_results(root / "reasoning" / exp)
+        for r in runs:  # the two formats start from different base accuracies on the same problems
+            r["metrics"]["base_avg"] = sum(r["base_acc"]) / len(r["base_acc"])
+        rows[label] = summarise(runs, METRICS + ["base_avg"])
+    return ["## Reasoning ablation (GRPO, base=tiny_reasoning)", "", markdown_table(rows, METRICS + ["base_avg"]),
+            "", *_compute_rows(root / "reasoning", REASONING_ARMS), ""]
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ class Task:
         exact_match: True when the verifier is strict string equality with ``answer``; then greedy
             accuracy can be computed in one teacher-forced forward pass.
         family: the generator family (``"user"`` for loaded data).
+        reward: the RL reward when it differs from the verifier (e.g. a format term for worked-steps
+            prompts); ``None`` means the verifier is the reward.
     """
 
     name: str
@@ -35,16 +37,21 @@ class Task:
     verifier: Verifier
     exact_match: bool = True
     family: str = "user"
+    reward: Verifier | None = None
 
     @classmethod
     def from_rows(cls, name: str, train_rows: list[dict], eval_rows: list[dict], verifier: Verifier,
-                  exact_match: bool, family: str) -> "Task":
+                  exact_match: bool, family: str, reward: Verifier | None = None) -> "Task":
         """Build a task from row dicts, tagging every row with ``task = name``."""
         for r in train_rows + eval_rows:
             r["task"] = name
         return cls(name=name, train=Dataset.from_list(train_rows), eval=Dataset.from_list(eval_rows),
-                   verifier=verifier, exact_match=exact_match, family=family)
+                   verifier=verifier, exact_match=exact_match, family=family, reward=reward)
 
     def score(self, completions: list[str], **columns) -> list[float]:
         """Score completions; ``columns`` are the dataset columns of the same rows."""
         return self.verifier(completions, **columns)
+
+    def reward_scores(self, completions: list[str], **columns) -> list[float]:
+        """RL rewards: the ``reward`` function when set, else the verifier's scores."""
+        return (self.reward or self.verifier)(completions, **columns)

@@ -1,13 +1,15 @@
 """Named tasks: the names a stream or the general suite may list.
 
-Ten families, each with a default size. A stream entry is either one of these names or a mapping
+Ten families, each with a default size, and worked-steps variants (suffix ``w``) of add3, sub2 and
+mul21 for the reasoning ablation. A stream entry is either one of these names or a mapping
 describing user data (see ``tasks/user_data.py``).
 """
 
 from __future__ import annotations
 
 from tasks.base import Task
-from tasks.synthetic import SyntheticFamily, add, count, mod, mul, rotate, string_map, sub
+from tasks.synthetic import (SyntheticFamily, add, add_steps, count, mod, mul, mul_steps, rotate, string_map, sub,
+                             sub_steps)
 
 _FAMILIES: dict[str, SyntheticFamily] = {
     "add2": SyntheticFamily("add", "A2", add(2)),
@@ -22,6 +24,10 @@ _FAMILIES: dict[str, SyntheticFamily] = {
     "double4": SyntheticFamily("double", "D", string_map(4, lambda w: "".join(c + c for c in w))),
     "rotate6": SyntheticFamily("rotate", "T", rotate(6)),
     "count8": SyntheticFamily("count", "N", count(8)),
+    # worked-steps (scratchpad) variants: same problems as the plain task, answer after the working
+    "add3w": SyntheticFamily("add", "A3w", add(3), worked=add_steps, draws_as="add3"),
+    "sub2w": SyntheticFamily("sub", "S2w", sub(2), worked=sub_steps, draws_as="sub2"),
+    "mul21w": SyntheticFamily("mul", "Mw", mul(2), worked=mul_steps, draws_as="mul21"),
 }
 
 TASK_NAMES: tuple[str, ...] = tuple(_FAMILIES)

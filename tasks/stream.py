@@ -37,4 +37,5 @@ def joint_task(tasks: Sequence[Task]) -> Task:
         verifier=tasks[0].verifier,
         exact_match=all(t.exact_match for t in tasks),
         family="joint",
+        reward=tasks[0].reward,
     )

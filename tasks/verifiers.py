@@ -21,6 +21,32 @@ def exact_match(completions: list[str], answer: list[str], **_) -> list[float]:
     return [float(c == a) for c, a in zip(completions, answer, strict=True)]
 
 
+WORKED_SEP = "|"
+_WORKED_FORMAT = re.compile(r"^[^|]+\|[^|]+$")
+
+
+def worked_final(completion: str) -> str | None:
+    """The final answer of a worked-steps completion: the text after the last ``|`` (None without one)."""
+    return completion.rpartition(WORKED_SEP)[2] if WORKED_SEP in completion else None
+
+
+def worked_answer_match(completions: list[str], final: list[str], **_) -> list[float]:
+    """1.0 where the worked-steps completion's final answer equals the reference ``final`` exactly."""
+    return [float(worked_final(c) == a) for c, a in zip(completions, final, strict=True)]
+
+
+def worked_format(completions: list[str], **_) -> list[float]:
+    """1.0 where the completion is ``<steps>|<answer>``: some working, one separator, an answer."""
+    return [float(bool(_WORKED_FORMAT.match(c))) for c in completions]
+
+
+def worked_reward(completions: list[str], final: list[str], accuracy_weight: float = 0.9, **_) -> list[float]:
+    """RL reward for prompts that ask for working: ``0.9 * accuracy + 0.1 * format`` (RFT-CPT's split)."""
+    acc = worked_answer_match(completions, final)
+    fmt = worked_format(completions)
+    return [accuracy_weight * a + (1 - accuracy_weight) * f for a, f in zip(acc, fmt)]
+
+
 def numeric_match(
     completions: list[str], answer: list[str], rel_tol: float = 1e-6, abs_tol: float = 1e-9, **_
 ) -> list[float]:

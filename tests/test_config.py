@@ -1,5 +1,7 @@
 """Bad configs fail before any work, with one line per problem naming the field."""
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -16,9 +18,10 @@ def _problems(*overrides):
     return []
 
 
-@pytest.mark.parametrize("experiment", ["smoke", "sft_default", "joint", "rft_cpt_sft", "rft_cpt_grpo",
-                                        "rft_cpt_grpo_nokl", "rft_cpt_joint", "rft_cpt_joint_sft",
-                                        "rft_cpt_rif_grpo"])
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_shipped_configs_are_valid(experiment):
     assert _problems(f"experiment={experiment}") == []
 
@@ -58,6 +61,18 @@ def test_default_config_is_valid():
         ("objective=grpo objective.loss_agg=sum", "objective.loss_agg", "token_mean"),
         ("objective=grpo objective.reference=sync", "objective.ref_sync_every", "integer >= 1"),
         ("objective=grpo objective.top_p=0", "objective.top_p", "> 0.0"),
+        ("replay.fraction=-0.1", "replay.fraction", "in [0, 1)"),
+        ("replay.fraction=1.5", "replay.fraction", "in [0, 1)"),
+        ("replay.fraction=1", "replay.fraction", "in [0, 1)"),
+        ("replay.fraction=0.25 replay.capacity=0", "replay.capacity", "needs a buffer"),
+        ("replay.capacity=-3", "replay.capacity", "integer >= 1"),
+        ("replay.buffer=fifo", "replay.buffer", "reservoir, balanced"),
+        ("replay.schedule=linear", "replay.schedule", "uniform, power_law, exponential"),
+        ("gere.enabled=true gere.loss=mse", "gere.loss", "ce, kl, l1, l2, tm"),
+        ("gere.enabled=true stream.general=[]", "gere.enabled", "stream.general must list"),
+        ("reg.ewc=-1", "reg.ewc", ">= 0.0"),
+        ("meta_replay.enabled=true meta_replay.eps=0", "meta_replay.eps", "> 0.0"),
+        ("kfpf.enabled=true kfpf.every=0", "kfpf.every", "integer >= 1"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_field(override, field, words):

@@ -177,3 +177,11 @@ def test_rif_drops_instances_without_a_correct_rollout(tiny_model_dir):
     rec = rif.records[0]
     assert (rec["screened"], rec["kept"], rec["dropped"]) == (9, 3, 6)
     assert rec["rollout_tokens_cost"] > 0 and rec["rollout_tokens_saved_est"] > 0
+
+
+def test_task_reward_replaces_the_verifier_and_pass_rate_counts_verifier_passes(tiny_model_dir):
+    obj, module, batch, model = _objective(tiny_model_dir, lambda c, **_: [1.0] * len(c), kl_coef=0.0)
+    obj.tasks["t"] = Task("t", train=None, eval=None, verifier=lambda c, **_: [1.0] * len(c),
+                          reward=lambda c, **_: [0.25] * len(c))
+    ro = obj.rollout(module, batch)
+    assert ro.logs["reward"].item() == pytest.approx(0.25) and ro.logs["pass_rate"].item() == 1.0

@@ -5,7 +5,9 @@ import pytest
 from tasks.registry import TASK_NAMES, build_task
 from tasks.stream import build_tasks, joint_task
 from tasks.user_data import DataError, load_user_task
-from tasks.verifiers import exact_match, make_verifier, numeric_match, regex_match
+from tasks.synthetic import add_steps, mul_steps, sub_steps
+from tasks.verifiers import (exact_match, make_verifier, numeric_match, regex_match, worked_answer_match,
+                             worked_format, worked_reward)
 
 
 def _solve(name: str, prompt: str) -> str:
@@ -41,7 +43,10 @@ def test_at_least_eight_families():
 def test_answers_are_correct_and_splits_disjoint_and_deterministic(name):
     t = build_task(name, n_train=300, n_eval=100, seed=7)
     for row in list(t.train) + list(t.eval):
-        assert row["answer"] == _solve(name, row["prompt"]), row
+        if name.endswith("w"):  # worked-steps variant: the final answer after the working
+            assert row["final"] == _solve(name[:-1], row["prompt"]) and row["answer"].endswith("|" + row["final"])
+        else:
+            assert row["answer"] == _solve(name, row["prompt"]), row
     assert not set(list(t.train["prompt"])) & set(list(t.eval["prompt"]))
     assert len(set(list(t.eval["prompt"]))) == 100
     again = build_task(name, n_train=300, n_eval=100, seed=7)
@@ -120,3 +125,56 @@ def test_missing_and_unsupported_files(tmp_path):
     good = _write_jsonl(tmp_path / "g.jsonl", [{"prompt": "p", "answer": "a"}] * 3)
     with pytest.raises(DataError, match="verifier 'regex' needs a 'pattern'"):
         load_user_task("x", train=good, verifier="regex")
+
+
+def _replay_steps(kind: str, steps: str) -> int:
+    """Recompute the result from the working alone (each step re-checked), independent of the generator."""
+    digits, carry = [], 0
+    for step in steps.split(","):
+        lhs, rhs = step.split("=")
+        if kind == "add":
+            x, y, c = (int(v) for v in lhs.split("+"))
+            assert c == carry and x + y + c == int(rhs) and len(rhs) == 2
+            digits.append(rhs[1]); carry = int(rhs[0])
+        elif kind == "sub":
+            x, y, b = (int(v) for v in lhs.split("-"))
+            assert b == carry and 0 <= x - y - b == int(rhs) <= 9
+            digits.append(rhs); carry = int(x >= 10)
+        else:
+            xd, rest = lhs.split("*")
+            d, c = (int(v) for v in rest.split("+"))
+            assert c == carry and int(xd) * d + c == int(rhs)
+            digits.append(rhs[1]); carry = int(rhs[0])
+    return int(str(carry) + "".join(reversed(digits)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_worked_steps_are_valid_arithmetic(seed):
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(200):
+        a, b = rng.randrange(1000), rng.randrange(1000)
+        assert _replay_steps("add", add_steps(f"{a:03d}+{b:03d}")) == a + b
+        a, b = max(a, b) % 100, min(a, b) % 100
+        a, b = max(a, b), min(a, b)
+        assert _replay_steps("sub", sub_steps(f"{a:02d}-{b:02d}")) == a - b
+        a, d = rng.randrange(100), rng.randrange(10)
+        assert _replay_steps("mul", mul_steps(f"{a:02d}*{d}")) == a * d
+
+
+@pytest.mark.parametrize("plain, worked", [("add3", "add3w"), ("sub2", "sub2w"), ("mul21", "mul21w")])
+def test_worked_variant_has_the_same_problems_and_scores_the_final_answer(plain, worked):
+    p, w = build_task(plain, 200, 50, 3), build_task(worked, 200, 50, 3)
+    assert p.family == w.family and not w.exact_match and w.reward is not None
+    for a, b in zip(list(p.eval) + list(p.train), list(w.eval) + list(w.train)):
+        assert b["prompt"] == a["prompt"].replace(":", "w:", 1) and b["final"] == a["answer"]
+    row = w.eval[0]
+    good, wrong_steps, no_steps, bad = row["answer"], "x|" + row["final"], row["final"], row["answer"] + "9"
+    cols = {k: [row[k]] * 4 for k in row}
+    # accuracy is the final answer only; the working is not graded
+    assert w.score([good, wrong_steps, no_steps, bad], **cols) == [1.0, 1.0, 0.0, 0.0]
+    assert w.reward_scores([good, wrong_steps, no_steps, bad], **cols) == pytest.approx([1.0, 1.0, 0.0, 0.1])
+    assert worked_format(["1|2", "|2", "1|", "1|2|3", "12"]) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert worked_answer_match(["1|2|3"], final=["3"]) == [1.0]
+    assert worked_reward(["a|7", "a|8"], final=["7", "7"]) == pytest.approx([1.0, 0.1])

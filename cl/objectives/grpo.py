@@ -63,7 +63,9 @@ class GRPOObjective:
         advantage: ``grpo`` | ``dr_grpo`` | ``rloo``.
         ppo_epochs: optimizer steps per rollout batch.
         dynamic_sampling: drop groups whose rewards are all equal.
-        reward_scale: rewards are multiplied by this (verifier scores are in [0, 1]).
+        reward_scale: rewards are multiplied by this (verifier scores are in [0, 1]). A task's
+            ``reward`` (e.g. worked-steps prompts: 0.9 accuracy + 0.1 format) replaces its verifier as
+            the reward; ``pass_rate`` always counts verifier passes.
     """
 
     name = "grpo"
@@ -113,20 +115,26 @@ class GRPOObjective:
             self._snapshot(ctx.module.model)
 
     # -- rollouts -----------------------------------------------------------------------------------
-    def _rewards(self, completions: list[str], rows: list[dict]) -> torch.Tensor:
+    def _rewards(self, completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rewards, passed) per completion: the task's reward (verifier, or verifier plus a format term)
+        and whether the verifier accepts it."""
         g = self.group_size
         expanded = [r for r in rows for _ in range(g)]
-        rewards = [0.0] * len(expanded)
+        rewards, passed = [0.0] * len(expanded), [0.0] * len(expanded)
         by_task: dict[str, list[int]] = {}
         for i, r in enumerate(expanded):
             by_task.setdefault(r["task"], []).append(i)
         for name, idx in by_task.items():
             if name not in self.tasks:
                 raise KeyError(f"no verifier for task '{name}' (bound tasks: {', '.join(self.tasks)})")
+            task = self.tasks[name]
             cols = {k: [expanded[i][k] for i in idx] for k in expanded[idx[0]]}
-            for i, s in zip(idx, self.tasks[name].score([completions[i] for i in idx], **cols)):
-                rewards[i] = float(s)
-        return torch.tensor(rewards) * self.reward_scale
+            texts = [completions[i] for i in idx]
+            scores = task.score(texts, **cols)
+            rs = task.reward_scores(texts, **cols) if task.reward is not None else scores
+            for i, s, r in zip(idx, scores, rs):
+                passed[i], rewards[i] = float(s), float(r)
+        return torch.tensor(rewards) * self.reward_scale, torch.tensor(passed)
 
     @torch.no_grad()
     def rollout(self, module, batch: dict) -> Rollout:
@@ -136,7 +144,7 @@ class GRPOObjective:
         comps = generate_ids(model, prompts, fmt, max_new_tokens=self.max_new_tokens, do_sample=True,
                              temperature=self.temperature, top_p=self.top_p, num_return_sequences=g)
         texts = [fmt.decode(c) for c in comps]
-        raw = self._rewards(texts, batch["rows"])
+        raw, passed = self._rewards(texts, batch["rows"])
         adv = group_advantages(raw, g, self.advantage)
         keep = torch.ones(len(prompts), dtype=torch.bool)
         zero_groups = (raw.view(-1, g).max(-1).values == raw.view(-1, g).min(-1).values)
@@ -146,7 +154,7 @@ class GRPOObjective:
         plen = [len(p) for i, p in enumerate(prompts) if keep[i] for _ in range(g)]
         adv = adv.view(-1, g)[keep].reshape(-1)
         device = next(model.parameters()).device
-        logs = self._logs(raw, comps, batch["rows"], zero_groups)
+        logs = self._logs(raw, passed, comps, batch["rows"], zero_groups)
         self.tokens_generated += sum(len(c) for c in comps)
         if not seqs:
             return Rollout(torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long),
@@ -164,10 +172,11 @@ class GRPOObjective:
         ref = token_logprobs(self.ref_model, ids, attn, self.temperature) if self.kl_coef else None
         return Rollout(ids, attn, cmask, adv.to(device), old, ref, logs)
 
-    def _logs(self, rewards: torch.Tensor, comps: list[list[int]], rows: list[dict], zero_groups) -> dict:
+    def _logs(self, rewards: torch.Tensor, passed: torch.Tensor, comps: list[list[int]], rows: list[dict],
+              zero_groups) -> dict:
         g = self.group_size
         lens = torch.tensor([float(len(c)) for c in comps])
-        logs = {"reward": rewards.mean(), "pass_rate": (rewards >= self.reward_scale).float().mean(),
+        logs = {"reward": rewards.mean(), "pass_rate": passed.mean(),
                 "completion_len": lens.mean(), "zero_adv_frac": zero_groups.float().mean()}
         for name in {r["task"] for r in rows}:
             idx = torch.tensor([i for i, r in enumerate(rows) if r["task"] == name])

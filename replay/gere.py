@@ -1,0 +1,155 @@
+"""GeRe general-sample replay: a fixed set of general examples replayed throughout, with a choice of loss.
+
+Before the first task the replay set's last-layer hidden states ``h0`` are recorded, with the
+per-dimension mean ``mu`` and std ``sigma`` over all its (non-padding) tokens; thresholds are
+``pos = mu + sigma`` and ``neg = mu - sigma`` (../shared/METHODS.md section 3). At every training step
+a minibatch of the replay set is run through the model and one of these terms is added to the loss:
+
+- ``ce`` (label fitting): cross-entropy on the replayed answers;
+- ``kl`` (logit imitation): ``T^2 * KL(p_start / T || p / T)`` on answer positions, against the model as
+  it was before the first task (kept as a frozen copy: storing logits would cost ``N x L x vocab``);
+- ``l1`` / ``l2``: mean absolute / squared distance of the hidden states to ``h0`` on non-padding tokens;
+- ``tm`` (threshold margin, GeRe's method): label fitting plus the TM loss with the dynamic weight
+  ``w = CE.detach() / TM.detach()`` where CE is the step's whole cross-entropy (objective + replay CE).
+  TM per element, labelled by ``h0``: positive (``h0 >= pos``) ``relu(pos - h)``; negative
+  (``h0 <= neg``) ``relu(h - neg)``; neutral ``relu(h - pos) + relu(neg - h)``; averaged over the
+  non-zero elements, padding masked.
+
+``ce``, ``kl``, ``l1`` and ``l2`` are multiplied by ``weight``. "Last-layer hidden states" are the
+model's final hidden states (after the final norm, what the LM head reads).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import torch
+import torch.nn.functional as F
+
+from cl.data import collate_sft
+from cl.objectives.sft import answer_cross_entropy
+
+GERE_LOSSES = ("ce", "kl", "l1", "l2", "tm")
+
+
+def tm_loss(h: torch.Tensor, h0: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Threshold-margin loss of hidden states ``h`` [B, L, H] labelled by ``h0``; ``mask`` [B, L] 1 on tokens."""
+    is_pos, is_neg = h0 >= pos, h0 <= neg
+    per = torch.where(is_pos, F.relu(pos - h), torch.where(is_neg, F.relu(h - neg), F.relu(h - pos) + F.relu(neg - h)))
+    per = per * mask.unsqueeze(-1).to(per.dtype)
+    nonzero = (per > 0).sum()
+    return per.sum() / nonzero.clamp(min=1)
+
+
+class GeneralReplay:
+    """Replay a fixed general set with a GeRe loss (a loss component of ``ContinualLM``).
+
+    Args:
+        fmt: the run's prompt format.
+        rows: the general replay set (row dicts with ``prompt`` and ``answer``).
+        loss: one of ``ce``, ``kl``, ``l1``, ``l2``, ``tm``.
+        batch_size: replayed examples per training step.
+        weight: multiplier of ``ce``/``kl``/``l1``/``l2`` (``tm`` uses the dynamic weight).
+        temperature: of the ``kl`` imitation.
+        seed: seeds the minibatch draws.
+    """
+
+    def __init__(self, fmt, rows: list[dict], loss: str = "tm", batch_size: int = 8, weight: float = 1.0,
+                 temperature: float = 2.0, seed: int = 0):
+        if loss not in GERE_LOSSES:
+            raise ValueError(f"gere.loss: '{loss}' is not one of {', '.join(GERE_LOSSES)}")
+        if not rows:
+            raise ValueError("gere: the general replay set is empty (stream.general lists no task?)")
+        self.fmt, self.loss, self.batch_size, self.weight, self.temperature = fmt, loss, batch_size, weight, temperature
+        self.pairs = fmt.encode([r["prompt"] for r in rows], [r["answer"] for r in rows])
+        self.gen = torch.Generator().manual_seed(seed)
+        self.h0: torch.Tensor | None = None  # [N, Lmax, H]
+        self.pos = self.neg = None
+        self.teacher: torch.nn.Module | None = None
+
+    # -- recording before the first task -------------------------------------------------------------------
+    @torch.no_grad()
+    def record(self, model: torch.nn.Module, batch_size: int = 256) -> None:
+        was = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        lmax = max(len(p) + len(a) for p, a in self.pairs)
+        states, masks = [], []
+        for s in range(0, len(self.pairs), batch_size):
+            b = collate_sft(self.pairs[s:s + batch_size], self.fmt.pad_id)
+            out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                        output_hidden_states=True)
+            h = out.hidden_states[-1].float()
+            states.append(F.pad(h, (0, 0, 0, lmax - h.size(1))))
+            masks.append(F.pad(b["attention_mask"].to(device), (0, lmax - h.size(1))))
+        model.train(was)
+        self.h0 = torch.cat(states)
+        m = torch.cat(masks).bool()
+        tokens = self.h0[m]  # [n_tokens, H]
+        mu, sigma = tokens.mean(0), tokens.std(0)
+        self.pos, self.neg = mu + sigma, mu - sigma
+        if self.loss == "kl":
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def on_task_start(self, ctx) -> None:
+        if self.h0 is None:
+            self.record(ctx.module.model)
+
+    # -- the loss term -------------------------------------------------------------------------------------
+    def extra_loss(self, module, batch: dict, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        if self.h0 is None:
+            raise RuntimeError("GeneralReplay.record(model) must run before training (on_task_start does it)")
+        idx = torch.randint(len(self.pairs), (self.batch_size,), generator=self.gen)
+        b = collate_sft([self.pairs[i] for i in idx.tolist()], self.fmt.pad_id)
+        device = next(module.model.parameters()).device
+        b = {k: v.to(device) for k, v in b.items()}
+        need_h = self.loss in ("l1", "l2", "tm")
+        out = module.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=need_h)
+        logs: dict = {}
+        if self.loss in ("ce", "tm"):
+            ce = answer_cross_entropy(out.logits, b["labels"])
+            logs["gere/ce"] = ce.detach()
+        if need_h:
+            h = out.hidden_states[-1].float()
+            h0 = self.h0[idx.to(self.h0.device), : h.size(1)].to(device)
+            m = b["attention_mask"].unsqueeze(-1).float()
+            n = m.sum() * h.size(-1)
+        if self.loss == "ce":
+            term = self.weight * ce
+        elif self.loss == "kl":
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            sel = b["labels"][:, 1:] != -100
+            T = self.temperature
+            s_logp = F.log_softmax(out.logits[:, :-1][sel].float() / T, -1)
+            t_logp = F.log_softmax(t_logits[:, :-1][sel].float() / T, -1)
+            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T * T
+            logs["gere/kl"] = kl.detach()
+            term = self.weight * kl
+        elif self.loss == "l1":
+            d = ((h - h0).abs() * m).sum() / n
+            logs["gere/l1"] = d.detach()
+            term = self.weight * d
+        elif self.loss == "l2":
+            d = (((h - h0) ** 2) * m).sum() / n
+            logs["gere/l2"] = d.detach()
+            term = self.weight * d
+        else:
+            tm = tm_loss(h, h0, self.pos.to(device), self.neg.to(device), b["attention_mask"])
+            total_ce = ce.detach() + (loss.detach() if loss is not None else 0.0)
+            w = total_ce / tm.detach() if tm.item() > 0 else torch.zeros((), device=device)
+            logs.update({"gere/tm": tm.detach(), "gere/tm_weight": w})
+            term = ce + w * tm
+        return term, logs
+
+
+def general_replay_rows(general_tasks, n: int, seed: int) -> list[dict]:
+    """``n`` rows drawn evenly from the general tasks' training splits (seeded, without replacement)."""
+    rows: list[dict] = []
+    per = max(1, n // max(1, len(general_tasks)))
+    for t in general_tasks:
+        pool = t.train.to_list()
+        random.Random(f"{seed}/{t.name}/gere").shuffle(pool)
+        rows += pool[:per]
+    return rows[:n]

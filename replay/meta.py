@@ -1,0 +1,115 @@
+"""Efficient meta-experience replay (Abbes et al. 2025, Reptile-style), and k-FPF (Zhao et al. 2023).
+
+``ReptileInterpolation``: every ``every`` optimizer steps, ``theta = anchor + eps * (theta - anchor)``,
+then ``anchor = theta``; the anchor starts at the stream's starting weights. ``eps = 1`` is the identity.
+Used together with experience replay (the "meta-experience" part is the replayed batches).
+
+``KFPF``: instead of replay at every step, every ``every`` optimizer steps fine-tune only the
+forgetting-prone modules (parameters whose names contain one of ``modules``, e.g. norms and the LM
+head, optionally the top ``top_blocks`` transformer blocks) for ``steps`` SGD steps on minibatches of
+its own replay buffer (filled at task ends like ER's), with the answer cross-entropy.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytorch_lightning as pl
+import torch
+
+from cl.data import collate_sft
+from cl.objectives.sft import answer_cross_entropy
+from replay.buffers import make_buffer
+
+
+class ReptileInterpolation:
+    def __init__(self, eps: float = 0.1, every: int = 100):
+        if not 0.0 < eps <= 1.0:
+            raise ValueError(f"meta_replay.eps: must be in (0, 1], got {eps}")
+        self.eps, self.every, self.anchor = eps, every, None
+        self.applied = 0
+
+    @torch.no_grad()
+    def interpolate(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.anchor:
+                a = self.anchor[n]
+                p.copy_(a + self.eps * (p - a))
+                a.copy_(p)
+        self.applied += 1
+
+    def on_task_start(self, ctx) -> None:
+        if self.anchor is None:
+            self.anchor = {n: p.detach().clone() for n, p in ctx.module.model.named_parameters() if p.requires_grad}
+
+    def callbacks(self) -> list[pl.Callback]:
+        outer = self
+
+        class _Cb(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, *_):
+                if pl_module.global_iter % outer.every == 0:
+                    outer.interpolate(pl_module.model)
+
+        return [_Cb()]
+
+
+class KFPF:
+    def __init__(self, fmt, every: int = 50, steps: int = 5, lr: float = 1e-4, batch_size: int = 16,
+                 modules: tuple[str, ...] = ("norm", "lm_head"), top_blocks: int = 0, capacity: int = 1000,
+                 seed: int = 0):
+        self.fmt, self.every, self.steps, self.lr, self.batch_size = fmt, every, steps, lr, batch_size
+        self.modules, self.top_blocks, self.seed = tuple(modules), top_blocks, seed
+        self.buffer = make_buffer("reservoir", capacity, seed)
+        self.rng = random.Random(seed)
+        self.updates = 0
+
+    def selected(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        layers = sorted({int(m.group(1)) for n, _ in model.named_parameters() if (m := re.search(r"layers\.(\d+)\.", n))})
+        top = set(layers[-self.top_blocks:]) if self.top_blocks else set()
+        out = {}
+        for n, p in model.named_parameters():
+            m = re.search(r"layers\.(\d+)\.", n)
+            if any(k in n for k in self.modules) or (m and int(m.group(1)) in top):
+                out[n] = p
+        return out
+
+    def on_task_end(self, ctx) -> None:
+        rows = ctx.task.train.to_list()
+        random.Random(f"{self.seed}/{ctx.task.name}/kfpf").shuffle(rows)
+        self.buffer.extend(rows)
+
+    def fine_tune(self, model: torch.nn.Module) -> None:
+        if not len(self.buffer):
+            return
+        params = self.selected(model)
+        opt = torch.optim.SGD(params.values(), lr=self.lr)
+        frozen = [p for n, p in model.named_parameters() if n not in params and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        device = next(model.parameters()).device
+        items = self.buffer.items
+        pairs = self.fmt.encode([r["prompt"] for r in items], [r["answer"] for r in items])
+        try:
+            for _ in range(self.steps):
+                b = collate_sft([pairs[self.rng.randrange(len(pairs))] for _ in range(self.batch_size)], self.fmt.pad_id)
+                logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+                loss = answer_cross_entropy(logits, b["labels"].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            model.zero_grad(set_to_none=True)
+        self.updates += 1
+
+    def callbacks(self) -> list[pl.Callback]:
+        outer = self
+
+        class _Cb(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, *_):
+                if pl_module.global_iter % outer.every == 0:
+                    outer.fine_tune(pl_module.model)
+
+        return [_Cb()]

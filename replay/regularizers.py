@@ -1,0 +1,120 @@
+"""Rehearsal-free regularizers, each a loss term returned to ``ContinualLM`` (../shared/METHODS.md section 4).
+
+- ``L2Anchor``: ``coef * sum (theta - theta_0)^2`` to the weights the stream started from.
+- ``EWC``: ``coef * sum F_i (theta_i - theta*_i)^2``, online: after each task the diagonal empirical
+  Fisher ``F_new`` (mean squared gradients of the answer cross-entropy over ``fisher_batches`` batches of
+  that task's training rows, for SFT and RL runs alike) is folded in as ``F = gamma * F + F_new`` and the
+  anchor ``theta*`` moves to the task-end weights. Zero during the first task.
+- ``KLDistill`` (LwF-style): ``coef * T^2 * KL(p_start / T || p / T)`` to a frozen copy of the model as it
+  was at the task start, on the current batch's inputs (all non-padding positions of SFT sequences;
+  the prompts of RL batches).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import torch
+import torch.nn.functional as F
+
+from cl.data import collate_prompts, collate_sft
+from cl.objectives.sft import answer_cross_entropy
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class L2Anchor:
+    def __init__(self, coef: float):
+        self.coef, self.anchor = coef, None
+
+    def on_task_start(self, ctx) -> None:
+        if self.anchor is None:
+            self.anchor = {n: p.detach().clone() for n, p in _trainable(ctx.module.model).items()}
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
+        params = _trainable(model)
+        return sum(((params[n] - a) ** 2).sum() for n, a in self.anchor.items() if n in params)
+
+    def extra_loss(self, module, batch, loss=None):
+        pen = self.penalty(module.model)
+        return self.coef * pen, {"reg/l2": pen.detach()}
+
+
+class EWC:
+    def __init__(self, coef: float, fmt, gamma: float = 1.0, fisher_batches: int = 10, batch_size: int = 16,
+                 seed: int = 0):
+        self.coef, self.fmt, self.gamma = coef, fmt, gamma
+        self.fisher_batches, self.batch_size, self.seed = fisher_batches, batch_size, seed
+        self.fisher: dict[str, torch.Tensor] | None = None
+        self.anchor: dict[str, torch.Tensor] | None = None
+
+    def estimate_fisher(self, model: torch.nn.Module, rows: list[dict]) -> dict[str, torch.Tensor]:
+        params = _trainable(model)
+        fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+        rng = random.Random(self.seed)
+        pairs = self.fmt.encode([r["prompt"] for r in rows], [r["answer"] for r in rows])
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        for _ in range(self.fisher_batches):
+            b = collate_sft([pairs[rng.randrange(len(pairs))] for _ in range(self.batch_size)], self.fmt.pad_id)
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            answer_cross_entropy(logits, b["labels"].to(device)).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    fisher[n] += p.grad.detach() ** 2 / self.fisher_batches
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+        return fisher
+
+    def on_task_end(self, ctx) -> None:
+        model = ctx.module.model
+        new = self.estimate_fisher(model, ctx.task.train.to_list())
+        self.fisher = new if self.fisher is None else {n: self.gamma * self.fisher[n] + f for n, f in new.items()}
+        self.anchor = {n: p.detach().clone() for n, p in _trainable(model).items()}
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
+        if self.fisher is None:
+            return torch.zeros((), device=next(model.parameters()).device)
+        params = _trainable(model)
+        return sum((self.fisher[n] * (params[n] - a) ** 2).sum() for n, a in self.anchor.items() if n in params)
+
+    def extra_loss(self, module, batch, loss=None):
+        pen = self.penalty(module.model)
+        return self.coef * pen, {"reg/ewc": pen.detach()}
+
+    def state_dict(self) -> dict:
+        return {"fisher": self.fisher, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fisher, self.anchor = state["fisher"], state["anchor"]
+
+
+class KLDistill:
+    def __init__(self, coef: float, pad_id: int, temperature: float = 1.0):
+        self.coef, self.pad_id, self.temperature = coef, pad_id, temperature
+        self.teacher: torch.nn.Module | None = None
+
+    def on_task_start(self, ctx) -> None:
+        self.teacher = copy.deepcopy(ctx.module.model).eval().requires_grad_(False)
+
+    def extra_loss(self, module, batch, loss=None):
+        device = next(module.model.parameters()).device
+        if "input_ids" in batch:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+        else:
+            b = collate_prompts(batch["prompt_ids"], self.pad_id)
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+        logits = module.model(input_ids=ids, attention_mask=mask).logits
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=ids, attention_mask=mask).logits
+        sel = mask.bool()
+        T = self.temperature
+        s_logp = F.log_softmax(logits[sel].float() / T, -1)
+        t_logp = F.log_softmax(t_logits[sel].float() / T, -1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T * T
+        return self.coef * kl, {"reg/kl": kl.detach()}

@@ -1,0 +1,181 @@
+"""GRPO steps/s through the suite (ContinualLM + GRPOObjective + Lightning) vs ``trl.GRPOTrainer``.
+
+Same configuration on both sides, in one process: the default tiny model (same initial weights), G = 8
+completions for each of 8 prompts per optimizer step (add3 prompts, all the same length), exactly 16 new
+tokens per completion (``min_new_tokens = max_new_tokens = 16``, so completion lengths are equal too),
+T = 1.0, top-p 0.99, the clipped loss with eps 0.2/0.3 and token-mean aggregation (TRL ``bnpo``), one
+PPO epoch, AdamW at lr 1e-4, fp32. Two settings: no KL (no reference model) and k3 KL 0.01 (a frozen
+reference copy, TRL with ``use_bias_correction_kl=False`` to compute the same term). Runs alternate
+(suite, TRL, suite, TRL, ...); the median steady-state steps/s (after a warm-up) of each is compared.
+Target: suite >= 1.5x TRL. A profile of one suite step (generation vs policy forward/backward vs
+reference forward) is printed, since generation dominates RL cost.
+
+    pip install trl  # benchmark-only dependency
+    python scripts/bench_grpo.py [--steps 20] [--warmup 3] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+import transformers
+
+from cl.data import PromptFormat
+from cl.model import build_tiny_llama, load_model_and_tokenizer
+from cl.module import ContinualLM
+from cl.objectives.grpo import GRPOObjective
+from cl.run import _loader
+from cl.schedule import LRSchedule
+from cl.trainer import make_trainer
+from tasks.registry import build_task
+
+warnings.filterwarnings("ignore")
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+
+G, PROMPTS, NEW_TOKENS, LR = 8, 8, 16, 1e-4
+STEP = "objective step (generate + rewards + forwards + loss)"
+
+
+class StepClock(pl.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.t0, self.t1 = warmup, 0.0, 0.0
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step == self.warmup:
+            self.t0 = time.perf_counter()
+        self.t1 = time.perf_counter()
+
+
+class Ctx:
+    def __init__(self, module):
+        self.module = module
+
+
+def suite(model, fmt, task, kl: float, steps: int, warmup: int, profile: dict | None = None) -> float:
+    model.generation_config.min_new_tokens = NEW_TOKENS
+    obj = GRPOObjective(group_size=G, temperature=1.0, top_p=0.99, max_new_tokens=NEW_TOKENS, kl_coef=kl,
+                        reference="task_start", loss_agg="token_mean")
+    obj.bind(fmt, {task.name: task})
+    module = ContinualLM(model, obj, partial(torch.optim.AdamW, lr=LR), LRSchedule())
+    obj.on_task_start(Ctx(module))
+    if profile is not None:
+        _instrument(obj, profile)
+    clock = StepClock(warmup)
+    loader = _loader(fmt, PROMPTS, steps, seed=0, collate_fn=obj.collate_fn(fmt.pad_id))(task, 0)
+    trainer_kwargs = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "log_every_n_steps": 10}
+    make_trainer(steps, trainer_kwargs, "bench", callbacks=[clock], progress_every=10**9).fit(module, loader)
+    return (steps - warmup) / (clock.t1 - clock.t0)
+
+
+def trl_run(model, tok, task, kl: float, steps: int, warmup: int, out: str) -> float:
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class Clock(TrainerCallback):
+        t0 = t1 = 0.0
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                Clock.t0 = time.perf_counter()
+            Clock.t1 = time.perf_counter()
+
+    args = GRPOConfig(
+        output_dir=out, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.01, max_grad_norm=1e9, per_device_train_batch_size=PROMPTS * G, num_generations=G,
+        max_completion_length=NEW_TOKENS, temperature=1.0, top_p=0.99, top_k=0,
+        generation_kwargs={"min_new_tokens": NEW_TOKENS}, epsilon=0.2, epsilon_high=0.3, loss_type="bnpo",
+        beta=kl, use_bias_correction_kl=False, num_iterations=1, bf16=False, use_cpu=True, report_to="none",
+        logging_steps=10**6, save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    verifier = task.verifier
+
+    def reward(completions, answer, **_):
+        return verifier(completions, answer=answer)
+
+    data = task.train.select_columns(["prompt", "answer"])
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+                          callbacks=[Clock()])
+    trainer.train()
+    return (steps - warmup) / (Clock.t1 - Clock.t0)
+
+
+def _instrument(obj: GRPOObjective, profile: dict) -> None:
+    """Wrap the rollout (generation + scoring + reference forward) and time it against the whole step."""
+    import cl.objectives.grpo as grpo_mod
+
+    gen, tl = grpo_mod.generate_ids, grpo_mod.token_logprobs
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            r = fn(*a, **k)
+            profile[name] = profile.get(name, 0.0) + time.perf_counter() - t
+            return r
+        return wrapper
+
+    grpo_mod.generate_ids = timed("generate", gen)
+    grpo_mod.token_logprobs = timed("logprob forwards (policy + reference)", tl)
+    step = obj.step
+    obj.step = timed(STEP, step)
+    profile["_restore"] = lambda: (setattr(grpo_mod, "generate_ids", gen), setattr(grpo_mod, "token_logprobs", tl))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("error: this benchmark compares against TRL: pip install trl") from None
+    torch.set_num_threads(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as d:
+        build_tiny_llama(d, seed=0)
+        base, tok = load_model_and_tokenizer(d)
+        fmt = PromptFormat(tok)
+        task = build_task("add3", 2000, 50, 0)
+        results = {}
+        for kl in (0.0, 0.01):
+            rates: dict[str, list[float]] = {"suite": [], "trl": []}
+            for r in range(args.repeats):
+                torch.manual_seed(0)
+                rates["suite"].append(suite(copy.deepcopy(base), fmt, task, kl, args.steps, args.warmup))
+                torch.manual_seed(0)
+                rates["trl"].append(trl_run(copy.deepcopy(base), tok, task, kl, args.steps, args.warmup,
+                                            f"{d}/trl"))
+                print(f"kl {kl}: repeat {r + 1}: suite {rates['suite'][-1]:.2f} steps/s, "
+                      f"trl {rates['trl'][-1]:.2f} steps/s", flush=True)
+            results[kl] = (statistics.median(rates["suite"]), statistics.median(rates["trl"]))
+        profile: dict = {}
+        t = time.perf_counter()
+        suite(copy.deepcopy(base), fmt, task, 0.01, args.steps, 0, profile)
+        total = time.perf_counter() - t
+        profile.pop("_restore")()
+    print(f"\ntiny Llama {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, {PROMPTS} prompts x G={G}, "
+          f"{NEW_TOKENS} new tokens, {args.steps} steps ({args.warmup} warm-up), median of {args.repeats}, "
+          f"trl {trl.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'setting':<10} {'suite steps/s':>14} {'TRL steps/s':>12} {'ratio':>7}")
+    for kl, (s, t_) in results.items():
+        print(f"{'kl ' + str(kl):<10} {s:>14.2f} {t_:>12.2f} {s / t_:>7.2f}"
+              f"  (target >= 1.5: {'met' if s / t_ >= 1.5 else 'NOT met'})")
+    print(f"\nwhere a suite step's time goes (kl 0.01, {args.steps} steps, {total:.1f} s wall):")
+    profile["backward + optimizer + loop (rest of wall)"] = total - profile[STEP]
+    for k, v in profile.items():
+        print(f"  {k:<55} {v:6.2f} s  {100 * v / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
