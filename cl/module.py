@@ -93,5 +93,5 @@ class ContinualLM(pl.LightningModule):
         if self.reset_optimizer_per_task or self._optimizer is None:
             self._optimizer = self.make_optimizer(params)
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 1
-        scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, self.schedule.lr_lambda(total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, self.schedule.lr_lambda(total, self.task_idx))
         return {"optimizer": self._optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

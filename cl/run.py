@@ -140,7 +140,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         components = build_components(cfg, fmt, evaluator, objective, logger, general)
         module = ContinualLM(
             model, objective, instantiate(cfg.optimizer),
-            LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction),
+            LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction,
+                       cfg.train.get("const_ratio", 0.5), cfg.train.get("cooldown_steps", 0)),
             reset_optimizer_per_task=cfg.train.reset_optimizer_per_task,
             loss_components=[c for c in components if hasattr(c, "extra_loss")],
         )

@@ -114,6 +114,9 @@ def validate_config(cfg: Mapping) -> None:
     c.integer("train.warmup_steps", minimum=0)
     c.choice("train.decay", DECAYS)
     c.number("train.min_lr_ratio", lo=0.0, hi=1.0)
+    if _get(cfg, "train.decay") == "infinite":
+        c.number("train.const_ratio", lo=0.0, hi=1.0)
+        c.integer("train.cooldown_steps", minimum=0)
     if not isinstance(_get(cfg, "train.reset_optimizer_per_task"), bool):
         c.add("train.reset_optimizer_per_task", "must be true or false")
 

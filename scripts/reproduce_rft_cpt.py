@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.aggregate import completed_results, markdown_table, summarise  # noqa: E402
 from analysis.plots import plot_pareto  # noqa: E402
+from analysis.sweep import run_sweep  # noqa: E402
 
 ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grpo_nokl",
         "RIF-GRPO": "rft_cpt_rif_grpo", "joint GRPO (MTL)": "rft_cpt_joint"}
@@ -46,25 +46,6 @@ METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forw
 QUICK = ["stream.steps_per_task=40", "eval.every_n_steps=null", "eval.n_per_task=100", "eval.shift_metrics=false",
          "rif.max_instances=256", "logger=none"]
 QUICK_RL = ["objective.group_size=4"]
-
-
-def run_sweep(out: Path, experiment: str, seeds: list[int], extra: list[str]) -> None:
-    """One Hydra multirun over the seeds still missing under ``out`` (resume = skip completed ones)."""
-    done = {r["config"]["seed"] for r in completed_results(out)}
-    todo = [s for s in seeds if s not in done]
-    if not todo:
-        print(f"  {out.name}: all {len(seeds)} seeds complete, skipped", flush=True)
-        return
-    sweep_dir = out / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [sys.executable, "-m", "cl.run", "-m", f"experiment={experiment}", f"seed={','.join(map(str, todo))}",
-           f"hydra.sweep.dir={sweep_dir}", *extra]
-    print(f"  {out.name}: seeds {todo} -> {sweep_dir}", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"error: sweep {experiment} failed (exit {proc.returncode})")
-    print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def main() -> None:

@@ -127,3 +127,19 @@ def test_console_script_alias(tmp_path, cache_dir):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+def test_every_replay_option_runs_through_the_cli(tmp_path, cache_dir, objective):
+    out = tmp_path / "run"
+    proc = run_cli("experiment=smoke", f"objective={objective}", f"hydra.run.dir={out}", "stream.steps_per_task=8",
+                   "replay.fraction=0.25", "replay.schedule=power_law", "gere.enabled=true", "gere.loss=tm",
+                   "reg.ewc=1", "reg.l2=0.01", "reg.kl=0.1", "meta_replay.enabled=true", "meta_replay.every=4",
+                   "kfpf.enabled=true", "kfpf.every=4", "train.decay=infinite", "eval.shift_metrics=false",
+                   "objective.group_size=2" if objective == "grpo" else "seed=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _check_contract(out)
+    assert res["replay"]["replayed_rows"] == 8 * 4  # task 2 only: 8 steps x 4 of 16 rows
+    counts = res["replay"]["buffer_tasks"]  # a 1000-row reservoir over both tasks' 1000 rows each
+    assert sum(counts.values()) == 1000 and 300 < counts["sub2"] < 700
+    assert res["meta_replay"]["interpolations"] == 4 and res["kfpf"]["rounds"] == 2

@@ -1,7 +1,6 @@
 """Replay buffers, schedules, mixing, GeRe losses, regularizers and meta-replay: invariants."""
 
 import copy
-import random
 from functools import partial
 
 import pytest
@@ -261,3 +260,18 @@ def test_kfpf_only_touches_the_selected_modules(tiny_model_dir):
     for n, p in model.named_parameters():
         assert torch.equal(before[n], p) != (n in sel), n
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_per_task_rewarm_and_the_infinite_schedule():
+    from cl.schedule import LRSchedule
+
+    rewarm = LRSchedule(warmup_steps=5, decay="cosine", min_lr_ratio=0.1)
+    for task in (0, 1):  # every task warms up again and decays to 0.1
+        f = rewarm.lr_lambda(100, task)
+        assert f(0) < 0.2 and f(5) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    inf = LRSchedule(warmup_steps=5, decay="infinite", min_lr_ratio=0.1, decay_fraction=0.1, const_ratio=0.5,
+                     cooldown_steps=20)
+    first, later = inf.lr_lambda(100, 0), inf.lr_lambda(100, 3)
+    assert first(0) < 0.2 and first(5) == pytest.approx(1.0) and first(25) == pytest.approx(0.5)
+    assert first(60) == 0.5 and later(0) == 0.5 and later(60) == 0.5  # no re-warming after the first task
+    assert later(99) == pytest.approx(0.1) and 0.1 < later(95) < 0.5  # each task ends annealed

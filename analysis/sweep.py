@@ -1,0 +1,37 @@
+"""Running one point of a reproduction table as a resumable Hydra multirun over seeds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from analysis.aggregate import completed_results
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_sweep(out: Path, experiment: str | None, seeds: list[int], extra: list[str]) -> None:
+    """One Hydra multirun over the seeds still missing under ``out`` (resume = skip completed ones).
+
+    Args:
+        out: the point's directory; each invocation writes ``out/sweep-<time>/<job>``.
+        experiment: ``conf/experiment`` entry (None: the defaults).
+        extra: further Hydra overrides for every job.
+    """
+    done = {r["config"]["seed"] for r in completed_results(out)}
+    todo = [s for s in seeds if s not in done]
+    if not todo:
+        print(f"  {out.name}: all {len(seeds)} seeds complete, skipped", flush=True)
+        return
+    sweep_dir = out / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [sys.executable, "-m", "cl.run", "-m", *([f"experiment={experiment}"] if experiment else []),
+           f"seed={','.join(map(str, todo))}", f"hydra.sweep.dir={sweep_dir}", *extra]
+    print(f"  {out.name}: seeds {todo} -> {sweep_dir}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"error: sweep {out.name} ({experiment}) failed (exit {proc.returncode})")
+    print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -1,0 +1,142 @@
+"""Replay on the default stream: GeRe's replay losses, the replay fraction under SFT and GRPO, schedules.
+
+(a) GeRe comparison under SFT: no replay, and general-sample replay with label fitting (ce), KL logit
+    imitation (kl), L1 / L2 feature imitation, threshold margin (tm).
+(b) Experience-replay fraction 0 / 5 / 25 / 50% of each batch, under SFT and GRPO (same batch size, so
+    the new-task share shrinks as the fraction grows).
+(c) Which past task to replay, at 25%: uniform over past tasks vs power-law decay over task age vs the
+    exponential control (task-balanced buffer). On the 3-task default stream only the last task has
+    two past tasks, so schedules can differ only there; pass ``stream.tasks=[...]`` with more tasks to
+    see more of a difference.
+
+Each point runs over seeds as a Hydra multirun; jobs whose results.json is complete are skipped on a
+rerun. Prints mean +- 95% CI tables and writes ``table.md`` and ``replay_fraction.png``.
+
+    python scripts/reproduce_replay.py --quick     # toy budget, minutes (base stage cached)
+    python scripts/reproduce_replay.py             # full: 3 seeds, default budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from analysis.aggregate import completed_results, markdown_table, mean_ci, summarise  # noqa: E402
+from analysis.sweep import run_sweep  # noqa: E402
+
+METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention"]
+QUICK = ["stream.steps_per_task=40", "eval.every_n_steps=null", "eval.n_per_task=100", "eval.shift_metrics=false",
+         "logger=none"]
+QUICK_RL = ["objective.group_size=4"]
+FRACTIONS = ["0", "0.05", "0.25", "0.5"]
+
+
+def points(parts: set[str]) -> tuple[dict[str, tuple[str | None, list[str]]], dict[str, list[str]]]:
+    """``({directory: (experiment, overrides)}, {table: [directories]})``; a point shared by two tables
+    (no replay under SFT) runs once."""
+    runs: dict[str, tuple[str | None, list[str]]] = {}
+    tables: dict[str, list[str]] = {}
+    if "gere" in parts:
+        runs["sft_frac0"] = (None, ["objective=sft", "replay.fraction=0"])
+        for loss in ("ce", "kl", "l1", "l2", "tm"):
+            runs[f"sft_gere_{loss}"] = ("gere", [f"gere.loss={loss}"])
+        tables["gere"] = ["sft_frac0"] + [f"sft_gere_{x}" for x in ("ce", "kl", "l1", "l2", "tm")]
+    if "fraction" in parts:
+        for obj in ("sft", "grpo"):
+            for f in FRACTIONS:
+                runs[f"{obj}_frac{f}"] = (None, [f"objective={obj}", f"replay.fraction={f}"])
+        tables["fraction"] = [f"{obj}_frac{f}" for obj in ("sft", "grpo") for f in FRACTIONS]
+    if "schedule" in parts:
+        for sched in ("uniform", "power_law", "exponential"):
+            runs[f"sft_frac0.25_{sched}"] = ("er_powerlaw", [f"replay.schedule={sched}"])
+        tables["schedule"] = [f"sft_frac0.25_{x}" for x in ("uniform", "power_law", "exponential")]
+    return runs, tables
+
+
+LABELS = {"sft_frac0": "no replay", "sft_gere_ce": "GeRe label fitting (ce)", "sft_gere_kl": "GeRe KL logits",
+          "sft_gere_l1": "GeRe L1 features", "sft_gere_l2": "GeRe L2 features", "sft_gere_tm": "GeRe TM (dynamic w)"}
+
+
+def label(name: str) -> str:
+    if name in LABELS:
+        return LABELS[name]
+    obj, rest = name.split("_", 1)
+    return f"{obj.upper()} {rest.replace('frac', 'replay ').replace('_', ' ')}"
+
+
+def plot_fraction(root: Path, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    any_data = False
+    for obj, color in (("sft", "tab:blue"), ("grpo", "tab:orange")):
+        for ax, metric in zip(axes, ("forgetting", "new_acc")):
+            xs, ms, cis = [], [], []
+            for f in FRACTIONS:
+                runs = completed_results(root / f"{obj}_frac{f}")
+                if runs:
+                    m, _, ci = mean_ci([r["metrics"][metric] for r in runs])
+                    xs.append(float(f))
+                    ms.append(m)
+                    cis.append(0.0 if ci != ci else ci)
+            if xs:
+                any_data = True
+                ax.errorbar(xs, ms, yerr=cis, marker="o", capsize=3, color=color, label=obj.upper())
+            ax.set_xlabel("replay fraction of each batch")
+            ax.set_ylabel(metric)
+    if not any_data:
+        plt.close(fig)
+        return None
+    axes[0].set_title("forgetting (lower is better)")
+    axes[1].set_title("accuracy on each task right after learning it")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--parts", default="gere,fraction,schedule", help="comma-separated subset of gere,fraction,schedule")
+    ap.add_argument("--out", default=None, help="output root (default: results/replay[_quick])")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
+    args = ap.parse_args()
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if parts - {"gere", "fraction", "schedule"}:
+        raise SystemExit(f"error: --parts: unknown {sorted(parts - {'gere', 'fraction', 'schedule'})}; "
+                         "allowed: gere, fraction, schedule")
+    root = Path(args.out or f"results/replay{'_quick' if args.quick else ''}")
+    extra = (QUICK if args.quick else []) + args.overrides
+    seeds = list(range(args.seeds))
+    t0 = time.perf_counter()
+    todo, tables = points(parts)
+    for name, (exp, ov) in todo.items():
+        rl = QUICK_RL if args.quick and "objective=grpo" in ov else []
+        run_sweep(root / name, exp, seeds, [*extra, *rl, *ov])
+    lines = ["# Replay at toy scale (default stream)", ""]
+    titles = {"gere": "(a) GeRe replay losses, SFT", "fraction": "(b) experience-replay fraction, SFT and GRPO",
+              "schedule": "(c) past-task schedule at 25% replay, SFT, task-balanced buffer"}
+    for part, names in tables.items():
+        rows = {label(n): summarise(completed_results(root / n), METRICS) for n in names}
+        lines += [f"## {titles[part]}", "", markdown_table(rows, METRICS), ""]
+    if "fraction" in parts:
+        pic = plot_fraction(root, root / "replay_fraction.png")
+        if pic is not None:
+            lines += [f"![replay fraction]({pic.name})", ""]
+    (root / "table.md").write_text("\n".join(lines))
+    print("\n" + "\n".join(lines))
+    print(f"\nwritten: {root / 'table.md'} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
