@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from analysis import plots
 from analysis.curve_metrics import curve_metrics
 from analysis.metrics import matrix_metrics
+from cl.averaging import Averaging
 from cl.base_stage import BaseRecipe, ensure_base
 from cl.continual_eval import ContinualEvaluator
 from cl.data import PromptFormat, SFTCollator, TaskExamples
@@ -202,6 +203,13 @@ def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEva
     components = []
     if hasattr(objective, "on_task_start"):  # e.g. GRPO's reference snapshot
         components.append(objective)
+    # averaging first: its on_task_end replaces the model, and every later hook (shift probe, EWC's Fisher,
+    # buffers) should see the stream's model
+    a = cfg.get("averaging")
+    if a is not None and a.kind != "none":
+        components.append(Averaging(a.kind, a.alpha, a.start, a.blocks, a.block_alphas, a.ema_decay, a.merge,
+                                    OmegaConf.to_container(a.ama, resolve=True), fmt, evaluator, a.log_unaveraged,
+                                    seed=cfg.seed, log=log))
     r = cfg.get("replay")
     if r is not None and r.fraction > 0:
         components.append(ExperienceReplay(r.fraction, r.buffer, r.capacity, r.schedule, r.exponent, r.rate,
@@ -251,6 +259,8 @@ def collect_metrics(res: StreamResult, curves: list[dict], evaluator: ContinualE
             results["replay"] = c.record()
         if isinstance(c, ReptileInterpolation):
             results["meta_replay"] = {"interpolations": c.applied}
+        if isinstance(c, Averaging):
+            results["averaging"] = c.record()
         if isinstance(c, KFPF):
             results["kfpf"] = {"rounds": c.updates, "buffer_size": len(c.buffer)}
         if isinstance(c, DistributionShiftProbe):

@@ -153,6 +153,7 @@ def validate_config(cfg: Mapping) -> None:
         c.integer("rif.k", minimum=1)
         c.integer("rif.max_instances", minimum=1)
     _validate_replay(c, cfg)
+    _validate_averaging(c, cfg)
     c.choice("logger.kind", LOGGER_KINDS)
     if _get(cfg, "logger.kind") == "wandb":
         c.choice("logger.mode", MODES)
@@ -228,3 +229,41 @@ def _validate_replay(c: _Checker, cfg: Mapping) -> None:
             c.integer(f"kfpf.{k}", minimum=1)
         c.integer("kfpf.top_blocks", minimum=0)
         c.number("kfpf.lr", lo=0.0, strict_lo=True)
+
+
+def _validate_averaging(c: _Checker, cfg: Mapping) -> None:
+    from cl.averaging import KINDS
+
+    if _get(cfg, "averaging") is None:
+        return
+    c.choice("averaging.kind", KINDS)
+    kind = _get(cfg, "averaging.kind")
+    if kind in (None, "none"):
+        return
+    c.number("averaging.alpha", lo=0.0, hi=1.0)
+    c.choice("averaging.start", ("task_start", "base"))
+    layers = _get(cfg, "model.arch.num_hidden_layers") if not _get(cfg, "model.name_or_path") else None
+    blocks = _get(cfg, "averaging.blocks")
+    if kind == "partwise" and blocks is None:
+        c.add("averaging.blocks", "partwise needs layer boundaries, e.g. [0, 1, 2] for two blocks of a 2-layer model")
+    if blocks is not None:
+        ok = (isinstance(blocks, Sequence) and len(blocks) >= 2 and all(isinstance(b, int) for b in blocks)
+              and blocks[0] == 0 and all(a < b for a, b in zip(blocks, blocks[1:]))
+              and (layers is None or blocks[-1] == layers))
+        if not ok:
+            c.add("averaging.blocks", f"{blocks!r} must rise strictly from 0 to the number of layers"
+                                      f"{f' ({layers})' if layers is not None else ''}, e.g. [0, {(layers or 2) // 2}, {layers or 2}]")
+        elif kind == "partwise":
+            alphas = _get(cfg, "averaging.block_alphas")
+            if (not isinstance(alphas, Sequence) or len(alphas) != len(blocks) - 1
+                    or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alphas)):
+                c.add("averaging.block_alphas", f"needs {len(blocks) - 1} numbers in [0, 1] (one per block), got {alphas!r}")
+    if kind == "ema":
+        c.number("averaging.ema_decay", lo=0.0, hi=1.0)
+    if kind == "merge":
+        c.choice("averaging.merge", ("mean", "magmax"))
+    if kind == "ama":
+        c.integer("averaging.ama.n_samples", minimum=1)
+        c.integer("averaging.ama.steps", minimum=1)
+        c.number("averaging.ama.alpha0", lo=0.0, hi=1.0)
+        c.number("averaging.ama.lr", lo=0.0, strict_lo=True)

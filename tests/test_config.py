@@ -73,6 +73,16 @@ def test_default_config_is_valid():
         ("reg.ewc=-1", "reg.ewc", ">= 0.0"),
         ("meta_replay.enabled=true meta_replay.eps=0", "meta_replay.eps", "> 0.0"),
         ("kfpf.enabled=true kfpf.every=0", "kfpf.every", "integer >= 1"),
+        ("averaging.kind=wise averaging.alpha=1.5", "averaging.alpha", "<= 1.0"),
+        ("averaging.kind=wise averaging.alpha=-0.2", "averaging.alpha", ">= 0.0"),
+        ("averaging.kind=soup", "averaging.kind", "none, wise, partwise, ama, ema, merge"),
+        ("averaging.kind=partwise averaging.blocks=[0,2] averaging.block_alphas=[0.5]", "averaging.blocks",
+         "from 0 to the number of layers (4)"),
+        ("averaging.kind=partwise averaging.blocks=[0,2,4] averaging.block_alphas=[0.5]", "averaging.block_alphas",
+         "needs 2 numbers"),
+        ("averaging.kind=partwise", "averaging.blocks", "needs layer boundaries"),
+        ("averaging.kind=ama averaging.ama.n_samples=0", "averaging.ama.n_samples", "integer >= 1"),
+        ("train.decay=infinite train.const_ratio=2", "train.const_ratio", "<= 1.0"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_field(override, field, words):
