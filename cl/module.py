@@ -56,6 +56,7 @@ class ContinualLM(pl.LightningModule):
         self.global_iter_offset = 0
         self.task_idx = 0
         self._optimizer: torch.optim.Optimizer | None = None
+        self.trainable_per_task: list[int] = []
 
     @property
     def global_iter(self) -> int:
@@ -90,6 +91,7 @@ class ContinualLM(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_per_task.append(sum(p.numel() for p in {id(p): p for p in params}.values()))
         if self.reset_optimizer_per_task or self._optimizer is None:
             self._optimizer = self.make_optimizer(params)
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 1

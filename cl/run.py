@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from analysis import plots
 from analysis.curve_metrics import curve_metrics
 from analysis.metrics import matrix_metrics
+from cl.adapters import AdapterError, make_adapter, save_adapted
 from cl.averaging import Averaging
 from cl.base_stage import BaseRecipe, ensure_base
 from cl.continual_eval import ContinualEvaluator
@@ -135,10 +136,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             curves_path, log=logger.log if logger else None,
             max_samples_per_point=cfg.eval.max_samples_per_point,
         )
+        adapter = make_adapter(OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else {},
+                               seed=cfg.seed, evaluator=evaluator)
+        model = adapter.setup(model)
         objective = instantiate(cfg.objective)
         if hasattr(objective, "bind"):  # RL objectives score rollouts with the tasks' verifiers
             objective.bind(fmt, {t.name: t for t in stream})
-        components = build_components(cfg, fmt, evaluator, objective, logger, general)
+        components = [adapter] + build_components(cfg, fmt, evaluator, objective, logger, general)
         module = ContinualLM(
             model, objective, instantiate(cfg.optimizer),
             LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction,
@@ -166,15 +170,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         )
         end = time.time()
         if cfg.save_final_model:
-            model.save_pretrained(run_dir / "final_model")
-            tokenizer.save_pretrained(run_dir / "final_model")
+            save_adapted(module.model, run_dir / "final_model", tokenizer)  # base + adapters, safetensors
         curves = _read_curves(curves_path)
         metrics = collect_metrics(res, curves, evaluator, components, results)
         metrics["compute"] = {
             "optimizer_steps": module.global_iter,
             "examples_seen": module.global_iter * cfg.stream.batch_size,
             "tokens_generated": getattr(objective, "tokens_generated", 0),
+            "trainable_parameters_per_task": module.trainable_per_task,
+            "train_steps_per_second": module.global_iter / max(1e-9, res.train_seconds),
         }
+        results["adapter"] = adapter.record()
         results.update(_matrices(res), metrics=metrics, status="completed",
                        provenance=provenance(cfg.seed, start, end))
         write_json_atomic(results_path, results)
@@ -332,7 +338,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         results = run(cfg, run_dir)
-    except (ConfigError, DataError, ModelLoadError) as e:
+    except (ConfigError, DataError, ModelLoadError, AdapterError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)

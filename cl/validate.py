@@ -154,6 +154,7 @@ def validate_config(cfg: Mapping) -> None:
         c.integer("rif.max_instances", minimum=1)
     _validate_replay(c, cfg)
     _validate_averaging(c, cfg)
+    _validate_adapter(c, cfg)
     c.choice("logger.kind", LOGGER_KINDS)
     if _get(cfg, "logger.kind") == "wandb":
         c.choice("logger.mode", MODES)
@@ -267,3 +268,49 @@ def _validate_averaging(c: _Checker, cfg: Mapping) -> None:
         c.integer("averaging.ama.steps", minimum=1)
         c.number("averaging.ama.alpha0", lo=0.0, hi=1.0)
         c.number("averaging.ama.lr", lo=0.0, strict_lo=True)
+
+
+KNOWN_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def _validate_adapter(c: _Checker, cfg: Mapping) -> None:
+    from cl.adapters import ADAPTERS
+
+    if _get(cfg, "adapter") is None:
+        return
+    c.choice("adapter.name", ADAPTERS)
+    name = _get(cfg, "adapter.name")
+    if name in (None, "full"):
+        return
+    if _get(cfg, "train.reset_optimizer_per_task") is False and name != "lora":
+        c.add("train.reset_optimizer_per_task", f"must be true with adapter {name} (its trainable set changes per task)")
+    if name == "hft":
+        return
+    c.integer("adapter.r", minimum=1)
+    c.number("adapter.alpha", lo=0.0, strict_lo=True)
+    targets = _get(cfg, "adapter.target_modules")
+    if not isinstance(targets, Sequence) or isinstance(targets, str) or not targets:
+        c.add("adapter.target_modules", f"must be a non-empty list of module names, got {targets!r}")
+    else:
+        # Llama/Qwen2 names are checked here; other architectures are checked against the loaded model
+        llama_like = _get(cfg, "model.arch") is not None or any(
+            k in str(_get(cfg, "model.name_or_path", "")).lower() for k in ("qwen", "llama"))
+        bad = [t for t in targets if t not in KNOWN_LINEAR]
+        if llama_like and bad:
+            c.add("adapter.target_modules", f"unknown module {', '.join(map(repr, bad))}; allowed: {', '.join(KNOWN_LINEAR)}")
+    if name == "mora":
+        k, r = _get(cfg, "adapter.top_k"), _get(cfg, "adapter.r")
+        n_tasks = len(_get(cfg, "stream.tasks") or [])
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                c.add("adapter.top_k", f"must be an integer >= 1 or null (all experts), got {k!r}")
+            elif isinstance(r, int) and k > r * max(1, n_tasks):
+                c.add("adapter.top_k", f"{k} is larger than the number of experts ({r} per task x {n_tasks} tasks "
+                                       f"= {r * n_tasks})")
+        c.number("adapter.tau", lo=0.0, strict_lo=True)
+        d = _get(cfg, "adapter.delta")
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not -1 <= d <= 1):
+            c.add("adapter.delta", f"must be null or a number in [-1, 1] (activations are normalised), got {d!r}")
+    if name == "reglora":
+        c.number("adapter.key_fraction", lo=0.0, hi=1.0, strict_lo=True)
+        c.number("adapter.reg_coef", lo=0.0)

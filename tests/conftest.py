@@ -47,3 +47,27 @@ def tiny_model_dir(tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+QWEN_STYLE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture()
+def tiny_qwen(tmp_path):
+    """A tiny random Qwen2 (the real presets' architecture) with the char tokenizer and a chat template."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from cl.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    tok.chat_template = QWEN_STYLE_TEMPLATE
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    d = tmp_path / "tiny-qwen2"
+    Qwen2ForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

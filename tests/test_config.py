@@ -83,9 +83,20 @@ def test_default_config_is_valid():
         ("averaging.kind=partwise", "averaging.blocks", "needs layer boundaries"),
         ("averaging.kind=ama averaging.ama.n_samples=0", "averaging.ama.n_samples", "integer >= 1"),
         ("train.decay=infinite train.const_ratio=2", "train.const_ratio", "<= 1.0"),
+        ("adapter=lora adapter.r=0", "adapter.r", "integer >= 1"),
+        ("adapter=mora adapter.top_k=100", "adapter.top_k", "larger than the number of experts (8 per task x 3"),
+        ("adapter=lora adapter.target_modules=[q_proj,qkv]", "adapter.target_modules", "unknown module 'qkv'"),
+        ("adapter=adalora", None, None),
+        ("adapter=task_lora train.reset_optimizer_per_task=false", "train.reset_optimizer_per_task", "must be true"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_field(override, field, words):
+    if field is None:  # an unknown config-group option: Hydra lists the available ones
+        from hydra.errors import MissingConfigException
+
+        with pytest.raises(MissingConfigException, match="Available options"):
+            compose_cfg(*override.split())
+        return
     problems = _problems(*override.split())
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{field}: ") and words in problems[0], problems

@@ -3,31 +3,10 @@
 import json
 
 import pytest
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from cl.data import PromptFormat
 from cl.model import load_model_and_tokenizer
-from cl.tokenizer import build_char_tokenizer
 from tests.conftest import compose_cfg, run_cli
-
-QWEN_STYLE_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-@pytest.fixture()
-def tiny_qwen(tmp_path):
-    tok = build_char_tokenizer()
-    tok.chat_template = QWEN_STYLE_TEMPLATE
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    d = tmp_path / "tiny-qwen2"
-    Qwen2ForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
 
 @pytest.mark.parametrize("preset, hub_id", [("qwen2_5_0_5b_instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
                                             ("qwen2_5_1_5b_instruct", "Qwen/Qwen2.5-1.5B-Instruct")])
