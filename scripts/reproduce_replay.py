@@ -35,7 +35,7 @@ QUICK_RL = ["objective.group_size=4"]
 FRACTIONS = ["0", "0.05", "0.25", "0.5"]
 
 
-def points(parts: set[str]) -> tuple[dict[str, tuple[str | None, list[str]]], dict[str, list[str]]]:
+def points(parts: set[str], paradigms: tuple[str, ...] = ("sft", "grpo")) -> tuple[dict[str, tuple[str | None, list[str]]], dict[str, list[str]]]:
     """``({directory: (experiment, overrides)}, {table: [directories]})``; a point shared by two tables
     (no replay under SFT) runs once."""
     runs: dict[str, tuple[str | None, list[str]]] = {}
@@ -46,10 +46,10 @@ def points(parts: set[str]) -> tuple[dict[str, tuple[str | None, list[str]]], di
             runs[f"sft_gere_{loss}"] = ("gere", [f"gere.loss={loss}"])
         tables["gere"] = ["sft_frac0"] + [f"sft_gere_{x}" for x in ("ce", "kl", "l1", "l2", "tm")]
     if "fraction" in parts:
-        for obj in ("sft", "grpo"):
+        for obj in paradigms:
             for f in FRACTIONS:
                 runs[f"{obj}_frac{f}"] = (None, [f"objective={obj}", f"replay.fraction={f}"])
-        tables["fraction"] = [f"{obj}_frac{f}" for obj in ("sft", "grpo") for f in FRACTIONS]
+        tables["fraction"] = [f"{obj}_frac{f}" for obj in paradigms for f in FRACTIONS]
     if "schedule" in parts:
         for sched in ("uniform", "power_law", "exponential"):
             runs[f"sft_frac0.25_{sched}"] = ("er_powerlaw", [f"replay.schedule={sched}"])
@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parts", default="gere,fraction,schedule", help="comma-separated subset of gere,fraction,schedule")
+    ap.add_argument("--fraction-paradigms", default="sft,grpo", help="objectives of part (b)")
     ap.add_argument("--out", default=None, help="output root (default: results/replay[_quick])")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
@@ -119,7 +120,10 @@ def main() -> None:
     extra = (QUICK if args.quick else []) + args.overrides
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
-    todo, tables = points(parts)
+    fp = tuple(p.strip() for p in args.fraction_paradigms.split(",") if p.strip())
+    if set(fp) - {"sft", "grpo"}:
+        raise SystemExit(f"error: --fraction-paradigms: allowed sft, grpo; got {fp}")
+    todo, tables = points(parts, fp)
     for name, (exp, ov) in todo.items():
         rl = QUICK_RL if args.quick and "objective=grpo" in ov else []
         run_sweep(root / name, exp, seeds, [*extra, *rl, *ov])

@@ -104,7 +104,14 @@ def test_mora_with_all_experts_and_flat_routing_equals_lora_of_the_same_rank():
             b.normal_()
     A, B = torch.cat(list(mora.A)), torch.cat(list(mora.B), 1)
     x = torch.randn(7, 16)
-    torch.testing.assert_close(mora(x), base(x) + 2.0 * x @ A.t() @ B.t(), rtol=1e-5, atol=1e-5)
+    from peft import LoraConfig, inject_adapter_in_model  # a plain peft LoRA of rank 5 with the same A, B
+
+    holder = inject_adapter_in_model(LoraConfig(r=5, lora_alpha=10, target_modules=["lin"]),
+                                     torch.nn.ModuleDict({"lin": copy.deepcopy(base)}))
+    with torch.no_grad():
+        holder["lin"].lora_A["default"].weight.copy_(A)
+        holder["lin"].lora_B["default"].weight.copy_(B)
+    torch.testing.assert_close(mora(x), holder["lin"](x), rtol=1e-5, atol=1e-5)
     mora_k = MoRALinear(copy.deepcopy(base), scale=2.0, top_k=2, tau=0.5)
     mora_k.add_experts(5)
     mora_k(x)

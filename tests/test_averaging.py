@@ -129,3 +129,55 @@ def test_task_vector_merges(tiny_model_dir, how):
         stack = torch.stack([taus[0][n], taus[1][n]])
         want = stack.mean(0) if how == "mean" else stack.gather(0, stack.abs().argmax(0, keepdim=True))[0]
         torch.testing.assert_close(got[n], base[n] + want)
+
+
+def _adapted_stream(tiny_model_dir, adapter_cfg, alpha):
+    from functools import partial
+
+    from cl.adapters import make_adapter
+    from cl.continual_eval import ContinualEvaluator
+    from cl.evaluation import EvalSet, Scorer
+    from cl.loop import run_stream
+    from cl.module import ContinualLM
+    from cl.run import _loader
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    fmt = PromptFormat(tok)
+    tasks = [build_task(n, 100, 20, 0) for n in ("add2", "sub2")]
+    ev = ContinualEvaluator(Scorer(fmt), [EvalSet.build(t, fmt, 8, 0) for t in tasks], [],
+                            tiny_model_dir.parent / "curves.jsonl")
+    adapter = make_adapter(adapter_cfg, seed=0)
+    model = adapter.setup(model)
+    module = ContinualLM(model, SFTObjective(), partial(torch.optim.AdamW, lr=1e-2))
+    avg = Averaging("wise", alpha=alpha, log_unaveraged=False)
+    seen = []
+
+    class Probe:  # records what averaging saw and produced around each task end
+        def on_task_start(self, ctx):
+            seen.append(("start", snapshot(ctx.module.model)))
+
+        def on_task_end(self, ctx):
+            seen.append(("end", snapshot(ctx.module.model)))
+
+    run_stream(module, tasks, tasks, _loader(fmt, 4, 3, 0), ev,
+               {"accelerator": "cpu", "devices": 1, "precision": "32-true"}, 3, components=[adapter, Probe(), avg])
+    return module, seen
+
+
+def test_with_merged_lora_averaging_acts_on_the_merged_weights(tiny_model_dir):
+    # adapter hook first: the task's LoRA is merged into the base, then alpha = 1 undoes the whole task
+    module, seen = _adapted_stream(tiny_model_dir, {"name": "lora", "r": 4, "alpha": 8, "merge_after_task": True}, 1.0)
+    (_, start), (_, end), (_, next_start) = seen[:3]
+    base_keys = [n for n in start if "lora_" not in n]
+    assert any(not torch.equal(end[n], start[n]) for n in base_keys)  # the merge changed the base ...
+    assert all(torch.equal(next_start[n], start[n]) for n in base_keys)  # ... and alpha = 1 undid it exactly
+
+
+def test_with_unmerged_lora_averaging_acts_on_the_adapter_matrices(tiny_model_dir):
+    module, seen = _adapted_stream(tiny_model_dir, {"name": "lora", "r": 4, "alpha": 8}, 0.5)
+    (_, start), (_, end), (_, next_start) = seen[:3]
+    lora = [n for n in start if "lora_A" in n or "lora_B" in n]
+    assert lora and any(not torch.equal(start[n], end[n]) for n in lora)
+    for n in lora:  # A and B are each interpolated (so B A is not a linear interpolation of the updates)
+        torch.testing.assert_close(next_start[n], 0.5 * start[n] + 0.5 * end[n])
+    assert all(torch.equal(next_start[n], start[n]) for n in start if "lora_" not in n)  # the base never trains
