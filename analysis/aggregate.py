@@ -48,6 +48,29 @@ def completed_results(root: str | Path) -> list[dict]:
     return out
 
 
+def failed_results(root: str | Path) -> list[dict]:
+    """All ``results.json`` under ``root`` whose status is ``failed: <reason>``."""
+    out = []
+    for p in sorted(Path(root).rglob("results.json")):
+        try:
+            res = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if str(res.get("status", "")).startswith("failed"):
+            res["dir"] = str(p.parent)
+            out.append(res)
+    return out
+
+
+def mark_failed(label: str, root: str | Path) -> str:
+    """``label`` with a note when jobs of this point failed and no later run with the same config completed."""
+    done = [r["config"] for r in completed_results(root)]
+    failed = [r for r in failed_results(root) if r["config"] not in done]
+    if not failed:
+        return label
+    return f"{label} [FAILED {len(failed)} job(s): {failed[0]['status'][len('failed: '):][:60]}]"
+
+
 def summarise(runs: Iterable[dict], metrics: Sequence[str]) -> dict[str, tuple[float, float, float, int]]:
     """``{metric: (mean, std, ci95, n)}`` over runs."""
     runs = list(runs)

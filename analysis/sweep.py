@@ -7,31 +7,38 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.aggregate import completed_results
+from analysis.aggregate import completed_results, failed_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_sweep(out: Path, experiment: str | None, seeds: list[int], extra: list[str]) -> None:
+def run_sweep(out: Path, experiment: str | None, seeds: list[int], extra: list[str]) -> list[dict]:
     """One Hydra multirun over the seeds still missing under ``out`` (resume = skip completed ones).
 
     Args:
         out: the point's directory; each invocation writes ``out/sweep-<time>/<job>``.
         experiment: ``conf/experiment`` entry (None: the defaults).
         extra: further Hydra overrides for every job.
+    Returns:
+        the jobs of this invocation that failed (their results.json say why); the other jobs' results
+        stand, and tables mark the point (``analysis.aggregate.mark_failed``).
     """
     done = {r["config"]["seed"] for r in completed_results(out)}
     todo = [s for s in seeds if s not in done]
     if not todo:
         print(f"  {out.name}: all {len(seeds)} seeds complete, skipped", flush=True)
-        return
+        return []
     sweep_dir = out / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [sys.executable, "-m", "cl.run", "-m", *([f"experiment={experiment}"] if experiment else []),
            f"seed={','.join(map(str, todo))}", f"hydra.sweep.dir={sweep_dir}", *extra]
     print(f"  {out.name}: seeds {todo} -> {sweep_dir}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
+    failed = failed_results(sweep_dir)
+    if proc.returncode != 0 and not failed:  # not a job failure the runs recorded: a crash of the sweep itself
         print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
         raise SystemExit(f"error: sweep {out.name} ({experiment}) failed (exit {proc.returncode})")
-    print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)
+    for r in failed:
+        print(f"    warning: job {r['dir']} {r['status']}", flush=True)
+    print(f"    done in {time.perf_counter() - t0:.0f} s ({len(todo) - len(failed)}/{len(todo)} jobs completed)", flush=True)
+    return failed

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, RandomSampler
@@ -104,19 +105,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one experiment in ``run_dir``; returns the results dict (also written to results.json)."""
     start = time.time()
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    validate_config(resolved)
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path, curves_path = run_dir / "results.json", run_dir / "curves.jsonl"
     curves_path.unlink(missing_ok=True)
     results: dict = {"status": "running", "config": resolved, "provenance": provenance(cfg.seed, start, None)}
-
-    d = cfg.data
-    stream = build_tasks(list(cfg.stream.tasks), d.n_train, d.n_eval, d.seed)
-    general = build_tasks(list(cfg.stream.general), d.n_train, d.n_eval, d.seed)
-    by_name = {t.name: t for t in stream + general}
-    if cfg.base.kind == "pretrain":
-        extra = [n for n in list(cfg.base.general) + list(cfg.base.exposure) if n not in by_name]
-        by_name.update({t.name: t for t in build_tasks(extra, d.n_train, d.n_eval, d.seed)})
+    try:  # bad config or data: a failed results.json (a sweep marks the point) and nothing else
+        validate_config(resolved)
+        d = cfg.data
+        stream = build_tasks(list(cfg.stream.tasks), d.n_train, d.n_eval, d.seed)
+        general = build_tasks(list(cfg.stream.general), d.n_train, d.n_eval, d.seed)
+        by_name = {t.name: t for t in stream + general}
+        if cfg.base.kind == "pretrain":
+            extra = [n for n in list(cfg.base.general) + list(cfg.base.exposure) if n not in by_name]
+            by_name.update({t.name: t for t in build_tasks(extra, d.n_train, d.n_eval, d.seed)})
+    except (ConfigError, DataError) as e:
+        results.update(status=f"failed: {type(e).__name__}: {e}".splitlines()[0],
+                       provenance=provenance(cfg.seed, start, time.time()))
+        write_json_atomic(results_path, results)
+        raise
 
     logger = None
     try:
@@ -341,6 +347,9 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, DataError, ModelLoadError, AdapterError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # a normal exception: Hydra runs the sweep's other jobs, then exits non-zero naming this one
+            raise RuntimeError(f"job {HydraConfig.get().job.num} ({run_dir}) failed: {str(e).splitlines()[0]}") from None
         sys.exit(2)
     return results["metrics"]["avg_acc"]
 

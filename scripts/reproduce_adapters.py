@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.aggregate import completed_results, markdown_table, mean_ci, summarise  # noqa: E402
+from analysis.aggregate import completed_results, mark_failed, markdown_table, mean_ci, summarise  # noqa: E402
 from analysis.sweep import run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "new_acc", "general_retention"]
@@ -55,7 +55,7 @@ def main() -> None:
             out = root / f"{paradigm}_{label.replace(' ', '_').replace('-', '_').lower()}"
             run_sweep(out, None, seeds, [*extra, *rl, f"objective={paradigm}", *ov])
             runs = completed_results(out)
-            rows[label] = summarise(runs, METRICS)
+            rows[mark_failed(label, out)] = summarise(runs, METRICS)
             trainable = runs[0]["metrics"]["compute"]["trainable_parameters_per_task"][0] if runs else None
             sps = mean_ci([r["metrics"]["compute"]["train_steps_per_second"] for r in runs])[0] if runs else float("nan")
             extra_cols.append(f"| {label} | {trainable:,} | {sps:.2f} |" if runs else f"| {label} | - | - |")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.aggregate import completed_results, markdown_table, summarise  # noqa: E402
+from analysis.aggregate import completed_results, mark_failed, markdown_table, summarise  # noqa: E402
 from analysis.plots import plot_pareto  # noqa: E402
 from analysis.sweep import run_sweep  # noqa: E402
 
@@ -64,7 +64,7 @@ def main() -> None:
     rows, pts = {}, []
     for name, (p, setting, _, _) in todo.items():
         runs = completed_results(root / name)
-        rows[f"{p.upper()} {setting}"] = summarise(runs, METRICS)
+        rows[mark_failed(f"{p.upper()} {setting}", root / name)] = summarise(runs, METRICS)
         pts += [{"paradigm": p.upper(), "setting": setting, **{m: r["metrics"][m] for m in METRICS}} for r in runs]
     p1 = plot_pareto(pts, root / "pareto_forgetting.png", x="forgetting", y="new_acc", x_better="low",
                      annotate="setting", title="averaging: new-task accuracy vs forgetting (mean ± std)")

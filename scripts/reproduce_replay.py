@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.aggregate import completed_results, markdown_table, mean_ci, summarise  # noqa: E402
+from analysis.aggregate import completed_results, mark_failed, markdown_table, mean_ci, summarise  # noqa: E402
 from analysis.sweep import run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention"]
@@ -131,7 +131,7 @@ def main() -> None:
     titles = {"gere": "(a) GeRe replay losses, SFT", "fraction": "(b) experience-replay fraction, SFT and GRPO",
               "schedule": "(c) past-task schedule at 25% replay, SFT, task-balanced buffer"}
     for part, names in tables.items():
-        rows = {label(n): summarise(completed_results(root / n), METRICS) for n in names}
+        rows = {mark_failed(label(n), root / n): summarise(completed_results(root / n), METRICS) for n in names}
         lines += [f"## {titles[part]}", "", markdown_table(rows, METRICS), ""]
     if "fraction" in parts:
         pic = plot_fraction(root, root / "replay_fraction.png")

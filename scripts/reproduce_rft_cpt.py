@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.aggregate import completed_results, markdown_table, summarise  # noqa: E402
+from analysis.aggregate import completed_results, mark_failed, markdown_table, summarise  # noqa: E402
 from analysis.plots import plot_pareto  # noqa: E402
 from analysis.sweep import run_sweep  # noqa: E402
 
@@ -98,7 +98,8 @@ def part_paper(root: Path, seeds: list[int], extra: list[str], rl_extra: list[st
     print("Part 1: the paper's protocol (shared learning rate)", flush=True)
     for label, exp in ARMS.items():
         run_sweep(root / "paper" / exp, exp, seeds, extra + (rl_extra if exp in RL_ARMS else []))
-    rows = {label: summarise(completed_results(root / "paper" / exp), METRICS) for label, exp in ARMS.items()}
+    rows = {mark_failed(label, root / "paper" / exp): summarise(completed_results(root / "paper" / exp), METRICS)
+            for label, exp in ARMS.items()}
     return ["## The paper's protocol (shared lr)", "", markdown_table(rows, METRICS), "",
             *_compute_rows(root / "paper", ARMS), ""]
 
@@ -116,7 +117,8 @@ def part_sweep(root: Path, lrs: list[str], sweep_seeds: list[int], extra: list[s
     sweep_rows = {}
     for paradigm, exp in (("SFT", "rft_cpt_sft"), ("GRPO", "rft_cpt_grpo")):
         for lr in lrs:
-            sweep_rows[f"{paradigm} lr={lr}"] = summarise(completed_results(root / "lr_sweep" / f"{exp}_lr{lr}"),
+            point = root / "lr_sweep" / f"{exp}_lr{lr}"
+            sweep_rows[mark_failed(f"{paradigm} lr={lr}", point)] = summarise(completed_results(point),
                                                           ["new_acc", "forgetting", "general_retention", "avg_acc"])
     sweep_table = markdown_table(sweep_rows, ["new_acc", "forgetting", "general_retention", "avg_acc"])
     p1 = plot_pareto(points, root / "pareto_forgetting.png", x="forgetting", y="new_acc", x_better="low",
@@ -138,7 +140,7 @@ def part_reasoning(root: Path, seeds: list[int], extra: list[str], rl_extra: lis
         runs = completed_results(root / "reasoning" / exp)
         for r in runs:  # the two formats start from different base accuracies on the same problems
             r["metrics"]["base_avg"] = sum(r["base_acc"]) / len(r["base_acc"])
-        rows[label] = summarise(runs, METRICS + ["base_avg"])
+        rows[mark_failed(label, root / "reasoning" / exp)] = summarise(runs, METRICS + ["base_avg"])
     return ["## Reasoning ablation (GRPO, base=tiny_reasoning)", "", markdown_table(rows, METRICS + ["base_avg"]),
             "", *_compute_rows(root / "reasoning", REASONING_ARMS), ""]
 

@@ -34,3 +34,15 @@ def test_pareto_plot_is_written(tmp_path):
            for p, lr, a, f in [("SFT", "1e-4", 0.7, 0.3), ("SFT", "3e-5", 0.6, 0.1), ("GRPO", "1e-4", 0.6, 0.05)]]
     path = plot_pareto(pts, tmp_path / "p.png", x="forgetting", y="new_acc", x_better="low")
     assert path.stat().st_size > 1000
+
+
+def test_a_failing_job_does_not_stop_the_sweep_and_its_point_is_marked(tmp_path, cache_dir):
+    from analysis.aggregate import completed_results, mark_failed
+    from analysis.sweep import run_sweep
+
+    out = tmp_path / "point"
+    failed = run_sweep(out, "smoke", [0], ["stream.steps_per_task=-1,3", "eval.shift_metrics=false", "logger=none"])
+    assert len(failed) == 1 and failed[0]["status"].startswith("failed: ConfigError: stream.steps_per_task")
+    assert len(completed_results(out)) == 1  # the other job of the same multirun ran to the end
+    assert mark_failed("SFT", out).startswith("SFT [FAILED 1 job(s): ConfigError: stream.steps_per_task")
+    assert mark_failed("SFT", out / "nothing-here") == "SFT"
