@@ -8,6 +8,8 @@
     exponential control (task-balanced buffer). On the 3-task default stream only the last task has
     two past tasks, so schedules can differ only there; pass ``stream.tasks=[...]`` with more tasks to
     see more of a difference.
+(d) Rehearsal-free regularizers (EWC, L2 to the start, LwF-style KL), Reptile meta-replay, k-FPF and the
+    per-task re-warming vs infinite LR schedules, against no replay and 25% ER.
 
 Each point runs over seeds as a Hydra multirun; jobs whose results.json is complete are skipped on a
 rerun. Prints mean +- 95% CI tables and writes ``table.md`` and ``replay_fraction.png``.
@@ -33,6 +35,7 @@ QUICK = ["stream.steps_per_task=40", "eval.every_n_steps=null", "eval.n_per_task
          "logger=none"]
 QUICK_RL = ["objective.group_size=4"]
 FRACTIONS = ["0", "0.05", "0.25", "0.5"]
+REGULARIZERS = ["ewc", "l2_anchor", "lwf", "er", "meta_er", "kfpf", "lr_rewarm", "lr_infinite"]
 
 
 def points(parts: set[str], paradigms: tuple[str, ...] = ("sft", "grpo")) -> tuple[dict[str, tuple[str | None, list[str]]], dict[str, list[str]]]:
@@ -50,6 +53,11 @@ def points(parts: set[str], paradigms: tuple[str, ...] = ("sft", "grpo")) -> tup
             for f in FRACTIONS:
                 runs[f"{obj}_frac{f}"] = (None, [f"objective={obj}", f"replay.fraction={f}"])
         tables["fraction"] = [f"{obj}_frac{f}" for obj in paradigms for f in FRACTIONS]
+    if "regularizers" in parts:
+        runs["sft_frac0"] = (None, ["objective=sft", "replay.fraction=0"])
+        for exp in REGULARIZERS:
+            runs[f"sft_{exp}"] = (exp, [])
+        tables["regularizers"] = ["sft_frac0"] + [f"sft_{exp}" for exp in REGULARIZERS]
     if "schedule" in parts:
         for sched in ("uniform", "power_law", "exponential"):
             runs[f"sft_frac0.25_{sched}"] = ("er_powerlaw", [f"replay.schedule={sched}"])
@@ -57,7 +65,10 @@ def points(parts: set[str], paradigms: tuple[str, ...] = ("sft", "grpo")) -> tup
     return runs, tables
 
 
-LABELS = {"sft_frac0": "no replay", "sft_gere_ce": "GeRe label fitting (ce)", "sft_gere_kl": "GeRe KL logits",
+LABELS = {"sft_ewc": "EWC (online, 100)", "sft_l2_anchor": "L2 to start (0.01)", "sft_lwf": "LwF KL to task start (1.0)",
+          "sft_er": "ER 25%", "sft_meta_er": "ER 25% + Reptile (eps .1, k 25)", "sft_kfpf": "k-FPF (norms + head)",
+          "sft_lr_rewarm": "LR re-warm + cosine per task", "sft_lr_infinite": "infinite LR schedule",
+          "sft_frac0": "no replay", "sft_gere_ce": "GeRe label fitting (ce)", "sft_gere_kl": "GeRe KL logits",
           "sft_gere_l1": "GeRe L1 features", "sft_gere_l2": "GeRe L2 features", "sft_gere_tm": "GeRe TM (dynamic w)"}
 
 
@@ -107,15 +118,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--parts", default="gere,fraction,schedule", help="comma-separated subset of gere,fraction,schedule")
+    ap.add_argument("--parts", default="gere,fraction,schedule,regularizers",
+                    help="comma-separated subset of gere,fraction,schedule,regularizers")
     ap.add_argument("--fraction-paradigms", default="sft,grpo", help="objectives of part (b)")
     ap.add_argument("--out", default=None, help="output root (default: results/replay[_quick])")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
-    if parts - {"gere", "fraction", "schedule"}:
-        raise SystemExit(f"error: --parts: unknown {sorted(parts - {'gere', 'fraction', 'schedule'})}; "
-                         "allowed: gere, fraction, schedule")
+    allowed = {"gere", "fraction", "schedule", "regularizers"}
+    if parts - allowed:
+        raise SystemExit(f"error: --parts: unknown {sorted(parts - allowed)}; allowed: {', '.join(sorted(allowed))}")
     root = Path(args.out or f"results/replay{'_quick' if args.quick else ''}")
     extra = (QUICK if args.quick else []) + args.overrides
     seeds = list(range(args.seeds))
@@ -129,7 +141,8 @@ def main() -> None:
         run_sweep(root / name, exp, seeds, [*extra, *rl, *ov])
     lines = ["# Replay at toy scale (default stream)", ""]
     titles = {"gere": "(a) GeRe replay losses, SFT", "fraction": "(b) experience-replay fraction, SFT and GRPO",
-              "schedule": "(c) past-task schedule at 25% replay, SFT, task-balanced buffer"}
+              "schedule": "(c) past-task schedule at 25% replay, SFT, task-balanced buffer",
+              "regularizers": "(d) rehearsal-free regularizers, meta-replay, k-FPF and LR schedules, SFT"}
     for part, names in tables.items():
         rows = {mark_failed(label(n), root / n): summarise(completed_results(root / n), METRICS) for n in names}
         lines += [f"## {titles[part]}", "", markdown_table(rows, METRICS), ""]
