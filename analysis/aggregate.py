@@ -34,32 +34,28 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, sd, t95(n - 1) * sd / math.sqrt(n)
 
 
-def completed_results(root: str | Path) -> list[dict]:
-    """All ``results.json`` with ``status == completed`` under ``root`` (each gets its ``dir``)."""
+def _results(root: str | Path, keep) -> list[dict]:
+    """Every readable ``results.json`` under ``root`` whose status passes ``keep`` (each gets its ``dir``)."""
     out = []
     for p in sorted(Path(root).rglob("results.json")):
         try:
             res = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if res.get("status") == "completed":
+        if keep(str(res.get("status", ""))):
             res["dir"] = str(p.parent)
             out.append(res)
     return out
+
+
+def completed_results(root: str | Path) -> list[dict]:
+    """All ``results.json`` with ``status == completed`` under ``root`` (each gets its ``dir``)."""
+    return _results(root, lambda status: status == "completed")
 
 
 def failed_results(root: str | Path) -> list[dict]:
     """All ``results.json`` under ``root`` whose status is ``failed: <reason>``."""
-    out = []
-    for p in sorted(Path(root).rglob("results.json")):
-        try:
-            res = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if str(res.get("status", "")).startswith("failed"):
-            res["dir"] = str(p.parent)
-            out.append(res)
-    return out
+    return _results(root, lambda status: status.startswith("failed"))
 
 
 def mark_failed(label: str, root: str | Path) -> str:

@@ -10,6 +10,10 @@ from pathlib import Path
 from analysis.aggregate import completed_results, failed_results
 
 ROOT = Path(__file__).resolve().parent.parent
+# --quick in every reproduction script: a toy budget that checks the whole pipeline in minutes
+QUICK = ["stream.steps_per_task=40", "eval.every_n_steps=null", "eval.n_per_task=100", "eval.shift_metrics=false",
+         "logger=none"]
+QUICK_RL = ["objective.group_size=4"]  # added for GRPO jobs
 
 
 def run_sweep(out: Path, experiment: str | None, seeds: list[int], extra: list[str]) -> list[dict]:

@@ -29,6 +29,7 @@ a linear interpolation of ``B A``); for ``mora`` on the expert matrices.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -324,9 +325,8 @@ class MoRALinear(nn.Module):
         w = w * keep * k
         if self.delta is not None:
             w = w * (s >= self.delta)
-        with torch.no_grad():
-            self.active_sum += float((w > 0).float().mean())
-            self.active_n += 1
+        self.active_sum = self.active_sum + (w > 0).float().mean().detach()
+        self.active_n += 1
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,7 +350,7 @@ class MoRALinear(nn.Module):
             p.zero_()
 
     def take_active_fraction(self) -> float | None:
-        f = self.active_sum / self.active_n if self.active_n else None
+        f = float(self.active_sum) / self.active_n if self.active_n else None
         self.active_sum, self.active_n = 0.0, 0
         return f
 
@@ -457,13 +457,12 @@ def save_adapted(model: nn.Module, path: str | Path, tokenizer=None) -> None:
     if _is_peft(model):
         names = list(model.peft_config)
         model.save_pretrained(path / "adapters")
-        copy_ = __import__("copy").deepcopy(model).unload()
-        copy_.save_pretrained(path / "base")
+        copy.deepcopy(model).unload().save_pretrained(path / "base")
         manifest = {"kind": "peft", "adapters": names, "active": list(model.base_model.active_adapters)}
     elif any(isinstance(m, MoRALinear) for m in model.modules()):
         save_mora(model, path / "mora")
         some = next(m for m in model.modules() if isinstance(m, MoRALinear))
-        base = __import__("copy").deepcopy(model)
+        base = copy.deepcopy(model)
         for mod in list(base.modules()):
             for child_name, child in list(mod.named_children()):
                 if isinstance(child, MoRALinear):

@@ -38,9 +38,12 @@ from torch.func import functional_call
 from cl.data import collate_sft
 from cl.generation import generate_ids
 from cl.objectives.sft import answer_cross_entropy
+from cl.trainer import EveryNSteps
 
 log = logging.getLogger(__name__)
 KINDS = ("none", "wise", "partwise", "ama", "ema", "merge")
+STARTS = ("task_start", "base")
+MERGES = ("mean", "magmax")
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -69,11 +72,17 @@ def num_layers(names) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def check_blocks(boundaries: list[int], n_layers: int) -> None:
-    if (len(boundaries) < 2 or boundaries[0] != 0 or boundaries[-1] != n_layers
-            or any(b >= c for b, c in zip(boundaries, boundaries[1:]))):
-        raise ValueError(f"averaging.blocks: {boundaries} must rise strictly from 0 to the number of layers "
-                         f"({n_layers}), e.g. [0, {n_layers // 2}, {n_layers}]")
+def check_blocks(boundaries, n_layers: int | None) -> None:
+    """Raise ``ValueError`` (one line) unless ``boundaries`` rise strictly from 0 to ``n_layers``
+    (any end when ``n_layers`` is unknown)."""
+    ok = (isinstance(boundaries, (list, tuple)) and len(boundaries) >= 2
+          and all(isinstance(b, int) and not isinstance(b, bool) for b in boundaries) and boundaries[0] == 0
+          and all(b < c for b, c in zip(boundaries, boundaries[1:]))
+          and (n_layers is None or boundaries[-1] == n_layers))
+    if not ok:
+        n = n_layers or 2
+        raise ValueError(f"averaging.blocks: {boundaries!r} must rise strictly from 0 to the number of layers"
+                         f"{f' ({n_layers})' if n_layers is not None else ''}, e.g. [0, {n // 2}, {n}]")
 
 
 def block_of(name: str, boundaries: list[int]) -> int | None:
@@ -114,10 +123,10 @@ class Averaging:
             raise ValueError(f"averaging.kind: '{kind}' is not one of {', '.join(KINDS)}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"averaging.alpha: must be in [0, 1], got {alpha}")
-        if start not in ("task_start", "base"):
-            raise ValueError(f"averaging.start: '{start}' is not one of task_start, base")
-        if merge not in ("mean", "magmax"):
-            raise ValueError(f"averaging.merge: '{merge}' is not one of mean, magmax")
+        if start not in STARTS:
+            raise ValueError(f"averaging.start: '{start}' is not one of {', '.join(STARTS)}")
+        if merge not in MERGES:
+            raise ValueError(f"averaging.merge: '{merge}' is not one of {', '.join(MERGES)}")
         self.kind, self.alpha, self.start, self.blocks, self.block_alphas = kind, alpha, start, blocks, block_alphas
         self.ema_decay, self.merge, self.ama = ema_decay, merge, dict(ama or {})
         self.fmt, self.evaluator, self.log_unaveraged, self.seed, self.log = fmt, evaluator, log_unaveraged, seed, log
@@ -138,20 +147,15 @@ class Averaging:
         if self.kind == "ema":
             self.ema = {n: w.clone() for n, w in self.task_start.items()}
 
+    @torch.no_grad()
+    def update_ema(self, module) -> None:
+        d = self.ema_decay
+        for n, p in module.model.state_dict().items():
+            if n in self.ema:
+                self.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
     def callbacks(self) -> list[pl.Callback]:
-        if self.kind != "ema":
-            return []
-        outer = self
-
-        class _Ema(pl.Callback):
-            @torch.no_grad()
-            def on_train_batch_end(self, trainer, pl_module, *_):
-                d = outer.ema_decay
-                for n, p in pl_module.model.state_dict().items():
-                    if n in outer.ema:
-                        outer.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
-
-        return [_Ema()]
+        return [EveryNSteps(1, self.update_ema)] if self.kind == "ema" else []
 
     def on_task_end(self, ctx) -> None:
         model = ctx.module.model

@@ -70,16 +70,15 @@ def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_f
 
     def make(task: Task, t: int) -> DataLoader:
         rows = task.train.to_list()
-        if replay is not None and replay.active():
-            old = replay.rows()
-            pairs = fmt.encode([r["prompt"] for r in rows + old], [r["answer"] for r in rows + old])
+        mixed = replay is not None and replay.active()
+        items = rows + replay.rows() if mixed else rows
+        examples = TaskExamples(fmt.encode([r["prompt"] for r in items], [r["answer"] for r in items]), items)
+        if mixed:
             sampler = replay.sampler(len(rows), steps, batch_size, t, seed * 1000 + t)
-            return DataLoader(TaskExamples(pairs, rows + old), batch_sampler=sampler, collate_fn=collate_fn)
-        pairs = fmt.encode([r["prompt"] for r in rows], [r["answer"] for r in rows])
+            return DataLoader(examples, batch_sampler=sampler, collate_fn=collate_fn)
         gen = torch.Generator().manual_seed(seed * 1000 + t)
-        sampler = RandomSampler(pairs, replacement=True, num_samples=steps * batch_size, generator=gen)
-        return DataLoader(TaskExamples(pairs, rows), batch_size=batch_size, sampler=sampler,
-                          collate_fn=collate_fn)
+        sampler = RandomSampler(examples, replacement=True, num_samples=steps * batch_size, generator=gen)
+        return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
 
     return make
 

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
+from typing import Callable
+
 from cl.progress import PlainProgress, StatusRichBar, is_tty
+
+
+class EveryNSteps(pl.Callback):
+    """Calls ``fn(module)`` after every ``n``-th optimizer step of the stream (``module.global_iter``),
+    for per-step components (Reptile interpolation, k-FPF, EMA)."""
+
+    def __init__(self, n: int, fn: Callable[[pl.LightningModule], None]):
+        self.n, self.fn = n, fn
+
+    def on_train_batch_end(self, trainer, pl_module, *_):
+        if pl_module.global_iter % self.n == 0:
+            self.fn(pl_module)
 
 
 def make_trainer(max_steps: int, trainer_kwargs: dict, label: str, callbacks=(), logger=None,

@@ -233,7 +233,7 @@ def _validate_replay(c: _Checker, cfg: Mapping) -> None:
 
 
 def _validate_averaging(c: _Checker, cfg: Mapping) -> None:
-    from cl.averaging import KINDS
+    from cl.averaging import KINDS, MERGES, STARTS, check_blocks
 
     if _get(cfg, "averaging") is None:
         return
@@ -242,27 +242,26 @@ def _validate_averaging(c: _Checker, cfg: Mapping) -> None:
     if kind in (None, "none"):
         return
     c.number("averaging.alpha", lo=0.0, hi=1.0)
-    c.choice("averaging.start", ("task_start", "base"))
+    c.choice("averaging.start", STARTS)
     layers = _get(cfg, "model.arch.num_hidden_layers") if not _get(cfg, "model.name_or_path") else None
     blocks = _get(cfg, "averaging.blocks")
     if kind == "partwise" and blocks is None:
         c.add("averaging.blocks", "partwise needs layer boundaries, e.g. [0, 1, 2] for two blocks of a 2-layer model")
     if blocks is not None:
-        ok = (isinstance(blocks, Sequence) and len(blocks) >= 2 and all(isinstance(b, int) for b in blocks)
-              and blocks[0] == 0 and all(a < b for a, b in zip(blocks, blocks[1:]))
-              and (layers is None or blocks[-1] == layers))
-        if not ok:
-            c.add("averaging.blocks", f"{blocks!r} must rise strictly from 0 to the number of layers"
-                                      f"{f' ({layers})' if layers is not None else ''}, e.g. [0, {(layers or 2) // 2}, {layers or 2}]")
-        elif kind == "partwise":
-            alphas = _get(cfg, "averaging.block_alphas")
-            if (not isinstance(alphas, Sequence) or len(alphas) != len(blocks) - 1
-                    or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alphas)):
-                c.add("averaging.block_alphas", f"needs {len(blocks) - 1} numbers in [0, 1] (one per block), got {alphas!r}")
+        try:
+            check_blocks(list(blocks) if isinstance(blocks, Sequence) else blocks, layers)
+        except ValueError as e:
+            c.problems.append(str(e))
+            blocks = None
+    if blocks is not None and kind == "partwise":
+        alphas = _get(cfg, "averaging.block_alphas")
+        if (not isinstance(alphas, Sequence) or len(alphas) != len(blocks) - 1
+                or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alphas)):
+            c.add("averaging.block_alphas", f"needs {len(blocks) - 1} numbers in [0, 1] (one per block), got {alphas!r}")
     if kind == "ema":
         c.number("averaging.ema_decay", lo=0.0, hi=1.0)
     if kind == "merge":
-        c.choice("averaging.merge", ("mean", "magmax"))
+        c.choice("averaging.merge", MERGES)
     if kind == "ama":
         c.integer("averaging.ama.n_samples", minimum=1)
         c.integer("averaging.ama.steps", minimum=1)
@@ -270,11 +269,10 @@ def _validate_averaging(c: _Checker, cfg: Mapping) -> None:
         c.number("averaging.ama.lr", lo=0.0, strict_lo=True)
 
 
-KNOWN_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-
-
 def _validate_adapter(c: _Checker, cfg: Mapping) -> None:
-    from cl.adapters import ADAPTERS
+    from cl.adapters import ADAPTERS, DEFAULT_TARGETS
+
+    known_linear = (*DEFAULT_TARGETS, "lm_head")  # Llama / Qwen2 projection names
 
     if _get(cfg, "adapter") is None:
         return
@@ -295,9 +293,9 @@ def _validate_adapter(c: _Checker, cfg: Mapping) -> None:
         # Llama/Qwen2 names are checked here; other architectures are checked against the loaded model
         llama_like = _get(cfg, "model.arch") is not None or any(
             k in str(_get(cfg, "model.name_or_path", "")).lower() for k in ("qwen", "llama"))
-        bad = [t for t in targets if t not in KNOWN_LINEAR]
+        bad = [t for t in targets if t not in known_linear]
         if llama_like and bad:
-            c.add("adapter.target_modules", f"unknown module {', '.join(map(repr, bad))}; allowed: {', '.join(KNOWN_LINEAR)}")
+            c.add("adapter.target_modules", f"unknown module {', '.join(map(repr, bad))}; allowed: {', '.join(known_linear)}")
     if name == "mora":
         k, r = _get(cfg, "adapter.top_k"), _get(cfg, "adapter.r")
         n_tasks = len(_get(cfg, "stream.tasks") or [])

@@ -18,6 +18,8 @@ import re
 import pytorch_lightning as pl
 import torch
 
+from cl.trainer import EveryNSteps
+
 from cl.data import collate_sft
 from cl.objectives.sft import answer_cross_entropy
 from replay.buffers import make_buffer
@@ -44,14 +46,7 @@ class ReptileInterpolation:
             self.anchor = {n: p.detach().clone() for n, p in ctx.module.model.named_parameters() if p.requires_grad}
 
     def callbacks(self) -> list[pl.Callback]:
-        outer = self
-
-        class _Cb(pl.Callback):
-            def on_train_batch_end(self, trainer, pl_module, *_):
-                if pl_module.global_iter % outer.every == 0:
-                    outer.interpolate(pl_module.model)
-
-        return [_Cb()]
+        return [EveryNSteps(self.every, lambda module: self.interpolate(module.model))]
 
 
 class KFPF:
@@ -63,6 +58,7 @@ class KFPF:
         self.buffer = make_buffer("reservoir", capacity, seed)
         self.rng = random.Random(seed)
         self.updates = 0
+        self._pairs: list | None = None  # the buffer's token ids, re-encoded when the buffer changes
 
     def selected(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         layers = sorted({int(m.group(1)) for n, _ in model.named_parameters() if (m := re.search(r"layers\.(\d+)\.", n))})
@@ -78,6 +74,7 @@ class KFPF:
         rows = ctx.task.train.to_list()
         random.Random(f"{self.seed}/{ctx.task.name}/kfpf").shuffle(rows)
         self.buffer.extend(rows)
+        self._pairs = None
 
     def fine_tune(self, model: torch.nn.Module) -> None:
         if not len(self.buffer):
@@ -88,8 +85,10 @@ class KFPF:
         for p in frozen:
             p.requires_grad_(False)
         device = next(model.parameters()).device
-        items = self.buffer.items
-        pairs = self.fmt.encode([r["prompt"] for r in items], [r["answer"] for r in items])
+        if self._pairs is None:
+            items = self.buffer.items
+            self._pairs = self.fmt.encode([r["prompt"] for r in items], [r["answer"] for r in items])
+        pairs = self._pairs
         try:
             for _ in range(self.steps):
                 b = collate_sft([pairs[self.rng.randrange(len(pairs))] for _ in range(self.batch_size)], self.fmt.pad_id)
@@ -105,11 +104,4 @@ class KFPF:
         self.updates += 1
 
     def callbacks(self) -> list[pl.Callback]:
-        outer = self
-
-        class _Cb(pl.Callback):
-            def on_train_batch_end(self, trainer, pl_module, *_):
-                if pl_module.global_iter % outer.every == 0:
-                    outer.fine_tune(pl_module.model)
-
-        return [_Cb()]
+        return [EveryNSteps(self.every, lambda module: self.fine_tune(module.model))]

@@ -14,6 +14,7 @@ sampler, same generator), so a run with ``replay.fraction=0`` is bit-identical t
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import torch
 from torch.utils.data import Sampler
@@ -110,5 +111,6 @@ class ExperienceReplay:
         self.task_order, self.replayed = dict(state["task_order"]), state["replayed"]
 
     def record(self) -> dict:
+        counts = Counter(self.buffer.tasks())
         return {"buffer_size": len(self.buffer), "replayed_rows": self.replayed,
-                "buffer_tasks": {n: self.buffer.tasks().count(n) for n in self.task_order}}
+                "buffer_tasks": {n: counts[n] for n in self.task_order}}

@@ -25,7 +25,6 @@ import time
 import warnings
 from functools import partial
 
-import pytorch_lightning as pl
 import torch
 import transformers
 
@@ -35,8 +34,9 @@ from cl.module import ContinualLM
 from cl.objectives.grpo import GRPOObjective
 from cl.run import _loader
 from cl.schedule import LRSchedule
-from cl.trainer import make_trainer
 from tasks.registry import build_task
+
+from benchlib import suite_steps_per_second  # scripts/benchlib.py (this directory is on sys.path)
 
 warnings.filterwarnings("ignore")
 transformers.utils.logging.disable_progress_bar()
@@ -45,16 +45,6 @@ logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 
 G, PROMPTS, NEW_TOKENS, LR = 8, 8, 16, 1e-4
 STEP = "objective step (generate + rewards + forwards + loss)"
-
-
-class StepClock(pl.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.t0, self.t1 = warmup, 0.0, 0.0
-
-    def on_train_batch_end(self, trainer, *_):
-        if trainer.global_step == self.warmup:
-            self.t0 = time.perf_counter()
-        self.t1 = time.perf_counter()
 
 
 class Ctx:
@@ -71,11 +61,8 @@ def suite(model, fmt, task, kl: float, steps: int, warmup: int, profile: dict | 
     obj.on_task_start(Ctx(module))
     if profile is not None:
         _instrument(obj, profile)
-    clock = StepClock(warmup)
     loader = _loader(fmt, PROMPTS, steps, seed=0, collate_fn=obj.collate_fn(fmt.pad_id))(task, 0)
-    trainer_kwargs = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "log_every_n_steps": 10}
-    make_trainer(steps, trainer_kwargs, "bench", callbacks=[clock], progress_every=10**9).fit(module, loader)
-    return (steps - warmup) / (clock.t1 - clock.t0)
+    return suite_steps_per_second(module, loader, steps, warmup)
 
 
 def trl_run(model, tok, task, kl: float, steps: int, warmup: int, out: str) -> float:

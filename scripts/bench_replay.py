@@ -21,7 +21,6 @@ import time
 import warnings
 from functools import partial
 
-import pytorch_lightning as pl
 import torch
 import transformers
 
@@ -32,32 +31,19 @@ from cl.module import ContinualLM
 from cl.objectives.sft import SFTObjective
 from cl.run import _loader
 from cl.schedule import LRSchedule
-from cl.trainer import make_trainer
 from replay.mixing import ExperienceReplay
 from tasks.registry import build_task
+
+from benchlib import suite_steps_per_second  # scripts/benchlib.py (this directory is on sys.path)
 
 warnings.filterwarnings("ignore")
 transformers.utils.logging.disable_progress_bar()
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 
 
-class StepClock(pl.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.t0, self.t1 = warmup, 0.0, 0.0
-
-    def on_train_batch_end(self, trainer, *_):
-        if trainer.global_step == self.warmup:
-            self.t0 = time.perf_counter()
-        self.t1 = time.perf_counter()
-
-
 def run(model, loader, steps: int, warmup: int) -> float:
     module = ContinualLM(model, SFTObjective(), partial(torch.optim.AdamW, lr=1e-4), LRSchedule(warmup_steps=10))
-    clock = StepClock(warmup)
-    kwargs = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "gradient_clip_val": 1.0,
-              "log_every_n_steps": 10}
-    make_trainer(steps, kwargs, "bench", callbacks=[clock], progress_every=10**9).fit(module, loader)
-    return (steps - warmup) / (clock.t1 - clock.t0)
+    return suite_steps_per_second(module, loader, steps, warmup, gradient_clip_val=1.0)
 
 
 def main() -> None:

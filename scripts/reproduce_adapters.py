@@ -21,12 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.aggregate import completed_results, mark_failed, markdown_table, mean_ci, summarise  # noqa: E402
-from analysis.sweep import run_sweep  # noqa: E402
+from analysis.sweep import QUICK, QUICK_RL, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "new_acc", "general_retention"]
-QUICK = ["stream.steps_per_task=40", "eval.every_n_steps=null", "eval.n_per_task=100", "eval.shift_metrics=false",
-         "logger=none"]
-QUICK_RL = ["objective.group_size=4"]
 SFT_ARMS = {"full": [], "LoRA": ["adapter=lora"], "LoRA merged per task": ["adapter=lora", "adapter.merge_after_task=true"],
             "task-LoRA": ["adapter=task_lora"], "MoRA": ["adapter=mora"], "HFT": ["adapter=hft"],
             "RegLoRA": ["adapter=reglora"]}

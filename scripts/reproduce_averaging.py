@@ -23,12 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.aggregate import completed_results, mark_failed, markdown_table, summarise  # noqa: E402
 from analysis.plots import plot_pareto  # noqa: E402
-from analysis.sweep import run_sweep  # noqa: E402
+from analysis.sweep import QUICK, QUICK_RL, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "new_acc", "general_retention"]
-QUICK = ["stream.steps_per_task=40", "eval.every_n_steps=null", "eval.n_per_task=100", "eval.shift_metrics=false",
-         "logger=none"]
-QUICK_RL = ["objective.group_size=4"]
 ALPHAS = ["0", "0.2", "0.4", "0.6", "0.8", "1.0"]
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.aggregate import completed_results, mark_failed, markdown_table, summarise  # noqa: E402
 from analysis.plots import plot_pareto  # noqa: E402
-from analysis.sweep import run_sweep  # noqa: E402
+from analysis.sweep import QUICK as SWEEP_QUICK, QUICK_RL, run_sweep  # noqa: E402
 
 ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grpo_nokl",
         "RIF-GRPO": "rft_cpt_rif_grpo", "joint GRPO (MTL)": "rft_cpt_joint"}
@@ -42,10 +42,8 @@ REASONING_ARMS = {"GRPO with reasoning": "rft_cpt_grpo_reasoning", "GRPO without
 RL_ARMS = {"rft_cpt_grpo", "rft_cpt_grpo_nokl", "rft_cpt_rif_grpo", "rft_cpt_joint", *REASONING_ARMS.values()}
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forward_kl_mean",
            "kl_base_general_final"]
-# --quick: a toy budget that checks the whole pipeline in minutes (too short for GRPO to learn much)
-QUICK = ["stream.steps_per_task=40", "eval.every_n_steps=null", "eval.n_per_task=100", "eval.shift_metrics=false",
-         "rif.max_instances=256", "logger=none"]
-QUICK_RL = ["objective.group_size=4"]
+# --quick (too short for GRPO to learn much) also screens fewer instances for RIF
+QUICK = [*SWEEP_QUICK, "rif.max_instances=256"]
 
 
 def main() -> None:

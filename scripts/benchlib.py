@@ -1,0 +1,29 @@
+"""Shared by the benchmark scripts: steady-state steps/s of one suite training run."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+
+from cl.trainer import make_trainer
+
+
+class StepClock(pl.Callback):
+    """Wall time from the end of optimizer step ``warmup`` to the end of the last step."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.t0, self.t1 = warmup, 0.0, 0.0
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step == self.warmup:
+            self.t0 = time.perf_counter()
+        self.t1 = time.perf_counter()
+
+
+def suite_steps_per_second(module, loader, steps: int, warmup: int, **trainer_kwargs) -> float:
+    """Train ``module`` for ``steps`` steps with the suite's Trainer on one CPU; steps/s after ``warmup``."""
+    clock = StepClock(warmup)
+    kwargs = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "log_every_n_steps": 10, **trainer_kwargs}
+    make_trainer(steps, kwargs, "bench", callbacks=[clock], progress_every=10**9).fit(module, loader)
+    return (steps - warmup) / (clock.t1 - clock.t0)
