@@ -72,6 +72,7 @@ def trainable_count(model: nn.Module) -> int:
 # -- full and HFT ---------------------------------------------------------------------------------------------
 class FullFineTuning:
     name = "full"
+    ckpt_attrs = ()
 
     def setup(self, model):
         return model
@@ -84,6 +85,7 @@ class HalfFineTuning:
     """Half fine-tuning (HFT): a random half of the matrices frozen per task (../shared/METHODS.md section 5)."""
 
     name = "hft"
+    ckpt_attrs = ("frozen",)
 
     def __init__(self, seed: int = 0, freeze_norms: bool = False):
         self.seed, self.freeze_norms = seed, freeze_norms
@@ -105,14 +107,21 @@ class HalfFineTuning:
                 frozen += [n for n in names if re.search(rf"layers\.{layer}\..*{proj}\.weight$", n)]
         return frozen
 
-    def on_task_start(self, ctx) -> None:
+    def _freeze(self, ctx) -> list[str]:
         model = ctx.module.model
         frozen = set(self.draw(model, ctx.task_idx))
         emb = model.get_input_embeddings().weight
         for n, p in model.named_parameters():
             is_norm = "norm" in n
             p.requires_grad_(not (n in frozen or p is emb or (self.freeze_norms and is_norm)))
-        self.frozen.append(sorted(frozen))
+        return sorted(frozen)
+
+    def on_task_start(self, ctx) -> None:
+        self.frozen.append(self._freeze(ctx))
+
+    def on_resume(self, ctx) -> None:
+        """Resumed inside a task: the task's frozen half again (the draw is seeded by the task index)."""
+        self._freeze(ctx)
 
     def record(self) -> dict:
         return {"name": self.name, "frozen_per_task": self.frozen}
@@ -123,6 +132,7 @@ class LoRA:
     """LoRA through peft, optionally merged into the base after each task (then a fresh LoRA per task)."""
 
     name = "lora"
+    ckpt_attrs = ("merges",)
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=DEFAULT_TARGETS,
                  merge_after_task: bool = False, seed: int = 0):
@@ -184,6 +194,7 @@ class TaskLoRA(LoRA):
     """One peft adapter per task (``task0``, ``task1``, ...); older ones frozen and kept active."""
 
     name = "task_lora"
+    ckpt_attrs = None  # adds a named adapter per task: not resumable
 
     def __init__(self, *a, evaluator=None, **kw):
         super().__init__(*a, **kw)
@@ -233,6 +244,7 @@ class RegLoRA(LoRA):
     """SEFE's RegLoRA: key-element masks of ``|B A|`` (union over tasks), merge, fresh LoRA, penalty."""
 
     name = "reglora"
+    ckpt_attrs = ("merges", "masks")
 
     def __init__(self, *a, key_fraction: float = 0.02, coef: float = 2.5e3, **kw):
         kw["merge_after_task"] = True
@@ -359,6 +371,7 @@ class MoRA:
     """Apply ``MoRALinear`` to ``target_modules``; ``r`` new rank-1 experts per task, old ones frozen."""
 
     name = "mora"
+    ckpt_attrs = None  # appends experts per task: not resumable
 
     def __init__(self, r: int = 8, alpha: float = 16, target_modules=DEFAULT_TARGETS, top_k: int | None = None,
                  tau: float = 1.0, delta: float | None = None, seed: int = 0):

@@ -114,6 +114,7 @@ class Averaging:
         fmt, evaluator: for AMA's samples and for scoring the un-averaged model.
         log_unaveraged: also score the task-end model before averaging.
     """
+    ckpt_attrs = ("base", "task_start", "ema", "task_vectors", "records")
 
     def __init__(self, kind: str, alpha: float = 0.2, start: str = "task_start", blocks: list[int] | None = None,
                  block_alphas: list[float] | None = None, ema_decay: float = 0.99, merge: str = "mean",

@@ -105,7 +105,7 @@ class EvalEveryNSteps(pl.Callback):
         self.evaluator, self.n, self.train_task = evaluator, n, train_task
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step % self.n == 0 and step < trainer.max_steps:
+        step = pl_module.step_in_task  # counts on across a resume inside the task
+        if step % self.n == 0 and step < pl_module.task_steps:
             self.evaluator.evaluate(pl_module.model, pl_module.global_iter, pl_module.task_idx,
                                     self.train_task, boundary=False)

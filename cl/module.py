@@ -55,6 +55,12 @@ class ContinualLM(pl.LightningModule):
         self.loss_components = list(loss_components)
         self.global_iter_offset = 0
         self.task_idx = 0
+        self.task_start_iter = 0  # global_iter when the current task began
+        self.task_steps: int | None = None  # optimizer steps of the current task (the LR schedule's length)
+        self.nonfinite = "stop"  # stop | skip: what a non-finite loss does
+        self.skipped_steps = 0
+        self.resume_optim: dict | None = None  # optimizer/scheduler states to load in configure_optimizers
+        self._scheduler = None
         self._optimizer: torch.optim.Optimizer | None = None
         self.trainable_per_task: list[int] = []
 
@@ -64,8 +70,20 @@ class ContinualLM(pl.LightningModule):
         step = self.trainer.global_step if self._trainer is not None else 0
         return self.global_iter_offset + step
 
-    def start_task(self, task_idx: int) -> None:
-        self.task_idx = task_idx
+    @property
+    def step_in_task(self) -> int:
+        return self.global_iter - self.task_start_iter
+
+    def start_task(self, task_idx: int, steps: int | None = None, start_iter: int | None = None) -> None:
+        self.task_idx, self.task_steps = task_idx, steps
+        self.task_start_iter = self.global_iter_offset if start_iter is None else start_iter
+
+    def optim_state(self, mid_task: bool) -> dict:
+        """What a checkpoint needs to rebuild the optimizer: its state when it outlives this point (always
+        mid-task, across tasks only without a per-task reset) and, mid-task, the LR scheduler's."""
+        keep_opt = self._optimizer is not None and (mid_task or not self.reset_optimizer_per_task)
+        return {"optimizer": self._optimizer.state_dict() if keep_opt else None,
+                "scheduler": self._scheduler.state_dict() if mid_task and self._scheduler is not None else None}
 
     def end_task(self, steps_taken: int) -> None:
         """Fold the finished Trainer's steps into the offset and detach from that Trainer."""
@@ -80,9 +98,15 @@ class ContinualLM(pl.LightningModule):
             loss = loss + term
             logs.update(extra)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss {loss.item()} at task {self.task_idx}, global_iter {self.global_iter}"
-            )
+            where = (f"task {self.task_idx + 1} step {self.step_in_task + 1} (global_iter {self.global_iter + 1}): "
+                     + ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1
+                                 and not torch.isfinite(v))[:300])
+            if self.nonfinite == "skip":  # no backward, no update: AdamW skips parameters without gradients
+                self.skipped_steps += 1
+                self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+                return None
+            raise FloatingPointError(f"non-finite loss {loss.item()} at {where} (set train.nonfinite=skip to skip "
+                                     "such batches instead)")
         logs = {f"train/{k}": v for k, v in logs.items()}
         n = batch["input_ids"].size(0) if "input_ids" in batch else len(batch["prompt_ids"])
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=n)
@@ -91,9 +115,18 @@ class ContinualLM(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.trainable_per_task.append(sum(p.numel() for p in {id(p): p for p in params}.values()))
+        if len(self.trainable_per_task) <= self.task_idx:  # once per task (a resumed task has it already)
+            self.trainable_per_task.append(sum(p.numel() for p in {id(p): p for p in params}.values()))
+        resume, self.resume_optim = self.resume_optim or {}, None
         if self.reset_optimizer_per_task or self._optimizer is None:
             self._optimizer = self.make_optimizer(params)
-        total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 1
+        if resume.get("optimizer") is not None:  # before the scheduler, which sets initial_lr only if absent
+            self._optimizer.load_state_dict(resume["optimizer"])
+        total = self.task_steps or (int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, self.schedule.lr_lambda(total, self.task_idx))
+        if resume.get("scheduler") is not None:  # mid-task: continue the schedule where it stopped
+            scheduler.load_state_dict(resume["scheduler"])
+            for group, lr in zip(self._optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        self._scheduler = scheduler
         return {"optimizer": self._optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

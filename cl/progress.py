@@ -24,13 +24,14 @@ class PlainProgress(pl.Callback):
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step % self.every and step != trainer.max_steps:
+        step = getattr(pl_module, "step_in_task", trainer.global_step)  # a resumed task counts on
+        total = getattr(pl_module, "task_steps", None) or trainer.max_steps
+        if step % self.every and step != total:
             return
         loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
         extra = f" | {self.status()}" if self.status else ""
-        rate = step / max(1e-9, time.perf_counter() - self.t0)
-        print(f"[{self.label}] step {step}/{trainer.max_steps} loss {loss:.4f} ({rate:.1f} it/s){extra}",
+        rate = trainer.global_step / max(1e-9, time.perf_counter() - self.t0)
+        print(f"[{self.label}] step {step}/{total} loss {loss:.4f} ({rate:.1f} it/s){extra}",
               flush=True)
 
 

@@ -31,6 +31,7 @@ class RolloutInstanceFilter:
         planned_prompts: prompts GRPO will roll out on this task (steps x batch), for "saved".
         group_size: GRPO's G, for "saved".
     """
+    ckpt_attrs = ("records",)
 
     def __init__(self, fmt, k: int = 8, max_instances: int = 1024, drop_all_correct: bool = False,
                  max_new_tokens: int = 16, temperature: float = 1.0, planned_prompts: int = 0,

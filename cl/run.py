@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -31,6 +32,7 @@ from analysis.metrics import matrix_metrics
 from cl.adapters import AdapterError, make_adapter, save_adapted
 from cl.averaging import Averaging
 from cl.base_stage import BaseRecipe, ensure_base
+from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest, not_resumable, run_key
 from cl.continual_eval import ContinualEvaluator
 from cl.data import PromptFormat, SFTCollator, TaskExamples
 from cl.evaluation import EvalSet, Scorer
@@ -71,14 +73,17 @@ def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_f
     def make(task: Task, t: int) -> DataLoader:
         rows = task.train.to_list()
         mixed = replay is not None and replay.active()
+        # the loader's own generator: creating its iterator must not draw from the global RNG (which GRPO
+        # sampling uses), so a task resumed mid-way sees the same random stream as an uninterrupted one
+        own = torch.Generator().manual_seed(seed * 1000 + t + 500)
         items = rows + replay.rows() if mixed else rows
         examples = TaskExamples(fmt.encode([r["prompt"] for r in items], [r["answer"] for r in items]), items)
         if mixed:
             sampler = replay.sampler(len(rows), steps, batch_size, t, seed * 1000 + t)
-            return DataLoader(examples, batch_sampler=sampler, collate_fn=collate_fn)
+            return DataLoader(examples, batch_sampler=sampler, collate_fn=collate_fn, generator=own)
         gen = torch.Generator().manual_seed(seed * 1000 + t)
         sampler = RandomSampler(examples, replacement=True, num_samples=steps * batch_size, generator=gen)
-        return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
+        return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, generator=own)
 
     return make
 
@@ -101,13 +106,31 @@ def prepare_model(cfg: DictConfig, run_dir: Path, tasks: dict[str, Task]):
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run one experiment in ``run_dir``; returns the results dict (also written to results.json)."""
+    """Run one experiment in ``run_dir`` holding its lock (see ``_run``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run one experiment in ``run_dir``; returns the results dict (also written to results.json).
+
+    With ``resume=auto`` (the default) a completed run in ``run_dir`` is not repeated (its results are
+    returned) and an interrupted one continues from its last checkpoint; ``resume=never`` starts over."""
     start = time.time()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path, curves_path = run_dir / "results.json", run_dir / "curves.jsonl"
-    curves_path.unlink(missing_ok=True)
+    mode = cfg.get("resume", "auto")
+    if mode == "auto" and (done := _completed(results_path)) is not None:
+        print(f"[run] already completed: {results_path} (resume=never runs it again)", flush=True)
+        return done
+    ckpt = latest(run_dir) if mode == "auto" else None
+    if ckpt is None:
+        shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
+        curves_path.unlink(missing_ok=True)
     results: dict = {"status": "running", "config": resolved, "provenance": provenance(cfg.seed, start, None)}
+    partial: dict = {}  # matrices so far: a failed run still reports the tasks it finished
     try:  # bad config or data: a failed results.json (a sweep marks the point) and nothing else
         validate_config(resolved)
         d = cfg.data
@@ -129,7 +152,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         # W&B starts after the (cached) base stage so its service does not compete with pretraining.
         logger = make_logger(cfg.logger.kind, str(run_dir), project=cfg.logger.get("project", "cl-suite"),
                              mode=cfg.logger.get("mode", "offline"), name=run_dir.name,
-                             group=cfg.logger.get("group"), tags=cfg.logger.get("tags"), config=resolved)
+                             group=cfg.logger.get("group"), tags=cfg.logger.get("tags"), config=resolved,
+                             run_id=wandb_run_id(run_dir, resuming=ckpt is not None) if cfg.logger.kind == "wandb" else None)
         results["base_model"] = base_info
         pl.seed_everything(cfg.seed, verbose=False)
         fmt = PromptFormat(tokenizer, cfg.model.use_chat_template, cfg.model.get("system_prompt"))
@@ -155,15 +179,29 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             reset_optimizer_per_task=cfg.train.reset_optimizer_per_task,
             loss_components=[c for c in components if hasattr(c, "extra_loss")],
         )
+        module.nonfinite = cfg.train.get("nonfinite", "stop")
         replay = next((c for c in components if isinstance(c, ExperienceReplay)), None)
         phases = stream if cfg.stream.mode == "sequential" else [joint_task(stream)] * len(stream)
+        ck = cfg.checkpoint
+        fixed = not_resumable(components)
+        if ck.enabled and fixed:
+            log.warning("checkpoints off: %s change(s) the model's structure per task and cannot be restored; "
+                        "an interrupted run starts over", ", ".join(fixed))
+        checkpointer = Checkpointer(run_dir, module, components, evaluator, resolved, ck.every_n_steps) \
+            if ck.enabled and not fixed else None
+        resume = None
+        if ckpt is not None and checkpointer is not None:
+            resume = checkpointer.load(ckpt)
+            where = f"task {resume['task_idx'] + 1} step {resume['step_in_task']}"
+            print(f"[resume] {ckpt}: continuing at {where} (global_iter {resume['global_iter']})", flush=True)
         print(f"[run] {cfg.stream.mode} stream: {' -> '.join(t.name for t in stream)} | objective "
               f"{module.objective.name} | lr {cfg.optimizer.lr} | {cfg.stream.steps_per_task} steps x "
               f"{cfg.stream.batch_size} per task | {base_info['parameters'] / 1e6:.2f}M params | {run_dir}",
               flush=True)
 
         def partial_results(t: int, res: StreamResult) -> None:
-            write_json_atomic(results_path, {**results, **_matrices(res), "completed_tasks": t + 1})
+            partial.update(_matrices(res), completed_tasks=t + 1)
+            write_json_atomic(results_path, {**results, **partial})
 
         res = run_stream(
             module, stream, phases,
@@ -171,7 +209,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     replay),
             evaluator, OmegaConf.to_container(cfg.trainer, resolve=True), cfg.stream.steps_per_task,
             eval_every_n_steps=cfg.eval.every_n_steps, logger=logger, components=components,
-            on_task_end=partial_results,
+            on_task_end=partial_results, checkpointer=checkpointer, resume=resume,
         )
         end = time.time()
         if cfg.save_final_model:
@@ -184,11 +222,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "tokens_generated": getattr(objective, "tokens_generated", 0),
             "trainable_parameters_per_task": module.trainable_per_task,
             "train_steps_per_second": module.global_iter / max(1e-9, res.train_seconds),
+            "skipped_nonfinite_steps": module.skipped_steps,
         }
+        if checkpointer is not None:
+            metrics["compute"]["checkpoint_seconds"] = checkpointer.seconds
         results["adapter"] = adapter.record()
+        if resume is not None:
+            results["resumed_from"] = {"task_idx": resume["task_idx"], "step_in_task": resume["step_in_task"]}
         results.update(_matrices(res), metrics=metrics, status="completed",
                        provenance=provenance(cfg.seed, start, end))
         write_json_atomic(results_path, results)
+        if not ck.keep_after_completion:
+            shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
         pictures = _plots(run_dir, res, curves)
         if logger is not None:
             logger.log_images(pictures)
@@ -196,7 +241,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                              [[f"{i + 1}:{n}"] + row for i, (n, row) in enumerate(zip(res.tasks, res.acc_matrix))])
             logger.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     except BaseException as e:
-        results.update(status=f"failed: {type(e).__name__}: {e}".splitlines()[0],
+        results.update(partial, status=f"failed: {type(e).__name__}: {e}".splitlines()[0],
                        provenance=provenance(cfg.seed, start, time.time()))
         write_json_atomic(results_path, results)
         raise
@@ -205,6 +250,28 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             logger.finish(exit_code=0 if results["status"] == "completed" else 1)
     print_summary(results, run_dir)
     return results
+
+
+def _completed(results_path: Path) -> dict | None:
+    import json
+
+    try:
+        res = json.loads(results_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return res if res.get("status") == "completed" else None
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id of ``run_dir``: kept in ``run_dir/wandb_id`` so a resumed run continues the same W&B run."""
+    import secrets
+
+    path = run_dir / "wandb_id"
+    if resuming and path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEvaluator, objective, logger,
@@ -327,6 +394,7 @@ def _read_curves(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+OmegaConf.register_new_resolver("cl_key", run_key, replace=True)  # hydra.run.dir / hydra.sweep.subdir
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: works for `cl-run` as well
 
 
@@ -343,7 +411,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         results = run(cfg, run_dir)
-    except (ConfigError, DataError, ModelLoadError, AdapterError) as e:
+    except (ConfigError, DataError, ModelLoadError, AdapterError, CheckpointError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:

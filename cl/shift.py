@@ -61,6 +61,7 @@ def answer_token_kl(p_model: torch.nn.Module, q_model: torch.nn.Module, pairs, p
 class DistributionShiftProbe:
     """A task-boundary component: references are recorded at the stream start (base) and at each task
     start (pi_0); at each task end the KLs above are appended to ``records``."""
+    ckpt_attrs = ("base_ref", "base_model", "task_ref", "records", "seconds")
 
     def __init__(self, stream: list[EvalSet], general: list[EvalSet], pad_id: int, n: int = 50, log=None):
         self.stream, self.general, self.pad_id, self.n, self.log = stream, general, pad_id, n, log

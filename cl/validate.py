@@ -155,6 +155,7 @@ def validate_config(cfg: Mapping) -> None:
     _validate_replay(c, cfg)
     _validate_averaging(c, cfg)
     _validate_adapter(c, cfg)
+    _validate_checkpoint(c, cfg)
     c.choice("logger.kind", LOGGER_KINDS)
     if _get(cfg, "logger.kind") == "wandb":
         c.choice("logger.mode", MODES)
@@ -267,6 +268,18 @@ def _validate_averaging(c: _Checker, cfg: Mapping) -> None:
         c.integer("averaging.ama.steps", minimum=1)
         c.number("averaging.ama.alpha0", lo=0.0, hi=1.0)
         c.number("averaging.ama.lr", lo=0.0, strict_lo=True)
+
+
+def _validate_checkpoint(c: _Checker, cfg: Mapping) -> None:
+    c.choice("resume", ("auto", "never"))
+    c.choice("train.nonfinite", ("stop", "skip"))
+    if _get(cfg, "checkpoint") is None:
+        return
+    if not isinstance(_get(cfg, "checkpoint.enabled"), bool):
+        c.add("checkpoint.enabled", "must be true or false")
+    c.integer("checkpoint.every_n_steps", minimum=0)
+    if not isinstance(_get(cfg, "checkpoint.keep_after_completion"), bool):
+        c.add("checkpoint.keep_after_completion", "must be true or false")
 
 
 def _validate_adapter(c: _Checker, cfg: Mapping) -> None:

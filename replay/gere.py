@@ -54,6 +54,7 @@ class GeneralReplay:
         temperature: of the ``kl`` imitation.
         seed: seeds the minibatch draws.
     """
+    ckpt_attrs = ("gen", "h0", "pos", "neg", "teacher")
 
     def __init__(self, fmt, rows: list[dict], loss: str = "tm", batch_size: int = 8, weight: float = 1.0,
                  temperature: float = 2.0, seed: int = 0):

@@ -26,6 +26,7 @@ from replay.buffers import make_buffer
 
 
 class ReptileInterpolation:
+    ckpt_attrs = ("anchor", "applied")
     def __init__(self, eps: float = 0.1, every: int = 100):
         if not 0.0 < eps <= 1.0:
             raise ValueError(f"meta_replay.eps: must be in (0, 1], got {eps}")
@@ -50,6 +51,7 @@ class ReptileInterpolation:
 
 
 class KFPF:
+    ckpt_attrs = ("buffer", "rng", "updates")
     def __init__(self, fmt, every: int = 50, steps: int = 5, lr: float = 1e-4, batch_size: int = 16,
                  modules: tuple[str, ...] = ("norm", "lm_head"), top_blocks: int = 0, capacity: int = 1000,
                  seed: int = 0):

@@ -65,6 +65,7 @@ class ExperienceReplay:
             random order; all of them when larger than the split).
         seed: seeds the buffer and the offer order.
     """
+    ckpt_attrs = ("buffer", "task_order", "replayed")
 
     def __init__(self, fraction: float = 0.25, buffer: str = "reservoir", capacity: int = 1000,
                  schedule: str = "uniform", exponent: float = 0.5, rate: float = 1.0,

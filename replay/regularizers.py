@@ -27,6 +27,7 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 class L2Anchor:
+    ckpt_attrs = ("anchor",)
     def __init__(self, coef: float):
         self.coef, self.anchor = coef, None
 
@@ -44,6 +45,7 @@ class L2Anchor:
 
 
 class EWC:
+    ckpt_attrs = ("fisher", "anchor")
     def __init__(self, coef: float, fmt, gamma: float = 1.0, fisher_batches: int = 10, batch_size: int = 16,
                  seed: int = 0):
         self.coef, self.fmt, self.gamma = coef, fmt, gamma
@@ -95,6 +97,7 @@ class EWC:
 
 
 class KLDistill:
+    ckpt_attrs = ("teacher",)
     def __init__(self, coef: float, pad_id: int, temperature: float = 1.0):
         self.coef, self.pad_id, self.temperature = coef, pad_id, temperature
         self.teacher: torch.nn.Module | None = None

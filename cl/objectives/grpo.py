@@ -15,6 +15,7 @@ a task's step budget is in optimizer steps. Dynamic sampling drops all-equal gro
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,17 @@ class GRPOObjective:
         self._uses = 0
         self._steps = 0
         self.tokens_generated = 0
+
+    ckpt_attrs = ("ref_model", "rollout_state", "_uses", "_steps", "tokens_generated")
+
+    @property
+    def rollout_state(self) -> dict | None:
+        """The rollout being reused (ppo_epochs > 1) as plain tensors, for checkpoints."""
+        return None if self._rollout is None else dataclasses.asdict(self._rollout)
+
+    @rollout_state.setter
+    def rollout_state(self, state: dict | None) -> None:
+        self._rollout = None if state is None else Rollout(**state)
 
     # -- wiring -------------------------------------------------------------------------------------
     def bind(self, fmt: PromptFormat, tasks: dict[str, Task]) -> None:

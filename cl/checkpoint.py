@@ -1,0 +1,347 @@
+"""Checkpoints that let the same command resume an interrupted stream with nothing lost.
+
+A checkpoint is a directory ``RUN_DIR/checkpoints/last`` holding
+
+- ``model.safetensors``: the stream's model (base + adapters) as safetensors;
+- ``state.pt``: everything else as plain containers and tensors, loaded with ``torch.load(weights_only=True)``:
+  the loop position (task, step inside the task, global iteration), the optimizer and LR-scheduler
+  states, the accuracy matrices so far, the evaluator's counters and the byte length of ``curves.jsonl``,
+  every component's state (replay buffers, anchors, teachers, averaging snapshots, GRPO reference),
+  the RNG states of torch, numpy and Python, and the resolved config it was written under.
+
+Writes are atomic: the new checkpoint is written to a temporary directory, the old one is renamed to
+``prev``, the new one to ``last``, then ``prev`` is removed. A crash at any point leaves ``last`` or
+``prev`` complete; ``latest`` picks whichever exists.
+
+Components opt in by naming the attributes that hold their state in ``ckpt_attrs``; a component
+whose state cannot be captured this way sets ``ckpt_attrs = None`` and runs are then not resumable
+(validation says so before any work).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+CKPT_DIR = "checkpoints"
+# config keys that may differ between the interrupted run and the resuming one
+VOLATILE_KEYS = ("resume", "checkpoint", "logger", "cache_dir", "hydra")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (incompatible config, unsupported component)."""
+
+
+# -- component state ---------------------------------------------------------------------------------------
+def capture(value):
+    """``value`` as plain containers and tensors (what ``torch.load(weights_only=True)`` accepts)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, nn.Module):
+        return {"__module__": {k: v.detach() for k, v in value.state_dict().items()}}
+    if isinstance(value, torch.Generator):
+        return {"__generator__": value.get_state()}
+    if isinstance(value, random.Random):
+        version, internal, gauss = value.getstate()
+        return {"__random__": [version, list(internal), gauss]}
+    if hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
+        return {"__state__": capture(value.state_dict())}
+    if isinstance(value, dict):
+        return {str(k): capture(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [capture(v) for v in value]
+    raise TypeError(f"cannot checkpoint a {type(value).__name__}")
+
+
+def restore(current, saved, template: nn.Module | None = None):
+    """The value to assign back: loads into ``current`` where it is a stateful object, builds frozen copies
+    of ``template`` for saved modules that do not exist yet (teachers, reference models)."""
+    if isinstance(saved, dict) and len(saved) == 1:
+        (key, inner), = saved.items()
+        if key == "__module__":
+            if not isinstance(current, nn.Module):
+                if template is None:
+                    raise CheckpointError("a saved module needs a template model to be restored into")
+                current = copy.deepcopy(template).eval().requires_grad_(False)
+            current.load_state_dict(inner, strict=True)
+            return current
+        if key == "__generator__":
+            gen = current if isinstance(current, torch.Generator) else torch.Generator()
+            gen.set_state(inner)
+            return gen
+        if key == "__random__":
+            rng = current if isinstance(current, random.Random) else random.Random()
+            rng.setstate((inner[0], tuple(inner[1]), inner[2]))
+            return rng
+        if key == "__state__":
+            current.load_state_dict(restore(None, inner, template))
+            return current
+    if isinstance(saved, dict):
+        return {k: restore(current.get(k) if isinstance(current, dict) else None, v, template) for k, v in saved.items()}
+    if isinstance(saved, list):
+        return [restore(None, v, template) for v in saved]
+    return saved
+
+
+def component_states(components) -> list[dict]:
+    out = []
+    for c in components:
+        attrs = getattr(c, "ckpt_attrs", None)
+        if attrs is None:
+            raise CheckpointError(f"{type(c).__name__} cannot be checkpointed")
+        out.append({a: capture(getattr(c, a)) for a in attrs})
+    return out
+
+
+def load_component_states(components, states: list[dict], template: nn.Module) -> None:
+    if len(states) != len(components):
+        raise CheckpointError(f"checkpoint has {len(states)} components, this run builds {len(components)}")
+    for c, state in zip(components, states):
+        for a, v in state.items():
+            setattr(c, a, restore(getattr(c, a), v, template))
+
+
+def not_resumable(components) -> list[str]:
+    """Names of components that declare no checkpointable state."""
+    return [getattr(c, "name", type(c).__name__) for c in components if getattr(c, "ckpt_attrs", None) is None]
+
+
+# -- RNG --------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- files ------------------------------------------------------------------------------------------------
+def save(run_dir: Path, model: nn.Module, state: dict) -> Path:
+    """Write a checkpoint atomically; returns its directory."""
+    from safetensors.torch import save_model
+
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    with open(tmp / "state.pt", "rb+") as f:
+        os.fsync(f.fileno())
+    last, prev = root / "last", root / "prev"
+    if last.exists():
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(last, prev)
+    os.replace(tmp, last)
+    shutil.rmtree(prev, ignore_errors=True)
+    return last
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory (``last``, else ``prev`` after a crash mid-swap)."""
+    root = Path(run_dir) / CKPT_DIR
+    for name in ("last", "prev"):
+        d = root / name
+        if (d / "model.safetensors").is_file() and (d / "state.pt").is_file():
+            return d
+    return None
+
+
+def load_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"{Path(ckpt) / 'state.pt'}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_model_weights(ckpt: Path, model: nn.Module) -> None:
+    from safetensors.torch import load_model
+
+    path = Path(ckpt) / "model.safetensors"
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: does not fit this run's model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not fit this run's model (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})")
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, ignoring the keys a resume may change."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        if not prefix and k in VOLATILE_KEYS:
+            continue
+        key = f"{prefix}{k}"
+        a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, key + ".")
+        elif a != b:
+            out.append(f"{key} (checkpoint {a!r}, now {b!r})")
+    return out
+
+
+def check_compatible(saved_cfg: dict, current_cfg: dict, ckpt: Path) -> None:
+    diffs = config_differences(saved_cfg, current_cfg)
+    if diffs:
+        raise CheckpointError(f"{ckpt}: checkpoint from an incompatible config: {'; '.join(diffs[:5])}"
+                              + (f" (+{len(diffs) - 5} more)" if len(diffs) > 5 else "")
+                              + "; rerun with resume=never to start over")
+
+
+class _EveryNSteps(pl.Callback):
+    def __init__(self, ckpt: "Checkpointer", res, phase):
+        self.ckpt, self.res, self.phase = ckpt, res, phase
+
+    def on_train_batch_end(self, trainer, pl_module, *_):
+        step = pl_module.step_in_task
+        if step % self.ckpt.every_n_steps == 0 and step < pl_module.task_steps:  # the boundary saves the last
+            self.ckpt.save(pl_module.task_idx, step, self.res, self.phase)
+
+
+class Checkpointer:
+    """Writes the run's checkpoint at task boundaries and every ``every_n_steps`` steps inside tasks.
+
+    Args:
+        run_dir: the run directory (``checkpoints/`` goes under it).
+        module: the ``ContinualLM``.
+        components: the stream components, in the order the run builds them.
+        evaluator: the ``ContinualEvaluator`` (counters and the curves file).
+        config: the resolved config, stored for the compatibility check on resume.
+        every_n_steps: 0 = boundaries only.
+        extra: more plain state to store (e.g. the W&B run id).
+    """
+
+    def __init__(self, run_dir: Path, module, components, evaluator, config: dict, every_n_steps: int = 0,
+                 extra: dict | None = None):
+        self.run_dir, self.module, self.components, self.evaluator = Path(run_dir), module, list(components), evaluator
+        self.config, self.every_n_steps, self.extra = config, every_n_steps, dict(extra or {})
+        self.saves, self.seconds = 0, 0.0
+
+    def callbacks(self, res, phase) -> list[pl.Callback]:
+        return [_EveryNSteps(self, res, phase)] if self.every_n_steps else []
+
+    def save(self, task_idx: int, step_in_task: int, res, phase) -> Path:
+        import dataclasses
+        import time
+
+        t0 = time.perf_counter()
+        ev = self.evaluator
+        state = {
+            "version": 1, "config": self.config, "task_idx": task_idx, "step_in_task": step_in_task,
+            "global_iter": self.module.global_iter,
+            "module": {"trainable_per_task": list(self.module.trainable_per_task),
+                       "skipped_steps": self.module.skipped_steps, **self.module.optim_state(step_in_task > 0)},
+            "result": capture(dataclasses.asdict(res)),
+            "evaluator": {"seconds": ev.seconds, "points": ev.points, "old_task_acc": ev.old_task_acc,
+                          "curves_bytes": ev.curves_path.stat().st_size if ev.curves_path.exists() else 0},
+            "components": component_states(self.components),
+            "phase_rows": capture(phase.train.to_list()) if phase is not None else None,
+            "rng": rng_state(),
+            **self.extra,
+        }
+        path = save(self.run_dir, self.module.model, state)
+        self.saves += 1
+        self.seconds += time.perf_counter() - t0
+        return path
+
+    def load(self, ckpt: Path) -> dict:
+        """Restore the module, components, evaluator and RNGs from ``ckpt``; returns the loop state for
+        ``run_stream(resume=...)``. Call after everything is built, just before the stream starts."""
+        state = load_state(ckpt)
+        check_compatible(state["config"], self.config, ckpt)
+        m = self.module
+        load_model_weights(ckpt, m.model)
+        load_component_states(self.components, state["components"], m.model)
+        m.global_iter_offset = state["global_iter"]
+        m.trainable_per_task = list(state["module"]["trainable_per_task"])
+        m.skipped_steps = state["module"]["skipped_steps"]
+        m.resume_optim = {"optimizer": state["module"]["optimizer"], "scheduler": state["module"]["scheduler"]}
+        ev = self.evaluator
+        ev.seconds, ev.points, ev.old_task_acc = (state["evaluator"][k] for k in ("seconds", "points", "old_task_acc"))
+        with open(ev.curves_path, "ab") as f:  # drop the lines written after the checkpoint
+            f.truncate(state["evaluator"]["curves_bytes"])
+        set_rng_state(state["rng"])
+        return state
+
+
+class RunLock:
+    """``RUN_DIR/.lock``: one process per run directory. Identical commands map to the same directory, so
+    a second copy started while the first still runs stops with a clear error instead of interleaving
+    writes; a lock left by a dead process (same host) or by a host that no longer holds it is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+
+    def __enter__(self) -> "RunLock":
+        import socket
+
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    host, pid = self.path.read_text().split()
+                except (OSError, ValueError):
+                    host, pid = "", "0"
+                if host == socket.gethostname() and _alive(int(pid)):
+                    raise CheckpointError(f"{self.path.parent}: in use by process {pid} on {host} (the same "
+                                          "command is already running; a finished run is skipped, an "
+                                          "interrupted one resumes)") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return self
+        raise CheckpointError(f"{self.path}: could not take the run lock")
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_key(override_dirname: str) -> str:
+    """A run directory name from the command's overrides: readable prefix + hash of the whole, so the same
+    command always lands in the same directory (and resumes there) and different commands never collide."""
+    import hashlib
+    import re
+
+    text = override_dirname or "default"
+    slug = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", text)[:80].strip("_") or "run"
+    return f"{slug}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
