@@ -20,7 +20,8 @@ def run_sweep(out: Path, experiment: str | None, seeds: list[int], extra: list[s
     """One Hydra multirun over the seeds still missing under ``out`` (resume = skip completed ones).
 
     Args:
-        out: the point's directory; each invocation writes ``out/sweep-<time>/<job>``.
+        out: the point's directory; jobs write ``out/jobs/<overrides-key>`` (one directory per job, the same
+            on every invocation, so a job killed midway resumes from its checkpoint).
         experiment: ``conf/experiment`` entry (None: the defaults).
         extra: further Hydra overrides for every job.
     Returns:
@@ -32,7 +33,7 @@ def run_sweep(out: Path, experiment: str | None, seeds: list[int], extra: list[s
     if not todo:
         print(f"  {out.name}: all {len(seeds)} seeds complete, skipped", flush=True)
         return []
-    sweep_dir = out / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = out / "jobs"
     cmd = [sys.executable, "-m", "cl.run", "-m", *([f"experiment={experiment}"] if experiment else []),
            f"seed={','.join(map(str, todo))}", f"hydra.sweep.dir={sweep_dir}", *extra]
     print(f"  {out.name}: seeds {todo} -> {sweep_dir}", flush=True)

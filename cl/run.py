@@ -56,6 +56,7 @@ from tasks.user_data import DataError
 log = logging.getLogger("cl")
 warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")  # train.nonfinite=skip
 transformers.utils.logging.disable_progress_bar()
 for noisy in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
               "pytorch_lightning.accelerators.cuda", "lightning_fabric.utilities.seed"):
@@ -146,6 +147,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         write_json_atomic(results_path, results)
         raise
 
+    if ckpt is None or not results_path.exists():  # a resumed run keeps the partial results it had
+        write_json_atomic(results_path, results)  # status running: a sweep can tell this job apart
     logger = None
     try:
         model, tokenizer, base_info = prepare_model(cfg, run_dir, by_name)
@@ -192,6 +195,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         resume = None
         if ckpt is not None and checkpointer is not None:
             resume = checkpointer.load(ckpt)
+            done_rows = resume["result"]["acc_matrix"]
+            if done_rows:
+                partial.update(_matrices(StreamResult(**resume["result"])), completed_tasks=len(done_rows))
             where = f"task {resume['task_idx'] + 1} step {resume['step_in_task']}"
             print(f"[resume] {ckpt}: continuing at {where} (global_iter {resume['global_iter']})", flush=True)
         print(f"[run] {cfg.stream.mode} stream: {' -> '.join(t.name for t in stream)} | objective "
@@ -409,15 +415,20 @@ def compose_config(*overrides: str) -> DictConfig:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         results = run(cfg, run_dir)
     except (ConfigError, DataError, ModelLoadError, AdapterError, CheckpointError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # a normal exception: Hydra runs the sweep's other jobs, then exits non-zero naming this one
-            raise RuntimeError(f"job {HydraConfig.get().job.num} ({run_dir}) failed: {str(e).splitlines()[0]}") from None
+        if multirun:  # recorded in results.json; the sweep goes on and its summary names this job
+            return None
         sys.exit(2)
+    except Exception:
+        if multirun:  # a crash of one job (e.g. a non-finite loss) must not lose the sweep's other jobs
+            log.exception("job %s (%s) failed", HydraConfig.get().job.num, run_dir)
+            return None
+        raise
     return results["metrics"]["avg_acc"]
 
 

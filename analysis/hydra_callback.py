@@ -1,0 +1,94 @@
+"""A Hydra callback that ends every multirun with its table and the list of jobs that failed.
+
+Registered in ``conf/config.yaml`` (``hydra.callbacks.sweep_summary``). Jobs are grouped by their
+overrides without ``seed``; each group is one row of mean ± 95% CI over its seeds (``analysis.aggregate``).
+The same table is written to ``SWEEP_DIR/summary.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from analysis.aggregate import markdown_table, summarise
+
+METRICS = ("avg_acc", "forgetting", "new_acc", "general_retention", "stability_gap")
+NOT_A_POINT = ("seed", "resume", "logger", "checkpoint.every_n_steps", "hydra.")
+
+
+class SweepSummary(Callback):
+    def __init__(self, metrics=METRICS):
+        self.metrics = list(metrics)
+        self.job_dirs: list[Path] = []
+        self.start = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.start, self.job_dirs = time.time(), []
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
+        try:
+            self.job_dirs.append(Path(config.hydra.runtime.output_dir))
+        except Exception:  # a launcher that runs jobs elsewhere: on_multirun_end scans the sweep directory
+            pass
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        dirs = self.job_dirs or [p.parent for p in sweep_dir.rglob("results.json") if p.stat().st_mtime >= self.start]
+        text, n_failed = summary(dirs, self.metrics, sweep_dir)
+        print(text, flush=True)
+        if n_failed:
+            import sys
+
+            print(f"error: {n_failed} job(s) of the sweep failed (listed above); their results.json say why",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1)
+
+
+def _point(res: dict, job_dir: Path) -> str:
+    overrides = []
+    hydra_file = job_dir / ".hydra" / "overrides.yaml"
+    if hydra_file.is_file():
+        from omegaconf import OmegaConf
+
+        overrides = [str(o) for o in OmegaConf.load(hydra_file)]
+    keep = [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(NOT_A_POINT)]
+    return " ".join(keep) or "(defaults)"
+
+
+def summary(job_dirs: list[Path], metrics: list[str], sweep_dir: Path | None = None) -> tuple[str, int]:
+    """The sweep's table (rows: points, mean ± 95% CI over seeds) and its failed jobs, as text; and the
+    number of jobs that failed or left no results."""
+    groups: dict[str, list[dict]] = {}
+    failed, missing = [], []
+    for d in job_dirs:
+        try:
+            res = json.loads((d / "results.json").read_text())
+        except (OSError, ValueError):
+            missing.append(d)
+            continue
+        if res.get("status") == "completed":
+            flat = dict(res.get("metrics", {}))
+            groups.setdefault(_point(res, d), []).append({"metrics": flat})
+        else:
+            failed.append((d, res.get("status", "unknown")))
+    lines = [f"\n== sweep summary: {sum(map(len, groups.values()))} completed, {len(failed)} failed"
+             + (f", {len(missing)} without results" if missing else "") + " ==="]
+    if groups:
+        rows = {label: summarise(runs, metrics) for label, runs in sorted(groups.items())}
+        table = markdown_table(rows, metrics)
+        lines.append(table)
+        if sweep_dir is not None:
+            try:
+                (Path(sweep_dir) / "summary.md").write_text(table + "\n")
+            except OSError:
+                pass
+    for d, status in failed:
+        lines.append(f"FAILED {d}: {status}")
+    for d in missing:
+        lines.append(f"NO RESULTS {d} (killed before it wrote results.json; rerun the sweep to resume it)")
+    return "\n".join(lines), len(failed) + len(missing)

@@ -1,0 +1,249 @@
+"""Resume after a crash: SIGKILL parity, atomic checkpoints, safe loading, non-finite losses, W&B faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cl import checkpoint as ck
+from cl.run import run
+from tests.conftest import ROOT, compose_cfg, run_cli
+
+SFT3 = ("experiment=smoke", "stream.tasks=[sub2,mul21,add3]", "stream.steps_per_task=60", "eval.every_n_steps=10",
+        "checkpoint.every_n_steps=7")
+GRPO3 = ("experiment=smoke", "stream.tasks=[sub2,mul21,add3]", "objective=grpo", "objective.group_size=4",
+         "objective.kl_coef=0.05", "objective.ppo_epochs=2", "stream.steps_per_task=16", "stream.batch_size=4",
+         "eval.every_n_steps=5", "checkpoint.every_n_steps=3", "replay.fraction=0.25", "reg.ewc=10")
+
+
+def _kill_midway(args: tuple[str, ...], out: Path, rng: random.Random) -> str:
+    """Start the run, SIGKILL it at a random moment after its first checkpoint; returns what it was doing."""
+    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, "-m", "cl.run", *args, f"hydra.run.dir={out}", "resume=never"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while ck.latest(out) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        delay = rng.uniform(0.0, 1.5 / (attempt + 1))
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL and ck.latest(out) is not None:
+            state = ck.load_state(ck.latest(out))
+            return f"killed {delay:.2f}s after the first checkpoint; last at task {state['task_idx'] + 1} step {state['step_in_task']}"
+    pytest.fail("the run finished before it could be killed in the middle")
+
+
+@pytest.mark.parametrize("args", [SFT3, GRPO3], ids=["sft", "grpo"])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, cache_dir, args):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = run_cli(*args, f"hydra.run.dir={whole}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    where = _kill_midway(args, resumed, random.Random())
+    assert json.loads((resumed / "results.json").read_text())["status"] == "running", where
+    proc = run_cli(*args, f"hydra.run.dir={resumed}")  # the same command
+    assert proc.returncode == 0, where + proc.stderr[-3000:]
+    assert "[resume]" in proc.stdout, where
+    a, b = (json.loads((d / "results.json").read_text()) for d in (whole, resumed))
+    assert b["status"] == "completed" and len(a["acc_matrix"]) == 3
+    assert b["acc_matrix"] == a["acc_matrix"], where
+    assert b["general_matrix"] == a["general_matrix"], where
+    assert (resumed / "curves.jsonl").read_text() == (whole / "curves.jsonl").read_text(), where
+    assert b["metrics"]["compute"]["optimizer_steps"] == a["metrics"]["compute"]["optimizer_steps"]
+    if "grpo" in " ".join(args):
+        assert b["metrics"]["compute"]["tokens_generated"] == a["metrics"]["compute"]["tokens_generated"]
+    assert not (resumed / "checkpoints").exists(), "checkpoints are removed once results are complete"
+
+
+def test_completed_run_is_skipped_when_the_command_is_repeated(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    args = ("experiment=smoke", "stream.steps_per_task=5", f"hydra.run.dir={out}")
+    assert run_cli(*args).returncode == 0
+    before = (out / "results.json").read_text()
+    proc = run_cli(*args)
+    assert proc.returncode == 0 and "already completed" in proc.stdout
+    assert (out / "results.json").read_text() == before
+
+
+def test_same_command_maps_to_the_same_directory_and_different_ones_do_not_collide():
+    assert ck.run_key("seed=1,optimizer.lr=0.001") == ck.run_key("seed=1,optimizer.lr=0.001")
+    assert ck.run_key("seed=1") != ck.run_key("seed=2")
+    assert ck.run_key("a" * 300) != ck.run_key("a" * 299 + "b")  # long names: the hash tells them apart
+    assert "/" not in ck.run_key("model.name_or_path=/data/m")
+
+
+def _linear_ckpt(run_dir: Path, value: float) -> None:
+    model = torch.nn.Linear(2, 2)
+    torch.nn.init.constant_(model.weight, value)
+    ck.save(run_dir, model, {"value": value, "rng": ck.rng_state()})
+
+
+def test_crash_during_a_checkpoint_write_leaves_the_previous_one_usable(tmp_path):
+    _linear_ckpt(tmp_path, 1.0)
+    _linear_ckpt(tmp_path, 2.0)
+    root = tmp_path / ck.CKPT_DIR
+    # killed while writing the next one: a partial temporary directory next to an intact ``last``
+    (root / "tmp-999").mkdir()
+    (root / "tmp-999" / "model.safetensors").write_bytes(b"partial")
+    assert ck.latest(tmp_path) == root / "last" and ck.load_state(root / "last")["value"] == 2.0
+    # killed between the two renames: ``last`` moved to ``prev``, the new one not yet in place
+    os.replace(root / "last", root / "prev")
+    assert ck.latest(tmp_path) == root / "prev"
+    model = torch.nn.Linear(2, 2)
+    ck.load_model_weights(ck.latest(tmp_path), model)
+    assert torch.all(model.weight == 2.0)
+
+
+def test_checkpoint_state_is_loaded_with_weights_only(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    _linear_ckpt(tmp_path, 1.0)
+    torch.save({"evil": Payload()}, tmp_path / ck.CKPT_DIR / "last" / "state.pt")
+    with pytest.raises(ck.CheckpointError, match="cannot be read as a checkpoint"):
+        ck.load_state(tmp_path / ck.CKPT_DIR / "last")
+
+
+def test_rng_state_round_trip():
+    import numpy as np
+
+    state = ck.rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    ck.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+def test_component_state_capture_restores_modules_generators_and_buffers():
+    from replay.buffers import ReservoirBuffer
+
+    class Comp:
+        ckpt_attrs = ("teacher", "gen", "rng", "buffer", "anchor", "count")
+
+    template = torch.nn.Linear(3, 3)
+    c = Comp()
+    c.teacher, c.gen, c.rng = torch.nn.Linear(3, 3), torch.Generator().manual_seed(5), random.Random(7)
+    c.buffer, c.anchor, c.count = ReservoirBuffer(4, seed=1), {"w": torch.ones(2)}, 3
+    c.buffer.add([{"prompt": str(i), "answer": "x", "task": "t"} for i in range(10)])
+    saved = ck.component_states([c])
+    d = Comp()
+    d.teacher, d.gen, d.rng, d.buffer, d.anchor, d.count = None, torch.Generator(), random.Random(), ReservoirBuffer(4, seed=9), None, 0
+    ck.load_component_states([d], saved, template)
+    assert torch.equal(d.teacher.weight, c.teacher.weight) and not d.teacher.weight.requires_grad
+    assert torch.equal(torch.rand(2, generator=d.gen), torch.rand(2, generator=c.gen))
+    assert d.rng.random() == c.rng.random()
+    assert d.buffer.items == c.buffer.items and d.count == 3 and torch.equal(d.anchor["w"], torch.ones(2))
+
+
+def test_incompatible_checkpoint_names_the_differing_field(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    args = ("experiment=smoke", "stream.steps_per_task=5", f"hydra.run.dir={out}", "checkpoint.keep_after_completion=true")
+    assert run_cli(*args).returncode == 0
+    res = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps({**res, "status": "running"}))  # as if interrupted
+    proc = run_cli(*args, "optimizer.lr=0.002")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "checkpoint from an incompatible config: optimizer.lr (checkpoint 0.001, now 0.002)" in errors[0]
+    assert "resume=never" in errors[0]
+
+
+def test_a_second_copy_of_a_running_command_stops_with_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    import socket
+
+    (out / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")  # held by a live process (this one)
+    with pytest.raises(ck.CheckpointError, match=r"in use by process \d+"):
+        run(compose_cfg("experiment=smoke"), out)
+    (out / ".lock").write_text(f"{socket.gethostname()} 999999999")  # stale: taken over
+    with ck.RunLock(out):
+        assert (out / ".lock").read_text().split()[1] == str(os.getpid())
+    assert not (out / ".lock").exists()
+
+
+def _nan_at(monkeypatch, iters: set[int]):
+    from cl.objectives.sft import SFTObjective
+
+    real = SFTObjective.step
+
+    def step(self, module, batch):
+        loss, logs = real(self, module, batch)
+        if module.global_iter + 1 in iters:
+            loss = loss * float("nan")
+        return loss, logs
+
+    monkeypatch.setattr(SFTObjective, "step", step)
+
+
+def test_nonfinite_loss_stops_with_partial_results_and_keeps_the_last_checkpoint(tmp_path, cache_dir, monkeypatch):
+    _nan_at(monkeypatch, {38})  # task 2, step 8
+    out = tmp_path / "run"
+    cfg = compose_cfg("experiment=smoke", f"cache_dir={cache_dir}", "checkpoint.every_n_steps=5")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at task 2 step 8 \(global_iter 38\)"):
+        run(cfg, out)
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"].startswith("failed: FloatingPointError: non-finite loss")
+    assert res["completed_tasks"] == 1 and len(res["acc_matrix"]) == 1
+    state = ck.load_state(ck.latest(out))
+    assert (state["task_idx"], state["step_in_task"]) == (1, 5)  # the last good point before the fault
+
+
+def test_nonfinite_loss_can_skip_the_batch_and_count_it(tmp_path, cache_dir, monkeypatch):
+    _nan_at(monkeypatch, {3, 40})
+    cfg = compose_cfg("experiment=smoke", f"cache_dir={cache_dir}", "train.nonfinite=skip")
+    res = run(cfg, tmp_path / "run")
+    assert res["status"] == "completed"
+    assert res["metrics"]["compute"]["skipped_nonfinite_steps"] == 2
+    assert res["metrics"]["compute"]["optimizer_steps"] == 60
+
+
+def test_nan_reward_from_a_user_verifier_stops_a_grpo_run(tmp_path, cache_dir):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(60)))
+    task = f"{{name: qa, train: {data}, verifier: function, function: 'tests.helpers:nan_verifier'}}"
+    cfg = compose_cfg("experiment=smoke", f"cache_dir={cache_dir}", "objective=grpo", "objective.group_size=2",
+                      "stream.steps_per_task=3", "stream.batch_size=2", f"stream.tasks=[{task}]")
+    with pytest.raises(FloatingPointError, match="reward nan"):
+        run(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"].startswith("failed: FloatingPointError")
+
+
+def test_wandb_failing_mid_run_leaves_complete_local_files(tmp_path, cache_dir, monkeypatch):
+    from cl.tracking import SafeWandbLogger
+
+    calls = {"n": 0}
+    real = SafeWandbLogger.experiment.fget
+
+    class Flaky:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def log(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] >= 3:
+                raise ConnectionError("W&B service went away")
+            return self.inner.log(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(SafeWandbLogger, "experiment", property(lambda self: Flaky(real(self))))
+    cfg = compose_cfg("experiment=smoke", f"cache_dir={cache_dir}", "logger=wandb_offline", "eval.every_n_steps=10")
+    res = run(cfg, tmp_path / "run")
+    assert calls["n"] >= 3, "the failure was not exercised"
+    assert res["status"] == "completed" and len(res["acc_matrix"]) == 2
+    lines = (tmp_path / "run" / "curves.jsonl").read_text().splitlines()
+    points = {json.loads(x)["global_iter"] for x in lines}
+    assert points == {0, 10, 20, 30, 40, 50, 60}
