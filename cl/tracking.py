@@ -93,7 +93,11 @@ class SafeWandbLogger(WandbLogger):
     def finish(self, exit_code: int = 0) -> None:
         if self._experiment is None:
             return
-        self._guard("finish", lambda: self._experiment.finish(exit_code=exit_code))
+        try:  # also after a failure: close what W&B still has open (its files, its service connection)
+            self._experiment.finish(exit_code=exit_code)
+        except Exception as e:
+            if not self.broken:
+                self._break("finish", e)
 
 
 def make_logger(kind: str, save_dir: str, project: str, mode: str = "offline", name: str | None = None,
