@@ -91,6 +91,22 @@ class _Checker:
         return names
 
 
+def _targets(cfg, prefix: str = ""):
+    """Every ``_target_`` in the config (the ``hydra`` node is Hydra's own), as ``(dotted field, value)``."""
+    if isinstance(cfg, Mapping):
+        for k, v in cfg.items():
+            if not prefix and k == "hydra":
+                continue
+            field = f"{prefix}{k}"
+            if k == "_target_":
+                yield field, v
+            else:
+                yield from _targets(v, field + ".")
+    elif isinstance(cfg, Sequence) and not isinstance(cfg, str):
+        for i, v in enumerate(cfg):
+            yield from _targets(v, f"{prefix.rstrip('.')}[{i}].")
+
+
 def validate_config(cfg: Mapping) -> None:
     """Raise :class:`ConfigError` listing every problem found in the composed config."""
     c = _Checker(cfg)
@@ -177,12 +193,12 @@ def validate_config(cfg: Mapping) -> None:
         c.choice("objective.advantage", ADVANTAGES)
         if _get(cfg, "objective.reference") == "sync":
             c.integer("objective.ref_sync_every", minimum=1)
-    target = _get(cfg, "objective._target_")
-    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
-        c.add("objective._target_", f"'{target}' is outside the allowed packages {', '.join(ALLOWED_TARGET_PREFIXES)}")
-    target = _get(cfg, "optimizer._target_")
-    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
-        c.add("optimizer._target_", f"'{target}' is outside the allowed packages {', '.join(ALLOWED_TARGET_PREFIXES)}")
+    for field, target in _targets(cfg):  # everything instantiated must come from the allowlisted packages
+        if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
+            c.add(field, f"'{target}' is outside the allowed packages {', '.join(ALLOWED_TARGET_PREFIXES)}")
+    for field in ("objective._target_", "optimizer._target_"):
+        if _get(cfg, field) is None:
+            c.add(field, "missing")
     if c.problems:
         raise ConfigError(c.problems)
 

@@ -87,6 +87,12 @@ def test_default_config_is_valid():
         ("adapter=mora adapter.top_k=100", "adapter.top_k", "larger than the number of experts (8 per task x 3"),
         ("adapter=lora adapter.target_modules=[q_proj,qkv]", "adapter.target_modules", "unknown module 'qkv'"),
         ("adapter=adalora", None, None),
+        ("resume=always", "resume", "auto, never"),
+        ("+reg.extra._target_=subprocess.run", "reg.extra._target_", "outside the allowed packages"),
+        ("train.nonfinite=ignore", "train.nonfinite", "stop, skip"),
+        ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps", "integer >= 0"),
+        ("checkpoint.enabled=maybe", "checkpoint.enabled", "true or false"),
+        ("stream.tasks=[{name:mine,train:x.jsonl,verifier:lua}]", "stream.tasks[0].verifier", "exact"),
         ("adapter=task_lora train.reset_optimizer_per_task=false", "train.reset_optimizer_per_task", "must be true"),
     ],
 )

@@ -247,3 +247,36 @@ def test_wandb_failing_mid_run_leaves_complete_local_files(tmp_path, cache_dir, 
     lines = (tmp_path / "run" / "curves.jsonl").read_text().splitlines()
     points = {json.loads(x)["global_iter"] for x in lines}
     assert points == {0, 10, 20, 30, 40, 50, 60}
+
+
+def test_killed_sweep_rerun_completes_only_the_missing_jobs(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    args = ("-m", "experiment=smoke", "seed=0,1,2", "stream.steps_per_task=20", f"hydra.sweep.dir={sweep}")
+    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "cl.run", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def completed():
+        out = {}
+        for p in sweep.glob("*/results.json"):
+            try:
+                if json.loads(p.read_text())["status"] == "completed":
+                    out[p] = p.read_text()
+            except (OSError, ValueError):
+                pass
+        return out
+
+    deadline = time.time() + 240
+    while not completed() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = completed()
+    assert 1 <= len(first) < 3, "the sweep must be killed after its first job and before its last"
+    rerun = run_cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.count("already completed") == len(first)
+    assert "3 completed, 0 failed" in rerun.stdout  # the sweep summary
+    for p, text in first.items():
+        assert p.read_text() == text  # finished work is never redone
+    assert len(completed()) == 3

@@ -178,3 +178,12 @@ def test_worked_variant_has_the_same_problems_and_scores_the_final_answer(plain,
     assert worked_format(["1|2", "|2", "1|", "1|2|3", "12"]) == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert worked_answer_match(["1|2|3"], final=["3"]) == [1.0]
     assert worked_reward(["a|7", "a|8"], final=["7", "7"]) == pytest.approx([1.0, 0.1])
+
+
+def test_user_verifier_function_that_cannot_be_imported_names_the_task(tmp_path):
+    from tasks.user_data import DataError, load_user_task
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n' * 20)
+    with pytest.raises(DataError, match=r"task 'qa': verifier function 'nope.mod:fn' cannot be imported"):
+        load_user_task("qa", str(data), verifier="function", function="nope.mod:fn")
