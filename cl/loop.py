@@ -60,6 +60,7 @@ def run_stream(
     on_task_end: Callable[[int, StreamResult], None] | None = None,
     checkpointer=None,
     resume: dict | None = None,
+    on_task_seed: Callable[[int], None] | None = None,
 ) -> StreamResult:
     """Train ``module`` phase by phase and fill the accuracy matrices.
 
@@ -73,6 +74,8 @@ def run_stream(
             every boundary and, through its callback, inside tasks.
         resume: a loaded checkpoint's loop state (``task_idx``, ``step_in_task``, ``result``,
             ``phase_rows``); the module, components, evaluator and RNGs are already restored.
+        on_task_seed: called with ``t`` before task ``t``'s start hooks (distributed runs re-seed the global
+            RNG there, so ranks whose sampling consumed different amounts of it agree again).
     """
     names = [t.name for t in stream]
     if resume is None:
@@ -101,6 +104,8 @@ def run_stream(
             for c in components:
                 getattr(c, "on_resume", lambda _: None)(ctx)
         else:
+            if on_task_seed is not None:
+                on_task_seed(t)
             for c in components:
                 getattr(c, "on_task_start", lambda _: None)(ctx)
             module.start_task(t, steps_per_task)

@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from analysis import plots
 from analysis.curve_metrics import curve_metrics
@@ -35,6 +35,7 @@ from cl.base_stage import BaseRecipe, ensure_base
 from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest, not_resumable, run_key
 from cl.continual_eval import ContinualEvaluator
 from cl.data import PromptFormat, SFTCollator, TaskExamples
+from cl.dist import ShardBatches, global_rank, world_size
 from cl.evaluation import EvalSet, Scorer
 from cl.loop import StreamResult, run_stream
 from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_model_and_tokenizer
@@ -63,12 +64,15 @@ for noisy in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilit
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_fn=None, replay=None):
+def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_fn=None, replay=None,
+            rank: int = 0, world: int = 1):
     """``(task, t) -> DataLoader`` of exactly ``steps`` batches sampled with replacement, seeded per task.
 
     ``collate_fn`` comes from the objective (padded sequences for SFT, prompts + rows for RL). With an
     active ``replay`` (``replay.mixing.ExperienceReplay``), each batch mixes buffered rows of earlier tasks
-    into the current task's at the replay fraction; otherwise the sampler is the plain one."""
+    into the current task's at the replay fraction; otherwise the sampler is the plain one. Under a
+    distributed strategy (``world > 1``) every rank draws the same global batches and keeps rows
+    ``rank::world`` of each (``cl.dist``)."""
     collate_fn = collate_fn or SFTCollator(fmt.pad_id)
 
     def make(task: Task, t: int) -> DataLoader:
@@ -80,11 +84,16 @@ def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_f
         items = rows + replay.rows() if mixed else rows
         examples = TaskExamples(fmt.encode([r["prompt"] for r in items], [r["answer"] for r in items]), items)
         if mixed:
-            sampler = replay.sampler(len(rows), steps, batch_size, t, seed * 1000 + t)
-            return DataLoader(examples, batch_sampler=sampler, collate_fn=collate_fn, generator=own)
-        gen = torch.Generator().manual_seed(seed * 1000 + t)
-        sampler = RandomSampler(examples, replacement=True, num_samples=steps * batch_size, generator=gen)
-        return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, generator=own)
+            batches = replay.sampler(len(rows), steps, batch_size, t, seed * 1000 + t)
+        else:
+            gen = torch.Generator().manual_seed(seed * 1000 + t)
+            sampler = RandomSampler(examples, replacement=True, num_samples=steps * batch_size, generator=gen)
+            if world == 1:
+                return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, generator=own)
+            batches = BatchSampler(sampler, batch_size, drop_last=False)
+        if world > 1:
+            batches = ShardBatches(batches, rank, world)
+        return DataLoader(examples, batch_sampler=batches, collate_fn=collate_fn, generator=own)
 
     return make
 
@@ -96,7 +105,8 @@ def prepare_model(cfg: DictConfig, run_dir: Path, tasks: dict[str, Task]):
         recipe = BaseRecipe(**{k: v for k, v in OmegaConf.to_container(b, resolve=True).items() if k != "kind"})
         data = OmegaConf.to_container(cfg.data, resolve=True)
         arch = OmegaConf.to_container(m.arch, resolve=True)
-        path = ensure_base(cfg.cache_dir, arch, recipe, data, tasks, OmegaConf.to_container(cfg.trainer))
+        single = {**OmegaConf.to_container(cfg.trainer, resolve=True), "devices": 1, "num_nodes": 1, "strategy": "auto"}
+        path = ensure_base(cfg.cache_dir, arch, recipe, data, tasks, single)  # one process: it is cached once
     elif m.name_or_path:
         path = m.name_or_path
     else:
@@ -107,7 +117,15 @@ def prepare_model(cfg: DictConfig, run_dir: Path, tasks: dict[str, Task]):
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run one experiment in ``run_dir`` holding its lock (see ``_run``)."""
+    """Run one experiment in ``run_dir`` holding its lock (see ``_run``). Under a distributed strategy the
+    other ranks run the same experiment in ``run_dir/.rank<r>`` without W&B (``cl.dist``)."""
+    rank = global_rank(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if rank > 0:
+        run_dir = run_dir / f".rank{rank}"
+        cfg = cfg.copy()
+        cfg.logger.kind = "none"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        sys.stdout = open(run_dir / "stdout.log", "a", buffering=1)  # one console: rank 0's
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
         return _run(cfg, run_dir)
@@ -209,13 +227,15 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             partial.update(_matrices(res), completed_tasks=t + 1)
             write_json_atomic(results_path, {**results, **partial})
 
+        tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
         res = run_stream(
             module, stream, phases,
             _loader(fmt, cfg.stream.batch_size, cfg.stream.steps_per_task, cfg.seed, objective.collate_fn(fmt.pad_id),
-                    replay),
+                    replay, rank=global_rank(tcfg), world=world_size(tcfg)),
             evaluator, OmegaConf.to_container(cfg.trainer, resolve=True), cfg.stream.steps_per_task,
             eval_every_n_steps=cfg.eval.every_n_steps, logger=logger, components=components,
             on_task_end=partial_results, checkpointer=checkpointer, resume=resume,
+            on_task_seed=(lambda t: torch.manual_seed(cfg.seed * 100_003 + t)) if world_size(tcfg) > 1 else None,
         )
         end = time.time()
         if cfg.save_final_model:

@@ -40,5 +40,6 @@ def make_trainer(max_steps: int, trainer_kwargs: dict, label: str, callbacks=(),
         enable_progress_bar=tty,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        use_distributed_sampler=False,  # batches are sharded by cl.dist.ShardBatches
         **trainer_kwargs,
     )

@@ -172,6 +172,7 @@ def validate_config(cfg: Mapping) -> None:
     _validate_averaging(c, cfg)
     _validate_adapter(c, cfg)
     _validate_checkpoint(c, cfg)
+    _validate_trainer(c, cfg)
     c.choice("logger.kind", LOGGER_KINDS)
     if _get(cfg, "logger.kind") == "wandb":
         c.choice("logger.mode", MODES)
@@ -284,6 +285,22 @@ def _validate_averaging(c: _Checker, cfg: Mapping) -> None:
         c.integer("averaging.ama.steps", minimum=1)
         c.number("averaging.ama.alpha0", lo=0.0, hi=1.0)
         c.number("averaging.ama.lr", lo=0.0, strict_lo=True)
+
+
+def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
+    from cl.dist import world_size
+
+    trainer = _get(cfg, "trainer") or {}
+    try:
+        world = world_size(dict(trainer))
+    except (TypeError, ValueError):
+        c.add("trainer.devices", f"must be an integer, a list of device ids, 'auto' or -1, got {trainer.get('devices')!r}")
+        return
+    b = _get(cfg, "stream.batch_size")
+    if world > 1 and isinstance(b, int) and b % world:
+        c.add("stream.batch_size", f"must be divisible by the {world} processes of trainer.strategy="
+                                   f"{trainer.get('strategy')} (each rank takes an equal share of every batch), got {b}")
+    c.choice("trainer.precision", ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
 
 
 def _validate_checkpoint(c: _Checker, cfg: Mapping) -> None:

@@ -1,6 +1,7 @@
 """The entry point as a user runs it: smoke experiment, multirun, clear errors before training."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,24 @@ def test_every_replay_option_runs_through_the_cli(tmp_path, cache_dir, objective
     counts = res["replay"]["buffer_tasks"]  # a 1000-row reservoir over both tasks' 1000 rows each
     assert sum(counts.values()) == 1000 and 300 < counts["sub2"] < 700
     assert res["meta_replay"]["interpolations"] == 4 and res["kfpf"]["rounds"] == 2
+
+
+def test_ddp_cpu_two_processes_match_the_single_process_run(tmp_path, cache_dir, monkeypatch):
+    """trainer=ddp_cpu: 2 gloo processes, each training on half of every global batch (DDP averages the
+    gradients). Tolerance: every accuracy-matrix entry within 0.06 of the single-process run (3 of the 50
+    eval items); the ranks' evaluations of their replicated model agree exactly."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on two cores
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert run_cli("experiment=smoke", f"hydra.run.dir={single}").returncode == 0
+    proc = run_cli("experiment=smoke", "trainer=ddp_cpu", f"hydra.run.dir={ddp}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    a, b = (json.loads((d / "results.json").read_text()) for d in (single, ddp))
+    assert b["status"] == "completed"
+    for key in ("acc_matrix", "general_matrix"):
+        for ra, rb in zip(a[key], b[key], strict=True):
+            assert all(abs(x - y) <= 0.06 for x, y in zip(ra, rb, strict=True)), (key, a[key], b[key])
+    assert b["metrics"]["compute"]["optimizer_steps"] == a["metrics"]["compute"]["optimizer_steps"] == 60
+    rank1 = ddp / ".rank1"
+    assert (rank1 / "curves.jsonl").read_text() == (ddp / "curves.jsonl").read_text()
+    assert not (rank1 / "wandb").exists()
