@@ -115,7 +115,6 @@ def test_grpo_raises_greedy_accuracy_on_a_one_task_stream(tmp_path):
 
 
 def test_console_script_alias(tmp_path, cache_dir):
-    import os
     import shutil
     import subprocess
     import sys
