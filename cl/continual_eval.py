@@ -31,16 +31,23 @@ class ContinualEvaluator:
         future_tasks: at intermediate points, how many unseen tasks to score (boundaries score all).
         max_samples_per_point: at intermediate points, cap on the items scored over all tasks; each
             task then scores a prefix of its fixed subset, so the cost of a point does not grow with
-            the stream (boundaries always score the full subsets: they fill the accuracy matrix).
+            the stream.
+        max_samples_per_boundary: the same cap at task boundaries (default: none, every boundary scores
+            the full subsets that fill the accuracy matrix). Long streams set it so that evaluation
+            costs the same at every point, at the price of fewer items per matrix entry.
+        autocast: evaluate under ``torch.autocast`` with this dtype (None: the model's own precision).
     """
 
     def __init__(self, scorer: Scorer, stream: list[EvalSet], general: list[EvalSet], curves_path: str | Path,
-                 log=None, future_tasks: int = 1, max_samples_per_point: int | None = None):
+                 log=None, future_tasks: int = 1, max_samples_per_point: int | None = None,
+                 max_samples_per_boundary: int | None = None, autocast: torch.dtype | None = None):
         self.scorer, self.stream, self.general = scorer, stream, general
         self.curves_path = Path(curves_path)
         self.log = log
         self.future_tasks = future_tasks
         self.max_samples_per_point = max_samples_per_point
+        self.max_samples_per_boundary = max_samples_per_boundary
+        self.autocast = autocast  # e.g. bf16 when training runs bf16-mixed: evaluate in the same precision
         self.seconds = 0.0
         self.points = 0
         self.old_task_acc: float | None = None
@@ -57,9 +64,12 @@ class ContinualEvaluator:
         lines, metrics = [], {"cl/global_iter": global_iter}
         stream = [(j, es) for j, es in enumerate(self.stream) if boundary or j <= task_idx + self.future_tasks]
         n = None
-        if not boundary and self.max_samples_per_point:
-            n = max(1, self.max_samples_per_point // (len(stream) + len(self.general)))
-        with torch.random.fork_rng(devices=[]):
+        cap = self.max_samples_per_boundary if boundary else self.max_samples_per_point
+        if cap:
+            n = max(1, cap // (len(stream) + len(self.general)))
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[]), torch.autocast(device.type, dtype=self.autocast or torch.bfloat16,
+                                                               enabled=self.autocast is not None):
             for j, es in stream:
                 kind = "stream" if j <= task_idx else "future"
                 es = es.head(n) if n else es

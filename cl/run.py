@@ -185,6 +185,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             [EvalSet.build(t, fmt, cfg.eval.n_per_task, cfg.eval.subset_seed) for t in general],
             curves_path, log=logger.log if logger else None,
             max_samples_per_point=cfg.eval.max_samples_per_point,
+            max_samples_per_boundary=cfg.eval.get("max_samples_per_boundary"),
+            autocast=torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") else None,
         )
         adapter = make_adapter(OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else {},
                                seed=cfg.seed, evaluator=evaluator)

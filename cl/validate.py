@@ -141,6 +141,7 @@ def validate_config(cfg: Mapping) -> None:
     c.integer("eval.every_n_steps", minimum=1, optional=True)
     c.integer("eval.batch_size", minimum=1)
     c.integer("eval.max_samples_per_point", minimum=1, optional=True)
+    c.integer("eval.max_samples_per_boundary", minimum=1, optional=True)
     c.integer("eval.shift_n", minimum=1)
     if not isinstance(_get(cfg, "eval.shift_metrics"), bool):
         c.add("eval.shift_metrics", "must be true or false")
