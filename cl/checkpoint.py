@@ -172,7 +172,9 @@ def latest(run_dir: Path) -> Path | None:
 
 def load_state(ckpt: Path) -> dict:
     try:
-        return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)
+        # tensors return to the device they were saved from (a GPU run resumes on the GPU)
+        return torch.load(Path(ckpt) / "state.pt", map_location=None if torch.cuda.is_available() else "cpu",
+                          weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise CheckpointError(f"{Path(ckpt) / 'state.pt'}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
 

@@ -57,3 +57,13 @@ class ShardBatches:
     def __iter__(self):
         for batch in self.batch_sampler:
             yield list(batch)[self.rank::self.world]
+
+
+def stream_device(trainer_cfg: dict):
+    """The device the model stays on between fits: this rank's GPU for GPU trainers, else the CPU."""
+    import torch
+
+    acc = str(trainer_cfg.get("accelerator", "cpu"))
+    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return torch.device("cpu")

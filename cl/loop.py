@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch.utils.data import DataLoader, Sampler
 
 from cl.continual_eval import ContinualEvaluator, EvalEveryNSteps
@@ -61,6 +62,7 @@ def run_stream(
     checkpointer=None,
     resume: dict | None = None,
     on_task_seed: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> StreamResult:
     """Train ``module`` phase by phase and fill the accuracy matrices.
 
@@ -76,6 +78,8 @@ def run_stream(
             ``phase_rows``); the module, components, evaluator and RNGs are already restored.
         on_task_seed: called with ``t`` before task ``t``'s start hooks (distributed runs re-seed the global
             RNG there, so ranks whose sampling consumed different amounts of it agree again).
+        device: where the model lives between fits (Lightning moves it to the CPU when a fit ends); task
+            hooks, reference copies and boundary evaluation then run on the accelerator.
     """
     names = [t.name for t in stream]
     if resume is None:
@@ -124,6 +128,8 @@ def run_stream(
         trainer.fit(module, skip_batches(make_loader(phase, t), skip))
         res.train_seconds += time.perf_counter() - t_start - (evaluator.seconds - e0)  # minus inner evaluation
         module.end_task(trainer.global_step)
+        if device is not None:
+            module.to(device)
         for c in components:
             getattr(c, "on_task_end", lambda _: None)(ctx)
         row = evaluator.evaluate(module.model, module.global_iter, t, names[t], boundary=True)

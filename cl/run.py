@@ -35,7 +35,7 @@ from cl.base_stage import BaseRecipe, ensure_base
 from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest, not_resumable, run_key
 from cl.continual_eval import ContinualEvaluator
 from cl.data import PromptFormat, SFTCollator, TaskExamples
-from cl.dist import ShardBatches, global_rank, world_size
+from cl.dist import ShardBatches, global_rank, stream_device, world_size
 from cl.evaluation import EvalSet, Scorer
 from cl.loop import StreamResult, run_stream
 from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_model_and_tokenizer
@@ -191,6 +191,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         adapter = make_adapter(OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else {},
                                seed=cfg.seed, evaluator=evaluator)
         model = adapter.setup(model)
+        device = stream_device(OmegaConf.to_container(cfg.trainer, resolve=True))
+        model.to(device)
         objective = instantiate(cfg.objective)
         if hasattr(objective, "bind"):  # RL objectives score rollouts with the tasks' verifiers
             objective.bind(fmt, {t.name: t for t in stream})
@@ -238,6 +240,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             eval_every_n_steps=cfg.eval.every_n_steps, logger=logger, components=components,
             on_task_end=partial_results, checkpointer=checkpointer, resume=resume,
             on_task_seed=(lambda t: torch.manual_seed(cfg.seed * 100_003 + t)) if world_size(tcfg) > 1 else None,
+            device=device,
         )
         end = time.time()
         if cfg.save_final_model:

@@ -1,0 +1,106 @@
+"""The scale path's CPU-side logic: distributed helpers, bench_scale on CPU, gpu_check.sh's plan and guards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cl.dist import ShardBatches, global_rank, stream_device, world_size
+from tests.conftest import ROOT, compose_cfg
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_scale  # noqa: E402
+
+
+def test_world_size_and_rank_from_trainer_config(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    cpu = dict(compose_cfg().trainer)
+    ddp = dict(compose_cfg("trainer=ddp_cpu").trainer)
+    assert world_size(cpu) == 1 and world_size(ddp) == 2
+    assert world_size({"strategy": "ddp", "devices": [0, 1, 2], "num_nodes": 2}) == 6
+    assert global_rank(ddp) == 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert global_rank(ddp) == 3  # node 1, local 1, 2 per node
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    assert global_rank(ddp) == 5
+    assert stream_device(cpu) == torch.device("cpu")
+
+
+def test_shards_partition_every_global_batch():
+    batches = [list(range(i * 8, i * 8 + 8)) for i in range(3)]
+    shards = [list(ShardBatches(batches, r, 2)) for r in range(2)]
+    for i, b in enumerate(batches):
+        assert sorted(shards[0][i] + shards[1][i]) == b and len(shards[0][i]) == len(shards[1][i]) == 4
+
+
+def test_batch_size_must_split_evenly_over_processes():
+    from cl.validate import ConfigError, validate_config
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose_cfg("trainer=ddp_cpu", "stream.batch_size=15"), resolve=True)
+    with pytest.raises(ConfigError, match="stream.batch_size: must be divisible by the 2 processes"):
+        validate_config(cfg)
+
+
+def test_bench_scale_runs_on_cpu_and_reports_mfu(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_scale.py", "--sizes", "1m", "--parts", "sft,grpo",
+                           "--steps", "2", "--warmup", "1", "--batch-size", "4", "--seq-len", "16", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())
+    peak = rows[0]
+    assert peak["part"] == "peak" and peak["flops"] > 1e9
+    sft = next(r for r in rows if r["part"] == "sft")
+    assert 1.0e6 < sft["params"] < 1.1e6 and 0 < sft["mfu"] < 1.5 and sft["tokens_per_s"] > 0
+    assert "| sft | 1m |" in proc.stdout and "| grpo | 1m |" in proc.stdout
+
+
+def test_model_sizes_are_what_the_table_says():
+    counts = {}
+    for size in SIZES_TO_CHECK:
+        with torch.device("meta"):
+            model, _ = bench_scale.build_model(size, 128, "meta")
+        counts[size] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert 0.9e6 < counts["1m"] < 1.2e6 and 4.5e6 < counts["5m"] < 5.5e6 and 23e6 < counts["25m"] < 28e6
+    assert 0.45e9 < counts["qwen0.5b"] < 0.55e9
+
+
+SIZES_TO_CHECK = ("1m", "5m", "25m", "qwen0.5b")
+
+
+def test_flops_per_token_counts_the_lm_head_once():
+    model, _ = bench_scale.build_model("1m", 64, "cpu")
+    n_all = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert bench_scale.matmul_params(model) == n_all  # tied head: the embedding matrix is used once, as the head
+    assert bench_scale.train_flops_per_token(model, 10) == 6 * n_all + 12 * 4 * 128 * 10
+
+
+def test_gpu_check_plans_the_smoke_runs_and_the_0_5b_benchmark(tmp_path):
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("== ")]
+    assert [x.split()[1] for x in lines] == ["smoke_sft", "smoke_grpo", "scale_qwen0.5b"]
+    limits = sum(int(x.split("limit ")[1].split("s)")[0]) for x in lines)
+    assert limits <= 8 * 60 - 30, "the check must finish in under 8 minutes"
+    assert "trainer=gpu" in lines[0] and "objective=grpo" in lines[1]
+    assert "--sizes qwen0.5b" in lines[2] and "--device cuda" in lines[2] and "bf16-mixed" in lines[2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU guard")
+def test_gpu_check_stops_cleanly_without_a_gpu(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 3
+    assert "error: no CUDA GPU visible" in proc.stdout
