@@ -104,3 +104,18 @@ def test_gpu_check_stops_cleanly_without_a_gpu(tmp_path):
                           timeout=120, env=env)
     assert proc.returncode == 3
     assert "error: no CUDA GPU visible" in proc.stdout
+
+
+def test_slurm_launcher_preset_matches_tasks_and_gpus_to_the_trainer():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from cl.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=cl_slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
+    assert launcher.submitit_folder.endswith("/.submitit/%j") and launcher.max_num_timeout > 0
