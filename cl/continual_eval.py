@@ -70,20 +70,14 @@ class ContinualEvaluator:
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]), torch.autocast(device.type, dtype=self.autocast or torch.bfloat16,
                                                                enabled=self.autocast is not None):
-            for j, es in stream:
-                kind = "stream" if j <= task_idx else "future"
-                es = es.head(n) if n else es
-                acc = self.scorer.accuracy(model, es)
-                result["stream"][es.name] = acc
+            todo = [(j, es.head(n) if n else es) for j, es in stream] + [(None, es.head(n) if n else es)
+                                                                          for es in self.general]
+            accs = self.scorer.accuracies(model, [es for _, es in todo])
+            for (j, es), acc in zip(todo, accs):
+                kind = "general" if j is None else ("stream" if j <= task_idx else "future")
+                result["general" if j is None else "stream"][es.name] = acc
                 lines.append(self._line(global_iter, task_idx, train_task, es.name, kind, acc, boundary, len(es)))
                 metrics[f"eval/{kind}/{es.name}"] = acc
-            for es in self.general:
-                es = es.head(n) if n else es
-                acc = self.scorer.accuracy(model, es)
-                result["general"][es.name] = acc
-                lines.append(self._line(global_iter, task_idx, train_task, es.name, "general", acc, boundary,
-                                        len(es)))
-                metrics[f"eval/general/{es.name}"] = acc
         if result["general"]:
             metrics["eval/general_mean"] = sum(result["general"].values()) / len(result["general"])
         seen = [result["stream"][es.name] for es in self.stream[: task_idx + 1] if es.name in result["stream"]]

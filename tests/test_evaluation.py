@@ -89,3 +89,14 @@ def test_sft_loss_matches_transformers_builtin_loss(half_trained):
     assert ours.item() == pytest.approx(out.loss.item(), rel=1e-5)
     # changing prompt tokens' labels has no effect: they are masked
     assert (batch["labels"][:, :3] == -100).all()
+
+
+def test_sets_scored_together_equal_sets_scored_alone(half_trained):
+    model, fmt, tasks = half_trained
+    sets = [EvalSet.build(t, fmt, 100, seed=0).head(n) for t in tasks for n in (7, 100)]
+    sets.append(EvalSet.build(build_task("sort6", 200, 50, 0), fmt, 30, seed=0))
+    scorer = Scorer(fmt, batch_size=64)
+    together = scorer.accuracies(model, sets)
+    alone = [scorer.accuracy(model, es) for es in sets]
+    assert together == alone
+    assert len(set(alone)) > 1
