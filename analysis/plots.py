@@ -105,9 +105,20 @@ def plot_stability_gap(curves: list[dict], tasks: Sequence[str], ends: Sequence[
     return _save(fig, path)
 
 
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares ``(slope, intercept, Pearson r)``; r is nan when either variable is constant."""
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    if len(xs) < 2 or np.ptp(xs) == 0:
+        return float("nan"), float("nan"), float("nan")
+    slope, intercept = np.polyfit(xs, ys, 1)
+    r = float(np.corrcoef(xs, ys)[0, 1]) if np.ptp(ys) > 0 else float("nan")
+    return float(slope), float(intercept), r
+
+
 def plot_forgetting_vs_kl(points: Sequence[dict], path: str | Path, x: str = "forward_kl",
-                          y: str = "forgetting") -> Path:
-    """Scatter of one point per run (``{"label", x, y}``), e.g. forgetting vs KL(pi_0 || pi)."""
+                          y: str = "forgetting", fit: bool = False, title: str = "") -> Path:
+    """Scatter of one point per run (``{"label", x, y}``), e.g. forgetting vs KL(pi_0 || pi); with ``fit``
+    one least-squares line over all points and its Pearson r in the title."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     groups: dict[str, list[dict]] = defaultdict(list)
     for p in points:
@@ -116,9 +127,52 @@ def plot_forgetting_vs_kl(points: Sequence[dict], path: str | Path, x: str = "fo
         ax.scatter([p[x] for p in ps], [p[y] for p in ps], label=label or None)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
+    title = title or f"{y} vs {x}"
+    if fit and len(points) >= 2:
+        slope, icpt, r = fit_line([p[x] for p in points], [p[y] for p in points])
+        if slope == slope:
+            xs = np.linspace(min(p[x] for p in points), max(p[x] for p in points), 50)
+            ax.plot(xs, slope * xs + icpt, "k--", lw=1, label="least squares, all runs")
+            title += f" (r = {r:.2f})"
     if any(groups):
         ax.legend(fontsize=8)
-    ax.set_title(f"{y} vs {x}")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def old_task_curve(curves: list[dict], tasks: Sequence[str]) -> list[tuple[int, float]]:
+    """``(global_iter, mean accuracy of the tasks before the one being trained)`` at each evaluation point
+    from the end of the first task on (the quantity whose dip after a boundary is the stability gap). A
+    boundary point after task t counts tasks 0..t: they are the earlier tasks of the task that starts
+    there, so each dip is drawn from the level it starts at."""
+    index = {t: i for i, t in enumerate(tasks)}
+    by_iter: dict[int, list[float]] = defaultdict(list)
+    for c in curves:
+        upto = c["task_idx"] + 1 if c.get("boundary") else c["task_idx"]  # tasks with index < upto are earlier
+        if c["kind"] == "stream" and upto >= 1 and index.get(c["eval_task"], 99) < upto:
+            by_iter[c["global_iter"]].append(c["acc"])
+    return sorted((it, float(np.mean(v))) for it, v in by_iter.items())
+
+
+def plot_old_task_curves(groups: dict[str, list[list[tuple[int, float]]]], ends: Sequence[int],
+                         path: str | Path, title: str = "") -> Path:
+    """Mean (over runs) old-task accuracy against the iteration, one line per group, with the spread
+    between runs shaded and task boundaries dotted."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, runs in groups.items():
+        iters = sorted({it for run in runs for it, _ in run})
+        table = [dict(run) for run in runs]
+        mean = [np.mean([t[i] for t in table if i in t]) for i in iters]
+        lo = [np.min([t[i] for t in table if i in t]) for i in iters]
+        hi = [np.max([t[i] for t in table if i in t]) for i in iters]
+        line, = ax.plot(iters, mean, marker=".", label=f"{label} (n={len(runs)})")
+        ax.fill_between(iters, lo, hi, color=line.get_color(), alpha=0.15)
+    for b in ends:
+        ax.axvline(b, color="gray", ls=":")
+    ax.set_xlabel("global iteration")
+    ax.set_ylabel("mean accuracy of earlier tasks")
+    ax.set_title(title or "stability gap", fontsize=9)
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -1,0 +1,158 @@
+"""One paper table = named points run over seeds, collected into a tidy table and written as Markdown,
+LaTeX and CSV.
+
+A reproduction script declares its points (``{directory: Point}``), calls :func:`run_points` (each point is
+a resumable Hydra multirun over seeds, ``analysis.sweep.run_sweep``; its W&B runs share the table's group
+and carry the table and point as tags, so W&B's own grouping rebuilds the table) and :func:`write_table`
+(mean, std and 95% CI over seeds per point; failed jobs marked in the row label).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from analysis.aggregate import completed_results, failed_results, format_cell, mark_failed, mean_ci
+from analysis.sweep import QUICK, QUICK_RL, run_sweep
+
+SCALARS = ("avg_acc", "new_acc", "bwt", "fwt", "forgetting", "general_retention", "min_acc", "wc_acc",
+           "stability_gap", "forward_kl_mean", "kl_base_general_final", "lca", "wf_10", "wp_10")
+
+
+@dataclass
+class Point:
+    """One row of a table: a label, the experiment preset and overrides, and free columns (e.g. paradigm)."""
+
+    label: str
+    experiment: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    columns: dict = field(default_factory=dict)
+
+    @property
+    def paradigm(self) -> str:
+        return self.columns.get("paradigm", "")
+
+
+def wandb_overrides(table: str, point: str) -> list[str]:
+    """W&B grouping of a table's runs (ignored with ``logger=none``; never part of the run directory)."""
+    return [f"logger.group={table}", f"logger.tags=[{table},{point}]"]
+
+
+def run_points(root: Path, table: str, points: dict[str, Point], seeds: Sequence[int], quick: bool,
+               extra: Sequence[str] = ()) -> list[dict]:
+    """Run every point's missing seeds (resumable); returns the jobs that failed in this invocation."""
+    failed = []
+    for name, p in points.items():
+        ov = [*(QUICK if quick else []), *extra,
+              *(QUICK_RL if quick and p.paradigm == "grpo" else []), *p.overrides, *wandb_overrides(table, name)]
+        failed += run_sweep(root / name, p.experiment, list(seeds), ov)
+    return failed
+
+
+def tidy(root: Path, points: dict[str, Point]) -> pd.DataFrame:
+    """One row per job (completed or failed): point, label, the point's columns, seed, status, scalar
+    metrics and compute figures."""
+    rows = []
+    for name, p in points.items():
+        for r in completed_results(root / name) + failed_results(root / name):
+            m = r.get("metrics", {})
+            row = {"point": name, "label": p.label, **p.columns, "seed": r.get("config", {}).get("seed"),
+                   "status": r.get("status"), "dir": r.get("dir")}
+            row.update({k: m.get(k) for k in SCALARS})
+            row["tokens_generated"] = m.get("compute", {}).get("tokens_generated")
+            row["wall_seconds"] = r.get("provenance", {}).get("wall_seconds")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary(df: pd.DataFrame, metrics: Sequence[str], by: str = "point") -> pd.DataFrame:
+    """Mean, std and 95% CI half-width (Student t) per point and metric over completed seeds."""
+    done = df[df["status"] == "completed"] if len(df) else df
+    out = []
+    for key, g in done.groupby(by, sort=False):
+        row = {by: key, "n": len(g)}
+        for m in metrics:
+            mean, sd, ci = mean_ci(list(g[m].dropna()))
+            row.update({f"{m}_mean": mean, f"{m}_std": sd, f"{m}_ci95": ci})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _rows(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str]):
+    by_point = {r["point"]: r for r in summ.to_dict("records")}
+    for name, p in points.items():
+        r = by_point.get(name)
+        yield mark_failed(p.label, root / name), r
+
+
+def markdown(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str]) -> str:
+    lines = ["| point | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for label, r in _rows(root, points, summ, metrics):
+        cells = [format_cell(r[f"{m}_mean"], r[f"{m}_ci95"]) if r else "-" for m in metrics]
+        lines.append(f"| {label} | {r['n'] if r else 0} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _tex(s: str) -> str:
+    return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+
+
+def latex(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str], caption: str) -> str:
+    """A booktabs table of mean $\\pm$ 95% CI (n seeds)."""
+    head = " & ".join(["point", "$n$"] + [_tex(m) for m in metrics])
+    lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{_tex(caption)}}}",
+             "\\begin{tabular}{l" + "r" * (len(metrics) + 1) + "}", "\\toprule", head + " \\\\", "\\midrule"]
+    for label, r in _rows(root, points, summ, metrics):
+        cells = []
+        for m in metrics:
+            mean, ci = (r[f"{m}_mean"], r[f"{m}_ci95"]) if r else (math.nan, math.nan)
+            cells.append("--" if math.isnan(mean) else (f"${mean:+.3f}$" if math.isnan(ci) else f"${mean:+.3f} \\pm {ci:.3f}$"))
+        lines.append(" & ".join([_tex(label), str(r["n"] if r else 0)] + cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(lines)
+
+
+def write_table(root: Path, title: str, points: dict[str, Point], metrics: Sequence[str],
+                notes: Sequence[str] = ()) -> tuple[str, pd.DataFrame]:
+    """Write ``table.md`` (with ``notes``: plot links, findings), ``table.tex``, ``runs.csv`` (tidy, one row
+    per job) and ``summary.csv`` under ``root``; returns the Markdown and the tidy frame."""
+    df = tidy(root, points)
+    summ = summary(df, metrics) if len(df) else pd.DataFrame(columns=["point", "n"])
+    md = "\n".join([f"# {title}", "", "Mean ± 95% CI over seeds (n per row).", "",
+                    markdown(root, points, summ, metrics), "", *notes])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "table.md").write_text(md + "\n")
+    (root / "table.tex").write_text(latex(root, points, summ, metrics, title) + "\n")
+    df.to_csv(root / "runs.csv", index=False)
+    summ.to_csv(root / "summary.csv", index=False)
+    return md, df
+
+
+# -- the command line every table script shares --------------------------------------------------------------
+# real models on GPUs: the same table with Qwen2.5-1.5B-Instruct (hub id or a local copy; chat template on),
+# no embedded base stage, bf16 on one GPU (add trainer=ddp for all GPUs of a node)
+REAL = ["model=qwen2_5_1_5b_instruct", "base=none", "trainer=gpu"]
+
+
+def parse_args(description: str, default_out: str, paradigms: str = "sft,grpo"):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="toy budget (40 steps per task, G=4): minutes on a laptop")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--paradigms", default=paradigms, help="comma list of sft, grpo")
+    ap.add_argument("--real", action="store_true", help="real model preset: " + " ".join(REAL))
+    ap.add_argument("--out", type=Path, default=None, help=f"output root (default: {default_out}[_quick|_real])")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
+    args = ap.parse_args()
+    args.paradigms = [p.strip() for p in args.paradigms.split(",") if p.strip()]
+    if not args.paradigms or set(args.paradigms) - {"sft", "grpo"}:
+        raise SystemExit(f"error: --paradigms: allowed sft, grpo; got {args.paradigms}")
+    suffix = "_real" if args.real else ("_quick" if args.quick else "")
+    args.out = args.out or Path(f"{default_out}{suffix}")
+    args.extra = (REAL if args.real else []) + list(args.overrides)
+    return args
