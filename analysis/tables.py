@@ -39,7 +39,7 @@ class Point:
 
 def wandb_overrides(table: str, point: str) -> list[str]:
     """W&B grouping of a table's runs (ignored with ``logger=none``; never part of the run directory)."""
-    return [f"logger.group={table}", f"logger.tags=[{table},{point}]"]
+    return [f"logger.group={table}", f"logger.tags=[{table},{point}]", f"logger.job_type={point}"]
 
 
 def run_points(root: Path, table: str, points: dict[str, Point], seeds: Sequence[int], quick: bool,

@@ -338,12 +338,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run_key(override_dirname: str) -> str:
-    """A run directory name from the command's overrides: readable prefix + hash of the whole, so the same
-    command always lands in the same directory (and resumes there) and different commands never collide."""
+# overrides that do not change a run's result, left out of its directory name (resume, logging, paths)
+KEY_EXCLUDE = ("resume", "checkpoint.", "logger", "cache_dir", "hydra.")
+KEY_FIRST = ("experiment", "objective", "seed")  # shown first: what a reader looks for in a directory list
+
+
+def run_key(overrides) -> str:
+    """A run directory name from the command's overrides (Hydra's ``hydra.overrides.task``): readable prefix
+    + hash of the whole, so the same command always lands in the same directory (and resumes there) and
+    different commands never collide. Overrides that do not change the result are left out."""
     import hashlib
     import re
 
-    text = override_dirname or "default"
+    items = [str(o) for o in overrides] if not isinstance(overrides, str) else ([overrides] if overrides else [])
+    items = sorted(o for o in items if not o.lstrip("+~").startswith(KEY_EXCLUDE))
+    key = lambda o: (next((i for i, k in enumerate(KEY_FIRST) if o.lstrip("+~").startswith(k + "=")), len(KEY_FIRST)), o)  # noqa: E731
+    items.sort(key=key)
+    text = ",".join(items) or "default"
     slug = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", text)[:80].strip("_") or "run"
     return f"{slug}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"

@@ -174,6 +174,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         logger = make_logger(cfg.logger.kind, str(run_dir), project=cfg.logger.get("project", "cl-suite"),
                              mode=cfg.logger.get("mode", "offline"), name=run_dir.name,
                              group=cfg.logger.get("group"), tags=cfg.logger.get("tags"), config=resolved,
+                             job_type=cfg.logger.get("job_type"),
                              run_id=wandb_run_id(run_dir, resuming=ckpt is not None) if cfg.logger.kind == "wandb" else None)
         results["base_model"] = base_info
         pl.seed_everything(cfg.seed, verbose=False)

@@ -102,7 +102,7 @@ class SafeWandbLogger(WandbLogger):
 
 def make_logger(kind: str, save_dir: str, project: str, mode: str = "offline", name: str | None = None,
                 group: str | None = None, tags: list[str] | None = None, config: dict | None = None,
-                run_id: str | None = None):
+                run_id: str | None = None, job_type: str | None = None):
     """Build the run's logger: ``SafeWandbLogger`` for ``kind='wandb'``, ``None`` for ``kind='none'``."""
     if kind == "none":
         return None
@@ -113,6 +113,6 @@ def make_logger(kind: str, save_dir: str, project: str, mode: str = "offline", n
     os.makedirs(save_dir, exist_ok=True)
     logger = SafeWandbLogger(project=project, name=name, save_dir=save_dir, offline=(mode == "offline"),
                              mode=mode, group=group, tags=list(tags or []), config=config,
-                             log_model=False, id=run_id, resume="allow" if run_id else None)
+                             log_model=False, id=run_id, resume="allow" if run_id else None, job_type=job_type)
     logger.start()
     return logger

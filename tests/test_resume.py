@@ -76,10 +76,14 @@ def test_completed_run_is_skipped_when_the_command_is_repeated(tmp_path, cache_d
 
 
 def test_same_command_maps_to_the_same_directory_and_different_ones_do_not_collide():
-    assert ck.run_key("seed=1,optimizer.lr=0.001") == ck.run_key("seed=1,optimizer.lr=0.001")
-    assert ck.run_key("seed=1") != ck.run_key("seed=2")
-    assert ck.run_key("a" * 300) != ck.run_key("a" * 299 + "b")  # long names: the hash tells them apart
-    assert "/" not in ck.run_key("model.name_or_path=/data/m")
+    a = ck.run_key(["optimizer.lr=0.001", "seed=1"])
+    assert a == ck.run_key(["seed=1", "optimizer.lr=0.001"])  # order on the command line does not matter
+    assert a.startswith("seed=1,optimizer.lr=0.001-")  # experiment/objective/seed first
+    assert ck.run_key(["seed=1"]) != ck.run_key(["seed=2"])
+    assert ck.run_key(["seed=1", "resume=never", "logger=none", "checkpoint.every_n_steps=5"]) == ck.run_key(["seed=1"])
+    assert ck.run_key(["x=" + "a" * 300]) != ck.run_key(["x=" + "a" * 299 + "b"])  # long names: the hash decides
+    assert "/" not in ck.run_key(["model.name_or_path=/data/m"])
+    assert ck.run_key([]).startswith("default-")
 
 
 def _linear_ckpt(run_dir: Path, value: float) -> None:
