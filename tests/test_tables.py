@@ -1,0 +1,108 @@
+"""The table layer: tidy frame, mean/std/CI per point, Markdown + LaTeX + CSV, failed points marked; the
+sweep-end summary; the table report (local, and the W&B report object)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from analysis.aggregate import mean_ci
+from analysis.hydra_callback import summary
+from analysis.tables import Point, latex, summary as summarise_frame, tidy, write_table
+
+
+def _job(root: Path, point: str, seed: int, status: str = "completed", avg: float = 0.0, fgt: float = 0.0) -> Path:
+    d = root / point / "jobs" / f"seed={seed}-x"
+    d.mkdir(parents=True)
+    res = {"status": status, "config": {"seed": seed}, "tasks": ["a", "b"], "acc_matrix": [[avg, 0.1], [0.2, avg]],
+           "general_tasks": ["g"], "general_matrix": [[0.5], [0.4]], "task_end_iters": [10, 20],
+           "metrics": {"avg_acc": avg, "forgetting": fgt, "compute": {"tokens_generated": 7}}}
+    (d / "results.json").write_text(json.dumps(res))
+    (d / "curves.jsonl").write_text("".join(json.dumps({"global_iter": it, "task_idx": 0 if it <= 10 else 1,
+                                                         "train_task": "a", "eval_task": t, "kind": "stream",
+                                                         "acc": avg, "boundary": it in (0, 10, 20), "n": 5}) + "\n"
+                                            for it in (0, 10, 20) for t in ("a", "b")))
+    return d
+
+
+@pytest.fixture()
+def table_root(tmp_path):
+    for s, (a, f) in enumerate([(0.2, 0.5), (0.3, 0.4), (0.4, 0.6)]):
+        _job(tmp_path, "sft_seq", s, avg=a, fgt=f)
+    _job(tmp_path, "grpo_seq", 0, avg=0.5, fgt=0.1)
+    _job(tmp_path, "grpo_seq", 1, avg=0.7, fgt=0.3)
+    _job(tmp_path, "grpo_seq", 2, status="failed: ConfigError: optimizer.lr: must be > 0.0")
+    pts = {"sft_seq": Point("SFT seq", None, [], {"paradigm": "sft"}),
+           "grpo_seq": Point("GRPO seq", None, [], {"paradigm": "grpo"})}
+    return tmp_path, pts
+
+
+def test_tidy_frame_and_summary_give_mean_std_and_ci_per_point(table_root):
+    root, pts = table_root
+    df = tidy(root, pts)
+    assert len(df) == 6 and set(df["status"]) == {"completed", "failed: ConfigError: optimizer.lr: must be > 0.0"}
+    assert set(df.columns) >= {"point", "label", "paradigm", "seed", "avg_acc", "forgetting", "tokens_generated"}
+    s = summarise_frame(df, ["avg_acc", "forgetting"]).set_index("point")
+    mean, sd, ci = mean_ci([0.2, 0.3, 0.4])
+    assert s.loc["sft_seq", "n"] == 3 and math.isclose(s.loc["sft_seq", "avg_acc_mean"], mean)
+    assert math.isclose(s.loc["sft_seq", "avg_acc_std"], sd) and math.isclose(s.loc["sft_seq", "avg_acc_ci95"], ci)
+    assert s.loc["grpo_seq", "n"] == 2  # the failed job is not averaged in
+
+
+def test_written_tables_mark_the_failed_point_and_carry_the_ci(table_root):
+    root, pts = table_root
+    md, _ = write_table(root, "Methods x paradigms", pts, ["avg_acc", "forgetting"], ["a note"])
+    mean, _, ci = mean_ci([0.2, 0.3, 0.4])
+    assert f"| SFT seq | 3 | {mean:+.3f} ± {ci:.3f} |" in md
+    assert "GRPO seq [FAILED 1 job(s): ConfigError: optimizer.lr" in md and md.rstrip().endswith("a note")
+    tex = (root / "table.tex").read_text()
+    assert "\\toprule" in tex and f"${mean:+.3f} \\pm {ci:.3f}$" in tex and "avg\\_acc" in tex
+    assert (root / "runs.csv").read_text().count("\n") == 7 and (root / "summary.csv").exists()
+
+
+def test_latex_escapes_labels(table_root):
+    root, pts = table_root
+    pts["sft_seq"].label = "SFT 25% & more_x"
+    df = tidy(root, pts)
+    tex = latex(root, pts, summarise_frame(df, ["avg_acc"]), ["avg_acc"], "cap_tion")
+    assert "SFT 25\\% \\& more\\_x" in tex and "\\caption{cap\\_tion}" in tex
+
+
+def test_sweep_summary_lists_failed_jobs_and_counts_them(table_root):
+    root, _ = table_root
+    dirs = sorted(p.parent for p in root.rglob("results.json"))
+    text, n_failed = summary(dirs + [root / "missing"], ["avg_acc"], root)
+    assert n_failed == 2 and "5 completed, 1 failed, 1 without results" in text
+    assert "FAILED" in text and "NO RESULTS" in text and (root / "summary.md").exists()
+
+
+def test_local_table_report_has_curves_and_matrices_per_point(table_root):
+    from analysis.wandb_report import local_report, mean_curves
+    from analysis.aggregate import completed_results
+
+    root, pts = table_root
+    write_table(root, "t", pts, ["avg_acc"])
+    path = local_report(root)
+    text = path.read_text()
+    assert "| SFT seq | 3 |" in text and "## sft_seq (3 seeds)" in text
+    assert (path.parent / "sft_seq_curves.png").stat().st_size > 0 and (path.parent / "grpo_seq_matrix.png").exists()
+    mc = mean_curves(completed_results(root / "sft_seq"))
+    assert math.isclose(next(c["acc"] for c in mc if c["global_iter"] == 10 and c["eval_task"] == "a"), 0.3)
+
+
+def test_wandb_report_object_groups_the_table_by_point(table_root):
+    pytest.importorskip("wandb_workspaces")
+    from analysis.wandb_report import build_wandb_report
+
+    root, pts = table_root
+    write_table(root, "t", pts, ["avg_acc"])
+    report = build_wandb_report("ctbench", root, "cl-suite", "me")
+    kinds = [type(b).__name__ for b in report.blocks]
+    assert kinds.count("PanelGrid") == 2 and "MarkdownBlock" in kinds
+    grid = report.blocks[kinds.index("PanelGrid")]
+    assert grid.runsets[0].filters == "Group == 'ctbench'" and grid.runsets[0].groupby == ["JobType"]
+    assert [p.y for p in grid.panels][:2] == [["eval/stream/a"], ["eval/stream/b"]]
+    assert all(p.x == "cl/global_iter" for p in grid.panels)
