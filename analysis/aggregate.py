@@ -87,3 +87,69 @@ def markdown_table(rows: dict[str, dict[str, tuple]], metrics: Sequence[str]) ->
         n = next(iter(summ.values()))[3] if summ else 0
         lines.append(f"| {label} | {n} | " + " | ".join(format_cell(summ[m][0], summ[m][2]) for m in metrics) + " |")
     return "\n".join(lines)
+
+
+def latex_table(rows: dict[str, dict[str, tuple]], metrics: Sequence[str], caption: str = "") -> str:
+    """``markdown_table``'s rows as a booktabs LaTeX table of mean $\\pm$ 95% CI."""
+
+    def esc(s: str) -> str:
+        return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+
+    def cell(mean: float, ci: float) -> str:
+        if math.isnan(mean):
+            return "--"
+        return f"${mean:+.3f}$" if math.isnan(ci) else f"${mean:+.3f} \\pm {ci:.3f}$"
+
+    lines = ["\\begin{table}[t]", "\\centering"] + ([f"\\caption{{{esc(caption)}}}"] if caption else [])
+    lines += ["\\begin{tabular}{l" + "r" * (len(metrics) + 1) + "}", "\\toprule",
+              " & ".join(["method", "$n$"] + [esc(m) for m in metrics]) + " \\\\", "\\midrule"]
+    for label, summ in rows.items():
+        n = next(iter(summ.values()))[3] if summ else 0
+        lines.append(" & ".join([esc(label), str(n)] + [cell(summ[m][0], summ[m][2]) for m in metrics]) + " \\\\")
+    return "\n".join(lines + ["\\bottomrule", "\\end{tabular}", "\\end{table}"])
+
+
+def markdown_to_latex(md: str) -> str:
+    """Every Markdown table in ``md`` (as this module writes them) as a booktabs LaTeX table captioned with
+    the heading above it; ``+0.123 ± 0.045`` cells become ``$+0.123 \\pm 0.045$``."""
+
+    def esc(s: str) -> str:
+        return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+
+    def cell(s: str) -> str:
+        s = s.strip()
+        if " ± " in s:
+            m, ci = s.split(" ± ", 1)
+            return f"${m} \\pm {ci}$"
+        return f"${s}$" if s[:1] in "+-" and s[1:2].isdigit() else esc(s)
+
+    out, heading, block = [], "", []
+
+    def flush():
+        if len(block) >= 2:
+            rows = [[c for c in r.strip().strip("|").split("|")] for r in block if not set(r) <= set("|-: ")]
+            ncol = len(rows[0])
+            out.extend(["\\begin{table}[t]", "\\centering"] + ([f"\\caption{{{esc(heading)}}}"] if heading else [])
+                       + ["\\begin{tabular}{l" + "r" * (ncol - 1) + "}", "\\toprule",
+                          " & ".join(esc(c.strip()) for c in rows[0]) + " \\\\", "\\midrule"]
+                       + [" & ".join([esc(r[0].strip())] + [cell(c) for c in r[1:]]) + " \\\\" for r in rows[1:]]
+                       + ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""])
+        block.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            block.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+    flush()
+    return "\n".join(out)
+
+
+def write_markdown_and_latex(root: str | Path, md: str) -> None:
+    """``root/table.md`` and the same tables as ``root/table.tex``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "table.md").write_text(md)
+    (root / "table.tex").write_text(markdown_to_latex(md))

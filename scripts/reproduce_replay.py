@@ -27,7 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.aggregate import completed_results, mark_failed, markdown_table, mean_ci, summarise  # noqa: E402
+from analysis.aggregate import (  # noqa: E402
+    completed_results, mark_failed, markdown_table, write_markdown_and_latex, mean_ci, summarise,
+)
 from analysis.sweep import QUICK, QUICK_RL, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention"]
@@ -147,7 +149,7 @@ def main() -> None:
         pic = plot_fraction(root, root / "replay_fraction.png")
         if pic is not None:
             lines += [f"![replay fraction]({pic.name})", ""]
-    (root / "table.md").write_text("\n".join(lines))
+    write_markdown_and_latex(root, "\n".join(lines))
     print("\n" + "\n".join(lines))
     print(f"\nwritten: {root / 'table.md'} ({time.perf_counter() - t0:.0f} s)")
 

@@ -106,3 +106,14 @@ def test_wandb_report_object_groups_the_table_by_point(table_root):
     assert grid.runsets[0].filters == "Group == 'ctbench'" and grid.runsets[0].groupby == ["JobType"]
     assert [p.y for p in grid.panels][:2] == [["eval/stream/a"], ["eval/stream/b"]]
     assert all(p.x == "cl/global_iter" for p in grid.panels)
+
+
+def test_markdown_tables_convert_to_latex_with_captions():
+    from analysis.aggregate import markdown_table, markdown_to_latex
+
+    md = "\n".join(["# Title", "", "## SFT_part", "",
+                    markdown_table({"ER 25%": {"avg_acc": (0.3, 0.1, 0.05, 3), "forgetting": (float("nan"),) * 3 + (3,)}},
+                                   ["avg_acc", "forgetting"]), "", "text after"])
+    tex = markdown_to_latex(md)
+    assert tex.count("\\begin{tabular}") == 1 and "\\caption{SFT\\_part}" in tex
+    assert "ER 25\\% & 3 & $+0.300 \\pm 0.050$ & - \\\\" in tex
