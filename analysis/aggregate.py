@@ -89,32 +89,21 @@ def markdown_table(rows: dict[str, dict[str, tuple]], metrics: Sequence[str]) ->
     return "\n".join(lines)
 
 
-def latex_table(rows: dict[str, dict[str, tuple]], metrics: Sequence[str], caption: str = "") -> str:
-    """``markdown_table``'s rows as a booktabs LaTeX table of mean $\\pm$ 95% CI."""
+def tex_escape(s: str) -> str:
+    return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
 
-    def esc(s: str) -> str:
-        return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
 
-    def cell(mean: float, ci: float) -> str:
-        if math.isnan(mean):
-            return "--"
-        return f"${mean:+.3f}$" if math.isnan(ci) else f"${mean:+.3f} \\pm {ci:.3f}$"
-
-    lines = ["\\begin{table}[t]", "\\centering"] + ([f"\\caption{{{esc(caption)}}}"] if caption else [])
-    lines += ["\\begin{tabular}{l" + "r" * (len(metrics) + 1) + "}", "\\toprule",
-              " & ".join(["method", "$n$"] + [esc(m) for m in metrics]) + " \\\\", "\\midrule"]
-    for label, summ in rows.items():
-        n = next(iter(summ.values()))[3] if summ else 0
-        lines.append(" & ".join([esc(label), str(n)] + [cell(summ[m][0], summ[m][2]) for m in metrics]) + " \\\\")
-    return "\n".join(lines + ["\\bottomrule", "\\end{tabular}", "\\end{table}"])
+def tex_cell(mean: float, ci: float) -> str:
+    """``$mean \\pm ci$`` (``--`` for no value, no CI for one seed)."""
+    if math.isnan(mean):
+        return "--"
+    return f"${mean:+.3f}$" if math.isnan(ci) else f"${mean:+.3f} \\pm {ci:.3f}$"
 
 
 def markdown_to_latex(md: str) -> str:
     """Every Markdown table in ``md`` (as this module writes them) as a booktabs LaTeX table captioned with
     the heading above it; ``+0.123 ± 0.045`` cells become ``$+0.123 \\pm 0.045$``."""
-
-    def esc(s: str) -> str:
-        return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+    esc = tex_escape
 
     def cell(s: str) -> str:
         s = s.strip()

@@ -9,14 +9,15 @@ and carry the table and point as tags, so W&B's own grouping rebuilds the table)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
-from analysis.aggregate import completed_results, failed_results, format_cell, mark_failed, mean_ci
+from analysis.aggregate import (
+    completed_results, failed_results, format_cell, mark_failed, mean_ci, tex_cell, tex_escape,
+)
 from analysis.sweep import QUICK, QUICK_RL, run_sweep
 
 SCALARS = ("avg_acc", "new_acc", "bwt", "fwt", "forgetting", "general_retention", "min_acc", "wc_acc",
@@ -97,21 +98,14 @@ def markdown(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: 
     return "\n".join(lines)
 
 
-def _tex(s: str) -> str:
-    return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
-
-
 def latex(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str], caption: str) -> str:
     """A booktabs table of mean $\\pm$ 95% CI (n seeds)."""
-    head = " & ".join(["point", "$n$"] + [_tex(m) for m in metrics])
-    lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{_tex(caption)}}}",
+    head = " & ".join(["point", "$n$"] + [tex_escape(m) for m in metrics])
+    lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{tex_escape(caption)}}}",
              "\\begin{tabular}{l" + "r" * (len(metrics) + 1) + "}", "\\toprule", head + " \\\\", "\\midrule"]
     for label, r in _rows(root, points, summ, metrics):
-        cells = []
-        for m in metrics:
-            mean, ci = (r[f"{m}_mean"], r[f"{m}_ci95"]) if r else (math.nan, math.nan)
-            cells.append("--" if math.isnan(mean) else (f"${mean:+.3f}$" if math.isnan(ci) else f"${mean:+.3f} \\pm {ci:.3f}$"))
-        lines.append(" & ".join([_tex(label), str(r["n"] if r else 0)] + cells) + " \\\\")
+        cells = [tex_cell(r[f"{m}_mean"], r[f"{m}_ci95"]) if r else "--" for m in metrics]
+        lines.append(" & ".join([tex_escape(label), str(r["n"] if r else 0)] + cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
     return "\n".join(lines)
 
