@@ -10,6 +10,11 @@ A user task is described by a mapping in the stream config::
       verifier: exact                   # exact | numeric | regex | function
       pattern: null                     # for regex
       function: null                    # for function: "package.module:function"
+      final_pattern: null               # regex whose group 1 is the final answer inside the reference answer
+                                        # (e.g. GSM8K's "#### 72"): SFT trains on the whole answer, the
+                                        # verifier and evaluation compare against the extracted final answer
+
+``train``/``eval`` may name a hub dataset as ``hub:NAME`` or ``hub:NAME@CONFIG`` (e.g. ``hub:openai/gsm8k@main``).
 
 Files are checked before any training: a missing, empty, non-UTF-8 or malformed file, a missing column
 or a non-string value fails with one line naming the file, row and column.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +106,9 @@ def load_rows(source: str, prompt_column: str, answer_column: str, split: str = 
     if source.startswith("hub:"):
         import datasets
 
-        name = source[4:]
+        name, _, config = source[4:].partition("@")
         try:
-            rows = datasets.load_dataset(name, split=split).to_list()
+            rows = datasets.load_dataset(name, config or None, split=split).to_list()
         except Exception as e:  # offline, missing, gated...
             raise DataError(f"{source}: cannot load hub dataset ({type(e).__name__}: {e})") from None
     else:
@@ -121,11 +127,13 @@ def load_user_task(
     function: str | None = None,
     eval_fraction: float = 0.1,
     seed: int = 0,
+    final_pattern: str | None = None,
 ) -> Task:
     """Build a :class:`Task` from user data; eval rows are removed from train by prompt."""
     try:
         score = make_verifier(verifier, pattern=pattern, function=function)
-    except ValueError as e:
+        final_rx = re.compile(final_pattern) if final_pattern else None
+    except (ValueError, re.error) as e:
         raise DataError(f"task '{name}': {e}") from None
     train_rows = load_rows(train, prompt_column, answer_column, "train")
     if eval is not None:
@@ -141,4 +149,27 @@ def load_user_task(
     train_rows = [r for r in train_rows if r["prompt"] not in held_out]
     if not train_rows:
         raise DataError(f"task '{name}': no training rows left after removing eval prompts")
+    if final_rx is not None:
+        for where, rows in (("train", train_rows), ("eval", eval_rows)):
+            _add_final(rows, final_rx, f"task '{name}' ({where})")
+        score = _against_final(score)
     return Task.from_rows(name, train_rows, eval_rows, score, exact_match=score is exact_match, family="user")
+
+
+def _add_final(rows: list[dict], rx: "re.Pattern", where: str) -> None:
+    """``row["final"]`` = group 1 (else the match) of ``rx`` in the reference answer, thousands commas removed."""
+    for i, r in enumerate(rows, start=1):
+        m = rx.search(r["answer"])
+        if m is None:
+            raise DataError(f"{where}: row {i}: final_pattern {rx.pattern!r} does not match the answer {r['answer'][-60:]!r}")
+        r["final"] = (m.group(1) if rx.groups else m.group(0)).strip().replace(",", "")
+
+
+def _against_final(score):
+    """The verifier applied to the extracted final answers instead of the whole reference answers."""
+
+    def verify(completions, final, **columns):
+        columns.pop("answer", None)
+        return score(completions, answer=final, **columns)
+
+    return verify

@@ -187,3 +187,55 @@ def test_user_verifier_function_that_cannot_be_imported_names_the_task(tmp_path)
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n' * 20)
     with pytest.raises(DataError, match=r"task 'qa': verifier function 'nope.mod:fn' cannot be imported"):
         load_user_task("qa", str(data), verifier="function", function="nope.mod:fn")
+
+
+def test_final_pattern_trains_on_the_solution_and_verifies_the_final_answer(tmp_path):
+    from tasks.user_data import load_user_task
+
+    data = tmp_path / "gsm.jsonl"
+    rows = [{"question": f"Q{i}: 2+{i}?", "answer": f"2 plus {i} is {2 + i}.\n#### {2 + i:,}"} for i in range(1000, 1040)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_user_task("gsm", str(data), prompt_column="question", verifier="numeric",
+                          final_pattern=r"####\s*(-?[\d,]*\.?\d+)")
+    row = task.train[0]
+    assert row["answer"].startswith("2 plus") and row["final"] == row["answer"].split("#### ")[1].replace(",", "")
+    assert not task.exact_match  # scored by generation + the verifier, not the teacher-forced shortcut
+    cols = {k: [row[k]] for k in row}
+    assert task.score([f"so the answer is {row['final']}"], **cols) == [1.0]
+    assert task.score(["so the answer is 7"], **cols) == [0.0]
+
+
+def test_final_pattern_that_does_not_match_names_the_row(tmp_path):
+    from tasks.user_data import DataError, load_user_task
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(20)))
+    with pytest.raises(DataError, match=r"task 'qa' \(train\): row 1: final_pattern '####' does not match"):
+        load_user_task("qa", str(data), final_pattern="####")
+
+
+def test_hub_source_passes_the_dataset_config(monkeypatch):
+    import datasets
+
+    from tasks.user_data import load_rows
+
+    seen = {}
+
+    def fake(name, config=None, split=None):
+        seen.update(name=name, config=config, split=split)
+        return datasets.Dataset.from_list([{"question": "q", "answer": "a"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    rows = load_rows("hub:openai/gsm8k@main", "question", "answer", "test")
+    assert seen == {"name": "openai/gsm8k", "config": "main", "split": "test"} and rows[0]["prompt"] == "q"
+
+
+def test_hub_stream_preset_is_valid_and_fails_offline_with_the_dataset_named(tmp_path):
+    from omegaconf import OmegaConf
+
+    from cl.validate import validate_config
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("stream=hub_math", "model=qwen2_5_1_5b_instruct", "base=none")
+    validate_config(OmegaConf.to_container(cfg, resolve=True))
+    assert [t["name"] for t in cfg.stream.tasks] == ["gsm8k", "svamp"]
