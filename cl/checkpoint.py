@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 CKPT_DIR = "checkpoints"
-# config keys that may differ between the interrupted run and the resuming one
-VOLATILE_KEYS = ("resume", "checkpoint", "logger", "cache_dir", "hydra")
+# config keys that may differ between the interrupted run and the resuming one (train.nonfinite: a run stopped
+# by a NaN can be resumed from its last good checkpoint with train.nonfinite=skip)
+VOLATILE_KEYS = ("resume", "checkpoint", "logger", "cache_dir", "hydra", "train.nonfinite")
 
 
 class CheckpointError(ValueError):
@@ -196,9 +197,9 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     """Dotted keys whose values differ, ignoring the keys a resume may change."""
     out = []
     for k in sorted(set(saved) | set(current)):
-        if not prefix and k in VOLATILE_KEYS:
-            continue
         key = f"{prefix}{k}"
+        if key in VOLATILE_KEYS:
+            continue
         a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, key + ".")
@@ -339,7 +340,7 @@ def _alive(pid: int) -> bool:
 
 
 # overrides that do not change a run's result, left out of its directory name (resume, logging, paths)
-KEY_EXCLUDE = ("resume", "checkpoint.", "logger", "cache_dir", "hydra.")
+KEY_EXCLUDE = ("resume", "checkpoint.", "logger", "cache_dir", "hydra.", "train.nonfinite")
 KEY_FIRST = ("experiment", "objective", "seed")  # shown first: what a reader looks for in a directory list
 
 

@@ -202,6 +202,11 @@ def test_nonfinite_loss_stops_with_partial_results_and_keeps_the_last_checkpoint
     assert res["completed_tasks"] == 1 and len(res["acc_matrix"]) == 1
     state = ck.load_state(ck.latest(out))
     assert (state["task_idx"], state["step_in_task"]) == (1, 5)  # the last good point before the fault
+    # the same run resumed from that checkpoint with the bad batch skipped
+    res = run(compose_cfg("experiment=smoke", f"cache_dir={cache_dir}", "checkpoint.every_n_steps=5",
+                          "train.nonfinite=skip"), out)
+    assert res["status"] == "completed" and res["resumed_from"] == {"task_idx": 1, "step_in_task": 5}
+    assert res["metrics"]["compute"]["skipped_nonfinite_steps"] == 1
 
 
 def test_nonfinite_loss_can_skip_the_batch_and_count_it(tmp_path, cache_dir, monkeypatch):
