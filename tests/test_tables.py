@@ -117,3 +117,57 @@ def test_markdown_tables_convert_to_latex_with_captions():
     tex = markdown_to_latex(md)
     assert tex.count("\\begin{tabular}") == 1 and "\\caption{SFT\\_part}" in tex
     assert "ER 25\\% & 3 & $+0.300 \\pm 0.050$ & - \\\\" in tex
+
+
+def _script(name: str):
+    import importlib.util
+    import sys
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("script, n_points", [("reproduce_ctbench", 10), ("reproduce_rl_razor", 6),
+                                              ("reproduce_stability_gap", 4)])
+def test_every_table_point_is_a_valid_config(script, n_points):
+    from omegaconf import OmegaConf
+
+    from analysis.sweep import QUICK, QUICK_RL
+    from analysis.tables import REAL, wandb_overrides
+    from cl.validate import validate_config
+    from tests.conftest import compose_cfg
+
+    mod = _script(script)
+    pts = mod.points(["sft", "grpo"], 5) if script.endswith("gap") else mod.points(["sft", "grpo"])
+    assert len(pts) == n_points
+    for name, p in pts.items():
+        for extra in ([], QUICK + (QUICK_RL if p.paradigm == "grpo" else []), REAL):
+            ov = [*([f"experiment={p.experiment}"] if p.experiment else []), *extra, *p.overrides,
+                  *wandb_overrides(script, name)]
+            cfg = OmegaConf.to_container(compose_cfg(*ov), resolve=True)
+            validate_config(cfg)
+            assert cfg["logger"]["group"] == script and cfg["logger"]["job_type"] == name
+
+
+def test_old_task_curve_starts_each_dip_from_the_boundary_level():
+    from analysis.plots import old_task_curve
+
+    def line(it, t, task, acc, boundary=False):
+        return {"global_iter": it, "task_idx": t, "eval_task": task, "kind": "stream", "acc": acc, "boundary": boundary}
+
+    curves = [line(0, -1, "a", .1, True), line(10, 0, "a", .9, True),  # end of task a: the level before the dip
+              line(15, 1, "a", .2), line(15, 1, "b", .5), line(20, 1, "a", .4, True), line(20, 1, "b", .8, True)]
+    assert old_task_curve(curves, ["a", "b"]) == pytest.approx([(10, .9), (15, .2), (20, .6)])
+
+
+def test_fit_line_recovers_slope_and_correlation():
+    from analysis.plots import fit_line
+
+    slope, icpt, r = fit_line([0, 1, 2, 3], [1, 3, 5, 7])
+    assert math.isclose(slope, 2) and math.isclose(icpt, 1) and math.isclose(r, 1)
+    assert all(math.isnan(v) for v in fit_line([1, 1], [0, 1]))
