@@ -3,7 +3,8 @@
 #   1. install (skipped when the suite already imports; offline from wheels in .whl/ when present)
 #   2. the GPU: name, memory, a bf16 matmul
 #   3. experiment=smoke with trainer=gpu (bf16-mixed): base stage + 2-task stream end to end on the GPU, under
-#      SFT and under GRPO (rollouts, reference model and evaluation on the GPU)
+#      SFT and under GRPO (rollouts, reference model and evaluation on the GPU); a SIGKILL-and-resume
+#      comparison on the GPU (checkpoints holding CUDA tensors and CUDA RNG states)
 #   4. scripts/bench_scale.py for a ~0.5B-parameter random-weight Qwen2 (Qwen2.5-0.5B's shape): SFT and GRPO
 #      tokens/s and MFU against the bf16 matmul peak measured in the same run
 # usage: bash scripts/gpu_check.sh [--dry-run] [OUT_DIR]     (OUT_DIR default: $OUT or ./gpu_check_out)
@@ -45,11 +46,13 @@ if [ $DRY = 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_avai
 fi
 [ $DRY = 0 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
-step smoke_sft 150 $PY -m cl.run experiment=smoke trainer=gpu logger=none \
+step smoke_sft 100 $PY -m cl.run experiment=smoke trainer=gpu logger=none \
     "hydra.run.dir=$OUT_DIR/smoke_sft" "cache_dir=$OUT_DIR/cache"
-step smoke_grpo 90 $PY -m cl.run experiment=smoke trainer=gpu logger=none objective=grpo objective.group_size=4 \
+step smoke_grpo 60 $PY -m cl.run experiment=smoke trainer=gpu logger=none objective=grpo objective.group_size=4 \
     stream.steps_per_task=10 "hydra.run.dir=$OUT_DIR/smoke_grpo" "cache_dir=$OUT_DIR/cache"
-step scale_qwen0.5b 200 $PY scripts/bench_scale.py --device cuda --precision bf16-mixed --sizes qwen0.5b \
+step resume 100 $PY scripts/resume_check.py "$OUT_DIR/resume" experiment=smoke trainer=gpu logger=none \
+    stream.steps_per_task=40 checkpoint.every_n_steps=7 eval.every_n_steps=10 "cache_dir=$OUT_DIR/cache"
+step scale_qwen0.5b 180 $PY scripts/bench_scale.py --device cuda --precision bf16-mixed --sizes qwen0.5b \
     --parts sft,grpo --batch-size 16 --seq-len 512 --steps 10 --warmup 3 --prompts 16 --group 8 --new-tokens 64 \
     --json "$OUT_DIR/scale.json"
 [ $DRY = 0 ] && echo "== gpu_check: $([ $STATUS = 0 ] && echo passed || echo FAILED) in $SECONDS s"
