@@ -2,7 +2,7 @@
 
 Registered in ``conf/config.yaml`` (``hydra.callbacks.sweep_summary``). Jobs are grouped by their
 overrides without ``seed``; each group is one row of mean ± 95% CI over its seeds (``analysis.aggregate``).
-The same table is written to ``SWEEP_DIR/summary.md``.
+The same table is written to ``SWEEP_DIR/summary.md`` and ``summary.tex``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from analysis.aggregate import markdown_table, summarise
+from analysis.aggregate import markdown_table, markdown_to_latex, summarise
 
 METRICS = ("avg_acc", "forgetting", "new_acc", "general_retention", "stability_gap")
 NOT_A_POINT = ("seed", "resume", "logger", "checkpoint.every_n_steps", "hydra.")
@@ -85,6 +85,7 @@ def summary(job_dirs: list[Path], metrics: list[str], sweep_dir: Path | None = N
         if sweep_dir is not None:
             try:
                 (Path(sweep_dir) / "summary.md").write_text(table + "\n")
+                (Path(sweep_dir) / "summary.tex").write_text(markdown_to_latex(table))
             except OSError:
                 pass
     for d, status in failed:

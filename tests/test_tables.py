@@ -77,6 +77,7 @@ def test_sweep_summary_lists_failed_jobs_and_counts_them(table_root):
     text, n_failed = summary(dirs + [root / "missing"], ["avg_acc"], root)
     assert n_failed == 2 and "5 completed, 1 failed, 1 without results" in text
     assert "FAILED" in text and "NO RESULTS" in text and (root / "summary.md").exists()
+    assert "\\toprule" in (root / "summary.tex").read_text()
 
 
 def test_local_table_report_has_curves_and_matrices_per_point(table_root):
