@@ -93,24 +93,16 @@ def tex_escape(s: str) -> str:
     return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
 
 
-def tex_cell(mean: float, ci: float) -> str:
-    """``$mean \\pm ci$`` (``--`` for no value, no CI for one seed)."""
-    if math.isnan(mean):
-        return "--"
-    return f"${mean:+.3f}$" if math.isnan(ci) else f"${mean:+.3f} \\pm {ci:.3f}$"
-
-
 def markdown_to_latex(md: str) -> str:
     """Every Markdown table in ``md`` (as this module writes them) as a booktabs LaTeX table captioned with
     the heading above it; ``+0.123 ± 0.045`` cells become ``$+0.123 \\pm 0.045$``."""
-    esc = tex_escape
 
     def cell(s: str) -> str:
         s = s.strip()
         if " ± " in s:
             m, ci = s.split(" ± ", 1)
             return f"${m} \\pm {ci}$"
-        return f"${s}$" if s[:1] in "+-" and s[1:2].isdigit() else esc(s)
+        return f"${s}$" if s[:1] in "+-" and s[1:2].isdigit() else tex_escape(s)
 
     out, heading, block = [], "", []
 
@@ -118,10 +110,10 @@ def markdown_to_latex(md: str) -> str:
         if len(block) >= 2:
             rows = [[c for c in r.strip().strip("|").split("|")] for r in block if not set(r) <= set("|-: ")]
             ncol = len(rows[0])
-            out.extend(["\\begin{table}[t]", "\\centering"] + ([f"\\caption{{{esc(heading)}}}"] if heading else [])
+            out.extend(["\\begin{table}[t]", "\\centering"] + ([f"\\caption{{{tex_escape(heading)}}}"] if heading else [])
                        + ["\\begin{tabular}{l" + "r" * (ncol - 1) + "}", "\\toprule",
-                          " & ".join(esc(c.strip()) for c in rows[0]) + " \\\\", "\\midrule"]
-                       + [" & ".join([esc(r[0].strip())] + [cell(c) for c in r[1:]]) + " \\\\" for r in rows[1:]]
+                          " & ".join(tex_escape(c.strip()) for c in rows[0]) + " \\\\", "\\midrule"]
+                       + [" & ".join([tex_escape(r[0].strip())] + [cell(c) for c in r[1:]]) + " \\\\" for r in rows[1:]]
                        + ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""])
         block.clear()
 

@@ -49,7 +49,7 @@ class SweepSummary(Callback):
             raise SystemExit(1)
 
 
-def _point(res: dict, job_dir: Path) -> str:
+def _point(job_dir: Path) -> str:
     overrides = []
     hydra_file = job_dir / ".hydra" / "overrides.yaml"
     if hydra_file.is_file():
@@ -73,7 +73,7 @@ def summary(job_dirs: list[Path], metrics: list[str], sweep_dir: Path | None = N
             continue
         if res.get("status") == "completed":
             flat = dict(res.get("metrics", {}))
-            groups.setdefault(_point(res, d), []).append({"metrics": flat})
+            groups.setdefault(_point(d), []).append({"metrics": flat})
         else:
             failed.append((d, res.get("status", "unknown")))
     lines = [f"\n== sweep summary: {sum(map(len, groups.values()))} completed, {len(failed)} failed"

@@ -16,7 +16,8 @@ from typing import Sequence
 import pandas as pd
 
 from analysis.aggregate import (
-    completed_results, failed_results, format_cell, mark_failed, mean_ci, tex_cell, tex_escape,
+    completed_results, failed_results, format_cell, mark_failed, markdown_to_latex, mean_ci,
+    write_markdown_and_latex,
 )
 from analysis.sweep import QUICK, QUICK_RL, run_sweep
 
@@ -83,31 +84,19 @@ def summary(df: pd.DataFrame, metrics: Sequence[str], by: str = "point") -> pd.D
     return pd.DataFrame(out)
 
 
-def _rows(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str]):
+def markdown(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str]) -> str:
     by_point = {r["point"]: r for r in summ.to_dict("records")}
+    lines = ["| point | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, p in points.items():
         r = by_point.get(name)
-        yield mark_failed(p.label, root / name), r
-
-
-def markdown(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str]) -> str:
-    lines = ["| point | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for label, r in _rows(root, points, summ, metrics):
         cells = [format_cell(r[f"{m}_mean"], r[f"{m}_ci95"]) if r else "-" for m in metrics]
-        lines.append(f"| {label} | {r['n'] if r else 0} | " + " | ".join(cells) + " |")
+        lines.append(f"| {mark_failed(p.label, root / name)} | {r['n'] if r else 0} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def latex(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str], caption: str) -> str:
-    """A booktabs table of mean $\\pm$ 95% CI (n seeds)."""
-    head = " & ".join(["point", "$n$"] + [tex_escape(m) for m in metrics])
-    lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{tex_escape(caption)}}}",
-             "\\begin{tabular}{l" + "r" * (len(metrics) + 1) + "}", "\\toprule", head + " \\\\", "\\midrule"]
-    for label, r in _rows(root, points, summ, metrics):
-        cells = [tex_cell(r[f"{m}_mean"], r[f"{m}_ci95"]) if r else "--" for m in metrics]
-        lines.append(" & ".join([tex_escape(label), str(r["n"] if r else 0)] + cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
-    return "\n".join(lines)
+    """The same table as booktabs LaTeX, mean $\\pm$ 95% CI (n seeds)."""
+    return markdown_to_latex(f"# {caption}\n\n" + markdown(root, points, summ, metrics))
 
 
 def write_table(root: Path, title: str, points: dict[str, Point], metrics: Sequence[str],
@@ -118,9 +107,7 @@ def write_table(root: Path, title: str, points: dict[str, Point], metrics: Seque
     summ = summary(df, metrics) if len(df) else pd.DataFrame(columns=["point", "n"])
     md = "\n".join([f"# {title}", "", "Mean ± 95% CI over seeds (n per row).", "",
                     markdown(root, points, summ, metrics), "", *notes])
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "table.md").write_text(md + "\n")
-    (root / "table.tex").write_text(latex(root, points, summ, metrics, title) + "\n")
+    write_markdown_and_latex(root, md + "\n")
     df.to_csv(root / "runs.csv", index=False)
     summ.to_csv(root / "summary.csv", index=False)
     return md, df

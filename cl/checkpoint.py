@@ -14,8 +14,8 @@ Writes are atomic: the new checkpoint is written to a temporary directory, the o
 ``prev`` complete; ``latest`` picks whichever exists.
 
 Components opt in by naming the attributes that hold their state in ``ckpt_attrs``; a component
-whose state cannot be captured this way sets ``ckpt_attrs = None`` and runs are then not resumable
-(validation says so before any work).
+whose state cannot be captured this way sets ``ckpt_attrs = None``, and a run with it writes no
+checkpoints (``cl.run`` warns; an interrupted run starts over).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
+
+from cl.trainer import InTaskEveryNSteps
 
 CKPT_DIR = "checkpoints"
 # config keys that may differ between the interrupted run and the resuming one (train.nonfinite: a run stopped
@@ -216,16 +218,6 @@ def check_compatible(saved_cfg: dict, current_cfg: dict, ckpt: Path) -> None:
                               + "; rerun with resume=never to start over")
 
 
-class _EveryNSteps(pl.Callback):
-    def __init__(self, ckpt: "Checkpointer", res, phase):
-        self.ckpt, self.res, self.phase = ckpt, res, phase
-
-    def on_train_batch_end(self, trainer, pl_module, *_):
-        step = pl_module.step_in_task
-        if step % self.ckpt.every_n_steps == 0 and step < pl_module.task_steps:  # the boundary saves the last
-            self.ckpt.save(pl_module.task_idx, step, self.res, self.phase)
-
-
 class Checkpointer:
     """Writes the run's checkpoint at task boundaries and every ``every_n_steps`` steps inside tasks.
 
@@ -236,17 +228,17 @@ class Checkpointer:
         evaluator: the ``ContinualEvaluator`` (counters and the curves file).
         config: the resolved config, stored for the compatibility check on resume.
         every_n_steps: 0 = boundaries only.
-        extra: more plain state to store (e.g. the W&B run id).
     """
 
-    def __init__(self, run_dir: Path, module, components, evaluator, config: dict, every_n_steps: int = 0,
-                 extra: dict | None = None):
+    def __init__(self, run_dir: Path, module, components, evaluator, config: dict, every_n_steps: int = 0):
         self.run_dir, self.module, self.components, self.evaluator = Path(run_dir), module, list(components), evaluator
-        self.config, self.every_n_steps, self.extra = config, every_n_steps, dict(extra or {})
-        self.saves, self.seconds = 0, 0.0
+        self.config, self.every_n_steps = config, every_n_steps
+        self.seconds = 0.0
 
     def callbacks(self, res, phase) -> list[pl.Callback]:
-        return [_EveryNSteps(self, res, phase)] if self.every_n_steps else []
+        if not self.every_n_steps:
+            return []
+        return [InTaskEveryNSteps(self.every_n_steps, lambda m: self.save(m.task_idx, m.step_in_task, res, phase))]
 
     def save(self, task_idx: int, step_in_task: int, res, phase) -> Path:
         import dataclasses
@@ -265,10 +257,8 @@ class Checkpointer:
             "components": component_states(self.components),
             "phase_rows": capture(phase.train.to_list()) if phase is not None else None,
             "rng": rng_state(),
-            **self.extra,
         }
         path = save(self.run_dir, self.module.model, state)
-        self.saves += 1
         self.seconds += time.perf_counter() - t0
         return path
 

@@ -13,10 +13,10 @@ import json
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
 from cl.evaluation import EvalSet, Scorer
+from cl.trainer import InTaskEveryNSteps
 
 
 class ContinualEvaluator:
@@ -101,15 +101,8 @@ class ContinualEvaluator:
                 "eval_task": eval_task, "kind": kind, "acc": acc, "boundary": boundary, "n": n}
 
 
-class EvalEveryNSteps(pl.Callback):
-    """Runs an evaluation point every ``n`` optimizer steps inside a task (not at its last step,
-    which the task boundary covers)."""
-
-    def __init__(self, evaluator: ContinualEvaluator, n: int, train_task: str):
-        self.evaluator, self.n, self.train_task = evaluator, n, train_task
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = pl_module.step_in_task  # counts on across a resume inside the task
-        if step % self.n == 0 and step < pl_module.task_steps:
-            self.evaluator.evaluate(pl_module.model, pl_module.global_iter, pl_module.task_idx,
-                                    self.train_task, boundary=False)
+def EvalEveryNSteps(evaluator: ContinualEvaluator, n: int, train_task: str) -> InTaskEveryNSteps:
+    """An evaluation point every ``n`` optimizer steps inside a task (not at its last step, which the task
+    boundary covers)."""
+    return InTaskEveryNSteps(n, lambda m: evaluator.evaluate(m.model, m.global_iter, m.task_idx, train_task,
+                                                             boundary=False))

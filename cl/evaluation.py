@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cl.data import PromptFormat, collate_sft
-from cl.generation import generate_ids
+from cl.generation import eval_mode, generate_ids
 from tasks.base import Task
 
 METHODS = ("auto", "teacher_forced", "generate")
@@ -95,14 +95,10 @@ class Scorer:
     @torch.no_grad()
     def scores(self, model: torch.nn.Module, es: EvalSet) -> list[float]:
         """Per-example scores in [0, 1]; the model's train/eval mode is restored afterwards."""
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             if self.uses_teacher_forcing(es):
                 return [float(c) for c in teacher_forced_correct(model, es.pairs, self.fmt.pad_id, self.batch_size)]
             return self.generated_scores(model, es)
-        finally:
-            model.train(was_training)
 
     def generated_scores(self, model: torch.nn.Module, es: EvalSet) -> list[float]:
         longest = max(len(a) for _, a in es.pairs)
@@ -128,13 +124,9 @@ class Scorer:
         tf = [i for i, es in enumerate(sets) if self.uses_teacher_forcing(es)]
         out: list[float | None] = [None] * len(sets)
         if tf:
-            was_training = model.training
-            model.eval()
-            try:
-                pairs = [p for i in tf for p in sets[i].pairs]
-                correct = teacher_forced_correct(model, pairs, self.fmt.pad_id, self.batch_size)
-            finally:
-                model.train(was_training)
+            with eval_mode(model):
+                correct = teacher_forced_correct(model, [p for i in tf for p in sets[i].pairs], self.fmt.pad_id,
+                                                 self.batch_size)
             start = 0
             for i in tf:
                 n = len(sets[i])

@@ -5,9 +5,22 @@ Used for greedy evaluation of non-exact verifiers, for pass@k of the base stage 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from cl.data import PromptFormat, collate_prompts
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model.eval()`` inside the block, the previous train/eval mode restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -28,12 +41,10 @@ def generate_ids(
         ``len(prompt_ids) * num_return_sequences`` completion id lists (prompt removed, cut after the
         first eos, eos kept), grouped by prompt: rows ``i*n .. i*n+n-1`` belong to prompt ``i``.
     """
-    was_training = model.training
-    model.eval()
     out: list[list[int]] = []
     device = next(model.parameters()).device
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
-    try:
+    with eval_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
             batch = collate_prompts(prompt_ids[start : start + batch_size], fmt.pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -50,6 +61,4 @@ def generate_ids(
                 if fmt.eos_id in row:
                     row = row[: row.index(fmt.eos_id) + 1]
                 out.append(row)
-    finally:
-        model.train(was_training)
     return out

@@ -140,6 +140,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path, curves_path = run_dir / "results.json", run_dir / "curves.jsonl"
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    rank, world = global_rank(tcfg), world_size(tcfg)
     mode = cfg.get("resume", "auto")
     if mode == "auto" and (done := _completed(results_path)) is not None:
         print(f"[run] already completed: {results_path} (resume=never runs it again)", flush=True)
@@ -192,7 +194,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         adapter = make_adapter(OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else {},
                                seed=cfg.seed, evaluator=evaluator)
         model = adapter.setup(model)
-        device = stream_device(OmegaConf.to_container(cfg.trainer, resolve=True))
+        device = stream_device(tcfg)
         model.to(device)
         objective = instantiate(cfg.objective)
         if hasattr(objective, "bind"):  # RL objectives score rollouts with the tasks' verifiers
@@ -232,15 +234,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             partial.update(_matrices(res), completed_tasks=t + 1)
             write_json_atomic(results_path, {**results, **partial})
 
-        tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
         res = run_stream(
             module, stream, phases,
             _loader(fmt, cfg.stream.batch_size, cfg.stream.steps_per_task, cfg.seed, objective.collate_fn(fmt.pad_id),
-                    replay, rank=global_rank(tcfg), world=world_size(tcfg)),
-            evaluator, OmegaConf.to_container(cfg.trainer, resolve=True), cfg.stream.steps_per_task,
+                    replay, rank=rank, world=world),
+            evaluator, tcfg, cfg.stream.steps_per_task,
             eval_every_n_steps=cfg.eval.every_n_steps, logger=logger, components=components,
             on_task_end=partial_results, checkpointer=checkpointer, resume=resume,
-            on_task_seed=(lambda t: torch.manual_seed(cfg.seed * 100_003 + t)) if world_size(tcfg) > 1 else None,
+            on_task_seed=(lambda t: torch.manual_seed(cfg.seed * 100_003 + t)) if world > 1 else None,
             device=device,
         )
         end = time.time()

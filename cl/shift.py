@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from cl.data import collate_sft
 from cl.evaluation import EvalSet
+from cl.generation import eval_mode
 
 CACHE_LIMIT = 20_000_000  # floats of cached reference log-probs per eval set (80 MB)
 
@@ -32,18 +33,14 @@ CACHE_LIMIT = 20_000_000  # floats of cached reference log-probs per eval set (8
 def answer_logprobs(model: torch.nn.Module, pairs, pad_id: int, batch_size: int = 256) -> list[torch.Tensor]:
     """Per batch: log-softmax at answer positions, [n_positions, V] (float32, on CPU)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(pairs), batch_size):
             batch = collate_sft(pairs[start : start + batch_size], pad_id)
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
             scored = (batch["labels"][:, 1:] != -100).to(device)
             out.append(F.log_softmax(logits[scored].float(), -1).cpu())
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -21,6 +21,20 @@ class EveryNSteps(pl.Callback):
             self.fn(pl_module)
 
 
+class InTaskEveryNSteps(pl.Callback):
+    """Calls ``fn(module)`` after every ``n``-th optimizer step of the current task (``module.step_in_task``,
+    which counts on across a resume inside the task), except the task's last step: the task boundary
+    covers that one (in-task evaluation points, mid-task checkpoints)."""
+
+    def __init__(self, n: int, fn: Callable[[pl.LightningModule], None]):
+        self.n, self.fn = n, fn
+
+    def on_train_batch_end(self, trainer, pl_module, *_):
+        step = pl_module.step_in_task
+        if step % self.n == 0 and step < pl_module.task_steps:
+            self.fn(pl_module)
+
+
 def make_trainer(max_steps: int, trainer_kwargs: dict, label: str, callbacks=(), logger=None,
                  progress_every: int = 50, status=None) -> pl.Trainer:
     """A Trainer for ``max_steps`` optimizer steps; ``trainer_kwargs`` come from ``conf/trainer``."""

@@ -45,8 +45,10 @@ from cl.objectives.sft import SFTObjective  # noqa: E402
 from cl.run import _loader  # noqa: E402
 from cl.schedule import LRSchedule  # noqa: E402
 from cl.tokenizer import build_char_tokenizer  # noqa: E402
-from cl.trainer import make_trainer  # noqa: E402
 from tasks.registry import build_task  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import suite_steps_per_second  # noqa: E402
 
 warnings.filterwarnings("ignore")
 transformers.utils.logging.disable_progress_bar()
@@ -148,22 +150,8 @@ def trainer_kwargs(device: str, precision: str) -> dict:
 
 def timed_fit(module, loader, steps: int, warmup: int, device: str, precision: str) -> float:
     """Seconds per optimizer step after ``warmup`` steps, through the suite's Trainer."""
-    import pytorch_lightning as pl
-
-    class StepTimer(pl.Callback):
-        t0 = t1 = 0.0
-
-        def on_train_batch_end(self, trainer, *_):
-            if trainer.global_step == warmup:
-                sync(device)
-                StepTimer.t0 = time.perf_counter()
-            if trainer.global_step == steps:
-                sync(device)
-                StepTimer.t1 = time.perf_counter()
-
-    make_trainer(steps, trainer_kwargs(device, precision), "bench", callbacks=[StepTimer()],
-                 progress_every=10**9).fit(module, loader)
-    return (StepTimer.t1 - StepTimer.t0) / (steps - warmup)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    return 1.0 / suite_steps_per_second(module, loader, steps, warmup, sync=sync, **trainer_kwargs(device, precision))
 
 
 def bench_sft(size: str, device: str, precision: str, batch: int, seq: int, steps: int, warmup: int) -> dict:

@@ -10,20 +10,24 @@ from cl.trainer import make_trainer
 
 
 class StepClock(pl.Callback):
-    """Wall time from the end of optimizer step ``warmup`` to the end of the last step."""
+    """Wall time from the end of optimizer step ``warmup`` to the end of the last step; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs before each reading so queued GPU work is counted."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.t0, self.t1 = warmup, 0.0, 0.0
+    def __init__(self, warmup: int, sync=None):
+        self.warmup, self.sync, self.t0, self.t1 = warmup, sync, 0.0, 0.0
 
     def on_train_batch_end(self, trainer, *_):
+        if self.sync is not None:
+            self.sync()
         if trainer.global_step == self.warmup:
             self.t0 = time.perf_counter()
         self.t1 = time.perf_counter()
 
 
-def suite_steps_per_second(module, loader, steps: int, warmup: int, **trainer_kwargs) -> float:
-    """Train ``module`` for ``steps`` steps with the suite's Trainer on one CPU; steps/s after ``warmup``."""
-    clock = StepClock(warmup)
+def suite_steps_per_second(module, loader, steps: int, warmup: int, sync=None, **trainer_kwargs) -> float:
+    """Train ``module`` for ``steps`` steps with the suite's Trainer (one CPU unless ``trainer_kwargs`` say
+    otherwise); steps/s after ``warmup``."""
+    clock = StepClock(warmup, sync)
     kwargs = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "log_every_n_steps": 10, **trainer_kwargs}
     make_trainer(steps, kwargs, "bench", callbacks=[clock], progress_every=10**9).fit(module, loader)
     return (steps - warmup) / (clock.t1 - clock.t0)
