@@ -11,7 +11,9 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/last`` holding
 
 Writes are atomic: the new checkpoint is written to a temporary directory, the old one is renamed to
 ``prev``, the new one to ``last``, then ``prev`` is removed. A crash at any point leaves ``last`` or
-``prev`` complete; ``latest`` picks whichever exists.
+``prev`` complete; ``latest`` picks whichever exists. ``position.json`` says where in the stream a
+checkpoint stands. Under a distributed strategy every rank writes its own (``RUN_DIR/.rank<r>``) and keeps
+``prev`` as well; ``latest_common`` resumes all ranks from the newest position they all have.
 
 Components opt in by naming the attributes that hold their state in ``ckpt_attrs``; a component
 whose state cannot be captured this way sets ``ckpt_attrs = None``, and a run with it writes no
@@ -21,6 +23,7 @@ checkpoints (``cl.run`` warns; an interrupted run starts over).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import shutil
@@ -34,6 +37,7 @@ from torch import nn
 from cl.trainer import InTaskEveryNSteps
 
 CKPT_DIR = "checkpoints"
+POSITION = "position.json"  # where in the stream a checkpoint stands, readable without loading it
 # config keys that may differ between the interrupted run and the resuming one (train.nonfinite: a run stopped
 # by a NaN can be resumed from its last good checkpoint with train.nonfinite=skip)
 VOLATILE_KEYS = ("resume", "checkpoint", "logger", "cache_dir", "hydra", "train.nonfinite")
@@ -141,8 +145,9 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- files ------------------------------------------------------------------------------------------------
-def save(run_dir: Path, model: nn.Module, state: dict) -> Path:
-    """Write a checkpoint atomically; returns its directory."""
+def save(run_dir: Path, model: nn.Module, state: dict, keep_prev: bool = False) -> Path:
+    """Write a checkpoint atomically; returns its directory. ``keep_prev`` keeps the one before it as
+    ``prev`` (distributed runs: a job killed between two ranks' writes resumes from one all ranks have)."""
     from safetensors.torch import save_model
 
     root = Path(run_dir) / CKPT_DIR
@@ -154,12 +159,14 @@ def save(run_dir: Path, model: nn.Module, state: dict) -> Path:
     torch.save(state, tmp / "state.pt")
     with open(tmp / "state.pt", "rb+") as f:
         os.fsync(f.fileno())
+    (tmp / POSITION).write_text(json.dumps({k: state.get(k) for k in ("task_idx", "step_in_task", "global_iter")}))
     last, prev = root / "last", root / "prev"
     if last.exists():
         shutil.rmtree(prev, ignore_errors=True)
         os.replace(last, prev)
     os.replace(tmp, last)
-    shutil.rmtree(prev, ignore_errors=True)
+    if not keep_prev:
+        shutil.rmtree(prev, ignore_errors=True)
     return last
 
 
@@ -171,6 +178,31 @@ def latest(run_dir: Path) -> Path | None:
         if (d / "model.safetensors").is_file() and (d / "state.pt").is_file():
             return d
     return None
+
+
+def positions(run_dir: Path) -> dict[tuple[int, int], Path]:
+    """``(task_idx, step_in_task) -> checkpoint directory`` for the complete checkpoints in ``run_dir``."""
+    out = {}
+    for name in ("prev", "last"):
+        d = Path(run_dir) / CKPT_DIR / name
+        if (d / "model.safetensors").is_file() and (d / "state.pt").is_file() and (d / POSITION).is_file():
+            try:
+                pos = json.loads((d / POSITION).read_text())
+                out[(int(pos["task_idx"]), int(pos["step_in_task"]))] = d
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
+def latest_common(run_dir: Path, rank: int, world: int) -> Path | None:
+    """This rank's newest checkpoint at a position every rank of the run has (distributed runs: rank 0
+    in ``RUN_DIR``, rank r in ``RUN_DIR/.rank<r>``). A job killed between two ranks' writes leaves them
+    one checkpoint apart; every rank computes the same answer from the same files, so all resume in step
+    (or all start over)."""
+    root = Path(run_dir) if rank == 0 else Path(run_dir).parent
+    per_rank = [positions(root if r == 0 else root / f".rank{r}") for r in range(world)]
+    common = set.intersection(*(set(p) for p in per_rank))
+    return per_rank[rank][max(common)] if common else None
 
 
 def load_state(ckpt: Path) -> dict:
@@ -228,11 +260,13 @@ class Checkpointer:
         evaluator: the ``ContinualEvaluator`` (counters and the curves file).
         config: the resolved config, stored for the compatibility check on resume.
         every_n_steps: 0 = boundaries only.
+        keep_prev: keep the previous checkpoint too (distributed runs, see ``latest_common``).
     """
 
-    def __init__(self, run_dir: Path, module, components, evaluator, config: dict, every_n_steps: int = 0):
+    def __init__(self, run_dir: Path, module, components, evaluator, config: dict, every_n_steps: int = 0,
+                 keep_prev: bool = False):
         self.run_dir, self.module, self.components, self.evaluator = Path(run_dir), module, list(components), evaluator
-        self.config, self.every_n_steps = config, every_n_steps
+        self.config, self.every_n_steps, self.keep_prev = config, every_n_steps, keep_prev
         self.seconds = 0.0
 
     def callbacks(self, res, phase) -> list[pl.Callback]:
@@ -258,7 +292,7 @@ class Checkpointer:
             "phase_rows": capture(phase.train.to_list()) if phase is not None else None,
             "rng": rng_state(),
         }
-        path = save(self.run_dir, self.module.model, state)
+        path = save(self.run_dir, self.module.whole_model(), state, keep_prev=self.keep_prev)
         self.seconds += time.perf_counter() - t0
         return path
 
@@ -279,6 +313,7 @@ class Checkpointer:
         with open(ev.curves_path, "ab") as f:  # drop the lines written after the checkpoint
             f.truncate(state["evaluator"]["curves_bytes"])
         set_rng_state(state["rng"])
+        m.resume_rng = state["rng"]  # again when the fit starts: distributed strategies re-seed in their setup
         return state
 
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 
 from cl.data import PromptFormat, collate_prompts
+from cl.fsdp import synced_generation
 
 
 @contextmanager
@@ -44,6 +45,8 @@ def generate_ids(
     out: list[list[int]] = []
     device = next(model.parameters()).device
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    if synced_generation(model):  # sharded: every rank steps until all ranks' completions have ended
+        sampling["synced_gpus"] = True
     with eval_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
             batch = collate_prompts(prompt_ids[start : start + batch_size], fmt.pad_id)

@@ -60,9 +60,12 @@ class ContinualLM(pl.LightningModule):
         self.nonfinite = "stop"  # stop | skip: what a non-finite loss does
         self.skipped_steps = 0
         self.resume_optim: dict | None = None  # optimizer/scheduler states to load in configure_optimizers
+        self.resume_rng: dict | None = None  # RNG states to restore when the resumed fit starts
         self._scheduler = None
         self._optimizer: torch.optim.Optimizer | None = None
         self.trainable_per_task: list[int] = []
+        self.sharding = None  # cl.fsdp.Sharding under trainer=fsdp: each fit trains a sharded copy
+        self._carried_optim: dict | None = None  # sharded runs: the optimizer state carried to the next task
 
     @property
     def global_iter(self) -> int:
@@ -80,10 +83,55 @@ class ContinualLM(pl.LightningModule):
 
     def optim_state(self, mid_task: bool) -> dict:
         """What a checkpoint needs to rebuild the optimizer: its state when it outlives this point (always
-        mid-task, across tasks only without a per-task reset) and, mid-task, the LR scheduler's."""
+        mid-task, across tasks only without a per-task reset) and, mid-task, the LR scheduler's. Sharded
+        runs store this rank's shard of it (``cl.fsdp.local_optimizer_state``)."""
+        if self.sharding is not None and not mid_task:
+            return {"optimizer": None if self.reset_optimizer_per_task else self._carried_optim, "scheduler": None}
         keep_opt = self._optimizer is not None and (mid_task or not self.reset_optimizer_per_task)
-        return {"optimizer": self._optimizer.state_dict() if keep_opt else None,
+        state = self._optimizer.state_dict() if keep_opt else None
+        if state is not None and self.sharding is not None:
+            from cl.fsdp import local_optimizer_state
+
+            state = local_optimizer_state(state)
+        return {"optimizer": state,
                 "scheduler": self._scheduler.state_dict() if mid_task and self._scheduler is not None else None}
+
+    def on_train_start(self) -> None:
+        """A resumed fit continues with the checkpoint's RNG states: Lightning's distributed strategies
+        re-seed every process in their setup (``reset_seed``), after the checkpoint was loaded."""
+        if self.resume_rng is not None:
+            from cl.checkpoint import set_rng_state
+
+            set_rng_state(self.resume_rng)
+            self.resume_rng = None
+
+    # -- trainer=fsdp: a sharded copy trains during each fit (cl.fsdp) ----------------------------------
+    def configure_model(self) -> None:
+        if self.sharding is not None and not self.sharded:
+            first = self.sharding.local_fraction is None
+            self.model = self.sharding.shard(self.model, self.device_mesh["data_parallel"])
+            if first:
+                print(f"[fsdp] rank {self.global_rank}: holds {self.sharding.local_fraction:.1%} of the parameters "
+                      f"(and their gradients and optimizer state) while training", flush=True)
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding is not None and self.sharding.whole is not None
+
+    def whole_model(self) -> torch.nn.Module:
+        """The model with whole weights: ``self.model``, or under a fit of ``trainer=fsdp`` the whole copy
+        refreshed from the shards (a collective: all ranks call it at the same point)."""
+        return self.sharding.gather(self.model) if self.sharded else self.model
+
+    def on_fit_end(self) -> None:
+        if self.sharded:
+            from cl.fsdp import local_optimizer_state
+
+            if not self.reset_optimizer_per_task and self._optimizer is not None:
+                self._carried_optim = local_optimizer_state(self._optimizer.state_dict())
+            self.sharding.gather(self.model)
+            self.model = self.sharding.release()
+            self._optimizer = self._scheduler = None  # they hold the shards
 
     def end_task(self, steps_taken: int) -> None:
         """Fold the finished Trainer's steps into the offset and detach from that Trainer."""
@@ -120,6 +168,14 @@ class ContinualLM(pl.LightningModule):
         resume, self.resume_optim = self.resume_optim or {}, None
         if self.reset_optimizer_per_task or self._optimizer is None:
             self._optimizer = self.make_optimizer(params)
+        if self.sharding is not None:  # the shards of a carried or checkpointed state, onto this fit's copy
+            carried, self._carried_optim = self._carried_optim, None
+            state = resume.get("optimizer") or (None if self.reset_optimizer_per_task else carried)
+            if state is not None:
+                from cl.fsdp import sharded_optimizer_state
+
+                resume = {**resume, "optimizer": sharded_optimizer_state(
+                    state, [p for g in self._optimizer.param_groups for p in g["params"]])}
         if resume.get("optimizer") is not None:  # before the scheduler, which sets initial_lr only if absent
             self._optimizer.load_state_dict(resume["optimizer"])
         total = self.task_steps or (int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 1)

@@ -32,10 +32,11 @@ from analysis.metrics import matrix_metrics
 from cl.adapters import AdapterError, make_adapter, save_adapted
 from cl.averaging import Averaging
 from cl.base_stage import BaseRecipe, ensure_base
-from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest, not_resumable, run_key
+from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest, latest_common, not_resumable, run_key
 from cl.continual_eval import ContinualEvaluator
 from cl.data import PromptFormat, SFTCollator, TaskExamples
 from cl.dist import ShardBatches, global_rank, stream_device, world_size
+from cl.fsdp import Sharding, is_fsdp
 from cl.evaluation import EvalSet, Scorer
 from cl.loop import StreamResult, run_stream
 from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_model_and_tokenizer
@@ -146,7 +147,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     if mode == "auto" and (done := _completed(results_path)) is not None:
         print(f"[run] already completed: {results_path} (resume=never runs it again)", flush=True)
         return done
-    ckpt = latest(run_dir) if mode == "auto" else None
+    if mode != "auto":
+        ckpt = None
+    else:  # distributed: the newest position every rank has a checkpoint for
+        ckpt = latest(run_dir) if world == 1 else latest_common(run_dir, rank, world)
     if ckpt is None:
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
         curves_path.unlink(missing_ok=True)
@@ -208,6 +212,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             loss_components=[c for c in components if hasattr(c, "extra_loss")],
         )
         module.nonfinite = cfg.train.get("nonfinite", "stop")
+        if is_fsdp(tcfg):  # each fit trains a sharded copy; the whole model between fits (cl.fsdp)
+            module.sharding = Sharding()
         replay = next((c for c in components if isinstance(c, ExperienceReplay)), None)
         phases = stream if cfg.stream.mode == "sequential" else [joint_task(stream)] * len(stream)
         ck = cfg.checkpoint
@@ -215,8 +221,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         if ck.enabled and fixed:
             log.warning("checkpoints off: %s change(s) the model's structure per task and cannot be restored; "
                         "an interrupted run starts over", ", ".join(fixed))
-        checkpointer = Checkpointer(run_dir, module, components, evaluator, resolved, ck.every_n_steps) \
-            if ck.enabled and not fixed else None
+        checkpointer = Checkpointer(run_dir, module, components, evaluator, resolved, ck.every_n_steps,
+                                    keep_prev=world > 1) if ck.enabled and not fixed else None
         resume = None
         if ckpt is not None and checkpointer is not None:
             resume = checkpointer.load(ckpt)

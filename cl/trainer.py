@@ -6,6 +6,8 @@ import pytorch_lightning as pl
 
 from typing import Callable
 
+from cl.dist import world_size
+from cl.fsdp import STRATEGY as FSDP, make_strategy
 from cl.progress import PlainProgress, StatusRichBar, is_tty
 
 
@@ -39,6 +41,8 @@ def make_trainer(max_steps: int, trainer_kwargs: dict, label: str, callbacks=(),
                  progress_every: int = 50, status=None) -> pl.Trainer:
     """A Trainer for ``max_steps`` optimizer steps; ``trainer_kwargs`` come from ``conf/trainer``."""
     callbacks = list(callbacks)
+    if trainer_kwargs.get("strategy") == FSDP:  # a fresh Lightning FSDP2 strategy per fit (cl.fsdp)
+        trainer_kwargs = {**trainer_kwargs, "strategy": make_strategy(world_size(trainer_kwargs))}
     tty = is_tty()
     if tty:
         callbacks.append(StatusRichBar(status))

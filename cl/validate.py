@@ -302,6 +302,18 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
         c.add("stream.batch_size", f"must be divisible by the {world} processes of trainer.strategy="
                                    f"{trainer.get('strategy')} (each rank takes an equal share of every batch), got {b}")
     c.choice("trainer.precision", ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
+    from cl.fsdp import is_fsdp
+
+    if is_fsdp(dict(trainer)):  # these read or write parameters inside the training step, where they are shards
+        step_readers = {"reg.l2": (_get(cfg, "reg.l2") or 0) > 0, "reg.ewc": (_get(cfg, "reg.ewc") or 0) > 0,
+                        "adapter.name=reglora": _get(cfg, "adapter.name") == "reglora",
+                        "averaging.kind=ema": _get(cfg, "averaging.kind") == "ema",
+                        "meta_replay.enabled": bool(_get(cfg, "meta_replay.enabled")),
+                        "kfpf.enabled": bool(_get(cfg, "kfpf.enabled"))}
+        for key, on in step_readers.items():
+            if on:
+                c.add(key.split("=")[0], f"{key} reads or writes parameters inside the training step, where "
+                                         "trainer=fsdp holds only shards; use trainer=ddp for it")
 
 
 def _validate_checkpoint(c: _Checker, cfg: Mapping) -> None:

@@ -34,16 +34,18 @@ def run(args, out: Path, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def kill_midway(args, out: Path, rng: random.Random, attempts: int = 4) -> str:
-    """Start the run, SIGKILL it at a random moment after its first checkpoint; returns where it stopped."""
+    """Start the run, SIGKILL it (with every process it started: the other ranks of a distributed run) at a
+    random moment after its first checkpoint; returns where it stopped."""
     for attempt in range(attempts):
         proc = subprocess.Popen([sys.executable, "-m", "cl.run", *args, f"hydra.run.dir={out}", "resume=never"],
-                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         deadline = time.time() + 600
         while ck.latest(out) is None and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         delay = rng.uniform(0.0, 1.5 / (attempt + 1))
         time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if proc.returncode == -signal.SIGKILL and ck.latest(out) is not None:
             state = ck.load_state(ck.latest(out))
