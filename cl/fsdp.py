@@ -86,15 +86,14 @@ class Sharding:
         if not blocks:
             raise ValueError(f"{type(model).__name__} declares no transformer blocks (_no_split_modules); "
                              "trainer=fsdp cannot choose its sharding units")
+        self.whole, self.home = model, next(model.parameters()).device
+        if self.offload_whole and self.home.type != "cpu":
+            model.to("cpu")  # copied there too: fully_shard moves only each rank's shards to the device
         sharded = copy.deepcopy(model)
-        units = [m for m in sharded.modules() if type(m).__name__ in blocks]
-        for unit in units:
+        for unit in [m for m in sharded.modules() if type(m).__name__ in blocks]:
             fully_shard(unit, mesh=mesh)
         fully_shard(sharded, mesh=mesh)
         self.local_fraction = local_fraction(sharded)
-        self.whole, self.home = model, next(model.parameters()).device
-        if self.offload_whole and self.home.type != "cpu":
-            model.to("cpu")
         return sharded
 
     def gather(self, sharded: nn.Module) -> nn.Module:
