@@ -1,13 +1,11 @@
 """Teacher-forced exact match equals greedy generation + exact-match verification."""
 
-from functools import partial
-
 import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from cl.data import PromptFormat, SFTCollator, TaskExamples
-from cl.evaluation import EvalSet, Scorer, pass_at_k, teacher_forced_correct
+from cl.evaluation import EvalSet, Scorer, pass_at_k
 from cl.model import load_model_and_tokenizer
 from cl.objectives.sft import SFTObjective, answer_cross_entropy
 from tasks.registry import build_task

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 
 from analysis.curve_metrics import curve_metrics, stability_gaps, task_series

@@ -1,4 +1,3 @@
-import torch
 from transformers import AutoTokenizer
 
 from cl.data import PromptFormat, collate_prompts, collate_sft

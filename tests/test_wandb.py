@@ -6,7 +6,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from cl.run import run
 from cl.tracking import SafeWandbLogger
