@@ -195,6 +195,21 @@ def validate_config(cfg: Mapping) -> None:
         c.choice("objective.advantage", ADVANTAGES)
         if _get(cfg, "objective.reference") == "sync":
             c.integer("objective.ref_sync_every", minimum=1)
+        from cl.rollouts import BACKENDS, RolloutBackendError, VLLMRollouts
+
+        c.choice("objective.rollout_backend", BACKENDS)
+        if _get(cfg, "objective.rollout_backend") == "vllm":
+            c.number("objective.vllm.gpu_memory_utilization", lo=0.0, hi=1.0, strict_lo=True)
+            if _get(cfg, "adapter.name") in ("lora", "reglora") and str(_get(cfg, "trainer.strategy")) == "fsdp2":
+                c.add("objective.rollout_backend", "vllm with LoRA under trainer=fsdp is not supported (the "
+                                                   "adapter deltas would be computed from shards); use trainer=ddp")
+            if _get(cfg, "adapter.name") in ("mora", "task_lora"):
+                c.add("objective.rollout_backend", f"vllm cannot hold adapter={_get(cfg, 'adapter.name')} "
+                                                   "(its layers are not in vLLM's model); use rollout_backend=hf")
+            try:
+                VLLMRollouts.check_available()
+            except RolloutBackendError as e:
+                c.add("objective.rollout_backend", str(e).split(": ", 1)[1])
     for field, target in _targets(cfg):  # everything instantiated must come from the allowlisted packages
         if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
             c.add(field, f"'{target}' is outside the allowed packages {', '.join(ALLOWED_TARGET_PREFIXES)}")

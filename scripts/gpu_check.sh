@@ -5,6 +5,8 @@
 #   3. experiment=smoke with trainer=gpu (bf16-mixed): base stage + 2-task stream end to end on the GPU, under
 #      SFT and under GRPO (rollouts, reference model and evaluation on the GPU); a SIGKILL-and-resume
 #      comparison on the GPU (checkpoints holding CUDA tensors and CUDA RNG states)
+#      and with trainer=fsdp on the one GPU (the FSDP2 path: sharded copy per fit, NCCL, bf16 autocast);
+#      GRPO with rollout_backend=vllm when vLLM is installed (otherwise the step says it is skipped)
 #   4. scripts/bench_scale.py for a ~0.5B-parameter random-weight Qwen2 (Qwen2.5-0.5B's shape): SFT and GRPO
 #      tokens/s and MFU against the bf16 matmul peak measured in the same run
 # usage: bash scripts/gpu_check.sh [--dry-run] [OUT_DIR]     (OUT_DIR default: $OUT or ./gpu_check_out)
@@ -46,13 +48,21 @@ if [ $DRY = 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_avai
 fi
 [ $DRY = 0 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
-step smoke_sft 100 $PY -m cl.run experiment=smoke trainer=gpu logger=none \
+step smoke_sft 75 $PY -m cl.run experiment=smoke trainer=gpu logger=none \
     "hydra.run.dir=$OUT_DIR/smoke_sft" "cache_dir=$OUT_DIR/cache"
-step smoke_grpo 60 $PY -m cl.run experiment=smoke trainer=gpu logger=none objective=grpo objective.group_size=4 \
+step smoke_grpo 45 $PY -m cl.run experiment=smoke trainer=gpu logger=none objective=grpo objective.group_size=4 \
     stream.steps_per_task=10 "hydra.run.dir=$OUT_DIR/smoke_grpo" "cache_dir=$OUT_DIR/cache"
-step resume 100 $PY scripts/resume_check.py "$OUT_DIR/resume" experiment=smoke trainer=gpu logger=none \
+step smoke_fsdp 45 $PY -m cl.run experiment=smoke trainer=fsdp trainer.devices=1 logger=none objective=grpo \
+    objective.group_size=4 stream.steps_per_task=10 "hydra.run.dir=$OUT_DIR/smoke_fsdp" "cache_dir=$OUT_DIR/cache"
+if [ $DRY = 1 ] || $PY -c "import vllm" 2>/dev/null; then
+    step vllm_rollouts 45 $PY -m cl.run experiment=smoke trainer=gpu logger=none objective=grpo objective.group_size=4 \
+        objective.rollout_backend=vllm stream.steps_per_task=10 "hydra.run.dir=$OUT_DIR/vllm" "cache_dir=$OUT_DIR/cache"
+else
+    echo "== vllm_rollouts: skipped (vLLM is not installed here)"
+fi
+step resume 80 $PY scripts/resume_check.py "$OUT_DIR/resume" experiment=smoke trainer=gpu logger=none \
     stream.steps_per_task=40 checkpoint.every_n_steps=7 eval.every_n_steps=10 "cache_dir=$OUT_DIR/cache"
-step scale_qwen0.5b 180 $PY scripts/bench_scale.py --device cuda --precision bf16-mixed --sizes qwen0.5b \
+step scale_qwen0.5b 160 $PY scripts/bench_scale.py --device cuda --precision bf16-mixed --sizes qwen0.5b \
     --parts sft,grpo --batch-size 16 --seq-len 512 --steps 10 --warmup 3 --prompts 16 --group 8 --new-tokens 64 \
     --json "$OUT_DIR/scale.json"
 [ $DRY = 0 ] && echo "== gpu_check: $([ $STATUS = 0 ] && echo passed || echo FAILED) in $SECONDS s"

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from cl.data import PromptFormat, PromptRowsCollator
-from cl.generation import generate_ids
 from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, group_advantages, grpo_loss
+from cl.rollouts import make_backend
 from tasks.base import Task
 
 REFERENCES = ("base", "task_start", "sync")
@@ -67,6 +67,9 @@ class GRPOObjective:
         reward_scale: rewards are multiplied by this (verifier scores are in [0, 1]). A task's
             ``reward`` (e.g. worked-steps prompts: 0.9 accuracy + 0.1 format) replaces its verifier as
             the reward; ``pass_rate`` always counts verifier passes.
+        rollout_backend: ``hf`` (transformers ``generate`` on the training model) or ``vllm`` (a colocated
+            vLLM engine, weights synced before each rollout; ``cl.rollouts``).
+        vllm: the vLLM engine's settings (``cl.rollouts.VLLMRollouts``).
     """
 
     name = "grpo"
@@ -75,7 +78,7 @@ class GRPOObjective:
                  max_new_tokens: int = 16, eps_low: float = 0.2, eps_high: float = 0.3, kl_coef: float = 0.01,
                  reference: str = "task_start", ref_sync_every: int | None = None, loss_agg: str = "token_mean",
                  advantage: str = "grpo", ppo_epochs: int = 1, dynamic_sampling: bool = False,
-                 reward_scale: float = 1.0):
+                 reward_scale: float = 1.0, rollout_backend: str = "hf", vllm: dict | None = None):
         if reference not in REFERENCES:
             raise ValueError(f"objective.reference: '{reference}' is not one of {', '.join(REFERENCES)}")
         if advantage not in ADVANTAGES:
@@ -89,6 +92,7 @@ class GRPOObjective:
         self.kl_coef, self.reference, self.ref_sync_every = kl_coef, reference, ref_sync_every
         self.loss_agg, self.advantage, self.ppo_epochs = loss_agg, advantage, ppo_epochs
         self.dynamic_sampling, self.reward_scale = dynamic_sampling, reward_scale
+        self.rollouts = make_backend(rollout_backend, dict(vllm or {}))
         self.fmt: PromptFormat | None = None
         self.tasks: dict[str, Task] = {}
         self.ref_model: torch.nn.Module | None = None
@@ -121,6 +125,7 @@ class GRPOObjective:
 
     def on_task_start(self, ctx) -> None:
         self._rollout, self._uses = None, 0
+        self.rollouts.mark_stale()  # boundary hooks (averaging, merges) changed the weights
         if not self.kl_coef:
             self.ref_model = None
         elif self.reference == "task_start" or (self.reference in ("base", "sync") and self.ref_model is None):
@@ -153,8 +158,7 @@ class GRPOObjective:
         """Sample G completions per prompt, score them, and compute advantages and reference log-probs."""
         model, fmt, g = module.model, self.fmt, self.group_size
         prompts: list[list[int]] = batch["prompt_ids"]
-        comps = generate_ids(model, prompts, fmt, max_new_tokens=self.max_new_tokens, do_sample=True,
-                             temperature=self.temperature, top_p=self.top_p, num_return_sequences=g)
+        comps = self.rollouts.generate(module, prompts, fmt, g, self.max_new_tokens, self.temperature, self.top_p)
         texts = [fmt.decode(c) for c in comps]
         raw, passed = self._rewards(texts, batch["rows"])
         adv = group_advantages(raw, g, self.advantage)

@@ -1,0 +1,182 @@
+"""Where GRPO's rollouts are generated: HF ``generate`` on the training model (default) or a vLLM engine
+colocated on the same GPU, its weights synced from the trainer before each rollout.
+
+``objective.rollout_backend=vllm`` (needs ``pip install vllm`` and a CUDA GPU):
+
+- the engine is built at the first rollout from the run's model path (vLLM loads models from paths; the
+  first sync replaces those weights), with ``gpu_memory_utilization`` of the GPU for its weights and KV
+  cache, beside the trainer;
+- before every rollout whose weights changed since the last sync (a new optimizer step, a new task: task-end
+  averaging or merging also changes them) each parameter goes to the engine through its model's
+  ``load_weights`` and the prefix cache is reset (the colocate path of TRL's ``VLLMGeneration``, which this
+  follows): LoRA layers go as base + adapter delta under the plain model's names, FSDP shards are gathered
+  one parameter at a time (every rank takes part), tied weights go once;
+- sampling: ``n = group_size`` completions per prompt with the objective's temperature and top-p; each
+  prompt's request carries a seed drawn from the global torch RNG, so rollouts follow the run's seed and a
+  resumed run draws the same seeds;
+- completions are cut after the first end-of-sequence token and keep it, as on the HF path.
+
+The HF path is unchanged when the backend is ``hf``. Under DDP/FSDP every rank runs its own engine for
+its share of the prompts (``distributed_executor_backend="external_launcher"``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from cl.data import PromptFormat
+from cl.generation import generate_ids
+
+BACKENDS = ("hf", "vllm")
+
+
+class RolloutBackendError(RuntimeError):
+    """The configured rollout backend cannot run here; the message says why and what to do."""
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def make_backend(name: str, vllm: dict | None = None):
+    if name == "hf":
+        return HFRollouts()
+    if name == "vllm":
+        return VLLMRollouts(**(vllm or {}))
+    raise ValueError(f"objective.rollout_backend: '{name}' is not one of {', '.join(BACKENDS)}")
+
+
+class HFRollouts:
+    """Sampling with transformers' ``generate`` on the model being trained."""
+
+    name = "hf"
+
+    def mark_stale(self) -> None:
+        pass
+
+    def generate(self, module, prompts: list[list[int]], fmt: PromptFormat, n: int, max_new_tokens: int,
+                 temperature: float, top_p: float) -> list[list[int]]:
+        return generate_ids(module.model, prompts, fmt, max_new_tokens=max_new_tokens, do_sample=True,
+                            temperature=temperature, top_p=top_p, num_return_sequences=n)
+
+
+def vllm_weights(model: nn.Module):
+    """``(name, tensor)`` for every parameter under the names of the plain transformers model, as vLLM's
+    ``load_weights`` expects them: LoRA layers as base + their active adapters' delta (computed, the model is
+    not touched: a merge/unmerge round trip would drift the base weights by rounding at every sync), adapter
+    tensors and peft prefixes left out, FSDP shards gathered (a collective), tied weights once."""
+    from torch.distributed.tensor import DTensor
+
+    deltas: dict[str, torch.Tensor] = {}
+    peft_prefix = getattr(model, "prefix", None) if hasattr(model, "peft_config") else None
+    if peft_prefix is not None:
+        from peft.tuners.lora import LoraLayer
+
+        for mname, m in model.named_modules():
+            if isinstance(m, LoraLayer):
+                active = [a for a in m.active_adapters if a in m.lora_A and a not in m.merged_adapters]
+                if active:
+                    deltas[f"{mname}.base_layer.weight"] = sum(m.get_delta_weight(a) for a in active)
+    for name, p in model.named_parameters():  # tied weights appear once
+        data = p.full_tensor() if isinstance(p, DTensor) else p.data
+        if peft_prefix is not None:
+            if name in deltas:
+                data = data + deltas[name].to(data.dtype)
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            if peft_prefix in name or "original_module" in name:
+                continue
+            name = name.replace("modules_to_save.default.", "")
+        yield name, data.detach()
+
+
+class VLLMRollouts:
+    """A vLLM engine colocated with the trainer (see the module docstring).
+
+    Args:
+        gpu_memory_utilization: share of the GPU's memory vLLM reserves (weights + KV cache).
+        max_model_len: longest prompt + completion; None: the model's own limit.
+        enforce_eager: no CUDA graphs (less memory, slower decode).
+        dtype: vLLM's weight dtype (``auto``: the model's).
+    """
+
+    name = "vllm"
+
+    def __init__(self, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
+                 enforce_eager: bool = False, dtype: str = "auto"):
+        self.gpu_memory_utilization, self.max_model_len = gpu_memory_utilization, max_model_len
+        self.enforce_eager, self.dtype = enforce_eager, dtype
+        self.llm = None
+        self.synced_at: tuple | None = None  # (task_idx, global_iter) of the weights the engine holds
+        self.syncs = 0
+
+    @staticmethod
+    def check_available() -> None:
+        if not vllm_available():
+            raise RolloutBackendError("objective.rollout_backend=vllm: vLLM is not installed (pip install vllm); "
+                                      "use rollout_backend=hf")
+        if not torch.cuda.is_available():
+            raise RolloutBackendError("objective.rollout_backend=vllm: needs a CUDA GPU (none visible); "
+                                      "use rollout_backend=hf")
+
+    def mark_stale(self) -> None:
+        """The weights changed outside an optimizer step (a task boundary): sync at the next rollout."""
+        self.synced_at = None
+
+    def _engine(self, module):
+        if self.llm is None:
+            self.check_available()
+            from vllm import LLM
+
+            # vLLM loads a model from its path (the run's base: hub id, local directory or base-stage cache);
+            # the first sync then replaces those weights with the trainer's current ones
+            path = getattr(module.model, "name_or_path", None)
+            if not path:
+                raise RolloutBackendError("objective.rollout_backend=vllm: the model has no name_or_path to load "
+                                          "into vLLM")
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            self.llm = LLM(model=str(path), skip_tokenizer_init=True, dtype=self.dtype,
+                           gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+                           enforce_eager=self.enforce_eager, seed=int(os.environ.get("RANK", "0") or 0),
+                           distributed_executor_backend="external_launcher" if world > 1 else None)
+        return self.llm
+
+    def sync(self, module) -> None:
+        """Push the trainer's current weights into the engine (every rank calls it: FSDP gathers)."""
+        llm = self._engine(module)
+        target = llm.llm_engine.model_executor.driver_worker.model_runner.model
+        with torch.no_grad():
+            for name, tensor in vllm_weights(module.model):
+                target.load_weights([(name, tensor)])
+        llm.reset_prefix_cache()
+        self.syncs += 1
+
+    def generate(self, module, prompts: list[list[int]], fmt: PromptFormat, n: int, max_new_tokens: int,
+                 temperature: float, top_p: float) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        version = (module.task_idx, module.global_iter)
+        if self.synced_at != version:
+            self.sync(module)
+            self.synced_at = version
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the run's RNG: same seeds on a resume
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                 stop_token_ids=[fmt.eos_id], seed=seed + i) for i in range(len(prompts))]
+        outputs = self._engine(module).generate([{"prompt_token_ids": list(p)} for p in prompts],
+                                                sampling_params=params, use_tqdm=False)
+        comps: list[list[int]] = []
+        for out in outputs:
+            if len(out.outputs) != n:
+                raise RolloutBackendError(f"vLLM returned {len(out.outputs)} completions for a prompt, expected {n}")
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                if fmt.eos_id in ids:
+                    ids = ids[: ids.index(fmt.eos_id) + 1]
+                elif getattr(c, "finish_reason", None) == "stop":  # stopped on eos without returning it
+                    ids.append(fmt.eos_id)
+                comps.append(ids)
+        return comps

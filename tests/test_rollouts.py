@@ -1,0 +1,189 @@
+"""GRPO rollout backends: the vLLM path's weight sync and sampling plumbing against a stand-in engine
+with vLLM's interface (this machine has no vLLM and no GPU; the real engine is exercised by
+``test_real_vllm_rollouts`` and ``scripts/gpu_check.sh`` where both exist)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cl.rollouts import HFRollouts, VLLMRollouts, vllm_available, vllm_weights
+from tests.conftest import compose_cfg
+
+
+class StandInLLM:
+    """vLLM's ``LLM`` as the backend uses it: built from a model path, ``load_weights`` on
+    ``llm_engine.model_executor.driver_worker.model_runner.model``, ``generate`` with token-id prompts
+    and one ``SamplingParams`` per prompt, ``reset_prefix_cache``. Loading an unknown name raises, as
+    vLLM's loader does."""
+
+    instances: list["StandInLLM"] = []
+
+    def __init__(self, model: str, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        self.kwargs = kwargs
+        self.hf = AutoModelForCausalLM.from_pretrained(model).eval()
+        self.loaded: list[str] = []
+        self.resets = 0
+        self.requests = 0
+        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self.load_weights))
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
+        StandInLLM.instances.append(self)
+
+    def load_weights(self, weights):
+        params = dict(self.hf.named_parameters())
+        for name, tensor in weights:
+            if name not in params:
+                raise KeyError(f"vLLM model has no parameter {name}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            self.loaded.append(name)
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        outs = []
+        for prompt, sp in zip(prompts, sampling_params, strict=True):
+            self.requests += 1
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            with torch.random.fork_rng():
+                torch.manual_seed(sp.seed)
+                seqs = self.hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                        temperature=sp.temperature, top_p=sp.top_p, top_k=0, max_new_tokens=sp.max_tokens,
+                                        num_return_sequences=sp.n, eos_token_id=sp.stop_token_ids[0],
+                                        pad_token_id=sp.stop_token_ids[0])
+            comps = []
+            for row in seqs[:, ids.size(1):].tolist():
+                stop = sp.stop_token_ids[0]
+                finished = stop in row
+                comps.append(SimpleNamespace(token_ids=row[: row.index(stop)] if finished else row,
+                                             finish_reason="stop" if finished else "length"))
+            outs.append(SimpleNamespace(outputs=comps))
+        return outs
+
+
+@pytest.fixture()
+def stand_in_vllm(monkeypatch):
+    mod = types.ModuleType("vllm")
+    mod.LLM = StandInLLM
+    mod.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setattr(VLLMRollouts, "check_available", staticmethod(lambda: None))
+    StandInLLM.instances.clear()
+    return StandInLLM
+
+
+def _module(model, task_idx=0, global_iter=0):
+    return SimpleNamespace(model=model, task_idx=task_idx, global_iter=global_iter)
+
+
+def test_sync_pushes_the_trainers_weights_under_transformers_names(stand_in_vllm, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # trained: different from the files the engine loads
+    backend = VLLMRollouts()
+    backend.sync(_module(model))
+    engine = stand_in_vllm.instances[0]
+    assert engine.kwargs["skip_tokenizer_init"] and engine.resets == 1
+    assert len(engine.loaded) == len(set(engine.loaded)) == len(list(model.parameters()))  # tied: once
+    for name, p in engine.hf.state_dict().items():
+        assert torch.equal(p, model.state_dict()[name]), name
+
+
+def test_sync_sends_lora_layers_merged_and_leaves_the_trainers_model_untouched(stand_in_vllm, tiny_model_dir):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    VLLMRollouts().sync(_module(model))
+    engine = stand_in_vllm.instances[0]
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert not any("lora" in n for n in engine.loaded)
+    for name, p in engine.hf.state_dict().items():
+        assert torch.allclose(p, merged.state_dict()[name], atol=1e-6), name
+    q = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert not torch.equal(engine.hf.state_dict()["model.layers.0.self_attn.q_proj.weight"], before[q])  # LoRA in
+    for n, p in model.named_parameters():  # the trainer's model is left as it was
+        assert torch.equal(p, before[n]), n
+
+
+def test_names_match_transformers_for_plain_models(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    names = [n for n, _ in vllm_weights(model)]
+    assert names == [n for n, _ in model.named_parameters()] and "lm_head.weight" not in names  # tied
+
+
+def test_generate_syncs_once_per_weight_version_and_follows_the_run_seed(stand_in_vllm, tiny_model_dir):
+    from cl.data import PromptFormat
+    from cl.model import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    fmt = PromptFormat(tok, False, None)
+    prompts = fmt.prompt_ids(["3+4=", "1+1="])
+    backend = VLLMRollouts()
+    torch.manual_seed(1)
+    a = backend.generate(_module(model, 0, 5), prompts, fmt, 3, 6, 1.0, 1.0)
+    assert len(a) == 6 and all(len(c) <= 6 for c in a)
+    assert all(c[-1] == fmt.eos_id or len(c) == 6 for c in a) and all(fmt.eos_id not in c[:-1] for c in a)
+    backend.generate(_module(model, 0, 5), prompts, fmt, 3, 6, 1.0, 1.0)  # same weights: no sync
+    assert backend.syncs == 1
+    backend.generate(_module(model, 0, 6), prompts, fmt, 3, 6, 1.0, 1.0)  # an optimizer step later
+    backend.mark_stale()  # a task boundary (averaging may have changed the weights)
+    backend.generate(_module(model, 0, 6), prompts, fmt, 3, 6, 1.0, 1.0)
+    assert backend.syncs == 3
+    torch.manual_seed(1)
+    assert VLLMRollouts().generate(_module(model, 0, 5), prompts, fmt, 3, 6, 1.0, 1.0) == a  # seeds from the run RNG
+
+
+def test_grpo_run_with_the_vllm_backend_samples_from_the_synced_engine(stand_in_vllm, tmp_path, cache_dir):
+    from cl.run import run
+
+    cfg = compose_cfg("experiment=smoke", "objective=grpo", "objective.rollout_backend=vllm", "objective.group_size=4",
+                      "stream.steps_per_task=4", "stream.batch_size=4", "eval.every_n_steps=null",
+                      f"cache_dir={cache_dir}")
+    res = run(cfg, tmp_path / "run")
+    assert res["status"] == "completed"
+    engine = stand_in_vllm.instances[0]
+    assert engine.requests == 2 * 4 * 4  # 2 tasks x 4 steps x 4 prompts, all sampled by the engine
+    assert engine.resets == 8  # one sync per optimizer step (ppo_epochs=1)
+    assert res["metrics"]["compute"]["tokens_generated"] > 0
+
+
+def test_vllm_backend_refused_with_a_reason_where_it_cannot_run():
+    from cl.validate import ConfigError, validate_config
+
+    if vllm_available() and torch.cuda.is_available():
+        pytest.skip("vLLM and a GPU are here")
+    cfg = OmegaConf.to_container(compose_cfg("objective=grpo", "objective.rollout_backend=vllm"), resolve=True)
+    with pytest.raises(ConfigError, match=r"objective.rollout_backend: (vLLM is not installed|needs a CUDA GPU)"):
+        validate_config(cfg)
+    cfg = OmegaConf.to_container(compose_cfg("objective=grpo", "objective.rollout_backend=sglang"), resolve=True)
+    with pytest.raises(ConfigError, match="objective.rollout_backend: 'sglang' is not one of hf, vllm"):
+        validate_config(cfg)
+    assert HFRollouts().name == "hf"
+
+
+@pytest.mark.skipif(not (vllm_available() and torch.cuda.is_available()), reason="needs vLLM and a CUDA GPU")
+def test_real_vllm_rollouts(tmp_path, cache_dir):
+    from cl.run import run
+
+    cfg = compose_cfg("experiment=smoke", "objective=grpo", "objective.rollout_backend=vllm", "trainer=gpu",
+                      "stream.steps_per_task=4", f"cache_dir={cache_dir}")
+    res = run(cfg, tmp_path / "run")
+    assert res["status"] == "completed" and res["metrics"]["compute"]["tokens_generated"] > 0
