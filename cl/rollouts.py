@@ -51,6 +51,22 @@ def make_backend(name: str, vllm: dict | None = None):
     raise ValueError(f"objective.rollout_backend: '{name}' is not one of {', '.join(BACKENDS)}")
 
 
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 class HFRollouts:
     """Sampling with transformers' ``generate`` on the model being trained."""
 
@@ -138,11 +154,18 @@ class VLLMRollouts:
             if not path:
                 raise RolloutBackendError("objective.rollout_backend=vllm: the model has no name_or_path to load "
                                           "into vLLM")
-            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            # in-process engine (external_launcher turns vLLM's engine-core subprocess off, which is what
+            # exposes the model for load_weights), told this process's place in the job, as TRL's colocate
+            # mode does; under DDP/FSDP it joins the process group Lightning made
+            rank, world = _rank_and_world()
+            os.environ.update(RANK=str(rank), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0") or "0", WORLD_SIZE=str(world))
+            os.environ.setdefault("MASTER_ADDR", "localhost")
+            if not os.environ.get("MASTER_PORT"):
+                os.environ["MASTER_PORT"] = str(_free_port())
             self.llm = LLM(model=str(path), skip_tokenizer_init=True, dtype=self.dtype,
                            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
-                           enforce_eager=self.enforce_eager, seed=int(os.environ.get("RANK", "0") or 0),
-                           distributed_executor_backend="external_launcher" if world > 1 else None)
+                           enforce_eager=self.enforce_eager, seed=rank, distributed_executor_backend="external_launcher",
+                           max_num_batched_tokens=4096)
         return self.llm
 
     def sync(self, module) -> None:

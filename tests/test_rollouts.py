@@ -4,6 +4,7 @@ with vLLM's interface (this machine has no vLLM and no GPU; the real engine is e
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from types import SimpleNamespace
@@ -77,7 +78,10 @@ def stand_in_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", mod)
     monkeypatch.setattr(VLLMRollouts, "check_available", staticmethod(lambda: None))
     StandInLLM.instances.clear()
-    return StandInLLM
+    saved = dict(os.environ)  # the engine sets RANK, WORLD_SIZE, MASTER_PORT, ...: undo after the test
+    yield StandInLLM
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def _module(model, task_idx=0, global_iter=0):
@@ -95,6 +99,7 @@ def test_sync_pushes_the_trainers_weights_under_transformers_names(stand_in_vllm
     backend.sync(_module(model))
     engine = stand_in_vllm.instances[0]
     assert engine.kwargs["skip_tokenizer_init"] and engine.resets == 1
+    assert engine.kwargs["distributed_executor_backend"] == "external_launcher"  # in-process: load_weights reachable
     assert len(engine.loaded) == len(set(engine.loaded)) == len(list(model.parameters()))  # tied: once
     for name, p in engine.hf.state_dict().items():
         assert torch.equal(p, model.state_dict()[name]), name
