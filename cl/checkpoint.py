@@ -12,8 +12,9 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/last`` holding
 Writes are atomic: the new checkpoint is written to a temporary directory, the old one is renamed to
 ``prev``, the new one to ``last``, then ``prev`` is removed. A crash at any point leaves ``last`` or
 ``prev`` complete; ``latest`` picks whichever exists. ``position.json`` says where in the stream a
-checkpoint stands. Under a distributed strategy every rank writes its own (``RUN_DIR/.rank<r>``) and keeps
-``prev`` as well; ``latest_common`` resumes all ranks from the newest position they all have.
+checkpoint stands. Under a distributed strategy every rank writes its own state (``RUN_DIR/.rank<r>``; its
+shard of the optimizer state under FSDP), rank 0 alone the weights, and each keeps ``prev`` as well;
+``latest_common`` resumes all ranks from the newest position they all have.
 
 Components opt in by naming the attributes that hold their state in ``ckpt_attrs``; a component
 whose state cannot be captured this way sets ``ckpt_attrs = None``, and a run with it writes no
@@ -145,9 +146,11 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- files ------------------------------------------------------------------------------------------------
-def save(run_dir: Path, model: nn.Module, state: dict, keep_prev: bool = False) -> Path:
-    """Write a checkpoint atomically; returns its directory. ``keep_prev`` keeps the one before it as
-    ``prev`` (distributed runs: a job killed between two ranks' writes resumes from one all ranks have)."""
+def save(run_dir: Path, model: nn.Module | None, state: dict, keep_prev: bool = False) -> Path:
+    """Write a checkpoint atomically; returns its directory. ``model=None`` writes no weights (ranks > 0 of a
+    distributed run: rank 0's checkpoint at the same position holds them). ``keep_prev`` keeps the one
+    before it as ``prev`` (distributed runs: a job killed between two ranks' writes resumes from one all
+    ranks have)."""
     from safetensors.torch import save_model
 
     root = Path(run_dir) / CKPT_DIR
@@ -155,7 +158,8 @@ def save(run_dir: Path, model: nn.Module, state: dict, keep_prev: bool = False) 
     tmp = root / f"tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    if model is not None:
+        save_model(model, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     with open(tmp / "state.pt", "rb+") as f:
         os.fsync(f.fileno())
@@ -185,13 +189,27 @@ def positions(run_dir: Path) -> dict[tuple[int, int], Path]:
     out = {}
     for name in ("prev", "last"):
         d = Path(run_dir) / CKPT_DIR / name
-        if (d / "model.safetensors").is_file() and (d / "state.pt").is_file() and (d / POSITION).is_file():
+        if (d / "state.pt").is_file() and (d / POSITION).is_file():  # complete: renamed into place last
             try:
                 pos = json.loads((d / POSITION).read_text())
                 out[(int(pos["task_idx"]), int(pos["step_in_task"]))] = d
             except (ValueError, KeyError, TypeError):
                 continue
     return out
+
+
+def rank0_weights(ckpt: Path) -> Path:
+    """The checkpoint holding the weights for ``ckpt``: itself, or for a rank > 0 checkpoint (which writes
+    none) rank 0's checkpoint at the same position."""
+    ckpt = Path(ckpt)
+    if (ckpt / "model.safetensors").is_file():
+        return ckpt
+    pos = json.loads((ckpt / POSITION).read_text())
+    root = ckpt.parent.parent.parent  # RUN_DIR/.rank<r>/checkpoints/<name> -> RUN_DIR
+    found = positions(root).get((int(pos["task_idx"]), int(pos["step_in_task"])))
+    if found is None or not (found / "model.safetensors").is_file():
+        raise CheckpointError(f"{ckpt}: rank 0 holds no weights for its position {pos} under {root}")
+    return found
 
 
 def latest_common(run_dir: Path, rank: int, world: int) -> Path | None:
@@ -261,12 +279,15 @@ class Checkpointer:
         config: the resolved config, stored for the compatibility check on resume.
         every_n_steps: 0 = boundaries only.
         keep_prev: keep the previous checkpoint too (distributed runs, see ``latest_common``).
+        write_weights: False for ranks > 0 of a distributed run (the weights are replicated; rank 0 writes
+            them, ``rank0_weights`` finds them).
     """
 
     def __init__(self, run_dir: Path, module, components, evaluator, config: dict, every_n_steps: int = 0,
-                 keep_prev: bool = False):
+                 keep_prev: bool = False, write_weights: bool = True):
         self.run_dir, self.module, self.components, self.evaluator = Path(run_dir), module, list(components), evaluator
         self.config, self.every_n_steps, self.keep_prev = config, every_n_steps, keep_prev
+        self.write_weights = write_weights
         self.seconds = 0.0
 
     def callbacks(self, res, phase) -> list[pl.Callback]:
@@ -292,7 +313,8 @@ class Checkpointer:
             "phase_rows": capture(phase.train.to_list()) if phase is not None else None,
             "rng": rng_state(),
         }
-        path = save(self.run_dir, self.module.whole_model(), state, keep_prev=self.keep_prev)
+        model = self.module.whole_model()  # under FSDP a collective: every rank gathers, rank 0 writes
+        path = save(self.run_dir, model if self.write_weights else None, state, keep_prev=self.keep_prev)
         self.seconds += time.perf_counter() - t0
         return path
 
@@ -302,7 +324,7 @@ class Checkpointer:
         state = load_state(ckpt)
         check_compatible(state["config"], self.config, ckpt)
         m = self.module
-        load_model_weights(ckpt, m.model)
+        load_model_weights(rank0_weights(ckpt), m.model)
         load_component_states(self.components, state["components"], m.model)
         m.global_iter_offset = state["global_iter"]
         m.trainable_per_task = list(state["module"]["trainable_per_task"])

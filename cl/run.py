@@ -222,7 +222,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             log.warning("checkpoints off: %s change(s) the model's structure per task and cannot be restored; "
                         "an interrupted run starts over", ", ".join(fixed))
         checkpointer = Checkpointer(run_dir, module, components, evaluator, resolved, ck.every_n_steps,
-                                    keep_prev=world > 1) if ck.enabled and not fixed else None
+                                    keep_prev=world > 1, write_weights=rank == 0) if ck.enabled and not fixed else None
         resume = None
         if ckpt is not None and checkpointer is not None:
             resume = checkpointer.load(ckpt)

@@ -70,8 +70,11 @@ def test_distributed_run_killed_inside_a_task_resumes_to_the_uninterrupted_resul
     for _ in range(6):  # a kill that lands inside a task (not on a boundary checkpoint)
         shutil.rmtree(resumed, ignore_errors=True)
         where = resume_check.kill_midway(args, resumed, rng)
-        if not where.endswith("step 0"):
+        if not where.endswith("step 0") and ck.positions(resumed / ".rank1"):
             break
+    rank1 = next(iter(ck.positions(resumed / ".rank1").values()))  # rank 1 writes its state, rank 0 the weights
+    assert (rank1 / "state.pt").is_file() and not (rank1 / "model.safetensors").exists()
+    assert (ck.rank0_weights(rank1) / "model.safetensors").is_file()
     proc = run_cli(*args, f"hydra.run.dir={resumed}", timeout=600)
     assert proc.returncode == 0, where + proc.stderr[-3000:]
     assert "[resume]" in proc.stdout, where
