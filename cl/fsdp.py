@@ -44,8 +44,10 @@ def make_strategy(world: int):
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6 (trainer=fsdp needs it)
+    except ImportError:
+        return False
     return isinstance(model, FSDPModule)
 
 

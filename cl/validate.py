@@ -319,6 +319,13 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
     c.choice("trainer.precision", ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
     from cl.fsdp import is_fsdp
 
+    if is_fsdp(dict(trainer)):
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+        except ImportError:
+            import torch
+
+            c.add("trainer.strategy", f"fsdp2 needs torch >= 2.6 (FSDP2's fully_shard), this is {torch.__version__}")
     if is_fsdp(dict(trainer)):  # these read or write parameters inside the training step, where they are shards
         step_readers = {"reg.l2": (_get(cfg, "reg.l2") or 0) > 0, "reg.ewc": (_get(cfg, "reg.ewc") or 0) > 0,
                         "adapter.name=reglora": _get(cfg, "adapter.name") == "reglora",
