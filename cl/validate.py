@@ -320,11 +320,10 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
     from cl.fsdp import is_fsdp
 
     if is_fsdp(dict(trainer)):
-        try:
-            from torch.distributed.fsdp import fully_shard  # noqa: F401
-        except ImportError:
-            import torch
+        import torch
+        import torch.distributed.fsdp as fsdp
 
+        if not hasattr(fsdp, "fully_shard"):
             c.add("trainer.strategy", f"fsdp2 needs torch >= 2.6 (FSDP2's fully_shard), this is {torch.__version__}")
     if is_fsdp(dict(trainer)):  # these read or write parameters inside the training step, where they are shards
         step_readers = {"reg.l2": (_get(cfg, "reg.l2") or 0) > 0, "reg.ewc": (_get(cfg, "reg.ewc") or 0) > 0,
