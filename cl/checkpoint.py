@@ -213,8 +213,8 @@ def rank0_weights(ckpt: Path) -> Path:
 
 
 def latest_common(run_dir: Path, rank: int, world: int) -> Path | None:
-    """This rank's newest checkpoint at a position every rank of the run has (distributed runs: rank 0
-    in ``RUN_DIR``, rank r in ``RUN_DIR/.rank<r>``). A job killed between two ranks' writes leaves them
+    """This rank's newest checkpoint at a position every rank of the run has (one process: its newest;
+    distributed runs: rank 0 in ``RUN_DIR``, rank r in ``RUN_DIR/.rank<r>``). A job killed between two ranks' writes leaves them
     one checkpoint apart; every rank computes the same answer from the same files, so all resume in step
     (or all start over)."""
     root = Path(run_dir) if rank == 0 else Path(run_dir).parent

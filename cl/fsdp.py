@@ -40,7 +40,7 @@ def make_strategy(world: int):
     """Lightning's FSDP2 strategy: data parallel over all ranks, no tensor parallelism."""
     from pytorch_lightning.strategies import ModelParallelStrategy
 
-    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=True)
+    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -32,7 +32,7 @@ from analysis.metrics import matrix_metrics
 from cl.adapters import AdapterError, make_adapter, save_adapted
 from cl.averaging import Averaging
 from cl.base_stage import BaseRecipe, ensure_base
-from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest, latest_common, not_resumable, run_key
+from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest_common, not_resumable, run_key
 from cl.continual_eval import ContinualEvaluator
 from cl.data import PromptFormat, SFTCollator, TaskExamples
 from cl.dist import ShardBatches, global_rank, stream_device, world_size
@@ -147,10 +147,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     if mode == "auto" and (done := _completed(results_path)) is not None:
         print(f"[run] already completed: {results_path} (resume=never runs it again)", flush=True)
         return done
-    if mode != "auto":
-        ckpt = None
-    else:  # distributed: the newest position every rank has a checkpoint for
-        ckpt = latest(run_dir) if world == 1 else latest_common(run_dir, rank, world)
+    # the newest checkpoint position every rank has (one process: its newest checkpoint)
+    ckpt = latest_common(run_dir, rank, world) if mode == "auto" else None
     if ckpt is None:
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
         curves_path.unlink(missing_ok=True)

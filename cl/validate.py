@@ -200,7 +200,9 @@ def validate_config(cfg: Mapping) -> None:
         c.choice("objective.rollout_backend", BACKENDS)
         if _get(cfg, "objective.rollout_backend") == "vllm":
             c.number("objective.vllm.gpu_memory_utilization", lo=0.0, hi=1.0, strict_lo=True)
-            if _get(cfg, "adapter.name") in ("lora", "reglora") and str(_get(cfg, "trainer.strategy")) == "fsdp2":
+            from cl.fsdp import is_fsdp
+
+            if _get(cfg, "adapter.name") in ("lora", "reglora") and is_fsdp(dict(_get(cfg, "trainer") or {})):
                 c.add("objective.rollout_backend", "vllm with LoRA under trainer=fsdp is not supported (the "
                                                    "adapter deltas would be computed from shards); use trainer=ddp")
             if _get(cfg, "adapter.name") in ("mora", "task_lora"):
@@ -325,7 +327,7 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
 
         if not hasattr(fsdp, "fully_shard"):
             c.add("trainer.strategy", f"fsdp2 needs torch >= 2.6 (FSDP2's fully_shard), this is {torch.__version__}")
-    if is_fsdp(dict(trainer)):  # these read or write parameters inside the training step, where they are shards
+        # these read or write parameters inside the training step, where they are shards
         step_readers = {"reg.l2": (_get(cfg, "reg.l2") or 0) > 0, "reg.ewc": (_get(cfg, "reg.ewc") or 0) > 0,
                         "adapter.name=reglora": _get(cfg, "adapter.name") == "reglora",
                         "averaging.kind=ema": _get(cfg, "averaging.kind") == "ema",
