@@ -166,12 +166,24 @@ def save(run_dir: Path, model: nn.Module | None, state: dict, keep_prev: bool = 
     (tmp / POSITION).write_text(json.dumps({k: state.get(k) for k in ("task_idx", "step_in_task", "global_iter")}))
     last, prev = root / "last", root / "prev"
     if last.exists():
-        shutil.rmtree(prev, ignore_errors=True)
+        _retire(prev)
         os.replace(last, prev)
     os.replace(tmp, last)
     if not keep_prev:
-        shutil.rmtree(prev, ignore_errors=True)
+        _retire(prev)
     return last
+
+
+def _retire(d: Path) -> None:
+    """Delete a checkpoint directory so that a kill at any moment never leaves a half-deleted one under its
+    name (which could still look complete, e.g. ``state.pt`` left and ``model.safetensors`` gone): rename it
+    away first, then delete."""
+    if not d.exists():
+        return
+    gone = d.with_name(f"retired-{d.name}-{os.getpid()}")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(d, gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -219,6 +231,8 @@ def latest_common(run_dir: Path, rank: int, world: int) -> Path | None:
     (or all start over)."""
     root = Path(run_dir) if rank == 0 else Path(run_dir).parent
     per_rank = [positions(root if r == 0 else root / f".rank{r}") for r in range(world)]
+    if world > 1:  # the other ranks' weights are rank 0's
+        per_rank[0] = {k: d for k, d in per_rank[0].items() if (d / "model.safetensors").is_file()}
     common = set.intersection(*(set(p) for p in per_rank))
     return per_rank[rank][max(common)] if common else None
 

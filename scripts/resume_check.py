@@ -33,15 +33,17 @@ def run(args, out: Path, timeout: int = 600) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def kill_midway(args, out: Path, rng: random.Random, attempts: int = 4) -> str:
+def kill_midway(args, out: Path, rng: random.Random, attempts: int = 4, checkpoints: int = 1) -> str:
     """Start the run, SIGKILL it (with every process it started: the other ranks of a distributed run) at a
-    random moment after its first checkpoint; returns where it stopped."""
+    random moment after its first checkpoint (``checkpoints=2``: after rank 0 holds two, ``last`` and
+    ``prev``, which distributed runs keep); returns where it stopped."""
     for attempt in range(attempts):
         proc = subprocess.Popen([sys.executable, "-m", "cl.run", *args, f"hydra.run.dir={out}", "resume=never"],
                                 cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 600
-        while ck.latest(out) is None and proc.poll() is None and time.time() < deadline:
+        while (len(ck.positions(out)) < checkpoints or ck.latest(out) is None) and proc.poll() is None \
+                and time.time() < deadline:
             time.sleep(0.02)
         delay = rng.uniform(0.0, 1.5 / (attempt + 1))
         time.sleep(delay)

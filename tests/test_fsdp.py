@@ -4,6 +4,7 @@ resume, and the checks that keep sharded training honest."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -58,8 +59,9 @@ GRPO2 = ("experiment=smoke", "stream.tasks=[sub2,mul21,add3]", "objective=grpo",
 def test_distributed_run_killed_inside_a_task_resumes_to_the_uninterrupted_result(tmp_path, cache_dir, monkeypatch,
                                                                                    trainer):
     """GRPO with a KL reference, 2 PPO epochs, replay, in-task evaluation and an optimizer carried across
-    tasks, on 2 ranks: SIGKILL of the whole job inside a task, rerun of the same command ->
-    identical matrices, curves and token counts. Covers the per-rank optimizer shards and the RNG states
+    tasks, on 2 ranks: SIGKILL of the whole job inside a task, with rank 1 set one checkpoint behind rank 0
+    (a kill between the ranks' writes), rerun of the same command -> identical matrices, curves and token
+    counts. Covers the per-rank optimizer shards and the RNG states
     restored after the strategy re-seeds its processes."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = (*GRPO2, f"trainer={trainer}")
@@ -69,12 +71,22 @@ def test_distributed_run_killed_inside_a_task_resumes_to_the_uninterrupted_resul
     rng = random.Random()
     for _ in range(6):  # a kill that lands inside a task (not on a boundary checkpoint)
         shutil.rmtree(resumed, ignore_errors=True)
-        where = resume_check.kill_midway(args, resumed, rng)
-        if not where.endswith("step 0") and ck.positions(resumed / ".rank1"):
+        where = resume_check.kill_midway(args, resumed, rng, checkpoints=2)
+        ranks = ck.positions(resumed), ck.positions(resumed / ".rank1")
+        if len(ranks[1]) == 2 and ranks[0].keys() == ranks[1].keys() and min(ranks[1])[1] != 0:
             break
-    rank1 = next(iter(ck.positions(resumed / ".rank1").values()))  # rank 1 writes its state, rank 0 the weights
+    else:
+        pytest.fail(f"no kill left both ranks with two checkpoints inside a task; last: {where}")
+    # as if the job had been killed between the ranks' writes of the newest checkpoint: rank 1 one behind
+    r1 = resumed / ".rank1" / ck.CKPT_DIR
+    shutil.rmtree(r1 / "last")
+    os.replace(r1 / "prev", r1 / "last")
+    where += f"; rank 1 set back to task {min(ranks[1])[0] + 1} step {min(ranks[1])[1]}"
+    # both ranks resume from there: rank 0 from its ``prev``, rank 1 from its own state with rank 0's weights
+    assert ck.latest_common(resumed, 0, 2) == resumed / ck.CKPT_DIR / "prev"
+    rank1 = ck.latest_common(resumed / ".rank1", 1, 2)
     assert (rank1 / "state.pt").is_file() and not (rank1 / "model.safetensors").exists()
-    assert (ck.rank0_weights(rank1) / "model.safetensors").is_file()
+    assert ck.rank0_weights(rank1) == resumed / ck.CKPT_DIR / "prev"
     proc = run_cli(*args, f"hydra.run.dir={resumed}", timeout=600)
     assert proc.returncode == 0, where + proc.stderr[-3000:]
     assert "[resume]" in proc.stdout, where
@@ -85,7 +97,8 @@ def test_distributed_run_killed_inside_a_task_resumes_to_the_uninterrupted_resul
 def _fake_ckpt(run_dir, name, task_idx, step):
     d = run_dir / ck.CKPT_DIR / name
     d.mkdir(parents=True)
-    (d / "model.safetensors").write_bytes(b"x")
+    if not run_dir.name.startswith(".rank"):  # ranks > 0 write no weights
+        (d / "model.safetensors").write_bytes(b"x")
     (d / "state.pt").write_bytes(b"x")
     (d / ck.POSITION).write_text(json.dumps({"task_idx": task_idx, "step_in_task": step, "global_iter": 0}))
 
@@ -99,6 +112,11 @@ def test_ranks_resume_from_the_newest_checkpoint_they_all_have(tmp_path):
     _fake_ckpt(r1, "last", 1, 6)
     assert ck.latest_common(r0, 0, 2) == r0 / ck.CKPT_DIR / "prev"
     assert ck.latest_common(r1, 1, 2) == r1 / ck.CKPT_DIR / "last"
+    assert ck.rank0_weights(r1 / ck.CKPT_DIR / "last") == r0 / ck.CKPT_DIR / "prev"
+    with pytest.raises(ck.CheckpointError, match="rank 0 holds no weights"):  # rank 0 has moved past step 3
+        ck.rank0_weights(r1 / ck.CKPT_DIR / "prev")
+    (r0 / ck.CKPT_DIR / "prev" / "model.safetensors").unlink()  # rank 0's state without its weights: not common
+    assert ck.latest_common(r1, 1, 2) is None
     shutil.rmtree(r1 / ck.CKPT_DIR)  # a rank without checkpoints: every rank starts over
     assert ck.latest_common(r0, 0, 2) is None
 

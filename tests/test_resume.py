@@ -77,6 +77,7 @@ def test_crash_during_a_checkpoint_write_leaves_the_previous_one_usable(tmp_path
     _linear_ckpt(tmp_path, 1.0)
     _linear_ckpt(tmp_path, 2.0)
     root = tmp_path / ck.CKPT_DIR
+    assert sorted(p.name for p in root.iterdir()) == ["last"]  # the replaced one is renamed away, then deleted
     # killed while writing the next one: a partial temporary directory next to an intact ``last``
     (root / "tmp-999").mkdir()
     (root / "tmp-999" / "model.safetensors").write_bytes(b"partial")
