@@ -14,7 +14,11 @@ colocated on the same GPU, its weights synced from the trainer before each rollo
 - sampling: ``n = group_size`` completions per prompt with the objective's temperature and top-p; each
   prompt's request carries a seed drawn from the global torch RNG, so rollouts follow the run's seed and a
   resumed run draws the same seeds;
-- completions are cut after the first end-of-sequence token and keep it, as on the HF path.
+- completions are cut after the first end-of-sequence token and keep it, as on the HF path;
+- the engine also returns each sampled token's log-prob after temperature and top-p
+  (``logprobs_mode="processed_logprobs"``), and GRPO weights the loss by the trainer-to-sampler probability
+  ratio (``importance_sampling``: TRL's ``vllm_importance_sampling_*``, same modes and defaults), because
+  vLLM's kernels and precision make its samples slightly off-policy for the trainer.
 
 The HF path is unchanged when the backend is ``hf``. Under DDP/FSDP every rank runs its own engine for
 its share of the prompts (``distributed_executor_backend="external_launcher"``).
@@ -75,10 +79,13 @@ class HFRollouts:
     def mark_stale(self) -> None:
         pass
 
+    correction = None  # samples come from the model being trained: on-policy
+
     def generate(self, module, prompts: list[list[int]], fmt: PromptFormat, n: int, max_new_tokens: int,
-                 temperature: float, top_p: float) -> list[list[int]]:
+                 temperature: float, top_p: float) -> tuple[list[list[int]], None]:
+        """``n`` completions per prompt (prompt-major), and no sampler log-probs."""
         return generate_ids(module.model, prompts, fmt, max_new_tokens=max_new_tokens, do_sample=True,
-                            temperature=temperature, top_p=top_p, num_return_sequences=n)
+                            temperature=temperature, top_p=top_p, num_return_sequences=n), None
 
 
 def vllm_weights(model: nn.Module):
@@ -118,14 +125,28 @@ class VLLMRollouts:
         max_model_len: longest prompt + completion; None: the model's own limit.
         enforce_eager: no CUDA graphs (less memory, slower decode).
         dtype: vLLM's weight dtype (``auto``: the model's).
+        importance_sampling: the sampler correction (``cl.objectives.grpo_loss.sampler_correction``):
+            ``sequence_mask`` (TRL's default), ``sequence_truncate``, ``token_mask``, ``token_truncate``, or
+            ``none`` (treat vLLM's samples as on-policy).
+        is_clip_min, is_clip_max: its bounds (TRL's defaults: none and 3.0).
     """
 
     name = "vllm"
 
     def __init__(self, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
-                 enforce_eager: bool = False, dtype: str = "auto"):
+                 enforce_eager: bool = False, dtype: str = "auto", importance_sampling: str | None = "sequence_mask",
+                 is_clip_min: float | None = None, is_clip_max: float | None = 3.0):
+        from cl.objectives.grpo_loss import SAMPLER_CORRECTIONS
+
         self.gpu_memory_utilization, self.max_model_len = gpu_memory_utilization, max_model_len
         self.enforce_eager, self.dtype = enforce_eager, dtype
+        if importance_sampling in (None, "none"):
+            self.correction = None
+        elif importance_sampling in SAMPLER_CORRECTIONS:
+            self.correction = {"mode": importance_sampling, "clip_min": is_clip_min, "clip_max": is_clip_max}
+        else:
+            raise ValueError(f"objective.vllm.importance_sampling: '{importance_sampling}' is not one of "
+                             f"{', '.join(SAMPLER_CORRECTIONS)}, none")
         self.llm = None
         self.synced_at: tuple | None = None  # (task_idx, global_iter) of the weights the engine holds
         self.syncs = 0
@@ -165,7 +186,9 @@ class VLLMRollouts:
             self.llm = LLM(model=str(path), skip_tokenizer_init=True, dtype=self.dtype,
                            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
                            enforce_eager=self.enforce_eager, seed=rank, distributed_executor_backend="external_launcher",
-                           max_num_batched_tokens=4096)
+                           max_num_batched_tokens=4096,
+                           # log-probs after temperature and top-p: what the sampler drew from (as TRL sets it)
+                           logprobs_mode="processed_logprobs")
         return self.llm
 
     def sync(self, module) -> None:
@@ -179,7 +202,9 @@ class VLLMRollouts:
         self.syncs += 1
 
     def generate(self, module, prompts: list[list[int]], fmt: PromptFormat, n: int, max_new_tokens: int,
-                 temperature: float, top_p: float) -> list[list[int]]:
+                 temperature: float, top_p: float) -> tuple[list[list[int]], list[list[float]] | None]:
+        """``n`` completions per prompt (prompt-major) and, with a sampler correction, the engine's log-prob
+        of each of their tokens (NaN for an end-of-sequence token it stopped on without returning)."""
         from vllm import SamplingParams
 
         version = (module.task_idx, module.global_iter)
@@ -188,10 +213,12 @@ class VLLMRollouts:
             self.synced_at = version
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the run's RNG: same seeds on a resume
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 stop_token_ids=[fmt.eos_id], seed=seed + i) for i in range(len(prompts))]
+                                 stop_token_ids=[fmt.eos_id], seed=seed + i,
+                                 logprobs=0 if self.correction else None) for i in range(len(prompts))]
         outputs = self._engine(module).generate([{"prompt_token_ids": list(p)} for p in prompts],
                                                 sampling_params=params, use_tqdm=False)
         comps: list[list[int]] = []
+        logps: list[list[float]] = []
         for out in outputs:
             if len(out.outputs) != n:
                 raise RolloutBackendError(f"vLLM returned {len(out.outputs)} completions for a prompt, expected {n}")
@@ -202,4 +229,17 @@ class VLLMRollouts:
                 elif getattr(c, "finish_reason", None) == "stop":  # stopped on eos without returning it
                     ids.append(fmt.eos_id)
                 comps.append(ids)
-        return comps
+                if self.correction:
+                    logps.append(_sampled_logprobs(c, ids))
+        return comps, (logps if self.correction else None)
+
+
+def _sampled_logprobs(completion, ids: list[int]) -> list[float]:
+    """The engine's log-prob of each token in ``ids`` (``completion.logprobs``: one ``{token_id: Logprob}``
+    per generated position); NaN where it has none."""
+    per_pos = list(completion.logprobs or [])
+    out = []
+    for i, tok in enumerate(ids):
+        entry = per_pos[i].get(tok) if i < len(per_pos) and per_pos[i] is not None else None
+        out.append(float("nan") if entry is None else float(entry.logprob))
+    return out

@@ -180,7 +180,7 @@ def validate_config(cfg: Mapping) -> None:
 
     if str(_get(cfg, "objective._target_", "")).endswith("GRPOObjective"):
         from cl.objectives.grpo import REFERENCES
-        from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS
+        from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, SAMPLER_CORRECTIONS
 
         c.integer("objective.group_size", minimum=2)
         c.integer("objective.max_new_tokens", minimum=1)
@@ -200,6 +200,14 @@ def validate_config(cfg: Mapping) -> None:
         c.choice("objective.rollout_backend", BACKENDS)
         if _get(cfg, "objective.rollout_backend") == "vllm":
             c.number("objective.vllm.gpu_memory_utilization", lo=0.0, hi=1.0, strict_lo=True)
+            if _get(cfg, "objective.vllm.importance_sampling") is not None:
+                c.choice("objective.vllm.importance_sampling", (*SAMPLER_CORRECTIONS, "none"))
+            for bound in ("is_clip_min", "is_clip_max"):
+                if _get(cfg, f"objective.vllm.{bound}") is not None:
+                    c.number(f"objective.vllm.{bound}", lo=0.0)
+            lo, hi = _get(cfg, "objective.vllm.is_clip_min"), _get(cfg, "objective.vllm.is_clip_max")
+            if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
+                c.add("objective.vllm.is_clip_min", f"{lo} is above is_clip_max {hi}")
             from cl.fsdp import is_fsdp
 
             if _get(cfg, "adapter.name") in ("lora", "reglora") and is_fsdp(dict(_get(cfg, "trainer") or {})):

@@ -15,7 +15,7 @@ trl = pytest.importorskip("trl")
 from cl.data import PromptFormat  # noqa: E402
 from cl.model import load_model_and_tokenizer  # noqa: E402
 from cl.objectives.grpo import token_logprobs  # noqa: E402
-from cl.objectives.grpo_loss import group_advantages, grpo_loss  # noqa: E402
+from cl.objectives.grpo_loss import group_advantages, grpo_loss, sampler_correction  # noqa: E402
 
 TRL_LOSS_TYPE = {"token_mean": "bnpo", "seq_mean_token_mean": "grpo", "seq_mean_token_sum_norm": "dr_grpo"}
 
@@ -39,6 +39,17 @@ def _trl_trainer(model, tokenizer, out, loss_type: str, beta: float, max_len: in
 @pytest.mark.parametrize("mode", list(TRL_LOSS_TYPE))
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_loss_and_gradients_equal_trl(tiny_model_dir, tmp_path, mode, beta):
+    _compare_with_trl(tiny_model_dir, tmp_path, mode, beta)
+
+
+@pytest.mark.parametrize("mode,correction", [("token_mean", "token_truncate"), ("seq_mean_token_mean", "sequence_mask")])
+def test_sampler_corrected_loss_and_gradients_equal_trl(tiny_model_dir, tmp_path, mode, correction):
+    """vLLM rollouts: the importance weights multiply the surrogate, not the KL term, as in TRL (its
+    ``vllm_importance_sampling_correction``, set on the trainer here: building one with vLLM needs vLLM)."""
+    _compare_with_trl(tiny_model_dir, tmp_path, mode, 0.04, correction)
+
+
+def _compare_with_trl(tiny_model_dir, tmp_path, mode, beta, correction=None):
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     model.train()
     fmt = PromptFormat(tok)
@@ -58,11 +69,18 @@ def test_loss_and_gradients_equal_trl(tiny_model_dir, tmp_path, mode, beta):
     old = cur + 0.3 * torch.randn(B, T, generator=g)
     ref = cur + 0.5 * torch.randn(B, T, generator=g)
     adv = group_advantages(torch.rand(B, generator=g), 4)
+    weights = None
+    if correction is not None:  # a sampler whose log-probs differ from the trainer's: some weights clipped/zeroed
+        weights = sampler_correction(old, old + 0.4 * torch.randn(B, T, generator=g), cmask, correction, None, 1.5)
+        assert (weights != 1).any() and ((weights == 1.5).any() or (weights == 0).any())
 
     trainer = _trl_trainer(model, tok, tmp_path, TRL_LOSS_TYPE[mode], beta, T)
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
               "completion_mask": cmask, "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
               "num_items_in_batch": cmask.sum()}
+    if weights is not None:
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        inputs["importance_sampling_ratio"] = weights
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() per window; one step here
     model.zero_grad()
     theirs = trainer._compute_loss(model, inputs)
@@ -71,7 +89,7 @@ def test_loss_and_gradients_equal_trl(tiny_model_dir, tmp_path, mode, beta):
 
     model.zero_grad()
     logp = token_logprobs(model, ids, attn)[:, P - 1:]
-    ours, _ = grpo_loss(logp, old, adv, cmask.float(), 0.2, 0.3, beta, ref, mode, max_len=T)
+    ours, _ = grpo_loss(logp, old, adv, cmask.float(), 0.2, 0.3, beta, ref, mode, max_len=T, is_ratio=weights)
     ours.backward()
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
     for n, p in model.named_parameters():
@@ -87,3 +105,23 @@ def test_group_advantages_equal_trl_formula():
     std = nanstd(r.view(-1, G), dim=1).repeat_interleave(G)
     torch.testing.assert_close(group_advantages(r, G, "grpo", eps=1e-4), (r - mean) / (std + 1e-4))
     torch.testing.assert_close(group_advantages(r, G, "dr_grpo"), r - mean)  # TRL scale_rewards="none"
+
+
+def test_sampler_correction_modes_follow_trl():
+    """TRL's ``vllm_importance_sampling_mode`` semantics on hand-checkable numbers: per-token or summed
+    per-sequence log-ratios, clipped (truncate) or zeroed (mask) outside the bounds, padding and tokens
+    without a sampler log-prob counting as ratio 1."""
+    old = torch.tensor([[0.0, -1.0, -2.0], [-0.5, -0.5, 0.0]])
+    sample = torch.tensor([[-1.0, -1.0, float("nan")], [-0.5, 0.5, float("nan")]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    e = torch.e
+    torch.testing.assert_close(sampler_correction(old, sample, mask, "token_truncate", None, 2.0),
+                               torch.tensor([[2.0, 1.0, 1.0], [1.0, 1 / e, 1.0]]))
+    torch.testing.assert_close(sampler_correction(old, sample, mask, "token_mask", 0.5, 2.0),
+                               torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]))
+    torch.testing.assert_close(sampler_correction(old, sample, mask, "sequence_truncate", 0.5, 2.0),
+                               torch.tensor([[2.0], [0.5]]))
+    torch.testing.assert_close(sampler_correction(old, sample, mask, "sequence_mask", None, 3.0),
+                               torch.tensor([[e], [1 / e]]))
+    with pytest.raises(ValueError, match="not one of"):
+        sampler_correction(old, sample, mask, "token_clip")

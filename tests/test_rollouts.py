@@ -4,6 +4,7 @@ with vLLM's interface (this machine has no vLLM and no GPU; the real engine is e
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import types
@@ -24,6 +25,7 @@ class StandInLLM:
     vLLM's loader does."""
 
     instances: list["StandInLLM"] = []
+    logprob_shift = 0.0  # added to every returned log-prob: a sampler that disagrees with the trainer
 
     def __init__(self, model: str, **kwargs):
         from transformers import AutoModelForCausalLM
@@ -56,16 +58,24 @@ class StandInLLM:
             ids = torch.tensor([prompt["prompt_token_ids"]])
             with torch.random.fork_rng():
                 torch.manual_seed(sp.seed)
-                seqs = self.hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                        temperature=sp.temperature, top_p=sp.top_p, top_k=0, max_new_tokens=sp.max_tokens,
-                                        num_return_sequences=sp.n, eos_token_id=sp.stop_token_ids[0],
-                                        pad_token_id=sp.stop_token_ids[0])
+                out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                       temperature=sp.temperature, top_p=sp.top_p, top_k=0, max_new_tokens=sp.max_tokens,
+                                       num_return_sequences=sp.n, eos_token_id=sp.stop_token_ids[0],
+                                       pad_token_id=sp.stop_token_ids[0], return_dict_in_generate=True,
+                                       output_scores=True)
+            # "processed_logprobs": log-softmax of the scores after temperature and top-p, as sampled from
+            logps = torch.stack(out.scores, 1).float().log_softmax(-1)  # [n, steps, V]
             comps = []
-            for row in seqs[:, ids.size(1):].tolist():
+            for r, row in enumerate(out.sequences[:, ids.size(1):].tolist()):
                 stop = sp.stop_token_ids[0]
                 finished = stop in row
-                comps.append(SimpleNamespace(token_ids=row[: row.index(stop)] if finished else row,
-                                             finish_reason="stop" if finished else "length"))
+                toks = row[: row.index(stop)] if finished else row
+                lp = None
+                if sp.logprobs is not None:  # the sampled token's log-prob per returned token
+                    lp = [{t: SimpleNamespace(logprob=float(logps[r, i, t]) + self.logprob_shift, rank=1)}
+                          for i, t in enumerate(toks)]
+                comps.append(SimpleNamespace(token_ids=toks, finish_reason="stop" if finished else "length",
+                                             logprobs=lp))
             outs.append(SimpleNamespace(outputs=comps))
         return outs
 
@@ -78,6 +88,7 @@ def stand_in_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", mod)
     monkeypatch.setattr(VLLMRollouts, "check_available", staticmethod(lambda: None))
     StandInLLM.instances.clear()
+    StandInLLM.logprob_shift = 0.0
     saved = dict(os.environ)  # the engine sets RANK, WORLD_SIZE, MASTER_PORT, ...: undo after the test
     yield StandInLLM
     os.environ.clear()
@@ -143,8 +154,8 @@ def test_generate_syncs_once_per_weight_version_and_follows_the_run_seed(stand_i
     prompts = fmt.prompt_ids(["3+4=", "1+1="])
     backend = VLLMRollouts()
     torch.manual_seed(1)
-    a = backend.generate(_module(model, 0, 5), prompts, fmt, 3, 6, 1.0, 1.0)
-    assert len(a) == 6 and all(len(c) <= 6 for c in a)
+    a, logps = backend.generate(_module(model, 0, 5), prompts, fmt, 3, 6, 1.0, 1.0)
+    assert len(a) == 6 and [len(lp) for lp in logps] == [len(c) for c in a] and all(len(c) <= 6 for c in a)
     assert all(c[-1] == fmt.eos_id or len(c) == 6 for c in a) and all(fmt.eos_id not in c[:-1] for c in a)
     backend.generate(_module(model, 0, 5), prompts, fmt, 3, 6, 1.0, 1.0)  # same weights: no sync
     assert backend.syncs == 1
@@ -153,7 +164,7 @@ def test_generate_syncs_once_per_weight_version_and_follows_the_run_seed(stand_i
     backend.generate(_module(model, 0, 6), prompts, fmt, 3, 6, 1.0, 1.0)
     assert backend.syncs == 3
     torch.manual_seed(1)
-    assert VLLMRollouts().generate(_module(model, 0, 5), prompts, fmt, 3, 6, 1.0, 1.0) == a  # seeds from the run RNG
+    assert VLLMRollouts().generate(_module(model, 0, 5), prompts, fmt, 3, 6, 1.0, 1.0)[0] == a  # seeds from the run RNG
 
 
 def test_grpo_run_with_the_vllm_backend_samples_from_the_synced_engine(stand_in_vllm, tmp_path, cache_dir):
@@ -170,6 +181,43 @@ def test_grpo_run_with_the_vllm_backend_samples_from_the_synced_engine(stand_in_
     assert res["metrics"]["compute"]["tokens_generated"] > 0
 
 
+@pytest.mark.parametrize("shift", [0.0, -0.5])
+def test_vllm_rollouts_are_weighted_by_the_trainer_to_sampler_probability_ratio(stand_in_vllm, tiny_model_dir, shift):
+    """The engine's per-token log-probs are aligned with the completion tokens and turned into the sampler
+    correction: an engine that agrees with the trainer gives weights of 1; one whose log-probs are 0.5 lower
+    per token gives e^0.5 on every token it returned a log-prob for (``token_truncate``, cap 3), and 1 on
+    the end-of-sequence token it stopped on without one."""
+    from cl.data import PromptFormat, PromptRowsCollator, TaskExamples
+    from cl.model import load_model_and_tokenizer
+    from cl.objectives.grpo import GRPOObjective
+    from tasks.base import Task
+
+    stand_in_vllm.logprob_shift = shift
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    fmt = PromptFormat(tok)
+    obj = GRPOObjective(group_size=4, max_new_tokens=6, top_p=1.0, kl_coef=0.0, rollout_backend="vllm",
+                        vllm={"importance_sampling": "token_truncate", "is_clip_max": 3.0})
+    obj.bind(fmt, {"t": Task("t", train=None, eval=None, verifier=lambda c, **_: [float(len(x) % 2) for x in c])})
+    rows = [{"prompt": p, "answer": "1", "task": "t"} for p in ("A:1=", "A:22=", "S:9=")]
+    pairs = fmt.encode([r["prompt"] for r in rows], [r["answer"] for r in rows])
+    batch = PromptRowsCollator()([TaskExamples(pairs, rows)[i] for i in range(3)])
+    for seed in range(20):  # rollouts in which some completion stopped on eos (the random model rarely picks it)
+        torch.manual_seed(seed)
+        ro = obj.rollout(_module(model), batch)
+        m = ro.completion_mask.bool()
+        eos = (ro.input_ids[:, 1:] == fmt.eos_id) & m  # completion position t predicts token t + 1
+        if eos.any():
+            break
+    w = ro.is_ratio
+    assert w.shape == m.shape and ro.old_logp is None  # one PPO epoch: the current policy stays the old one
+    assert (w[~m] == 1).all()
+    assert eos.any() and (w[eos] == 1).all()  # the engine returned no log-prob for the eos it stopped on
+    torch.testing.assert_close(w[m & ~eos], torch.full_like(w[m & ~eos], math.exp(-shift)), rtol=1e-4, atol=0.0)
+    assert abs(float(ro.logs["sampler_logp_diff"]) + shift) < 1e-4
+    loss, logs = obj.step(_module(model), batch)
+    assert torch.isfinite(loss) and "sampler_is_weight" in logs
+
+
 def test_vllm_backend_refused_with_a_reason_where_it_cannot_run():
     from cl.validate import ConfigError, validate_config
 
@@ -178,6 +226,16 @@ def test_vllm_backend_refused_with_a_reason_where_it_cannot_run():
     cfg = OmegaConf.to_container(compose_cfg("objective=grpo", "objective.rollout_backend=vllm"), resolve=True)
     with pytest.raises(ConfigError, match=r"objective.rollout_backend: (vLLM is not installed|needs a CUDA GPU)"):
         validate_config(cfg)
+    cfg = OmegaConf.to_container(compose_cfg("objective=grpo", "objective.rollout_backend=vllm",
+                                             "objective.vllm.importance_sampling=clip",
+                                             "objective.vllm.is_clip_min=4"), resolve=True)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert "objective.vllm.importance_sampling: 'clip' is not one of token_truncate" in str(err.value)
+    assert "objective.vllm.is_clip_min: 4 is above is_clip_max 3.0" in str(err.value)
+    with pytest.raises(ValueError, match="objective.vllm.importance_sampling: 'clip'"):
+        VLLMRollouts(importance_sampling="clip")
+    assert VLLMRollouts(importance_sampling="none").correction is None
     cfg = OmegaConf.to_container(compose_cfg("objective=grpo", "objective.rollout_backend=sglang"), resolve=True)
     with pytest.raises(ConfigError, match="objective.rollout_backend: 'sglang' is not one of hf, vllm"):
         validate_config(cfg)

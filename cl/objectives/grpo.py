@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cl.data import PromptFormat, PromptRowsCollator
-from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, group_advantages, grpo_loss
+from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, group_advantages, grpo_loss, sampler_correction
 from cl.rollouts import make_backend
 from tasks.base import Task
 
@@ -38,6 +38,7 @@ class Rollout:
     old_logp: torch.Tensor | None  # [B, L-1] (None: one PPO epoch, the current policy is the old one)
     ref_logp: torch.Tensor | None  # [B, L-1]
     logs: dict
+    is_ratio: torch.Tensor | None = None  # [B, L-1] or [B, 1] sampler correction (vLLM rollouts), else None
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -158,7 +159,8 @@ class GRPOObjective:
         """Sample G completions per prompt, score them, and compute advantages and reference log-probs."""
         model, fmt, g = module.model, self.fmt, self.group_size
         prompts: list[list[int]] = batch["prompt_ids"]
-        comps = self.rollouts.generate(module, prompts, fmt, g, self.max_new_tokens, self.temperature, self.top_p)
+        comps, sample_logps = self.rollouts.generate(module, prompts, fmt, g, self.max_new_tokens, self.temperature,
+                                                     self.top_p)
         texts = [fmt.decode(c) for c in comps]
         raw, passed = self._rewards(texts, batch["rows"])
         adv = group_advantages(raw, g, self.advantage)
@@ -184,9 +186,33 @@ class GRPOObjective:
             attn[i, : len(s)] = 1
             cmask[i, pl - 1 : len(s) - 1] = 1.0
         ids, attn, cmask = ids.to(device), attn.to(device), cmask.to(device)
-        old = token_logprobs(model, ids, attn, self.temperature) if self.ppo_epochs > 1 else None
+        correct = sample_logps is not None and self.rollouts.correction is not None
+        old = token_logprobs(model, ids, attn, self.temperature) if self.ppo_epochs > 1 or correct else None
         ref = token_logprobs(self.ref_model, ids, attn, self.temperature) if self.kl_coef else None
-        return Rollout(ids, attn, cmask, adv.to(device), old, ref, logs)
+        is_ratio = None
+        if correct:
+            kept = [lp for i in range(len(prompts)) if keep[i] for lp in sample_logps[i * g:(i + 1) * g]]
+            is_ratio = self._sampler_weights(old, kept, plen, cmask, logs)
+        if self.ppo_epochs == 1:
+            old = None  # no update since sampling: the current policy is the old one
+        return Rollout(ids, attn, cmask, adv.to(device), old, ref, logs, is_ratio)
+
+    def _sampler_weights(self, old: torch.Tensor, sample_logps: list[list[float]], plen: list[int],
+                         cmask: torch.Tensor, logs: dict) -> torch.Tensor:
+        """The sampler correction for completions drawn by another engine, aligned with ``cmask``; logs the
+        mean trainer-minus-sampler log-prob per token, the mean weight and the share of zero weights."""
+        sample = torch.full(cmask.shape, float("nan"))
+        for i, (lp, pl) in enumerate(zip(sample_logps, plen)):
+            sample[i, pl - 1: pl - 1 + len(lp)] = torch.tensor(lp)
+        sample = sample.to(old.device)
+        w = sampler_correction(old, sample, cmask, **self.rollouts.correction)
+        m = cmask.to(old.dtype)
+        valid = m * (~sample.isnan()).to(m.dtype)
+        logs["sampler_logp_diff"] = (torch.nan_to_num(old - sample) * valid).sum() / valid.sum().clamp(min=1.0)
+        per_token = w.expand_as(m)
+        logs["sampler_is_weight"] = (per_token * m).sum() / m.sum().clamp(min=1.0)
+        logs["sampler_is_zero_frac"] = ((per_token == 0).to(m.dtype) * m).sum() / m.sum().clamp(min=1.0)
+        return w
 
     def _logs(self, rewards: torch.Tensor, passed: torch.Tensor, comps: list[list[int]], rows: list[dict],
               zero_groups) -> dict:
@@ -216,5 +242,5 @@ class GRPOObjective:
         logp = token_logprobs(module.model, ro.input_ids, ro.attention_mask, self.temperature)
         old = ro.old_logp if ro.old_logp is not None else logp.detach()
         loss, stats = grpo_loss(logp, old, ro.advantages, ro.completion_mask, self.eps_low, self.eps_high,
-                                self.kl_coef, ro.ref_logp, self.loss_agg, self.max_new_tokens)
+                                self.kl_coef, ro.ref_logp, self.loss_agg, self.max_new_tokens, ro.is_ratio)
         return loss, {**ro.logs, **stats, "loss": loss.detach()}

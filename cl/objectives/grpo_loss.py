@@ -5,10 +5,13 @@ Shapes: ``B`` completions (prompts x group size), ``T`` completion tokens (right
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
@@ -60,6 +63,37 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: i
     raise ValueError(f"objective.loss_agg: '{mode}' is not one of {', '.join(AGGREGATIONS)}")
 
 
+def sampler_correction(old_logp: torch.Tensor, sample_logp: torch.Tensor, mask: torch.Tensor,
+                       mode: str = "sequence_mask", clip_min: float | None = None,
+                       clip_max: float | None = 3.0) -> torch.Tensor:
+    """Importance weights for tokens sampled by another engine (vLLM) than the one that trains: the two
+    assign the same tokens slightly different probabilities (kernels, precision), so the samples are not
+    exactly on-policy. TRL's ``vllm_importance_sampling_*`` (same modes, same defaults).
+
+    Args:
+        old_logp: [B, T] the trainer's log-probs of the sampled tokens at sampling time.
+        sample_logp: [B, T] the sampler's log-probs of the same tokens (NaN where it gave none: the
+            difference counts as 0 there, a ratio of 1).
+        mask: [B, T] 1 on completion tokens.
+        mode: ``token_*``: one ratio per token; ``sequence_*``: ``exp`` of the summed log-ratio, one per
+            completion; ``*_truncate`` clips ratios to ``[clip_min, clip_max]``, ``*_mask`` sets ratios
+            outside it to 0 (those tokens or completions leave the loss).
+    Returns:
+        [B, T] (token modes) or [B, 1] (sequence modes) weights, multiplied into the per-token surrogate.
+    """
+    if mode not in SAMPLER_CORRECTIONS:
+        raise ValueError(f"importance sampling mode '{mode}' is not one of {', '.join(SAMPLER_CORRECTIONS)}")
+    diff = torch.nan_to_num((old_logp - sample_logp) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return ratio if clip_min is None and clip_max is None else ratio.clamp(min=clip_min, max=clip_max)
+    lo = -math.inf if clip_min is None else clip_min
+    hi = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -71,6 +105,7 @@ def grpo_loss(
     ref_logp: torch.Tensor | None = None,
     loss_agg: str = "token_mean",
     max_len: int | None = None,
+    is_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO loss (to minimise).
 
@@ -80,6 +115,8 @@ def grpo_loss(
         advantages: [B] one advantage per completion, shared by its tokens.
         mask: [B, T] 1 on completion tokens (including eos), 0 on padding.
         kl_coef: weight of the k3 KL to ``ref_logp``; 0 drops the term (no reference needed).
+        is_ratio: [B, T] or [B, 1] sampler-correction weights (``sampler_correction``) multiplied into the
+            surrogate (not the KL term), as TRL applies them.
     Returns:
         ``(loss, stats)`` with stats ``kl`` (mean k3 over tokens) and ``clip_frac``.
     """
@@ -87,6 +124,8 @@ def grpo_loss(
     adv = advantages.unsqueeze(-1)
     surrogate = torch.min(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
     per_token = -surrogate
+    if is_ratio is not None:
+        per_token = per_token * is_ratio
     stats: dict[str, torch.Tensor] = {}
     m = mask.to(logp.dtype)
     if kl_coef:
