@@ -10,8 +10,9 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/last`` holding
   the RNG states of torch, numpy and Python, and the resolved config it was written under.
 
 Writes are atomic: the new checkpoint is written to a temporary directory, the old one is renamed to
-``prev``, the new one to ``last``, then ``prev`` is removed. A crash at any point leaves ``last`` or
-``prev`` complete; ``latest`` picks whichever exists. ``position.json`` says where in the stream a
+``prev``, the new one to ``last``, then ``prev`` is removed (renamed away first, so that no half-deleted
+directory is ever left under either name). A crash at any point leaves ``last`` or ``prev`` complete;
+``latest`` picks whichever exists. ``position.json`` says where in the stream a
 checkpoint stands. Under a distributed strategy every rank writes its own state (``RUN_DIR/.rank<r>``; its
 shard of the optimizer state under FSDP), rank 0 alone the weights, and each keeps ``prev`` as well;
 ``latest_common`` resumes all ranks from the newest position they all have.

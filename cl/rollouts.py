@@ -75,11 +75,10 @@ class HFRollouts:
     """Sampling with transformers' ``generate`` on the model being trained."""
 
     name = "hf"
+    correction = None  # samples come from the model being trained: on-policy
 
     def mark_stale(self) -> None:
         pass
-
-    correction = None  # samples come from the model being trained: on-policy
 
     def generate(self, module, prompts: list[list[int]], fmt: PromptFormat, n: int, max_new_tokens: int,
                  temperature: float, top_p: float) -> tuple[list[list[int]], None]:
