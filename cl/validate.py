@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cl.evaluation import METHODS
+from cl.fsdp import is_fsdp
 from cl.schedule import DECAYS
 from cl.tracking import MODES
 from tasks.registry import TASK_NAMES
@@ -208,8 +209,6 @@ def validate_config(cfg: Mapping) -> None:
             lo, hi = _get(cfg, "objective.vllm.is_clip_min"), _get(cfg, "objective.vllm.is_clip_max")
             if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
                 c.add("objective.vllm.is_clip_min", f"{lo} is above is_clip_max {hi}")
-            from cl.fsdp import is_fsdp
-
             if _get(cfg, "adapter.name") in ("lora", "reglora") and is_fsdp(dict(_get(cfg, "trainer") or {})):
                 c.add("objective.rollout_backend", "vllm with LoRA under trainer=fsdp is not supported (the "
                                                    "adapter deltas would be computed from shards); use trainer=ddp")
@@ -327,8 +326,6 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
         c.add("stream.batch_size", f"must be divisible by the {world} processes of trainer.strategy="
                                    f"{trainer.get('strategy')} (each rank takes an equal share of every batch), got {b}")
     c.choice("trainer.precision", ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
-    from cl.fsdp import is_fsdp
-
     if is_fsdp(dict(trainer)):
         import torch
         import torch.distributed.fsdp as fsdp

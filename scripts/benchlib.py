@@ -11,15 +11,17 @@ from cl.trainer import make_trainer
 
 class StepClock(pl.Callback):
     """Wall time from the end of optimizer step ``warmup`` to the end of the last step; ``sync`` (e.g.
-    ``torch.cuda.synchronize``) runs before each reading so queued GPU work is counted."""
+    ``torch.cuda.synchronize``) runs before those two readings so queued GPU work is counted (not after
+    every step, which would stop the host from queuing the next step while the GPU works)."""
 
     def __init__(self, warmup: int, sync=None):
         self.warmup, self.sync, self.t0, self.t1 = warmup, sync, 0.0, 0.0
 
     def on_train_batch_end(self, trainer, *_):
-        if self.sync is not None:
+        step = trainer.global_step
+        if self.sync is not None and step in (self.warmup, trainer.max_steps):
             self.sync()
-        if trainer.global_step == self.warmup:
+        if step == self.warmup:
             self.t0 = time.perf_counter()
         self.t1 = time.perf_counter()
 

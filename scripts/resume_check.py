@@ -42,8 +42,7 @@ def kill_midway(args, out: Path, rng: random.Random, attempts: int = 4, checkpoi
                                 cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 600
-        while (len(ck.positions(out)) < checkpoints or ck.latest(out) is None) and proc.poll() is None \
-                and time.time() < deadline:
+        while len(ck.positions(out)) < checkpoints and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         delay = rng.uniform(0.0, 1.5 / (attempt + 1))
         time.sleep(delay)

@@ -186,11 +186,12 @@ class GRPOObjective:
             attn[i, : len(s)] = 1
             cmask[i, pl - 1 : len(s) - 1] = 1.0
         ids, attn, cmask = ids.to(device), attn.to(device), cmask.to(device)
-        correct = sample_logps is not None and self.rollouts.correction is not None
-        old = token_logprobs(model, ids, attn, self.temperature) if self.ppo_epochs > 1 or correct else None
+        # a backend returns sampler log-probs exactly when its samples need the correction (vLLM)
+        old = token_logprobs(model, ids, attn, self.temperature) \
+            if self.ppo_epochs > 1 or sample_logps is not None else None
         ref = token_logprobs(self.ref_model, ids, attn, self.temperature) if self.kl_coef else None
         is_ratio = None
-        if correct:
+        if sample_logps is not None:
             kept = [lp for i in range(len(prompts)) if keep[i] for lp in sample_logps[i * g:(i + 1) * g]]
             is_ratio = self._sampler_weights(old, kept, plen, cmask, logs)
         if self.ppo_epochs == 1:
