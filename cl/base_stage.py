@@ -35,28 +35,46 @@ from cl.trainer import make_trainer
 from tasks.base import Task
 
 log = logging.getLogger(__name__)
-BASE_STAGE_VERSION = 1  # bump when the code below changes what a cached checkpoint contains
+BASE_STAGE_VERSION = 2  # bump when the code below changes what a cached checkpoint contains
 
 
 @dataclass(frozen=True)
 class BaseRecipe:
-    """How the tiny base model is pretrained (``conf/base/*.yaml``)."""
+    """How the tiny base model is pretrained (``conf/base/*.yaml``; the defaults here are ``base=tiny``'s).
 
-    steps: int = 900
-    batch_size: int = 256
+    The stage trains on a weighted mixture of general tasks and stream tasks ("exposure") and stops by
+    measured properties, not at a fixed step: every ``check_every`` steps it scores each stream task on
+    a validation slice of its training rows (``val_n`` rows the stage never trains on) and each general
+    task every ``general_check_every`` steps. A stream task whose validation accuracy reaches its
+    ``targets`` value leaves the mixture and comes back if it falls below ``target - tolerance``; the stage
+    ends at the first check, after ``min_steps``, where every general task is >= ``general_min`` and every
+    stream task is within ``target +- tolerance``, or at ``steps`` (the cap; the health check then warns).
+    Where a fixed-step recipe lands relative to the arithmetic phase transitions depends on the machine's
+    floating point; the measured stop makes the partial level the recipe's, not the machine's.
+    A task in ``exposure`` without a target gets fixed exposure (no control).
+    """
+
+    steps: int = 2400
+    min_steps: int = 600
+    batch_size: int = 192
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
     warmup_steps: int = 100
-    decay: str = "linear"
-    decay_fraction: float = 0.2
-    min_lr_ratio: float = 0.1
     gradient_clip_val: float = 1.0
     general: dict[str, float] = field(default_factory=dict)
     exposure: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, float] = field(default_factory=dict)
+    tolerance: float = 0.03
+    general_min: float = 0.97
+    general_floor: float = 0.1
+    check_every: int = 10
+    general_check_every: int = 50
+    val_n: int = 500
     init_seed: int = 0
-    report_n: int = 200
+    report_n: int = 500
     report_pass_k: int = 8
+    health_band: float = 0.10
 
     @property
     def mixture(self) -> dict[str, float]:
@@ -103,39 +121,123 @@ def ensure_base(cache_dir: str | Path, arch: dict, recipe: BaseRecipe, data: dic
     return final
 
 
-def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task], trainer_kwargs: dict) -> dict:
+class MixtureBatches:
+    """Batches of row indices drawn from a task mixture whose weights may change between batches.
+
+    ``spans[name] = (first, n)`` locates a task's rows in the dataset; each batch draws a task per example
+    from the active tasks' weights and then a row of that task uniformly, with its own generator."""
+
+    def __init__(self, spans: dict[str, tuple[int, int]], weights: dict[str, float], batch_size: int, steps: int,
+                 seed: int):
+        self.spans, self.weights, self.batch_size, self.steps = spans, dict(weights), batch_size, steps
+        self.active = {name: True for name in spans}
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        names = list(self.spans)
+        for _ in range(self.steps):
+            w = torch.tensor([self.weights[n] if self.active[n] else 0.0 for n in names], dtype=torch.float64)
+            which = torch.multinomial(w, self.batch_size, replacement=True, generator=self.gen)
+            rows = torch.rand(self.batch_size, generator=self.gen, dtype=torch.float64)
+            out = []
+            for k, r in zip(which.tolist(), rows.tolist()):
+                first, n = self.spans[names[k]]
+                out.append(first + min(int(r * n), n - 1))
+            yield out
+
+
+class MixtureController(pl.Callback):
+    """The base stage's measured stop (see :class:`BaseRecipe`): switches stream tasks' exposure off at
+    their target and back on below ``target - tolerance``, and stops training once every target holds."""
+
+    def __init__(self, recipe: BaseRecipe, batches: MixtureBatches, val: dict[str, EvalSet], scorer: Scorer):
+        self.r, self.batches, self.val, self.scorer = recipe, batches, val, scorer
+        self.general_acc: dict[str, float] = {}
+        self.history: list[dict] = []
+        self.stopped_at: int | None = None
+
+    def _score(self, model, names: list[str]) -> dict[str, float]:
+        return dict(zip(names, self.scorer.accuracies(model, [self.val[n] for n in names])))
+
+    def on_train_batch_end(self, trainer, pl_module, *_):
+        r, step = self.r, trainer.global_step
+        if step < r.warmup_steps or step % r.check_every:
+            return
+        model = pl_module.model
+        stream = self._score(model, list(r.targets))
+        for name, acc in stream.items():
+            if acc >= r.targets[name]:
+                self.batches.active[name] = False
+            elif acc < r.targets[name] - r.tolerance:
+                self.batches.active[name] = True
+        in_band = all(abs(acc - r.targets[n]) <= r.tolerance for n, acc in stream.items())
+        stop_candidate = step >= r.min_steps and in_band
+        if step % r.general_check_every == 0 or stop_candidate:
+            self.general_acc = self._score(model, list(r.general))
+            for name, acc in self.general_acc.items():  # more exposure where the skill is not mastered yet
+                self.batches.weights[name] = r.general[name] * max(r.general_floor, 1.0 - acc)
+        general_ok = all(self.general_acc.get(n, 0.0) >= r.general_min for n in r.general)
+        self.history.append({"step": step, **{n: round(a, 4) for n, a in {**stream, **self.general_acc}.items()},
+                             "exposed": [n for n in r.targets if self.batches.active[n]]})
+        if step % r.general_check_every == 0:
+            print(f"[base] step {step}: " + " ".join(f"{n} {a:.2f}" for n, a in stream.items())
+                  + " | general " + " ".join(f"{n} {a:.2f}" for n, a in self.general_acc.items())
+                  + " | exposed: " + (",".join(self.history[-1]["exposed"]) or "-"), flush=True)
+        if stop_candidate and general_ok:
+            self.stopped_at = step
+            trainer.should_stop = True
+
+
+def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task], trainer_kwargs: dict,
+                perturb: float = 0.0) -> dict:
+    """Train and save the base model in ``out``; returns its report. ``perturb`` > 0 adds Gaussian noise of
+    that relative size to the initial weights (``scripts/check_base.py``'s numerics perturbation)."""
     t0 = time.perf_counter()
     build_tiny_llama(out, seed=recipe.init_seed, **arch)
     model, tokenizer = load_model_and_tokenizer(out)
+    if perturb > 0:
+        gen = torch.Generator().manual_seed(10_007 + recipe.init_seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * perturb * p.abs().mean())
     model.train()
     fmt = PromptFormat(tokenizer)
-    pairs, weights = [], []
-    for name, w in recipe.mixture.items():
+    pairs, spans, val = [], {}, {}
+    for name in recipe.mixture:
         rows = tasks[name].train
-        enc = fmt.encode(rows["prompt"], rows["answer"])
+        n_val = min(recipe.val_n, len(rows) // 5)  # the stage never trains on its validation rows
+        held = rows.select(range(len(rows) - n_val, len(rows)))
+        val[name] = EvalSet(tasks[name], held.to_dict(), fmt.encode(held["prompt"], held["answer"]))
+        enc = fmt.encode(rows["prompt"][: len(rows) - n_val], rows["answer"][: len(rows) - n_val])
+        spans[name] = (len(pairs), len(enc))
         pairs += enc
-        weights += [w / len(enc)] * len(enc)
-    gen = torch.Generator().manual_seed(recipe.init_seed)
-    sampler = WeightedRandomSampler(weights, num_samples=recipe.steps * recipe.batch_size, replacement=True,
-                                    generator=gen)
-    loader = DataLoader(TaskExamples(pairs), batch_size=recipe.batch_size, sampler=sampler,
-                        collate_fn=SFTCollator(fmt.pad_id))
+    batches = MixtureBatches(spans, recipe.mixture, recipe.batch_size, recipe.steps, seed=recipe.init_seed)
+    loader = DataLoader(TaskExamples(pairs), batch_sampler=batches, collate_fn=SFTCollator(fmt.pad_id))
     module = ContinualLM(
         model, SFTObjective(),
         partial(torch.optim.AdamW, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay),
-        LRSchedule(recipe.warmup_steps, recipe.decay, recipe.min_lr_ratio, recipe.decay_fraction),
+        LRSchedule(recipe.warmup_steps, "constant"),
     )
+    scorer = Scorer(fmt)
+    controller = MixtureController(recipe, batches, val, scorer)
     pl.seed_everything(recipe.init_seed, verbose=False)
     kwargs = {**trainer_kwargs, "gradient_clip_val": recipe.gradient_clip_val}
-    print(f"[base] pretraining the tiny model: {recipe.steps} steps x {recipe.batch_size} on "
-          f"{', '.join(f'{k}:{v}' for k, v in recipe.mixture.items())}", flush=True)
-    make_trainer(recipe.steps, kwargs, "base", progress_every=100).fit(module, loader)
+    print(f"[base] pretraining the tiny model: up to {recipe.steps} steps x {recipe.batch_size} on "
+          f"{', '.join(f'{k}:{v}' for k, v in recipe.mixture.items())}; stops when general >= "
+          f"{recipe.general_min} and " + ", ".join(f"{k} {v:.2f}" for k, v in recipe.targets.items())
+          + f" (+-{recipe.tolerance})", flush=True)
+    make_trainer(recipe.steps, kwargs, "base", callbacks=[controller], progress_every=100).fit(module, loader)
     train_s = time.perf_counter() - t0
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
-    scorer = Scorer(fmt)
-    report: dict = {"train_seconds": train_s, "greedy": {}, f"pass@{recipe.report_pass_k}": {}}
+    report: dict = {"train_seconds": train_s, "steps": module.trainer.global_step if module._trainer else None,
+                    "stopped_by": "targets" if controller.stopped_at is not None else "cap",
+                    "greedy": {}, f"pass@{recipe.report_pass_k}": {}, "history": controller.history}
+    model.eval()
     for name in recipe.mixture:
         es = EvalSet.build(tasks[name], fmt, recipe.report_n, seed=0)
         report["greedy"][name] = scorer.accuracy(model, es)
@@ -144,8 +246,28 @@ def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task
     report["general_mean"] = (sum(report["greedy"][n] for n in recipe.general) / len(recipe.general)
                               if recipe.general else None)
     report["seconds"] = time.perf_counter() - t0
-    print("[base] greedy accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in report["greedy"].items()), flush=True)
+    print(f"[base] stopped at step {report['steps']} ({report['stopped_by']}); greedy accuracy: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in report["greedy"].items()), flush=True)
     print(f"[base] pass@{recipe.report_pass_k} (T=1): "
           + ", ".join(f"{k} {v:.3f}" for k, v in report[f"pass@{recipe.report_pass_k}"].items())
           + f" | {report['seconds']:.0f} s", flush=True)
     return report
+
+
+def base_health(report: dict, recipe: BaseRecipe) -> dict:
+    """Compare a base report with its recipe's targets: ``{"ok": bool, "problems": [one line each]}``.
+
+    A general task must reach ``general_min`` greedy accuracy on the report items; a stream task's greedy
+    accuracy must lie within ``health_band`` of its target; the stage must have stopped by its targets."""
+    problems = []
+    greedy = report.get("greedy", {})
+    for name in recipe.general:
+        if name in greedy and greedy[name] < recipe.general_min:
+            problems.append(f"general task {name}: greedy accuracy {greedy[name]:.3f} < target {recipe.general_min}")
+    for name, target in recipe.targets.items():
+        if name in greedy and abs(greedy[name] - target) > recipe.health_band:
+            problems.append(f"stream task {name}: greedy accuracy {greedy[name]:.3f} outside target "
+                            f"{target:.2f} +- {recipe.health_band}")
+    if recipe.targets and report.get("stopped_by") == "cap":
+        problems.append(f"the base stage reached its {recipe.steps}-step cap before every target held")
+    return {"ok": not problems, "problems": problems}

@@ -1,7 +1,9 @@
-"""The results contract: ``results.json`` (see ../shared/DESIGN.md) and the printed summary."""
+"""The results contract: ``results.json`` and the printed summary; the provenance of a run (what
+produced it: the inputs' fingerprint, the machine, the versions)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -34,7 +36,119 @@ def git_state() -> dict:
     return {"commit": commit or None, "dirty": dirty if commit else None}
 
 
-def provenance(seed: int, start: float, end: float | None) -> dict:
+# config keys that do not change a run's results: where it logs, checkpoints and caches, how it resumes
+NOT_RESULT_KEYS = ("logger", "checkpoint", "resume", "cache_dir", "save_final_model")
+CODE_PACKAGES = ("cl", "tasks", "replay", "analysis")
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
+             "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_hash() -> str:
+    """sha256 over the project's Python sources (``cl``, ``tasks``, ``replay``, ``analysis``): the code version
+    whether or not the project is a git checkout, and whatever its uncommitted edits."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in CODE_PACKAGES:
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _data_files(resolved: dict) -> dict[str, str]:
+    """Content hashes of the local user data files named in the stream (``stream.tasks``/``stream.general``
+    entries with ``train``/``eval`` paths); hub datasets are named, not hashed."""
+    out = {}
+    stream = resolved.get("stream") or {}
+    for spec in list(stream.get("tasks") or []) + list(stream.get("general") or []):
+        if not isinstance(spec, dict):
+            continue
+        for key in ("train", "eval", "function"):
+            src = spec.get(key)
+            if not isinstance(src, str) or src.startswith("hub:"):
+                continue
+            path = Path(src.split(":")[0] if key == "function" else src).expanduser()
+            if path.is_file():
+                out[src] = _sha256_file(path)[:16]
+            elif key != "function":
+                out[src] = "missing"
+    return out
+
+
+def input_fingerprint(resolved: dict, base: str | None) -> dict:
+    """What determines a run's results: the resolved config (less the keys in ``NOT_RESULT_KEYS``), the
+    content of its user data files, the base model (``base``: the base stage's cache key, or the model path
+    or hub id) and the code. Two runs with equal fingerprints on the same machine give the same results."""
+    config = {k: v for k, v in resolved.items() if k not in NOT_RESULT_KEYS}
+    blob = json.dumps(config, sort_keys=True, default=str)
+    return {"config_sha256": hashlib.sha256(blob.encode()).hexdigest()[:16], "data_files": _data_files(resolved),
+            "base_model": base, "code": code_hash()}
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def fingerprint_diff(old: dict, old_config: dict, new: dict, new_config: dict) -> list[str]:
+    """What differs between two runs' inputs, one short phrase per difference (empty when they match)."""
+    out = []
+    if old.get("config_sha256") != new.get("config_sha256"):
+        a = _flat({k: v for k, v in old_config.items() if k not in NOT_RESULT_KEYS})
+        b = _flat({k: v for k, v in new_config.items() if k not in NOT_RESULT_KEYS})
+        keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+        shown = ", ".join(f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in keys[:3])
+        out.append(f"config ({shown}{', ...' if len(keys) > 3 else ''})" if keys else "config")
+    od, nd = old.get("data_files", {}), new.get("data_files", {})
+    for src in sorted(set(od) | set(nd)):
+        if od.get(src) != nd.get(src):
+            out.append(f"data file {src} " + ("changed" if src in od and src in nd else "added" if src in nd
+                                                 else "removed"))
+    if old.get("base_model") != new.get("base_model"):
+        out.append(f"base model ({old.get('base_model')} -> {new.get('base_model')})")
+    if old.get("code") != new.get("code"):
+        out.append(f"code ({old.get('code')} -> {new.get('code')})")
+    return out
+
+
+def machine() -> dict:
+    """The CPU model, its floating-point instruction sets, torch's threads and CPU kernel level: what makes
+    two machines' floating point (and so a seeded run) differ."""
+    import torch
+
+    model, flags = platform.processor() or None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not model:
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+            if key == "model name":
+                model = value.strip()
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        capability = None
+    return {"cpu": model, "isa": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch_cpu_capability": capability}
+
+
+def provenance(seed: int, start: float, end: float | None, fingerprint: dict | None = None) -> dict:
     versions = {}
     for p in PACKAGES:
         try:
@@ -52,6 +166,8 @@ def provenance(seed: int, start: float, end: float | None) -> dict:
         "end_time": end,
         "wall_seconds": None if end is None else end - start,
         "argv": sys.argv,
+        "machine": machine(),
+        "fingerprint": fingerprint,
     }
 
 

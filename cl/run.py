@@ -31,7 +31,7 @@ from analysis.curve_metrics import curve_metrics
 from analysis.metrics import matrix_metrics
 from cl.adapters import AdapterError, make_adapter, save_adapted
 from cl.averaging import Averaging
-from cl.base_stage import BaseRecipe, ensure_base
+from cl.base_stage import BaseRecipe, base_health, base_key, ensure_base
 from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest_common, not_resumable, run_key
 from cl.continual_eval import ContinualEvaluator
 from cl.data import PromptFormat, SFTCollator, TaskExamples
@@ -42,7 +42,9 @@ from cl.loop import StreamResult, run_stream
 from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_model_and_tokenizer
 from cl.module import ContinualLM
 from cl.rif import RolloutInstanceFilter
-from cl.results import format_matrix, format_metrics, provenance, write_json_atomic
+from cl.runlog import RunLog
+from cl.results import (fingerprint_diff, format_matrix, format_metrics, input_fingerprint, provenance,
+                        write_json_atomic)
 from cl.schedule import LRSchedule
 from cl.shift import DistributionShiftProbe
 from cl.tracking import make_logger
@@ -102,19 +104,101 @@ def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_f
 def prepare_model(cfg: DictConfig, run_dir: Path, tasks: dict[str, Task]):
     """Return ``(model, tokenizer, base_info)`` for the configured model and base stage."""
     m, b = cfg.model, cfg.base
+    info: dict = {}
     if b.kind == "pretrain":
         recipe = BaseRecipe(**{k: v for k, v in OmegaConf.to_container(b, resolve=True).items() if k != "kind"})
         data = OmegaConf.to_container(cfg.data, resolve=True)
         arch = OmegaConf.to_container(m.arch, resolve=True)
         single = {**OmegaConf.to_container(cfg.trainer, resolve=True), "devices": 1, "num_nodes": 1, "strategy": "auto"}
         path = ensure_base(cfg.cache_dir, arch, recipe, data, tasks, single)  # one process: it is cached once
+        info = _base_info(path, recipe)
     elif m.name_or_path:
         path = m.name_or_path
     else:
         path = build_tiny_llama(run_dir / "init_model", seed=cfg.seed, **OmegaConf.to_container(m.arch))
     model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=m.trust_remote_code, dtype=m.dtype)
     model.train()
-    return model, tokenizer, {"path": str(path), "parameters": count_parameters(model)}
+    info = {"path": str(path), **info, "parameters": count_parameters(model)}
+    return model, tokenizer, info
+
+
+def _base_info(path: Path, recipe: BaseRecipe) -> dict:
+    """The base stage's report, its weights' hash and its health (targets met or not; warned on the console)."""
+    import hashlib
+    import json
+
+    report = json.loads((Path(path) / "base_report.json").read_text())
+    health = base_health(report, recipe)
+    for problem in health["problems"]:
+        print(f"warning: unhealthy base model: {problem} (results.json base_model.health; "
+              f"python scripts/check_base.py tells whether the recipe has margin on this machine)", flush=True)
+    weights = Path(path) / "model.safetensors"
+    k = f"pass@{recipe.report_pass_k}"
+    return {"health": health, "greedy": report.get("greedy"), k: report.get(k), "steps": report.get("steps"),
+            "stopped_by": report.get("stopped_by"),
+            "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else None}
+
+
+def base_id(resolved: dict) -> str | None:
+    """The base model as the fingerprint names it: the base stage's cache key, a local directory's content
+    summary, or the hub id."""
+    import hashlib
+
+    b, m = resolved.get("base") or {}, resolved.get("model") or {}
+    if b.get("kind") == "pretrain":
+        try:
+            recipe = BaseRecipe(**{k: v for k, v in b.items() if k != "kind"})
+            return "base-" + base_key(m.get("arch"), recipe, resolved.get("data"))
+        except (TypeError, ValueError):
+            return None  # an invalid recipe: validation reports it
+    path = m.get("name_or_path")
+    if not path:
+        return None  # a random initialisation: the config determines it
+    d = Path(str(path)).expanduser()
+    if not d.is_dir():
+        return str(path)  # a hub id (the hub's revision is part of the config when pinned)
+    h = hashlib.sha256()
+    for f in sorted(x for x in d.rglob("*") if x.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(d)}:{size}".encode())
+        with open(f, "rb") as fh:  # whole small files; the first and last MiB of large ones (weights)
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return f"dir:{d}:{h.hexdigest()[:16]}"
+
+
+class RunMismatchError(CheckpointError):
+    """A rerun into a directory that holds a run made from other inputs."""
+
+
+def check_inputs(cfg: DictConfig, run_dir: Path) -> dict:
+    """The run's input fingerprint (``results.json["provenance"]["fingerprint"]``); raises
+    :class:`RunMismatchError` when ``run_dir`` holds a completed or interrupted run made from other inputs
+    (with ``resume=auto``), before anything in ``run_dir`` is touched."""
+    import json
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    fp = input_fingerprint(resolved, base_id(resolved))
+    if cfg.get("resume", "auto") != "auto":
+        return fp
+    try:
+        old = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return fp
+    status = str(old.get("status", ""))
+    state = ("completed" if status == "completed" else
+             "interrupted" if status == "running" or (Path(run_dir) / CKPT_DIR).is_dir() else None)
+    old_fp = (old.get("provenance") or {}).get("fingerprint")
+    if state is None or not old_fp:
+        return fp
+    diff = fingerprint_diff(old_fp, old.get("config") or {}, fp, resolved)
+    if diff:
+        raise RunMismatchError(
+            f"{run_dir} holds a {state} run made from other inputs: {'; '.join(diff)}. Nothing was changed; "
+            "rerun with resume=never to replace it, or give this command another hydra.run.dir")
+    return fp
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -127,12 +211,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         cfg.logger.kind = "none"
         run_dir.mkdir(parents=True, exist_ok=True)
         sys.stdout = open(run_dir / "stdout.log", "a", buffering=1)  # one console: rank 0's
+    fingerprint = check_inputs(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        return _run(cfg, run_dir)
+        return _run(cfg, run_dir, fingerprint)
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dict:
     """Run one experiment in ``run_dir``; returns the results dict (also written to results.json).
 
     With ``resume=auto`` (the default) a completed run in ``run_dir`` is not repeated (its results are
@@ -152,7 +237,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     if ckpt is None:
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
         curves_path.unlink(missing_ok=True)
-    results: dict = {"status": "running", "config": resolved, "provenance": provenance(cfg.seed, start, None)}
+    results: dict = {"status": "running", "config": resolved, "provenance": provenance(cfg.seed, start, None, fingerprint)}
     partial: dict = {}  # matrices so far: a failed run still reports the tasks it finished
     try:  # bad config or data: a failed results.json (a sweep marks the point) and nothing else
         validate_config(resolved)
@@ -165,7 +250,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             by_name.update({t.name: t for t in build_tasks(extra, d.n_train, d.n_eval, d.seed)})
     except (ConfigError, DataError) as e:
         results.update(status=f"failed: {type(e).__name__}: {e}".splitlines()[0],
-                       provenance=provenance(cfg.seed, start, time.time()))
+                       provenance=provenance(cfg.seed, start, time.time(), fingerprint))
         write_json_atomic(results_path, results)
         raise
 
@@ -267,7 +352,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         if resume is not None:
             results["resumed_from"] = {"task_idx": resume["task_idx"], "step_in_task": resume["step_in_task"]}
         results.update(_matrices(res), metrics=metrics, status="completed",
-                       provenance=provenance(cfg.seed, start, end))
+                       provenance=provenance(cfg.seed, start, end, fingerprint))
         write_json_atomic(results_path, results)
         if not ck.keep_after_completion:
             shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
@@ -279,7 +364,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             logger.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     except BaseException as e:
         results.update(partial, status=f"failed: {type(e).__name__}: {e}".splitlines()[0],
-                       provenance=provenance(cfg.seed, start, time.time()))
+                       provenance=provenance(cfg.seed, start, time.time(), fingerprint))
         write_json_atomic(results_path, results)
         raise
     finally:
@@ -399,6 +484,9 @@ def print_summary(results: dict, run_dir: Path) -> None:
     print(format_matrix(results["tasks"], results["acc_matrix"], results["base_acc"], results["general_tasks"],
                         results["general_matrix"], results["general_base"]))
     print("\n" + format_metrics(m))
+    health = (results.get("base_model") or {}).get("health")
+    if health and not health["ok"]:
+        print("WARNING: these results come from an unhealthy base model: " + "; ".join(health["problems"]))
     print(f"\nresults: {run_dir / 'results.json'}\ncurves:  {run_dir / 'curves.jsonl'}\nplots:   {run_dir / 'plots'}"
           f"\nwall time {results['provenance']['wall_seconds']:.0f} s (evaluation {m['eval_time_fraction']:.0%} "
           f"of train+eval)")
@@ -431,6 +519,16 @@ def _read_curves(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def save_hydra_files(cfg: DictConfig, hc, run_dir: Path) -> None:
+    """``RUN_DIR/.hydra/{config,hydra,overrides}.yaml``, as Hydra writes them, but only once the run is
+    known to belong in ``run_dir`` (``hydra.output_subdir`` is null so that Hydra does not write them first)."""
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(hc, out / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), out / "overrides.yaml")
+
+
 OmegaConf.register_new_resolver("cl_key", run_key, replace=True)  # hydra.run.dir / hydra.sweep.subdir
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: works for `cl-run` as well
 
@@ -445,10 +543,14 @@ def compose_config(*overrides: str) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
-        results = run(cfg, run_dir)
+        check_inputs(cfg, run_dir)  # a rerun with other inputs leaves the directory as it was
+        save_hydra_files(cfg, hc, run_dir)
+        with RunLog(run_dir / "run.log"):
+            results = run(cfg, run_dir)
     except (ConfigError, DataError, ModelLoadError, AdapterError, CheckpointError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)

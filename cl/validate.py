@@ -162,6 +162,20 @@ def validate_config(cfg: Mapping) -> None:
                     c.add(f"base.{group}.{name}", f"unknown task; allowed: {', '.join(TASK_NAMES)}")
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
                     c.add(f"base.{group}.{name}", f"weight must be a positive number, got {w!r}")
+        for name, t in (_get(cfg, "base.targets") or {}).items():
+            if name not in (_get(cfg, "base.exposure") or {}):
+                c.add(f"base.targets.{name}", "a target needs the task in base.exposure")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
+                c.add(f"base.targets.{name}", f"must be a greedy accuracy in (0, 1), got {t!r}")
+        c.integer("base.min_steps", minimum=0)
+        c.integer("base.check_every", minimum=1)
+        c.integer("base.general_check_every", minimum=1)
+        c.integer("base.val_n", minimum=1)
+        for key in ("tolerance", "general_min", "general_floor", "health_band"):
+            c.number(f"base.{key}", lo=0.0, hi=1.0)
+        steps, min_steps = _get(cfg, "base.steps"), _get(cfg, "base.min_steps")
+        if isinstance(min_steps, int) and isinstance(steps, int) and steps >= 1 and min_steps > steps:
+            c.add("base.min_steps", f"must be <= base.steps ({_get(cfg, 'base.steps')})")
     elif not _get(cfg, "model.name_or_path") and not _get(cfg, "model.arch"):
         c.add("model", "base=none needs model.name_or_path (hub id or local directory) or model.arch")
 

@@ -63,9 +63,11 @@ def test_concurrent_runs_train_once_and_share_the_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_default_base_stage_meets_the_recipe_targets(tmp_path):
-    """General tasks >= 90% greedy; every stream task pass@8 >= 20% with greedy headroom."""
+    """The default base stops by its measured targets (not its step cap) and is healthy: general tasks >=
+    general_min, stream tasks within the health band of their targets, stream pass@8 well above 0."""
     from omegaconf import OmegaConf
 
+    from cl.base_stage import BaseRecipe, base_health
     from cl.run import prepare_model
     from tasks.stream import build_tasks
     from tests.conftest import compose_cfg
@@ -75,10 +77,8 @@ def test_default_base_stage_meets_the_recipe_targets(tmp_path):
     tasks = {t.name: t for t in build_tasks(names, cfg.data.n_train, cfg.data.n_eval, cfg.data.seed)}
     _, _, info = prepare_model(cfg, tmp_path, tasks)
     report = json.loads((Path(info["path"]) / "base_report.json").read_text())
-    for name in cfg.base.general:
-        assert report["greedy"][name] >= 0.9, report
+    recipe = BaseRecipe(**{k: v for k, v in OmegaConf.to_container(cfg.base).items() if k != "kind"})
+    assert report["stopped_by"] == "targets", report["steps"]
+    assert base_health(report, recipe) == {"ok": True, "problems": []}
     for name in cfg.stream.tasks:
         assert report["pass@8"][name] >= 0.2, report
-        assert report["greedy"][name] <= 0.9, report
-    assert report["seconds"] <= 300 * 1.5, "base stage far slower than its 5-minute target"
-    OmegaConf.to_container(cfg)

@@ -13,7 +13,9 @@ from tasks.registry import build_task
 
 @pytest.fixture(scope="module")
 def half_trained(tmp_path_factory):
-    """A tiny model trained briefly on add2/reverse6 so that some answers are right and some wrong."""
+    """A tiny model trained on add2/copy6 until some answers are right and some wrong: training stops at the
+    first 5-step check where a task's accuracy lies in [0.2, 0.8] (capped), so the property the tests need
+    holds with margin wherever the learning curve's transition falls on this machine's floating point."""
     from cl.model import build_tiny_llama
 
     d = build_tiny_llama(tmp_path_factory.mktemp("m"), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -21,18 +23,23 @@ def half_trained(tmp_path_factory):
     model, tok = load_model_and_tokenizer(d)
     fmt = PromptFormat(tok)
     tasks = [build_task(n, 2000, 100, 0) for n in ("add2", "copy6")]
+    sets = [EvalSet.build(t, fmt, 100, seed=0) for t in tasks]
     pairs = sum((fmt.encode(list(t.train["prompt"]), list(t.train["answer"])) for t in tasks), [])
     loader = DataLoader(TaskExamples(pairs), batch_size=64, collate_fn=SFTCollator(fmt.pad_id),
-                        sampler=RandomSampler(pairs, replacement=True, num_samples=64 * 250,
+                        sampler=RandomSampler(pairs, replacement=True, num_samples=64 * 1000,
                                               generator=torch.Generator().manual_seed(0)))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for batch in loader:
+    for step, batch in enumerate(loader, 1):
         loss, _ = SFTObjective().step(type("M", (), {"model": model})(), batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step % 5 == 0 and any(0.2 <= Scorer(fmt).accuracy(model, es) <= 0.8 for es in sets):
+            break
     model.eval()
+    accs = [Scorer(fmt).accuracy(model, es) for es in sets]
+    assert any(0.2 <= a <= 0.8 for a in accs), f"no partially trained checkpoint within 1000 steps: {accs}"
     return model, fmt, tasks
 
 
@@ -59,12 +66,16 @@ def test_scorer_restores_train_mode_and_auto_picks_teacher_forcing(half_trained)
     model.eval()
 
 
-def test_pass_at_k_is_at_least_greedy_accuracy(half_trained):
+def test_pass_at_k_near_zero_temperature_is_greedy_accuracy(half_trained):
+    """Sampling at T -> 0 is greedy decoding, so pass@k equals greedy accuracy whatever the model learned
+    (at T=1 pass@8 >= greedy is only a tendency: a right answer of low confidence can be missed 8 times)."""
     model, fmt, tasks = half_trained
     es = EvalSet.build(tasks[0], fmt, 100, seed=0)
     greedy = Scorer(fmt).accuracy(model, es)
     torch.manual_seed(0)
-    assert pass_at_k(model, es, fmt, k=8) >= greedy - 0.05
+    assert pass_at_k(model, es, fmt, k=8, temperature=1e-4) == pytest.approx(greedy, abs=0.02)
+    torch.manual_seed(0)
+    assert 0.0 <= pass_at_k(model, es, fmt, k=8) <= 1.0
 
 
 def test_eval_subset_is_fixed_by_seed():
