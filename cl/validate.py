@@ -168,10 +168,16 @@ def validate_config(cfg: Mapping) -> None:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
                 c.add(f"base.targets.{name}", f"must be a greedy accuracy in (0, 1), got {t!r}")
         c.integer("base.min_steps", minimum=0)
+        c.integer("base.anneal_steps", minimum=0)
+        c.integer("base.anneal_by", minimum=0)
+        c.number("base.exposure_boost", lo=0.0)
+        c.number("base.exposure_floor", lo=0.0)
+        c.number("base.control_margin", lo=0.0, strict_lo=True)
         c.integer("base.check_every", minimum=1)
         c.integer("base.general_check_every", minimum=1)
         c.integer("base.val_n", minimum=1)
-        for key in ("tolerance", "general_min", "general_floor", "health_band"):
+        c.number("base.anneal_at", lo=0.0)
+        for key in ("tolerance", "general_min", "general_health", "general_floor", "health_band", "min_lr_ratio"):
             c.number(f"base.{key}", lo=0.0, hi=1.0)
         steps, min_steps = _get(cfg, "base.steps"), _get(cfg, "base.min_steps")
         if isinstance(min_steps, int) and isinstance(steps, int) and steps >= 1 and min_steps > steps:

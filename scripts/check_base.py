@@ -7,8 +7,8 @@ Every cell (init seed x variant) builds the base from scratch in its own process
 ``threads1``/``threads2``: ``torch.set_num_threads(1|2)``; ``perturb``: Gaussian noise of relative size
 1e-4 added to the initial weights (2 threads); ``bf16``: bf16-mixed autocast for training (2 threads).
 The table gives, per task, the mean, min and max greedy accuracy over the cells and pass@8 for the stream
-tasks, and checks the recipe's acceptance: every general task >= ``general_min`` in every cell; every
-stream task within ``health_band`` of its target in every cell. Each cell's report is kept as
+tasks, and checks the recipe's acceptance: every general task >= ``general_health`` in every cell; every
+stream task within ``health_band`` of its expected level (``base.expected``) in every cell. Each cell's report is kept as
 ``OUT/<seed>-<variant>.json``; a rerun reuses finished cells. Exit status 1 when a cell is out of band.
 """
 
@@ -64,18 +64,19 @@ def table(cells: list[dict], recipe) -> tuple[str, list[str]]:
     """The Markdown table over cells, and the acceptance failures (one line each)."""
     names = list(recipe.general) + list(recipe.targets)
     k = f"pass@{recipe.report_pass_k}"
-    lines = ["| task | target | greedy mean | greedy min | greedy max | "
+    lines = ["| task | expected | greedy mean | greedy min | greedy max | "
              f"{k} mean | {k} min | {k} max |", "|---|---|---|---|---|---|---|---|"]
     failures = []
     for n in names:
         g = [c["greedy"][n] for c in cells]
         p = [c[k][n] for c in cells if n in c[k]]
-        target = f">= {recipe.general_min}" if n in recipe.general else f"{recipe.targets[n]:.2f} +- {recipe.health_band}"
+        level = recipe.expected.get(n, recipe.targets.get(n))
+        target = f">= {recipe.general_health}" if n in recipe.general else f"{level:.2f} +- {recipe.health_band}"
         ps = (f"{statistics.mean(p):.3f} | {min(p):.3f} | {max(p):.3f}" if p else "- | - | -")
         lines.append(f"| {n} | {target} | {statistics.mean(g):.3f} | {min(g):.3f} | {max(g):.3f} | {ps} |")
         for c in cells:
             a = c["greedy"][n]
-            bad = a < recipe.general_min if n in recipe.general else abs(a - recipe.targets[n]) > recipe.health_band
+            bad = a < recipe.general_health if n in recipe.general else abs(a - level) > recipe.health_band
             if bad:
                 failures.append(f"seed {c['seed']} {c['variant']}: {n} {a:.3f} (target {target})")
     steps = [c["steps"] for c in cells]
