@@ -2,9 +2,9 @@
 
 The model learns general skills (mastered) and gets exposure to the stream tasks up to a partial target
 level, so that they keep headroom (greedy accuracy well below 1) and a learning signal for RL (pass@8
-well above zero). The stage ends by measured targets rather than at a fixed step (:class:`BaseRecipe`),
-because the arithmetic skills are learned in a sudden transition whose step moves with the machine's
-floating point; ``scripts/check_base.py`` measures the margin under perturbed numerics. The checkpoint is
+well above zero). The partial level comes from coverage of each stream task's input space, and the stage
+ends by measured criteria rather than at a fixed step (:class:`BaseRecipe`), because the arithmetic skills
+are learned in a sudden transition whose step moves with the machine's floating point; ``scripts/check_base.py`` measures the margin under perturbed numerics. The checkpoint is
 cached under ``<cache_dir>/base-<hash>`` where the hash covers everything that determines it
 (architecture, recipe, data settings, code version); concurrent runs serialise on a file lock and publish
 with an atomic rename, so sweep jobs that start together train it once.
@@ -43,37 +43,33 @@ BASE_STAGE_VERSION = 2  # bump when the code below changes what a cached checkpo
 class BaseRecipe:
     """How the tiny base model is pretrained (``conf/base/*.yaml``; the defaults here are ``base=tiny``'s).
 
-    The stage trains on a weighted mixture of general tasks and stream tasks ("exposure") and ends by
-    measured properties, not at a fixed step. Every ``check_every`` steps it scores each stream task on a
-    validation slice of its training rows (``val_n`` rows the stage never trains on); every
-    ``general_check_every`` steps each general task too. Then:
+    The stage trains on a weighted mixture of general tasks (to be mastered) and stream tasks
+    ("exposure", to be partially known) and ends by measured properties, not at a fixed step:
 
-    - each stream task's weight is its ``exposure`` times ``(target + control_margin - acc) / control_margin``,
-      clipped to ``[exposure_floor, 1 + exposure_boost]``: a task below its target gets up to
-      ``1 + exposure_boost`` times its exposure, one above it is rehearsed at the floor (removing it
-      entirely makes it collapse within 50 steps mid-transition); its partial level is set by the recipe,
-      not by where a fixed step count lands relative to the arithmetic phase transition (which moves with
-      the machine's floating point);
-    - a general task's weight is scaled by ``max(general_floor, 1 - accuracy)``: compute goes to the skills
-      not yet mastered, mastered ones are rehearsed;
-    - once every stream task has passed ``anneal_at`` of its target (its transition under way) and
-      ``min_steps`` have passed, or at step ``anneal_by`` at the latest, the LR anneals linearly over
-      ``anneal_steps`` to ``min_lr_ratio`` and stays there: the targets are approached and held at a low
-      LR, where accuracy moves more smoothly (at the full LR it swings by +-0.3 within 50 steps
-      mid-transition); the stage stops at the first check after the anneal where every general task is
-      >= ``general_min`` and every stream task is within ``target +- tolerance``, or at ``steps`` (the cap;
-      the health check then warns).
+    - **Coverage sets the stream tasks' partial level.** Exposure rows are only those whose first
+      operand's leading digit is in ``cover`` (0-4: half of add3's and mul21's input space, a quarter of
+      sub2's, where the larger operand comes first). The model learns the covered part and transfers
+      little to the rest, so a task's accuracy levels off near its covered share. A level set by how far
+      training has got instead sits on the arithmetic phase transition, whose step moves with the
+      machine's floating point: measured, partial levels reached that way swung by +-0.3 within 50 steps
+      and rose on their own once any arithmetic was trained, even with the task's own exposure removed.
+    - **Compute goes where a general skill is not mastered yet**: every ``general_check_every`` steps a
+      general task's weight becomes ``general[task] * max(general_floor, 1 - accuracy)`` on its validation
+      rows (``val_n`` training rows the stage never trains on).
+    - **Anneal, then stop on a plateau.** From ``min_steps`` the LR anneals linearly over ``anneal_steps``
+      to ``min_lr_ratio`` and stays there; the stream tasks are scored every ``check_every`` steps from
+      ``min_steps`` on (every ``general_check_every`` before). The stage stops at the first check after the
+      anneal where every general task is >= ``general_min`` and every stream task's accuracy has moved by
+      <= ``plateau_delta`` over the last ``plateau_window`` steps, or at ``steps`` (the cap; the health check
+      then warns).
 
-    The levels the stream tasks settle at after the anneal sit a little above their targets (the anneal
-    and the general skills lift them); ``expected`` holds those levels as ``scripts/check_base.py``
-    measured them over init seeds and perturbed numerics, and the health check compares a base with them
-    (``health_band``). Stream checks run every ``general_check_every`` steps before ``min_steps``.
-
-    A task in ``exposure`` without a target keeps its fixed weight.
+    ``expected`` holds the stream tasks' levels as ``scripts/check_base.py`` measured them over init seeds
+    and perturbed numerics; the health check compares a base with them (``health_band``) and its general
+    tasks with ``general_health``.
     """
 
-    steps: int = 2400
-    min_steps: int = 600
+    steps: int = 1400
+    min_steps: int = 500
     batch_size: int = 192
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
@@ -82,25 +78,21 @@ class BaseRecipe:
     gradient_clip_val: float = 1.0
     general: dict[str, float] = field(default_factory=dict)
     exposure: dict[str, float] = field(default_factory=dict)
-    targets: dict[str, float] = field(default_factory=dict)
-    expected: dict[str, float] = field(default_factory=dict)
-    tolerance: float = 0.03
-    general_min: float = 0.99
-    general_health: float = 0.95
+    cover: tuple[int, ...] | None = None
     general_floor: float = 0.25
+    general_min: float = 0.99
     anneal_steps: int = 150
-    anneal_by: int = 650
-    anneal_at: float = 0.5
-    exposure_boost: float = 3.0
-    exposure_floor: float = 0.1
-    control_margin: float = 0.1
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.2
+    plateau_window: int = 100
+    plateau_delta: float = 0.03
     check_every: int = 10
     general_check_every: int = 50
-    val_n: int = 500
+    val_n: int = 300
     init_seed: int = 0
     report_n: int = 500
     report_pass_k: int = 8
+    expected: dict[str, float] = field(default_factory=dict)
+    general_health: float = 0.95
     health_band: float = 0.10
 
     @property
@@ -108,8 +100,13 @@ class BaseRecipe:
         return {**self.general, **self.exposure}
 
 
+HEALTH_FIELDS = ("expected", "general_health", "health_band")  # how a base is judged, not how it is built
+
+
 def base_key(arch: dict, recipe: BaseRecipe, data: dict) -> str:
-    blob = json.dumps({"arch": arch, "recipe": asdict(recipe), "data": data, "version": BASE_STAGE_VERSION},
+    """The cache key: a hash of everything that determines the checkpoint (not of the health criteria)."""
+    built = {k: v for k, v in asdict(recipe).items() if k not in HEALTH_FIELDS}
+    blob = json.dumps({"arch": arch, "recipe": built, "data": data, "version": BASE_STAGE_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -148,6 +145,12 @@ def ensure_base(cache_dir: str | Path, arch: dict, recipe: BaseRecipe, data: dic
     return final
 
 
+def _leading_digit(prompt: str) -> int | None:
+    """The first operand's leading digit of a synthetic arithmetic prompt (``A3:123+456=`` -> 1)."""
+    body = prompt.split(":", 1)[-1]
+    return int(body[0]) if body[:1].isdigit() else None
+
+
 class MixtureBatches:
     """Batches of row indices drawn from a task mixture whose weights may change between batches.
 
@@ -175,19 +178,19 @@ class MixtureBatches:
             yield out
 
 
-class AnnealOnTarget:
-    """The base stage's LR multiplier: linear warm-up, constant, then, from the step the controller picks
-    (``anneal_start``), a linear anneal over ``anneal_steps`` to ``min_lr_ratio``, which it keeps."""
+class AnnealFrom:
+    """The base stage's LR multiplier: linear warm-up, constant, then from ``anneal_start`` a linear anneal
+    over ``anneal_steps`` to ``min_lr_ratio``, which it keeps."""
 
-    def __init__(self, warmup_steps: int, anneal_steps: int, min_lr_ratio: float):
-        self.warmup_steps, self.anneal_steps, self.min_lr_ratio = warmup_steps, anneal_steps, min_lr_ratio
-        self.anneal_start: int | None = None
+    def __init__(self, warmup_steps: int, anneal_start: int, anneal_steps: int, min_lr_ratio: float):
+        self.warmup_steps, self.anneal_start = warmup_steps, anneal_start
+        self.anneal_steps, self.min_lr_ratio = anneal_steps, min_lr_ratio
 
     def lr_lambda(self, total_steps: int, task_idx: int = 0):
         def fn(step: int) -> float:
             if step < self.warmup_steps:
                 return (step + 1) / (self.warmup_steps + 1)
-            if self.anneal_start is None or step < self.anneal_start:
+            if step < self.anneal_start:
                 return 1.0
             frac = min(1.0, (step - self.anneal_start) / max(1, self.anneal_steps))
             return 1.0 - (1.0 - self.min_lr_ratio) * frac
@@ -196,12 +199,12 @@ class AnnealOnTarget:
 
 
 class MixtureController(pl.Callback):
-    """The base stage's measured stop (see :class:`BaseRecipe`): switches stream tasks' exposure off at
-    their target and back on below ``target - tolerance``, and stops training once every target holds."""
+    """The base stage's measured stop (see :class:`BaseRecipe`): rescales the general tasks' weights by what
+    is not mastered yet and stops training once the general skills are mastered and the stream tasks have
+    levelled off after the anneal."""
 
-    def __init__(self, recipe: BaseRecipe, batches: MixtureBatches, val: dict[str, EvalSet], scorer: Scorer,
-                 schedule: AnnealOnTarget):
-        self.r, self.batches, self.val, self.scorer, self.schedule = recipe, batches, val, scorer, schedule
+    def __init__(self, recipe: BaseRecipe, batches: MixtureBatches, val: dict[str, EvalSet], scorer: Scorer):
+        self.r, self.batches, self.val, self.scorer = recipe, batches, val, scorer
         self.general_acc: dict[str, float] = {}
         self.history: list[dict] = []
         self.stopped_at: int | None = None
@@ -214,30 +217,20 @@ class MixtureController(pl.Callback):
         if step < r.warmup_steps or step % (r.check_every if step >= r.min_steps else r.general_check_every):
             return
         model = pl_module.model
-        stream = self._score(model, list(r.targets))
-        for name, acc in stream.items():  # proportional control of each stream task's weight
-            gain = (r.targets[name] + r.control_margin - acc) / r.control_margin
-            self.batches.weights[name] = r.exposure[name] * min(1 + r.exposure_boost, max(r.exposure_floor, gain))
-        started = all(acc >= r.anneal_at * r.targets[n] for n, acc in stream.items())
-        if self.schedule.anneal_start is None and ((step >= r.min_steps and started) or step >= r.anneal_by):
-            self.schedule.anneal_start = step  # anneal; the targets are approached at the low LR, then held
-            print(f"[base] step {step}: {'every stream task learning' if started else 'anneal deadline'}; "
-                  f"annealing the LR over {r.anneal_steps} steps", flush=True)
-        held = all(abs(acc - r.targets[n]) <= r.tolerance for n, acc in stream.items())
-        annealed = self.schedule.anneal_start is not None and step >= self.schedule.anneal_start + r.anneal_steps
-        stop_candidate = annealed and held
+        stream = self._score(model, list(r.exposure))
+        annealed = step >= r.min_steps + r.anneal_steps
+        past = [h for h in self.history if h["step"] <= step - r.plateau_window]
+        flat = bool(past) and all(abs(stream[n] - past[-1][n]) <= r.plateau_delta for n in stream)
+        stop_candidate = annealed and (flat or not stream)
         if step % r.general_check_every == 0 or stop_candidate:
             self.general_acc = self._score(model, list(r.general))
             for name, acc in self.general_acc.items():  # more exposure where the skill is not mastered yet
                 self.batches.weights[name] = r.general[name] * max(r.general_floor, 1.0 - acc)
         general_ok = all(self.general_acc.get(n, 0.0) >= r.general_min for n in r.general)
-        self.history.append({"step": step, **{n: round(a, 4) for n, a in {**stream, **self.general_acc}.items()},
-                             "weights": {n: round(self.batches.weights[n], 4) for n in r.targets}})
+        self.history.append({"step": step, **{n: round(a, 4) for n, a in {**stream, **self.general_acc}.items()}})
         if step % r.general_check_every == 0:
             print(f"[base] step {step}: " + " ".join(f"{n} {a:.2f}" for n, a in stream.items())
-                  + " | general " + " ".join(f"{n} {a:.2f}" for n, a in self.general_acc.items())
-                  + " | stream weights " + " ".join(f"{w:.2f}" for w in self.history[-1]["weights"].values()),
-                  flush=True)
+                  + " | general " + " ".join(f"{n} {a:.2f}" for n, a in self.general_acc.items()), flush=True)
         if stop_candidate and general_ok:
             self.stopped_at = step
             trainer.should_stop = True
@@ -263,33 +256,35 @@ def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task
         n_val = min(recipe.val_n, len(rows) // 5)  # the stage never trains on its validation rows
         held = rows.select(range(len(rows) - n_val, len(rows)))
         val[name] = EvalSet(tasks[name], held.to_dict(), fmt.encode(held["prompt"], held["answer"]))
-        enc = fmt.encode(rows["prompt"][: len(rows) - n_val], rows["answer"][: len(rows) - n_val])
+        prompts, answers = rows["prompt"][: len(rows) - n_val], rows["answer"][: len(rows) - n_val]
+        if name in recipe.exposure and recipe.cover is not None:  # the covered part of the task's input space
+            keep = [i for i, p in enumerate(prompts) if _leading_digit(p) in recipe.cover]
+            prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
+        enc = fmt.encode(prompts, answers)
         spans[name] = (len(pairs), len(enc))
         pairs += enc
     batches = MixtureBatches(spans, recipe.mixture, recipe.batch_size, recipe.steps, seed=recipe.init_seed)
     loader = DataLoader(TaskExamples(pairs), batch_sampler=batches, collate_fn=SFTCollator(fmt.pad_id))
-    schedule = AnnealOnTarget(recipe.warmup_steps, recipe.anneal_steps, recipe.min_lr_ratio)
+    schedule = AnnealFrom(recipe.warmup_steps, recipe.min_steps, recipe.anneal_steps, recipe.min_lr_ratio)
     module = ContinualLM(
         model, SFTObjective(),
         partial(torch.optim.AdamW, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay),
         schedule,
     )
     scorer = Scorer(fmt)
-    controller = MixtureController(recipe, batches, val, scorer, schedule)
+    controller = MixtureController(recipe, batches, val, scorer)
     pl.seed_everything(recipe.init_seed, verbose=False)
     kwargs = {**trainer_kwargs, "gradient_clip_val": recipe.gradient_clip_val}
     print(f"[base] pretraining the tiny model: up to {recipe.steps} steps x {recipe.batch_size} on "
-          f"{', '.join(f'{k}:{v}' for k, v in recipe.mixture.items())}; stops when general >= "
-          f"{recipe.general_min} and " + ", ".join(f"{k} {v:.2f}" for k, v in recipe.targets.items())
-          + f" (+-{recipe.tolerance})", flush=True)
+          f"{', '.join(f'{k}:{v}' for k, v in recipe.mixture.items())}; anneals from step {recipe.min_steps}, stops "
+          f"once general tasks are >= {recipe.general_min} and stream tasks level off", flush=True)
     make_trainer(recipe.steps, kwargs, "base", callbacks=[controller], progress_every=100).fit(module, loader)
     train_s = time.perf_counter() - t0
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
     report: dict = {"train_seconds": train_s, "steps": module.trainer.global_step if module._trainer else None,
-                    "stopped_by": "targets" if controller.stopped_at is not None else "cap",
-                    "anneal_start": schedule.anneal_start,
+                    "stopped_by": "criteria" if controller.stopped_at is not None else "cap",
                     "greedy": {}, f"pass@{recipe.report_pass_k}": {}, "history": controller.history}
     model.eval()
     for name in recipe.mixture:
@@ -309,22 +304,20 @@ def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task
 
 
 def base_health(report: dict, recipe: BaseRecipe) -> dict:
-    """Compare a base report with its recipe's targets: ``{"ok": bool, "problems": [one line each]}``.
+    """Compare a base report with its recipe: ``{"ok": bool, "problems": [one line each]}``.
 
     A general task must reach ``general_health`` greedy accuracy on the report items (the stage itself
-    stops at ``general_min`` on its validation rows); a stream task's greedy
-    accuracy must lie within ``health_band`` of its expected level (its target where none is given); the
-    stage must have stopped by its targets, not at its step cap."""
+    stops at ``general_min`` on its validation rows); a stream task's greedy accuracy must lie within
+    ``health_band`` of its ``expected`` level; the stage must have stopped by its criteria, not its cap."""
     problems = []
     greedy = report.get("greedy", {})
     for name in recipe.general:
         if name in greedy and greedy[name] < recipe.general_health:
             problems.append(f"general task {name}: greedy accuracy {greedy[name]:.3f} < {recipe.general_health}")
-    for name, target in recipe.targets.items():
-        level = recipe.expected.get(name, target)
+    for name, level in recipe.expected.items():
         if name in greedy and abs(greedy[name] - level) > recipe.health_band:
             problems.append(f"stream task {name}: greedy accuracy {greedy[name]:.3f} outside its expected level "
                             f"{level:.2f} +- {recipe.health_band}")
-    if recipe.targets and report.get("stopped_by") == "cap":
-        problems.append(f"the base stage reached its {recipe.steps}-step cap before every target held")
+    if report.get("stopped_by") == "cap":
+        problems.append(f"the base stage reached its {recipe.steps}-step cap before its stopping criteria held")
     return {"ok": not problems, "problems": problems}

@@ -162,22 +162,22 @@ def validate_config(cfg: Mapping) -> None:
                     c.add(f"base.{group}.{name}", f"unknown task; allowed: {', '.join(TASK_NAMES)}")
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
                     c.add(f"base.{group}.{name}", f"weight must be a positive number, got {w!r}")
-        for name, t in (_get(cfg, "base.targets") or {}).items():
+        cover = _get(cfg, "base.cover")
+        if cover is not None and (not isinstance(cover, Sequence) or isinstance(cover, str) or not cover
+                                  or any(isinstance(d, bool) or d not in range(10) for d in cover)):
+            c.add("base.cover", f"must be null or a non-empty list of digits 0-9, got {cover!r}")
+        for name, level in (_get(cfg, "base.expected") or {}).items():
             if name not in (_get(cfg, "base.exposure") or {}):
-                c.add(f"base.targets.{name}", "a target needs the task in base.exposure")
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
-                c.add(f"base.targets.{name}", f"must be a greedy accuracy in (0, 1), got {t!r}")
+                c.add(f"base.expected.{name}", "an expected level needs the task in base.exposure")
+            if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= level <= 1.0:
+                c.add(f"base.expected.{name}", f"must be a greedy accuracy in [0, 1], got {level!r}")
         c.integer("base.min_steps", minimum=0)
         c.integer("base.anneal_steps", minimum=0)
-        c.integer("base.anneal_by", minimum=0)
-        c.number("base.exposure_boost", lo=0.0)
-        c.number("base.exposure_floor", lo=0.0)
-        c.number("base.control_margin", lo=0.0, strict_lo=True)
         c.integer("base.check_every", minimum=1)
         c.integer("base.general_check_every", minimum=1)
+        c.integer("base.plateau_window", minimum=1)
         c.integer("base.val_n", minimum=1)
-        c.number("base.anneal_at", lo=0.0)
-        for key in ("tolerance", "general_min", "general_health", "general_floor", "health_band", "min_lr_ratio"):
+        for key in ("plateau_delta", "general_min", "general_health", "general_floor", "health_band", "min_lr_ratio"):
             c.number(f"base.{key}", lo=0.0, hi=1.0)
         steps, min_steps = _get(cfg, "base.steps"), _get(cfg, "base.min_steps")
         if isinstance(min_steps, int) and isinstance(steps, int) and steps >= 1 and min_steps > steps:

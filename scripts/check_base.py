@@ -62,7 +62,7 @@ def build_cell(base: str, seed: int, variant: str, out: Path, overrides: list[st
 
 def table(cells: list[dict], recipe) -> tuple[str, list[str]]:
     """The Markdown table over cells, and the acceptance failures (one line each)."""
-    names = list(recipe.general) + list(recipe.targets)
+    names = list(recipe.general) + list(recipe.exposure)
     k = f"pass@{recipe.report_pass_k}"
     lines = ["| task | expected | greedy mean | greedy min | greedy max | "
              f"{k} mean | {k} min | {k} max |", "|---|---|---|---|---|---|---|---|"]
@@ -70,13 +70,15 @@ def table(cells: list[dict], recipe) -> tuple[str, list[str]]:
     for n in names:
         g = [c["greedy"][n] for c in cells]
         p = [c[k][n] for c in cells if n in c[k]]
-        level = recipe.expected.get(n, recipe.targets.get(n))
-        target = f">= {recipe.general_health}" if n in recipe.general else f"{level:.2f} +- {recipe.health_band}"
+        level = recipe.expected.get(n)
+        target = (f">= {recipe.general_health}" if n in recipe.general else
+                  f"{level:.2f} +- {recipe.health_band}" if level is not None else "(not set)")
         ps = (f"{statistics.mean(p):.3f} | {min(p):.3f} | {max(p):.3f}" if p else "- | - | -")
         lines.append(f"| {n} | {target} | {statistics.mean(g):.3f} | {min(g):.3f} | {max(g):.3f} | {ps} |")
         for c in cells:
             a = c["greedy"][n]
-            bad = a < recipe.general_health if n in recipe.general else abs(a - level) > recipe.health_band
+            bad = (a < recipe.general_health if n in recipe.general else
+                   level is not None and abs(a - level) > recipe.health_band)
             if bad:
                 failures.append(f"seed {c['seed']} {c['variant']}: {n} {a:.3f} (target {target})")
     steps = [c["steps"] for c in cells]

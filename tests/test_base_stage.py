@@ -42,6 +42,7 @@ def test_key_depends_on_arch_recipe_and_data():
     assert k != base_key({**ARCH, "hidden_size": 64}, RECIPE, DATA)
     assert k != base_key(ARCH, replace(RECIPE, steps=4), DATA)
     assert k != base_key(ARCH, RECIPE, {**DATA, "seed": 1})
+    assert k == base_key(ARCH, replace(RECIPE, expected={"add3": 0.5}, health_band=0.2), DATA)  # judged, not built
 
 
 def test_concurrent_runs_train_once_and_share_the_checkpoint(tmp_path):
@@ -82,3 +83,48 @@ def test_default_base_stage_meets_the_recipe_targets(tmp_path):
     assert base_health(report, recipe) == {"ok": True, "problems": []}
     for name in cfg.stream.tasks:
         assert report["pass@8"][name] >= 0.2, report
+
+
+def test_cover_and_schedule_and_health():
+    from cl.base_stage import AnnealFrom, _leading_digit, base_health
+
+    assert [_leading_digit(p) for p in ("A3:123+456=", "S2:07-03=", "M:99*4=", "C:abcdef=")] == [1, 0, 9, None]
+    lr = AnnealFrom(warmup_steps=10, anneal_start=100, anneal_steps=50, min_lr_ratio=0.2).lr_lambda(0)
+    assert lr(0) < lr(9) < 1.0 == lr(10) == lr(100)
+    assert lr(125) == pytest.approx(0.6) and lr(150) == pytest.approx(0.2) == lr(1000)
+    recipe = BaseRecipe(general={"copy6": 1.0}, exposure={"add3": 1.0}, expected={"add3": 0.5},
+                        general_health=0.95, health_band=0.1)
+    good = {"greedy": {"copy6": 0.99, "add3": 0.55}, "stopped_by": "criteria"}
+    assert base_health(good, recipe) == {"ok": True, "problems": []}
+    bad = {"greedy": {"copy6": 0.14, "add3": 0.005}, "stopped_by": "cap"}
+    problems = base_health(bad, recipe)["problems"]
+    assert len(problems) == 3
+    assert problems[0] == "general task copy6: greedy accuracy 0.140 < 0.95"
+    assert problems[1].startswith("stream task add3: greedy accuracy 0.005 outside its expected level 0.50")
+
+
+def test_covered_exposure_rows_only(tmp_path):
+    """The stage trains stream tasks only on rows whose first operand's leading digit is covered."""
+    import cl.base_stage as bs
+
+    seen = []
+    original = bs.TaskExamples
+
+    class Spy(original):
+        def __init__(self, pairs, rows=None):
+            seen.extend(pairs)
+            super().__init__(pairs, rows)
+
+    bs.TaskExamples = Spy
+    try:
+        recipe = replace(RECIPE, cover=(0, 1), steps=2, report_n=4, report_pass_k=1)
+        bs._train_base(tmp_path / "b", ARCH, recipe, _tasks(), TRAINER)
+    finally:
+        bs.TaskExamples = original
+    from cl.model import load_model_and_tokenizer
+
+    _, tok = load_model_and_tokenizer(tmp_path / "b")
+    prompts = [tok.decode(p, skip_special_tokens=True) for p, _ in seen]
+    add3 = [p for p in prompts if p.startswith("A3:")]
+    assert add3 and all(p[3] in "01" for p in add3)
+    assert any(p.startswith("C:") for p in prompts)  # general rows are not filtered

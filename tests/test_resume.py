@@ -141,8 +141,16 @@ def test_incompatible_checkpoint_names_the_differing_field(tmp_path, cache_dir):
     proc = run_cli(*args, "optimizer.lr=0.002")
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "checkpoint from an incompatible config: optimizer.lr (checkpoint 0.001, now 0.002)" in errors[0]
+    assert len(errors) == 1 and "holds an interrupted run made from other inputs: config (optimizer.lr: 0.001 -> 0.002)" in errors[0]
     assert "resume=never" in errors[0]
+    # a checkpoint whose run recorded no fingerprint is still checked field by field when it is loaded
+    res = json.loads((out / "results.json").read_text())
+    del res["provenance"]["fingerprint"]
+    (out / "results.json").write_text(json.dumps(res))
+    proc = run_cli(*args, "optimizer.lr=0.002")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "checkpoint from an incompatible config: optimizer.lr (checkpoint 0.001, now 0.002)" in errors[0]
 
 
 def test_a_second_copy_of_a_running_command_stops_with_a_clear_error(tmp_path):
