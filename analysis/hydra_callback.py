@@ -28,18 +28,23 @@ class SweepSummary(Callback):
         self.start = time.time()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.start, self.job_dirs = time.time(), []
+        self.start, self.job_dirs, self.refused = time.time(), [], {}
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
         try:
-            self.job_dirs.append(Path(config.hydra.runtime.output_dir))
+            job_dir = Path(config.hydra.runtime.output_dir)
         except Exception:  # a launcher that runs jobs elsewhere: on_multirun_end scans the sweep directory
-            pass
+            return
+        value = getattr(job_return, "return_value", None)
+        if isinstance(value, str) and value.startswith("refused: "):  # its directory holds another run's results
+            self.refused[job_dir] = value[len("refused: "):]
+        else:
+            self.job_dirs.append(job_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         dirs = self.job_dirs or [p.parent for p in sweep_dir.rglob("results.json") if p.stat().st_mtime >= self.start]
-        text, n_failed = summary(dirs, self.metrics, sweep_dir)
+        text, n_failed = summary(dirs, self.metrics, sweep_dir, getattr(self, "refused", {}))
         print(text, flush=True)
         if n_failed:
             import sys
@@ -60,9 +65,12 @@ def _point(job_dir: Path) -> str:
     return " ".join(keep) or "(defaults)"
 
 
-def summary(job_dirs: list[Path], metrics: list[str], sweep_dir: Path | None = None) -> tuple[str, int]:
+def summary(job_dirs: list[Path], metrics: list[str], sweep_dir: Path | None = None,
+            refused: dict[Path, str] | None = None) -> tuple[str, int]:
     """The sweep's table (rows: points, mean ± 95% CI over seeds) and its failed jobs, as text; and the
-    number of jobs that failed or left no results."""
+    number of jobs that failed, left no results or were refused (their directory holds a run made from
+    other inputs; its results are not this sweep's)."""
+    refused = refused or {}
     groups: dict[str, list[dict]] = {}
     failed, missing = [], []
     for d in job_dirs:
@@ -77,7 +85,8 @@ def summary(job_dirs: list[Path], metrics: list[str], sweep_dir: Path | None = N
         else:
             failed.append((d, res.get("status", "unknown")))
     lines = [f"\n== sweep summary: {sum(map(len, groups.values()))} completed, {len(failed)} failed"
-             + (f", {len(missing)} without results" if missing else "") + " ==="]
+             + (f", {len(missing)} without results" if missing else "")
+             + (f", {len(refused)} refused" if refused else "") + " ==="]
     if groups:
         rows = {label: summarise(runs, metrics) for label, runs in sorted(groups.items())}
         table = markdown_table(rows, metrics)
@@ -92,4 +101,6 @@ def summary(job_dirs: list[Path], metrics: list[str], sweep_dir: Path | None = N
         lines.append(f"FAILED {d}: {status}")
     for d in missing:
         lines.append(f"NO RESULTS {d} (killed before it wrote results.json; rerun the sweep to resume it)")
-    return "\n".join(lines), len(failed) + len(missing)
+    for d, why in refused.items():
+        lines.append(f"REFUSED {d}: {why}")
+    return "\n".join(lines), len(failed) + len(missing) + len(refused)

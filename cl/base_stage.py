@@ -59,8 +59,8 @@ class BaseRecipe:
     - **Anneal, then stop on a plateau.** From ``min_steps`` the LR anneals linearly over ``anneal_steps``
       to ``min_lr_ratio`` and stays there; the stream tasks are scored every ``check_every`` steps from
       ``min_steps`` on (every ``general_check_every`` before). The stage stops at the first check after the
-      anneal where every general task is >= ``general_min`` and every stream task's accuracy has moved by
-      <= ``plateau_delta`` over the last ``plateau_window`` steps, or at ``steps`` (the cap; the health check
+      anneal where every general task is >= ``general_min`` and every stream task's accuracy differs by
+      <= ``plateau_delta`` from its value at the check ``plateau_window`` steps earlier, or at ``steps`` (the cap; the health check
       then warns).
 
     ``expected`` holds the stream tasks' levels as ``scripts/check_base.py`` measured them over init seeds
@@ -260,6 +260,9 @@ def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task
         if name in recipe.exposure and recipe.cover is not None:  # the covered part of the task's input space
             keep = [i for i, p in enumerate(prompts) if _leading_digit(p) in recipe.cover]
             prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
+        if not prompts:
+            raise ValueError(f"base stage: no training rows of '{name}' left (base.cover {recipe.cover}, "
+                             f"base.val_n {recipe.val_n})")
         enc = fmt.encode(prompts, answers)
         spans[name] = (len(pairs), len(enc))
         pairs += enc

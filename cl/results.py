@@ -36,8 +36,10 @@ def git_state() -> dict:
     return {"commit": commit or None, "dirty": dirty if commit else None}
 
 
-# config keys that do not change a run's results: where it logs, checkpoints and caches, how it resumes
-NOT_RESULT_KEYS = ("logger", "checkpoint", "resume", "cache_dir", "save_final_model")
+# config keys (dotted) that do not change a run's results: where it logs, checkpoints and caches, how it
+# resumes (a run stopped by a NaN may resume with train.nonfinite=skip), how a base model is judged
+NOT_RESULT_KEYS = ("logger", "checkpoint", "resume", "cache_dir", "hydra", "train.nonfinite", "save_final_model",
+                   "base.expected", "base.general_health", "base.health_band")
 CODE_PACKAGES = ("cl", "tasks", "replay", "analysis")
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
              "amx_bf16", "amx_int8", "asimd", "sve")
@@ -58,6 +60,9 @@ def code_hash() -> str:
     h = hashlib.sha256()
     for pkg in CODE_PACKAGES:
         for f in sorted((root / pkg).rglob("*.py")):
+            parts = f.relative_to(root).parts
+            if any(p.startswith(".") or p == "__pycache__" for p in parts) or not f.is_file():
+                continue  # editor lock files, notebook checkpoints, caches
             h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
@@ -82,12 +87,26 @@ def _data_files(resolved: dict) -> dict[str, str]:
     return out
 
 
+def _result_config(resolved: dict) -> dict:
+    """``resolved`` without the keys in ``NOT_RESULT_KEYS``."""
+    import copy
+
+    out = copy.deepcopy(resolved)
+    for key in NOT_RESULT_KEYS:
+        *parents, last = key.split(".")
+        d = out
+        for p in parents:
+            d = d.get(p) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.pop(last, None)
+    return out
+
+
 def input_fingerprint(resolved: dict, base: str | None) -> dict:
     """What determines a run's results: the resolved config (less the keys in ``NOT_RESULT_KEYS``), the
     content of its user data files, the base model (``base``: the base stage's cache key, or the model path
     or hub id) and the code. Two runs with equal fingerprints on the same machine give the same results."""
-    config = {k: v for k, v in resolved.items() if k not in NOT_RESULT_KEYS}
-    blob = json.dumps(config, sort_keys=True, default=str)
+    blob = json.dumps(_result_config(resolved), sort_keys=True, default=str)
     return {"config_sha256": hashlib.sha256(blob.encode()).hexdigest()[:16], "data_files": _data_files(resolved),
             "base_model": base, "code": code_hash()}
 
@@ -105,8 +124,7 @@ def fingerprint_diff(old: dict, old_config: dict, new: dict, new_config: dict) -
     """What differs between two runs' inputs, one short phrase per difference (empty when they match)."""
     out = []
     if old.get("config_sha256") != new.get("config_sha256"):
-        a = _flat({k: v for k, v in old_config.items() if k not in NOT_RESULT_KEYS})
-        b = _flat({k: v for k, v in new_config.items() if k not in NOT_RESULT_KEYS})
+        a, b = _flat(_result_config(old_config)), _flat(_result_config(new_config))
         keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
         shown = ", ".join(f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in keys[:3])
         out.append(f"config ({shown}{', ...' if len(keys) > 3 else ''})" if keys else "config")
@@ -132,12 +150,10 @@ def machine() -> dict:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             key = key.strip()
-            if key == "model name" and not model:
+            if key == "model name":
                 model = value.strip()
             elif key in ("flags", "Features") and not flags:
                 flags = set(value.split())
-            if key == "model name":
-                model = value.strip()
     except OSError:
         pass
     try:

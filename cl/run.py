@@ -158,7 +158,8 @@ def base_id(resolved: dict) -> str | None:
     if not d.is_dir():
         return str(path)  # a hub id (the hub's revision is part of the config when pinned)
     h = hashlib.sha256()
-    for f in sorted(x for x in d.rglob("*") if x.is_file()):
+    files = (x for x in d.rglob("*") if x.is_file() and not any(p.startswith(".") for p in x.relative_to(d).parts))
+    for f in sorted(files):
         size = f.stat().st_size
         h.update(f"{f.relative_to(d)}:{size}".encode())
         with open(f, "rb") as fh:  # whole small files; the first and last MiB of large ones (weights)
@@ -166,7 +167,7 @@ def base_id(resolved: dict) -> str | None:
             if size > 2 << 20:
                 fh.seek(-(1 << 20), 2)
                 h.update(fh.read())
-    return f"dir:{d}:{h.hexdigest()[:16]}"
+    return f"dir:{h.hexdigest()[:16]}"  # the content, wherever the directory is
 
 
 class RunMismatchError(CheckpointError):
@@ -196,14 +197,19 @@ def check_inputs(cfg: DictConfig, run_dir: Path) -> dict:
     diff = fingerprint_diff(old_fp, old.get("config") or {}, fp, resolved)
     if diff:
         raise RunMismatchError(
-            f"{run_dir} holds a {state} run made from other inputs: {'; '.join(diff)}. Nothing was changed; "
+            f"{run_dir} holds {'a completed' if state == 'completed' else 'an interrupted'} run made from other inputs: {'; '.join(diff)}. Nothing was changed; "
             "rerun with resume=never to replace it, or give this command another hydra.run.dir")
     return fp
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path, hydra_cfg=None) -> dict:
     """Run one experiment in ``run_dir`` holding its lock (see ``_run``). Under a distributed strategy the
-    other ranks run the same experiment in ``run_dir/.rank<r>`` without W&B (``cl.dist``)."""
+    other ranks run the same experiment in ``run_dir/.rank<r>`` without W&B (``cl.dist``).
+
+    A directory holding a run made from other inputs is refused before anything in it changes
+    (:func:`check_inputs`); a completed run with the same inputs is returned as it is (``resume=auto``).
+    Otherwise ``.hydra/`` is written (``hydra_cfg``: the job's Hydra config) and everything the run prints
+    goes to ``run_dir/run.log`` as well."""
     rank = global_rank(OmegaConf.to_container(cfg.trainer, resolve=True))
     if rank > 0:
         run_dir = run_dir / f".rank{rank}"
@@ -211,10 +217,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         cfg.logger.kind = "none"
         run_dir.mkdir(parents=True, exist_ok=True)
         sys.stdout = open(run_dir / "stdout.log", "a", buffering=1)  # one console: rank 0's
-    fingerprint = check_inputs(cfg, run_dir)
+    check_inputs(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        return _run(cfg, run_dir, fingerprint)
+        fingerprint = check_inputs(cfg, run_dir)  # again under the lock: another process may have finished
+        results_path = run_dir / "results.json"
+        if cfg.get("resume", "auto") == "auto" and (done := _completed(results_path)) is not None:
+            print(f"[run] already completed: {results_path} (resume=never runs it again)", flush=True)
+            return done
+        if hydra_cfg is not None and rank == 0:
+            save_hydra_files(cfg, hydra_cfg, run_dir)
+        with RunLog(run_dir / "run.log"):
+            return _run(cfg, run_dir, fingerprint)
 
 
 def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dict:
@@ -229,9 +243,6 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     rank, world = global_rank(tcfg), world_size(tcfg)
     mode = cfg.get("resume", "auto")
-    if mode == "auto" and (done := _completed(results_path)) is not None:
-        print(f"[run] already completed: {results_path} (resume=never runs it again)", flush=True)
-        return done
     # the newest checkpoint position every rank has (one process: its newest checkpoint)
     ckpt = latest_common(run_dir, rank, world) if mode == "auto" else None
     if ckpt is None:
@@ -525,7 +536,7 @@ def save_hydra_files(cfg: DictConfig, hc, run_dir: Path) -> None:
     out = run_dir / ".hydra"
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml")
-    OmegaConf.save(hc, out / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hc}), out / "hydra.yaml")
     OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), out / "overrides.yaml")
 
 
@@ -547,13 +558,12 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        check_inputs(cfg, run_dir)  # a rerun with other inputs leaves the directory as it was
-        save_hydra_files(cfg, hc, run_dir)
-        with RunLog(run_dir / "run.log"):
-            results = run(cfg, run_dir)
+        results = run(cfg, run_dir, hc)
     except (ConfigError, DataError, ModelLoadError, AdapterError, CheckpointError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
+        if multirun and isinstance(e, RunMismatchError):  # nothing was written: the summary names the job
+            return f"refused: {e}"
         if multirun:  # recorded in results.json; the sweep goes on and its summary names this job
             return None
         sys.exit(2)

@@ -9,7 +9,7 @@ from cl.evaluation import METHODS
 from cl.fsdp import is_fsdp
 from cl.schedule import DECAYS
 from cl.tracking import MODES
-from tasks.registry import TASK_NAMES
+from tasks.registry import TASK_NAMES, build_task
 from tasks.verifiers import VERIFIER_KINDS
 
 ALLOWED_TARGET_PREFIXES = ("cl.", "tasks.", "replay.", "analysis.", "torch.optim.")
@@ -171,17 +171,33 @@ def validate_config(cfg: Mapping) -> None:
                 c.add(f"base.expected.{name}", "an expected level needs the task in base.exposure")
             if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= level <= 1.0:
                 c.add(f"base.expected.{name}", f"must be a greedy accuracy in [0, 1], got {level!r}")
+        from dataclasses import fields
+
+        from cl.base_stage import BaseRecipe
+
+        known = {f.name for f in fields(BaseRecipe)} | {"kind"}
+        for key in _get(cfg, "base") or {}:
+            if key not in known:
+                c.add(f"base.{key}", f"unknown base-stage setting; known: {', '.join(sorted(known))}")
         c.integer("base.min_steps", minimum=0)
         c.integer("base.anneal_steps", minimum=0)
         c.integer("base.check_every", minimum=1)
         c.integer("base.general_check_every", minimum=1)
         c.integer("base.plateau_window", minimum=1)
         c.integer("base.val_n", minimum=1)
-        for key in ("plateau_delta", "general_min", "general_health", "general_floor", "health_band", "min_lr_ratio"):
+        for key in ("plateau_delta", "general_min", "general_health", "health_band", "min_lr_ratio"):
             c.number(f"base.{key}", lo=0.0, hi=1.0)
-        steps, min_steps = _get(cfg, "base.steps"), _get(cfg, "base.min_steps")
-        if isinstance(min_steps, int) and isinstance(steps, int) and steps >= 1 and min_steps > steps:
-            c.add("base.min_steps", f"must be <= base.steps ({_get(cfg, 'base.steps')})")
+        c.number("base.general_floor", lo=0.0, hi=1.0, strict_lo=True)
+        steps, min_steps, anneal = _get(cfg, "base.steps"), _get(cfg, "base.min_steps"), _get(cfg, "base.anneal_steps")
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in (steps, min_steps, anneal)) and steps >= 1 \
+                and min_steps + anneal > steps:
+            c.add("base.min_steps", f"min_steps + anneal_steps ({min_steps} + {anneal}) must be <= base.steps ({steps})")
+        if cover is not None:
+            for name in _get(cfg, "base.exposure") or {}:
+                if name in TASK_NAMES and build_task(name, 4, 2, 0).train[0]["prompt"].split(":", 1)[-1][:1] \
+                        not in "0123456789":
+                    c.add(f"base.exposure.{name}", "base.cover keeps rows by their first operand's leading digit; "
+                                                   "this task's prompts do not start with one")
     elif not _get(cfg, "model.name_or_path") and not _get(cfg, "model.arch"):
         c.add("model", "base=none needs model.name_or_path (hub id or local directory) or model.arch")
 

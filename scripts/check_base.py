@@ -98,7 +98,7 @@ def main() -> int:
     ap.add_argument("--out", default="check_base_out")
     ap.add_argument("--cell", nargs=2, metavar=("SEED", "VARIANT"), help=argparse.SUPPRESS)
     args, overrides = ap.parse_known_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.cell:
         build_cell(args.base, int(args.cell[0]), args.cell[1], out / f"{args.cell[0]}-{args.cell[1]}.json", overrides)

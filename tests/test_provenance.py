@@ -8,7 +8,8 @@ from pathlib import Path
 from cl.results import fingerprint_diff, input_fingerprint
 from tests.conftest import run_cli
 
-SHORT = ("experiment=smoke", "stream.steps_per_task=3", "eval.every_n_steps=null", "eval.shift_metrics=false")
+SHORT = ("experiment=smoke", "stream.steps_per_task=3", "eval.every_n_steps=null", "eval.shift_metrics=false",
+         "logger=none")
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
@@ -61,7 +62,7 @@ def test_other_overrides_into_a_completed_runs_directory_are_refused(tmp_path, c
 
 def test_results_record_machine_versions_and_a_timestamped_run_log(tmp_path, cache_dir):
     out = tmp_path / "run"
-    proc = run_cli(*SHORT, "logger=none", f"hydra.run.dir={out}")
+    proc = run_cli(*SHORT, f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     prov = json.loads((out / "results.json").read_text())["provenance"]
     m = prov["machine"]

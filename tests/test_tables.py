@@ -173,3 +173,11 @@ def test_fit_line_recovers_slope_and_correlation():
     slope, icpt, r = fit_line([0, 1, 2, 3], [1, 3, 5, 7])
     assert math.isclose(slope, 2) and math.isclose(icpt, 1) and math.isclose(r, 1)
     assert all(math.isnan(v) for v in fit_line([1, 1], [0, 1]))
+
+
+def test_sweep_summary_names_refused_jobs_and_leaves_their_old_results_out(table_root):
+    root, _ = table_root
+    dirs = sorted(p.parent for p in root.rglob("results.json"))
+    text, n_failed = summary(dirs[1:], ["avg_acc"], root, refused={dirs[0]: "holds a completed run made from other inputs"})
+    assert n_failed == 2 and ", 1 refused ===" in text
+    assert f"REFUSED {dirs[0]}: holds a completed run" in text
