@@ -217,10 +217,9 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg=None) -> dict:
         cfg.logger.kind = "none"
         run_dir.mkdir(parents=True, exist_ok=True)
         sys.stdout = open(run_dir / "stdout.log", "a", buffering=1)  # one console: rank 0's
-    check_inputs(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        fingerprint = check_inputs(cfg, run_dir)  # again under the lock: another process may have finished
+    with RunLock(run_dir):  # its lock file goes with it: a refused rerun leaves the directory as it was
+        fingerprint = check_inputs(cfg, run_dir)
         results_path = run_dir / "results.json"
         if cfg.get("resume", "auto") == "auto" and (done := _completed(results_path)) is not None:
             print(f"[run] already completed: {results_path} (resume=never runs it again)", flush=True)
