@@ -100,8 +100,9 @@ def trl_run(model, tok, task, kl: float, steps: int, warmup: int, out: str) -> f
 def _instrument(obj: GRPOObjective, profile: dict) -> None:
     """Wrap the rollout (generation + scoring + reference forward) and time it against the whole step."""
     import cl.objectives.grpo as grpo_mod
+    import cl.rollouts as rollouts_mod  # where rollouts call generate_ids
 
-    gen, tl = grpo_mod.generate_ids, grpo_mod.token_logprobs
+    gen, tl = rollouts_mod.generate_ids, grpo_mod.token_logprobs
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -111,11 +112,11 @@ def _instrument(obj: GRPOObjective, profile: dict) -> None:
             return r
         return wrapper
 
-    grpo_mod.generate_ids = timed("generate", gen)
+    rollouts_mod.generate_ids = timed("generate", gen)
     grpo_mod.token_logprobs = timed("logprob forwards (policy + reference)", tl)
     step = obj.step
     obj.step = timed(STEP, step)
-    profile["_restore"] = lambda: (setattr(grpo_mod, "generate_ids", gen), setattr(grpo_mod, "token_logprobs", tl))
+    profile["_restore"] = lambda: (setattr(rollouts_mod, "generate_ids", gen), setattr(grpo_mod, "token_logprobs", tl))
 
 
 def main() -> None:
