@@ -188,6 +188,8 @@ def validate_config(cfg: Mapping) -> None:
         for key in ("plateau_delta", "general_min", "general_health", "health_band", "min_lr_ratio"):
             c.number(f"base.{key}", lo=0.0, hi=1.0)
         c.number("base.general_floor", lo=0.0, hi=1.0, strict_lo=True)
+        if _get(cfg, "base.cover_min") is not None:
+            c.number("base.cover_min", lo=0.0, hi=1.0)
         steps, min_steps, anneal = _get(cfg, "base.steps"), _get(cfg, "base.min_steps"), _get(cfg, "base.anneal_steps")
         if all(isinstance(x, int) and not isinstance(x, bool) for x in (steps, min_steps, anneal)) and steps >= 1 \
                 and min_steps + anneal > steps:
