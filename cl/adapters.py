@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from cl.core.components import Component
 
 ADAPTERS = ("full", "lora", "task_lora", "mora", "hft", "reglora")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -70,8 +71,9 @@ def trainable_count(model: nn.Module) -> int:
 
 
 # -- full and HFT ---------------------------------------------------------------------------------------------
-class FullFineTuning:
+class FullFineTuning(Component):
     name = "full"
+    key = "adapter"
     ckpt_attrs = ()
 
     def setup(self, model):
@@ -81,10 +83,11 @@ class FullFineTuning:
         return {"name": self.name}
 
 
-class HalfFineTuning:
+class HalfFineTuning(Component):
     """Half fine-tuning (HFT): a random half of the matrices frozen per task (../shared/METHODS.md section 5)."""
 
     name = "hft"
+    key = "adapter"
     ckpt_attrs = ("frozen",)
 
     def __init__(self, seed: int = 0, freeze_norms: bool = False):
@@ -128,10 +131,11 @@ class HalfFineTuning:
 
 
 # -- LoRA family (peft) ---------------------------------------------------------------------------------------
-class LoRA:
+class LoRA(Component):
     """LoRA through peft, optionally merged into the base after each task (then a fresh LoRA per task)."""
 
     name = "lora"
+    key = "adapter"
     ckpt_attrs = ("merges",)
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=DEFAULT_TARGETS,
@@ -367,10 +371,11 @@ class MoRALinear(nn.Module):
         return f
 
 
-class MoRA:
+class MoRA(Component):
     """Apply ``MoRALinear`` to ``target_modules``; ``r`` new rank-1 experts per task, old ones frozen."""
 
     name = "mora"
+    key = "adapter"
     ckpt_attrs = None  # appends experts per task: not resumable
 
     def __init__(self, r: int = 8, alpha: float = 16, target_modules=DEFAULT_TARGETS, top_k: int | None = None,

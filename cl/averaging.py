@@ -35,10 +35,11 @@ import pytorch_lightning as pl
 import torch
 from torch.func import functional_call
 
-from cl.data import collate_sft
+from cl.core.data import collate_sft
 from cl.generation import generate_ids
-from cl.objectives.sft import answer_cross_entropy
-from cl.trainer import EveryNSteps
+from cl.core.losses import answer_cross_entropy
+from cl.core.steps import EveryNSteps
+from cl.core.components import Component
 
 log = logging.getLogger(__name__)
 KINDS = ("none", "wise", "partwise", "ama", "ema", "merge")
@@ -99,7 +100,7 @@ def ama_alphas(logits: torch.Tensor, alpha0: float, eps: float) -> torch.Tensor:
     return (alpha0 * len(logits) * s / s.sum()).clamp(0.0, 1.0)
 
 
-class Averaging:
+class Averaging(Component):
     """The averaging component (``conf/config.yaml`` ``averaging:``).
 
     Args:
@@ -114,6 +115,7 @@ class Averaging:
         fmt, evaluator: for AMA's samples and for scoring the un-averaged model.
         log_unaveraged: also score the task-end model before averaging.
     """
+    key = "averaging"
     ckpt_attrs = ("base", "task_start", "ema", "task_vectors", "records")
 
     def __init__(self, kind: str, alpha: float = 0.2, start: str = "task_start", blocks: list[int] | None = None,

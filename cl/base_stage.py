@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
-from cl.data import PromptFormat, SFTCollator, TaskExamples
+from cl.core.data import PromptFormat, SFTCollator, TaskExamples
 from cl.evaluation import EvalSet, Scorer, pass_at_k
 from cl.model import build_tiny_llama, load_model_and_tokenizer
 from cl.module import ContinualLM

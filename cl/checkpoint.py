@@ -17,9 +17,10 @@ checkpoint stands. Under a distributed strategy every rank writes its own state 
 shard of the optimizer state under FSDP), rank 0 alone the weights, and each keeps ``prev`` as well;
 ``latest_common`` resumes all ranks from the newest position they all have.
 
-Components opt in by naming the attributes that hold their state in ``ckpt_attrs``; a component
-whose state cannot be captured this way sets ``ckpt_attrs = None``, and a run with it writes no
-checkpoints (``cl.run`` warns; an interrupted run starts over).
+Components hold their state in ``state_dict()``/``load_state_dict()`` (``cl.core.components``: by
+default the attributes named in ``ckpt_attrs``); a component whose state cannot be captured sets
+``ckpt_attrs = None``, and a run with it writes no checkpoints (``cl.run`` warns; an interrupted run
+starts over).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from cl.trainer import InTaskEveryNSteps
+from cl.core.components import resumable
+from cl.core.steps import InTaskEveryNSteps
 
 CKPT_DIR = "checkpoints"
 POSITION = "position.json"  # where in the stream a checkpoint stands, readable without loading it
@@ -103,26 +105,27 @@ def restore(current, saved, template: nn.Module | None = None):
 
 
 def component_states(components) -> list[dict]:
+    """Every component's ``state_dict()`` as plain containers and tensors."""
     out = []
     for c in components:
-        attrs = getattr(c, "ckpt_attrs", None)
-        if attrs is None:
-            raise CheckpointError(f"{type(c).__name__} cannot be checkpointed")
-        out.append({a: capture(getattr(c, a)) for a in attrs})
+        if not resumable(c):
+            raise CheckpointError(f"{c.label} cannot be checkpointed")
+        out.append(capture(c.state_dict()))
     return out
 
 
 def load_component_states(components, states: list[dict], template: nn.Module) -> None:
+    """Put saved states back with each component's ``load_state_dict``; stateful values (buffers,
+    generators, modules) are loaded into the component's current objects where it has them."""
     if len(states) != len(components):
         raise CheckpointError(f"checkpoint has {len(states)} components, this run builds {len(components)}")
     for c, state in zip(components, states):
-        for a, v in state.items():
-            setattr(c, a, restore(getattr(c, a), v, template))
+        c.load_state_dict(restore(c.state_dict(), state, template))
 
 
 def not_resumable(components) -> list[str]:
     """Names of components that declare no checkpointable state."""
-    return [getattr(c, "name", type(c).__name__) for c in components if getattr(c, "ckpt_attrs", None) is None]
+    return [c.label for c in components if not resumable(c)]
 
 
 # -- RNG --------------------------------------------------------------------------------------------------

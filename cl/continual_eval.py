@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cl.evaluation import EvalSet, Scorer
-from cl.trainer import InTaskEveryNSteps
+from cl.core.steps import InTaskEveryNSteps
 
 
 class ContinualEvaluator:

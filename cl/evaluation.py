@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cl.data import PromptFormat, collate_sft
+from cl.core.data import PromptFormat, collate_sft
 from cl.generation import eval_mode, generate_ids
 from tasks.base import Task
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from cl.data import PromptFormat, collate_prompts
+from cl.core.data import PromptFormat, collate_prompts
 from cl.fsdp import synced_generation
 
 

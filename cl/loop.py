@@ -2,8 +2,8 @@
 
     evaluate the starting model (base_acc, general_base)
     for t, task in enumerate(stream):
-        components.on_task_start(ctx)
-        trainer.fit(module, data of task t)
+        components.on_task_start(ctx), components.prepare_data(ctx, task)
+        trainer.fit(module, data of task t)       (components' callbacks and extra_loss terms inside)
         components.on_task_end(ctx)
         evaluate at the boundary -> row t of R and of the general matrix
 """
@@ -14,25 +14,16 @@ import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from cl.continual_eval import ContinualEvaluator, EvalEveryNSteps
+from cl.core.components import Component, TaskContext
 from cl.module import ContinualLM
 from cl.trainer import make_trainer
 from tasks.base import Task
-
-
-@dataclass
-class TaskContext:
-    """What components see at task boundaries."""
-
-    task_idx: int
-    task: Task
-    module: ContinualLM
-    stream: list[Task]
 
 
 @dataclass
@@ -57,7 +48,7 @@ def run_stream(
     steps_per_task: int,
     eval_every_n_steps: int | None = None,
     logger=None,
-    components=(),
+    components: Sequence[Component] = (),
     on_task_end: Callable[[int, StreamResult], None] | None = None,
     checkpointer=None,
     resume: dict | None = None,
@@ -106,18 +97,17 @@ def run_stream(
             if resume.get("phase_rows") is not None:
                 phase = replace_rows(phase, resume["phase_rows"])
             for c in components:
-                getattr(c, "on_resume", lambda _: None)(ctx)
+                c.on_resume(ctx)
         else:
             if on_task_seed is not None:
                 on_task_seed(t)
             for c in components:
-                getattr(c, "on_task_start", lambda _: None)(ctx)
+                c.on_task_start(ctx)
             module.start_task(t, steps_per_task)
             for c in components:  # data components (e.g. RIF-RFT) return a filtered or mixed task
-                if hasattr(c, "prepare_data"):
-                    phase = c.prepare_data(ctx, phase)
+                phase = c.prepare_data(ctx, phase)
         # per-step components (Reptile interpolation, k-FPF) act before a same-step evaluation sees the model
-        callbacks = [cb for c in components for cb in getattr(c, "callbacks", lambda: [])()]
+        callbacks = [cb for c in components for cb in c.callbacks()]
         if eval_every_n_steps:
             callbacks.append(EvalEveryNSteps(evaluator, eval_every_n_steps, names[t]))
         if checkpointer is not None:  # last: a checkpoint holds the evaluations of its step
@@ -131,7 +121,7 @@ def run_stream(
         if device is not None:
             module.to(device)
         for c in components:
-            getattr(c, "on_task_end", lambda _: None)(ctx)
+            c.on_task_end(ctx)
         row = evaluator.evaluate(module.model, module.global_iter, t, names[t], boundary=True)
         res.acc_matrix.append([row["stream"][n] for n in names])
         res.general_matrix.append([row["general"][es.name] for es in evaluator.general])

@@ -8,20 +8,14 @@ The module keeps ``global_iter``, the optimizer-step counter across all tasks of
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable
 
 import pytorch_lightning as pl
 import torch
 
+from cl.core.components import Component
 from cl.objectives import Objective
 from cl.schedule import LRSchedule
-
-
-class LossComponent(Protocol):
-    """A mitigation that adds a loss term: ``extra_loss(module, batch, loss) -> (term, logs)``; ``loss`` is
-    the objective's loss of the step (GeRe's dynamic weight reads it)."""
-
-    def extra_loss(self, module: "ContinualLM", batch: dict, loss: torch.Tensor) -> tuple[torch.Tensor, dict]: ...
 
 
 class ContinualLM(pl.LightningModule):
@@ -34,7 +28,8 @@ class ContinualLM(pl.LightningModule):
         schedule: the per-task LR schedule.
         reset_optimizer_per_task: a fresh optimizer (and its state) for every task; otherwise the
             optimizer state carries over and only the schedule restarts.
-        loss_components: objects with ``extra_loss`` whose terms are added to the objective's loss.
+        loss_components: stream components (``cl.core.components``); each step their ``extra_loss`` terms
+            (where not ``None``) are added to the objective's loss.
     """
 
     def __init__(
@@ -44,7 +39,7 @@ class ContinualLM(pl.LightningModule):
         optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
         schedule: LRSchedule = LRSchedule(),
         reset_optimizer_per_task: bool = True,
-        loss_components: Iterable[LossComponent] = (),
+        loss_components: Iterable[Component] = (),
     ):
         super().__init__()
         self.model = model
@@ -142,9 +137,10 @@ class ContinualLM(pl.LightningModule):
         loss, logs = self.objective.step(self, batch)
         objective_loss = loss
         for component in self.loss_components:
-            term, extra = component.extra_loss(self, batch, objective_loss)
-            loss = loss + term
-            logs.update(extra)
+            out = component.extra_loss(self, batch, objective_loss)
+            if out is not None:
+                loss = loss + out[0]
+                logs.update(out[1])
         if not torch.isfinite(loss):
             where = (f"task {self.task_idx + 1} step {self.step_in_task + 1} (global_iter {self.global_iter + 1}): "
                      + ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1

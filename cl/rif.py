@@ -17,9 +17,10 @@ from dataclasses import replace
 
 from cl.generation import generate_ids
 from tasks.base import Task
+from cl.core.components import Component
 
 
-class RolloutInstanceFilter:
+class RolloutInstanceFilter(Component):
     """A data component: ``prepare_data(ctx, task) -> task`` with unlearnable instances removed.
 
     Args:
@@ -31,6 +32,7 @@ class RolloutInstanceFilter:
         planned_prompts: prompts GRPO will roll out on this task (steps x batch), for "saved".
         group_size: GRPO's G, for "saved".
     """
+    key = "rif"
     ckpt_attrs = ("records",)
 
     def __init__(self, fmt, k: int = 8, max_instances: int = 1024, drop_all_correct: bool = False,
@@ -40,6 +42,9 @@ class RolloutInstanceFilter:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.planned_prompts, self.group_size, self.log = planned_prompts, group_size, log
         self.records: list[dict] = []
+
+    def record(self) -> list[dict]:
+        return self.records
 
     def prepare_data(self, ctx, task: Task) -> Task:
         rows = task.train.select(range(min(self.max_instances, len(task.train)))).to_list()

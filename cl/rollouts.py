@@ -31,7 +31,7 @@ import os
 import torch
 from torch import nn
 
-from cl.data import PromptFormat
+from cl.core.data import PromptFormat
 from cl.generation import generate_ids
 
 BACKENDS = ("hf", "vllm")

@@ -34,7 +34,8 @@ from cl.averaging import Averaging
 from cl.base_stage import BaseRecipe, base_health, base_key, ensure_base
 from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest_common, not_resumable, run_key
 from cl.continual_eval import ContinualEvaluator
-from cl.data import PromptFormat, SFTCollator, TaskExamples
+from cl.core.components import Component
+from cl.core.data import PromptFormat, SFTCollator, TaskExamples
 from cl.dist import ShardBatches, global_rank, stream_device, world_size
 from cl.fsdp import Sharding, is_fsdp
 from cl.evaluation import EvalSet, Scorer
@@ -67,7 +68,7 @@ for noisy in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilit
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_fn=None, replay=None,
+def task_loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, collate_fn=None, replay=None,
             rank: int = 0, world: int = 1):
     """``(task, t) -> DataLoader`` of exactly ``steps`` batches sampled with replacement, seeded per task.
 
@@ -290,24 +291,25 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
         )
         adapter = make_adapter(OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else {},
                                seed=cfg.seed, evaluator=evaluator)
-        model = adapter.setup(model)
-        device = stream_device(tcfg)
-        model.to(device)
         objective = instantiate(cfg.objective)
         if hasattr(objective, "bind"):  # RL objectives score rollouts with the tasks' verifiers
             objective.bind(fmt, {t.name: t for t in stream})
         components = [adapter] + build_components(cfg, fmt, evaluator, objective, logger, general)
+        for c in components:  # the adapter wraps the model here (cl.core.components: the hooks' order)
+            model = c.setup(model)
+        device = stream_device(tcfg)
+        model.to(device)
         module = ContinualLM(
             model, objective, instantiate(cfg.optimizer),
             LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction,
                        cfg.train.get("const_ratio", 0.5), cfg.train.get("cooldown_steps", 0)),
             reset_optimizer_per_task=cfg.train.reset_optimizer_per_task,
-            loss_components=[c for c in components if hasattr(c, "extra_loss")],
+            loss_components=components,
         )
         module.nonfinite = cfg.train.get("nonfinite", "stop")
         if is_fsdp(tcfg):  # each fit trains a sharded copy; the whole model between fits (cl.fsdp)
             module.sharding = Sharding()
-        replay = next((c for c in components if isinstance(c, ExperienceReplay)), None)
+        replay = next((m for c in components if (m := c.batch_mixer()) is not None), None)
         phases = stream if cfg.stream.mode == "sequential" else [joint_task(stream)] * len(stream)
         ck = cfg.checkpoint
         fixed = not_resumable(components)
@@ -335,7 +337,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
 
         res = run_stream(
             module, stream, phases,
-            _loader(fmt, cfg.stream.batch_size, cfg.stream.steps_per_task, cfg.seed, objective.collate_fn(fmt.pad_id),
+            task_loader(fmt, cfg.stream.batch_size, cfg.stream.steps_per_task, cfg.seed, objective.collate_fn(fmt.pad_id),
                     replay, rank=rank, world=world),
             evaluator, tcfg, cfg.stream.steps_per_task,
             eval_every_n_steps=cfg.eval.every_n_steps, logger=logger, components=components,
@@ -358,7 +360,6 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
         }
         if checkpointer is not None:
             metrics["compute"]["checkpoint_seconds"] = checkpointer.seconds
-        results["adapter"] = adapter.record()
         if resume is not None:
             results["resumed_from"] = {"task_idx": resume["task_idx"], "step_in_task": resume["step_in_task"]}
         results.update(_matrices(res), metrics=metrics, status="completed",
@@ -411,7 +412,7 @@ def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEva
     """Task-boundary, data, loss and per-step components, in the order their hooks run."""
     log = logger.log if logger else None
     components = []
-    if hasattr(objective, "on_task_start"):  # e.g. GRPO's reference snapshot
+    if isinstance(objective, Component):  # e.g. GRPO's reference snapshot at every task start
         components.append(objective)
     # averaging first: its on_task_end replaces the model, and every later hook (shift probe, EWC's Fisher,
     # buffers) should see the stream's model
@@ -462,24 +463,11 @@ def collect_metrics(res: StreamResult, curves: list[dict], evaluator: ContinualE
     metrics = matrix_metrics(res.acc_matrix, res.base_acc, res.general_matrix, res.general_base)
     metrics.update(curve_metrics(curves, res.tasks, res.task_end_iters))
     eval_s = evaluator.seconds
-    for c in components:
-        if isinstance(c, RolloutInstanceFilter):
-            results["rif"] = c.records
-        if isinstance(c, ExperienceReplay):
-            results["replay"] = c.record()
-        if isinstance(c, ReptileInterpolation):
-            results["meta_replay"] = {"interpolations": c.applied}
-        if isinstance(c, Averaging):
-            results["averaging"] = c.record()
-        if isinstance(c, KFPF):
-            results["kfpf"] = {"rounds": c.updates, "buffer_size": len(c.buffer)}
-        if isinstance(c, DistributionShiftProbe):
-            results["shift"] = c.records
-            metrics["forward_kl_mean"] = sum(r["forward_kl"] for r in c.records) / len(c.records)
-            if "kl_base_general" in c.records[-1]:
-                metrics["kl_base_general_final"] = c.records[-1]["kl_base_general"]
-            metrics["shift_seconds"] = c.seconds
-            eval_s += c.seconds  # the probes are evaluation work
+    for c in components:  # every component's record under its key, its metrics, its evaluation work
+        if c.key is not None and (rec := c.record()) is not None:
+            results[c.key] = rec
+        metrics.update(c.metrics())
+        eval_s += c.eval_seconds
     metrics["eval_seconds"] = eval_s
     metrics["train_seconds"] = res.train_seconds
     metrics["eval_time_fraction"] = eval_s / max(1e-9, eval_s + res.train_seconds)

@@ -22,9 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cl.data import collate_sft
+from cl.core.data import collate_sft
 from cl.evaluation import EvalSet
 from cl.generation import eval_mode
+from cl.core.components import Component
 
 CACHE_LIMIT = 20_000_000  # floats of cached reference log-probs per eval set (80 MB)
 
@@ -55,9 +56,10 @@ def answer_token_kl(p_model: torch.nn.Module, q_model: torch.nn.Module, pairs, p
     return kl_from_logprobs(answer_logprobs(p_model, pairs, pad_id), answer_logprobs(q_model, pairs, pad_id))
 
 
-class DistributionShiftProbe:
+class DistributionShiftProbe(Component):
     """A task-boundary component: references are recorded at the stream start (base) and at each task
     start (pi_0); at each task end the KLs above are appended to ``records``."""
+    key = "shift"
     ckpt_attrs = ("base_ref", "base_model", "task_ref", "records", "seconds")
 
     def __init__(self, stream: list[EvalSet], general: list[EvalSet], pad_id: int, n: int = 50, log=None):
@@ -67,6 +69,23 @@ class DistributionShiftProbe:
         self.task_ref: list[torch.Tensor] | None = None
         self.records: list[dict] = []
         self.seconds = 0.0
+
+    def record(self) -> list[dict]:
+        return self.records
+
+    @property
+    def eval_seconds(self) -> float:
+        return self.seconds
+
+    def metrics(self) -> dict:
+        """The mean forward KL over task ends, the last general-set KL to the base, the probes' seconds
+        (evaluation work: the run adds them to ``eval_seconds``)."""
+        out = {"shift_seconds": self.seconds}
+        if self.records:
+            out["forward_kl_mean"] = sum(r["forward_kl"] for r in self.records) / len(self.records)
+            if "kl_base_general" in self.records[-1]:
+                out["kl_base_general_final"] = self.records[-1]["kl_base_general"]
+        return out
 
     def _pairs(self, es: EvalSet):
         return es.pairs[: self.n]

@@ -27,8 +27,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-from cl.data import collate_sft
-from cl.objectives.sft import answer_cross_entropy
+from cl.core.data import collate_sft
+from cl.core.losses import answer_cross_entropy
+from cl.core.components import Component
 
 GERE_LOSSES = ("ce", "kl", "l1", "l2", "tm")
 
@@ -42,7 +43,7 @@ def tm_loss(h: torch.Tensor, h0: torch.Tensor, pos: torch.Tensor, neg: torch.Ten
     return per.sum() / nonzero.clamp(min=1)
 
 
-class GeneralReplay:
+class GeneralReplay(Component):
     """Replay a fixed general set with a GeRe loss (a loss component of ``ContinualLM``).
 
     Args:
@@ -71,7 +72,7 @@ class GeneralReplay:
 
     # -- recording before the first task -------------------------------------------------------------------
     @torch.no_grad()
-    def record(self, model: torch.nn.Module, batch_size: int = 256) -> None:
+    def snapshot(self, model: torch.nn.Module, batch_size: int = 256) -> None:
         was = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -95,12 +96,12 @@ class GeneralReplay:
 
     def on_task_start(self, ctx) -> None:
         if self.h0 is None:
-            self.record(ctx.module.model)
+            self.snapshot(ctx.module.model)
 
     # -- the loss term -------------------------------------------------------------------------------------
     def extra_loss(self, module, batch: dict, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         if self.h0 is None:
-            raise RuntimeError("GeneralReplay.record(model) must run before training (on_task_start does it)")
+            raise RuntimeError("GeneralReplay.snapshot(model) must run before training (on_task_start does it)")
         idx = torch.randint(len(self.pairs), (self.batch_size,), generator=self.gen)
         b = collate_sft([self.pairs[i] for i in idx.tolist()], self.fmt.pad_id)
         device = next(module.model.parameters()).device

@@ -18,14 +18,16 @@ import re
 import pytorch_lightning as pl
 import torch
 
-from cl.trainer import EveryNSteps
+from cl.core.steps import EveryNSteps
 
-from cl.data import collate_sft
-from cl.objectives.sft import answer_cross_entropy
+from cl.core.data import collate_sft
+from cl.core.losses import answer_cross_entropy
 from replay.buffers import make_buffer
+from cl.core.components import Component
 
 
-class ReptileInterpolation:
+class ReptileInterpolation(Component):
+    key = "meta_replay"
     ckpt_attrs = ("anchor", "applied")
     def __init__(self, eps: float = 0.1, every: int = 100):
         if not 0.0 < eps <= 1.0:
@@ -34,6 +36,9 @@ class ReptileInterpolation:
         self.applied = 0
 
     @torch.no_grad()
+    def record(self) -> dict:
+        return {"interpolations": self.applied}
+
     def interpolate(self, model: torch.nn.Module) -> None:
         for n, p in model.named_parameters():
             if n in self.anchor:
@@ -50,7 +55,8 @@ class ReptileInterpolation:
         return [EveryNSteps(self.every, lambda module: self.interpolate(module.model))]
 
 
-class KFPF:
+class KFPF(Component):
+    key = "kfpf"
     ckpt_attrs = ("buffer", "rng", "updates")
     def __init__(self, fmt, every: int = 50, steps: int = 5, lr: float = 1e-4, batch_size: int = 16,
                  modules: tuple[str, ...] = ("norm", "lm_head"), top_blocks: int = 0, capacity: int = 1000,
@@ -61,6 +67,9 @@ class KFPF:
         self.rng = random.Random(seed)
         self.updates = 0
         self._pairs: list | None = None  # the buffer's token ids, re-encoded when the buffer changes
+
+    def record(self) -> dict:
+        return {"rounds": self.updates, "buffer_size": len(self.buffer)}
 
     def selected(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         layers = sorted({int(m.group(1)) for n, _ in model.named_parameters() if (m := re.search(r"layers\.(\d+)\.", n))})

@@ -21,6 +21,7 @@ from torch.utils.data import Sampler
 
 from replay.buffers import make_buffer
 from replay.schedules import item_weights, replay_fraction
+from cl.core.components import Component
 
 
 class MixedBatchSampler(Sampler[list[int]]):
@@ -52,7 +53,7 @@ class MixedBatchSampler(Sampler[list[int]]):
             yield new + rep
 
 
-class ExperienceReplay:
+class ExperienceReplay(Component):
     """Experience replay (ER) over the stream's tasks.
 
     Args:
@@ -65,6 +66,7 @@ class ExperienceReplay:
             random order; all of them when larger than the split).
         seed: seeds the buffer and the offer order.
     """
+    key = "replay"
     ckpt_attrs = ("buffer", "task_order", "replayed")
 
     def __init__(self, fraction: float = 0.25, buffer: str = "reservoir", capacity: int = 1000,
@@ -89,6 +91,9 @@ class ExperienceReplay:
         self.buffer.extend(rows[: self.fill_per_task])
 
     # -- loader side ----------------------------------------------------------------------------------
+    def batch_mixer(self) -> "ExperienceReplay":
+        return self
+
     def active(self) -> bool:
         return self.fraction > 0 and len(self.buffer) > 0
 

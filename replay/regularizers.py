@@ -18,15 +18,16 @@ import random
 import torch
 import torch.nn.functional as F
 
-from cl.data import collate_prompts, collate_sft
-from cl.objectives.sft import answer_cross_entropy
+from cl.core.data import collate_prompts, collate_sft
+from cl.core.losses import answer_cross_entropy
+from cl.core.components import Component
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-class L2Anchor:
+class L2Anchor(Component):
     ckpt_attrs = ("anchor",)
     def __init__(self, coef: float):
         self.coef, self.anchor = coef, None
@@ -44,7 +45,7 @@ class L2Anchor:
         return self.coef * pen, {"reg/l2": pen.detach()}
 
 
-class EWC:
+class EWC(Component):
     ckpt_attrs = ("fisher", "anchor")
     def __init__(self, coef: float, fmt, gamma: float = 1.0, fisher_batches: int = 10, batch_size: int = 16,
                  seed: int = 0):
@@ -96,7 +97,7 @@ class EWC:
         self.fisher, self.anchor = state["fisher"], state["anchor"]
 
 
-class KLDistill:
+class KLDistill(Component):
     ckpt_attrs = ("teacher",)
     def __init__(self, coef: float, pad_id: int, temperature: float = 1.0):
         self.coef, self.pad_id, self.temperature = coef, pad_id, temperature

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 
-from cl.data import PromptFormat
+from cl.core.data import PromptFormat
 from cl.evaluation import EvalSet, Scorer
 from cl.run import compose_config, prepare_model, run
 from tasks.stream import build_tasks

@@ -28,11 +28,11 @@ from functools import partial
 import torch
 import transformers
 
-from cl.data import PromptFormat
+from cl.core.data import PromptFormat
 from cl.model import build_tiny_llama, load_model_and_tokenizer
 from cl.module import ContinualLM
 from cl.objectives.grpo import GRPOObjective
-from cl.run import _loader
+from cl.run import task_loader
 from cl.schedule import LRSchedule
 from tasks.registry import build_task
 
@@ -61,7 +61,7 @@ def suite(model, fmt, task, kl: float, steps: int, warmup: int, profile: dict | 
     obj.on_task_start(Ctx(module))
     if profile is not None:
         _instrument(obj, profile)
-    loader = _loader(fmt, PROMPTS, steps, seed=0, collate_fn=obj.collate_fn(fmt.pad_id))(task, 0)
+    loader = task_loader(fmt, PROMPTS, steps, seed=0, collate_fn=obj.collate_fn(fmt.pad_id))(task, 0)
     return suite_steps_per_second(module, loader, steps, warmup)
 
 

@@ -24,12 +24,12 @@ from functools import partial
 import torch
 import transformers
 
-from cl.data import PromptFormat
+from cl.core.data import PromptFormat
 from cl.loop import TaskContext
 from cl.model import build_tiny_llama, load_model_and_tokenizer
 from cl.module import ContinualLM
 from cl.objectives.sft import SFTObjective
-from cl.run import _loader
+from cl.run import task_loader
 from cl.schedule import LRSchedule
 from replay.mixing import ExperienceReplay
 from tasks.registry import build_task
@@ -62,8 +62,8 @@ def main() -> None:
     old = build_task("add3", 5000, 100, 1)
     er = ExperienceReplay(fraction=args.fraction, capacity=1000)
     er.on_task_end(TaskContext(0, old, None, [old, task]))
-    plain = _loader(fmt, args.batch_size, args.steps, seed=0)
-    mixed = _loader(fmt, args.batch_size, args.steps, seed=0, replay=er)
+    plain = task_loader(fmt, args.batch_size, args.steps, seed=0)
+    mixed = task_loader(fmt, args.batch_size, args.steps, seed=0, replay=er)
     rates: dict[str, list[float]] = {"none": [], "replay": []}
     for r in range(args.repeats):
         for name, make in (("none", plain), ("replay", mixed)):

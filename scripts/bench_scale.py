@@ -37,12 +37,12 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cl.data import PromptFormat  # noqa: E402
+from cl.core.data import PromptFormat  # noqa: E402
 from cl.model import count_parameters  # noqa: E402
 from cl.module import ContinualLM  # noqa: E402
 from cl.objectives.grpo import GRPOObjective  # noqa: E402
 from cl.objectives.sft import SFTObjective  # noqa: E402
-from cl.run import _loader  # noqa: E402
+from cl.run import task_loader  # noqa: E402
 from cl.schedule import LRSchedule  # noqa: E402
 from cl.tokenizer import build_char_tokenizer  # noqa: E402
 from tasks.registry import build_task  # noqa: E402
@@ -175,7 +175,7 @@ def bench_grpo(size: str, device: str, precision: str, prompts: int, group: int,
     obj.bind(fmt, {task.name: task})
     obj.ref_model = __import__("copy").deepcopy(model).eval().requires_grad_(False)
     module = ContinualLM(model, obj, partial(torch.optim.AdamW, lr=1e-6), LRSchedule(warmup_steps=0))
-    loader = _loader(fmt, prompts, steps, seed=0, collate_fn=obj.collate_fn(fmt.pad_id))(task, 0)
+    loader = task_loader(fmt, prompts, steps, seed=0, collate_fn=obj.collate_fn(fmt.pad_id))(task, 0)
     before = obj.tokens_generated
     sec = timed_fit(module, loader, steps, warmup, device, precision)
     gen_per_step = (obj.tokens_generated - before) / steps

@@ -20,11 +20,11 @@ from functools import partial
 import torch
 import transformers
 
-from cl.data import PromptFormat
+from cl.core.data import PromptFormat
 from cl.model import build_tiny_llama, load_model_and_tokenizer
 from cl.module import ContinualLM
 from cl.objectives.sft import SFTObjective, answer_cross_entropy
-from cl.run import _loader
+from cl.run import task_loader
 from cl.schedule import LRSchedule
 from tasks.registry import build_task
 
@@ -72,7 +72,7 @@ def main() -> None:
         base, tok = load_model_and_tokenizer(d)
     fmt = PromptFormat(tok)
     task = build_task("add3", 5000, 100, 0)
-    make_loader = _loader(fmt, args.batch_size, args.steps, seed=0)
+    make_loader = task_loader(fmt, args.batch_size, args.steps, seed=0)
     schedule = LRSchedule(warmup_steps=10)
     rates: dict[str, list[float]] = {"plain": [], "suite": []}
     for r in range(args.repeats):

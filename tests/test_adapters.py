@@ -10,14 +10,15 @@ import torch
 from cl.adapters import (AdapterError, MoRALinear, RegLoRA, load_adapted, lora_delta, lora_layers, make_adapter,
                          save_adapted)
 from cl.continual_eval import ContinualEvaluator
-from cl.data import PromptFormat
+from cl.core.data import PromptFormat
 from cl.evaluation import EvalSet, Scorer
 from cl.loop import TaskContext, run_stream
 from cl.model import load_model_and_tokenizer
 from cl.module import ContinualLM
 from cl.objectives.sft import SFTObjective
-from cl.run import _loader
+from cl.run import task_loader
 from tasks.registry import build_task
+from cl.core.components import Component
 
 TRAINER = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "gradient_clip_val": 1.0}
 CFG = {"lora": {"name": "lora", "r": 4, "alpha": 8}, "lora_merge": {"name": "lora", "r": 4, "alpha": 8,
@@ -49,14 +50,14 @@ def _stream(model_dir, cfg, steps=4, evaluator_too=False):
     model = adapter.setup(model)
     model.train()
     module = ContinualLM(model, SFTObjective(), partial(torch.optim.AdamW, lr=1e-2),
-                         loss_components=[adapter] if hasattr(adapter, "extra_loss") else [])
+                         loss_components=[adapter])
     snaps = []
 
-    class Snap:
+    class Snap(Component):
         def on_task_end(self, ctx):
             snaps.append({n: p.detach().clone() for n, p in ctx.module.model.named_parameters()})
 
-    run_stream(module, tasks, tasks, _loader(fmt, 4, steps, 0), ev, TRAINER, steps, components=[adapter, Snap()])
+    run_stream(module, tasks, tasks, task_loader(fmt, 4, steps, 0), ev, TRAINER, steps, components=[adapter, Snap()])
     return module, adapter, snaps
 
 

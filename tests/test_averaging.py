@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from cl.averaging import Averaging, ama_alphas, block_of, check_blocks, snapshot
-from cl.data import PromptFormat
+from cl.core.data import PromptFormat
 from cl.loop import TaskContext
 from cl.model import load_model_and_tokenizer
 from cl.objectives.sft import SFTObjective
 from tasks.registry import build_task
+from cl.core.components import Component
 
 
 def _setup(tiny_model_dir):
@@ -139,7 +140,7 @@ def _adapted_stream(tiny_model_dir, adapter_cfg, alpha):
     from cl.evaluation import EvalSet, Scorer
     from cl.loop import run_stream
     from cl.module import ContinualLM
-    from cl.run import _loader
+    from cl.run import task_loader
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     fmt = PromptFormat(tok)
@@ -152,14 +153,14 @@ def _adapted_stream(tiny_model_dir, adapter_cfg, alpha):
     avg = Averaging("wise", alpha=alpha, log_unaveraged=False)
     seen = []
 
-    class Probe:  # records what averaging saw and produced around each task end
+    class Probe(Component):  # records what averaging saw and produced around each task end
         def on_task_start(self, ctx):
             seen.append(("start", snapshot(ctx.module.model)))
 
         def on_task_end(self, ctx):
             seen.append(("end", snapshot(ctx.module.model)))
 
-    run_stream(module, tasks, tasks, _loader(fmt, 4, 3, 0), ev,
+    run_stream(module, tasks, tasks, task_loader(fmt, 4, 3, 0), ev,
                {"accelerator": "cpu", "devices": 1, "precision": "32-true"}, 3, components=[adapter, Probe(), avg])
     return module, seen
 

@@ -83,7 +83,7 @@ def test_answer_token_kl_is_zero_for_identical_models_and_positive_otherwise(tin
 
     import torch
 
-    from cl.data import PromptFormat
+    from cl.core.data import PromptFormat
     from cl.model import load_model_and_tokenizer
     from cl.shift import answer_token_kl
 

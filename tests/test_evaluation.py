@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from cl.data import PromptFormat, SFTCollator, TaskExamples
+from cl.core.data import PromptFormat, SFTCollator, TaskExamples
 from cl.evaluation import EvalSet, Scorer, pass_at_k
 from cl.model import load_model_and_tokenizer
 from cl.objectives.sft import SFTObjective, answer_cross_entropy
@@ -90,7 +90,7 @@ def test_eval_subset_is_fixed_by_seed():
 def test_sft_loss_matches_transformers_builtin_loss(half_trained):
     """Our answer-only CE equals transformers' own causal-LM loss given the same masked labels."""
     model, fmt, tasks = half_trained
-    from cl.data import collate_sft
+    from cl.core.data import collate_sft
 
     batch = collate_sft(fmt.encode(["A2:12+34=", "C:abcdef="], ["046", "abcdef"]), fmt.pad_id)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])

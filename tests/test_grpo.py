@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cl.data import PromptFormat, PromptRowsCollator, TaskExamples
+from cl.core.data import PromptFormat, PromptRowsCollator, TaskExamples
 from cl.model import load_model_and_tokenizer
 from cl.objectives.grpo import GRPOObjective, token_logprobs
 from cl.objectives.grpo_loss import aggregate, group_advantages, grpo_loss, k3_kl

@@ -12,7 +12,7 @@ import torch
 
 trl = pytest.importorskip("trl")
 
-from cl.data import PromptFormat  # noqa: E402
+from cl.core.data import PromptFormat  # noqa: E402
 from cl.model import load_model_and_tokenizer  # noqa: E402
 from cl.objectives.grpo import token_logprobs  # noqa: E402
 from cl.objectives.grpo_loss import group_advantages, grpo_loss, sampler_correction  # noqa: E402

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cl.data import PromptFormat
+from cl.core.data import PromptFormat
 from cl.model import load_model_and_tokenizer
 from tests.conftest import compose_cfg, run_cli
 

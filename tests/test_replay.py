@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from cl.continual_eval import ContinualEvaluator
-from cl.data import PromptFormat
+from cl.core.data import PromptFormat
 from cl.evaluation import EvalSet, Scorer
 from cl.loop import TaskContext, run_stream
 from cl.model import load_model_and_tokenizer
 from cl.module import ContinualLM
 from cl.objectives.sft import SFTObjective
-from cl.run import _loader
+from cl.run import task_loader
 from replay.buffers import ReservoirBuffer, TaskBalancedBuffer
 from replay.gere import GeneralReplay, tm_loss
 from replay.meta import KFPF, ReptileInterpolation
@@ -121,9 +121,9 @@ def _train(model, fmt, tasks, ev, components, steps=6, objective=None, replay=No
     pl_logging.setLevel(40)
     objective = objective or SFTObjective()
     module = ContinualLM(model, objective, partial(torch.optim.AdamW, lr=1e-3),
-                         loss_components=[c for c in components if hasattr(c, "extra_loss")])
+                         loss_components=components)
     torch.manual_seed(0)
-    run_stream(module, tasks, tasks, _loader(fmt, 8, steps, 0, objective.collate_fn(fmt.pad_id), replay), ev,
+    run_stream(module, tasks, tasks, task_loader(fmt, 8, steps, 0, objective.collate_fn(fmt.pad_id), replay), ev,
                TRAINER, steps, components=components)
     return module
 
@@ -151,7 +151,7 @@ def test_grpo_replayed_prompts_are_rolled_out_and_rewarded_with_their_own_verifi
     er.on_task_end(TaskContext(0, tasks[0], None, tasks))
     obj = GRPOObjective(group_size=2, max_new_tokens=4, kl_coef=0.0)
     obj.bind(fmt, {t.name: t for t in tasks})
-    batch = next(iter(_loader(fmt, 8, 1, 0, obj.collate_fn(fmt.pad_id), er)(tasks[1], 1)))
+    batch = next(iter(task_loader(fmt, 8, 1, 0, obj.collate_fn(fmt.pad_id), er)(tasks[1], 1)))
     assert [r["task"] for r in batch["rows"]].count("add2") == 4
     ro = obj.rollout(type("M", (), {"model": model})(), batch)
     assert "add2/reward" in ro.logs and "sub2/reward" in ro.logs and ro.input_ids.size(0) == 16
@@ -215,7 +215,7 @@ def test_kl_distill_is_zero_at_task_start(tiny_model_dir):
     module = type("M", (), {"model": model})()
     kl = KLDistill(1.0, fmt.pad_id)
     kl.on_task_start(type("C", (), {"module": module})())
-    batch = next(iter(_loader(fmt, 4, 1, 0)(tasks[0], 0)))
+    batch = next(iter(task_loader(fmt, 4, 1, 0)(tasks[0], 0)))
     assert kl.extra_loss(module, batch)[0].item() == pytest.approx(0.0, abs=1e-6)
 
 

@@ -20,6 +20,7 @@ from tests.conftest import ROOT, compose_cfg, run_cli
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import resume_check  # noqa: E402
+from cl.core.components import Component
 
 SFT3 = ("experiment=smoke", "stream.tasks=[sub2,mul21,add3]", "stream.steps_per_task=60", "eval.every_n_steps=10",
         "checkpoint.every_n_steps=7")
@@ -114,7 +115,7 @@ def test_rng_state_round_trip():
 def test_component_state_capture_restores_modules_generators_and_buffers():
     from replay.buffers import ReservoirBuffer
 
-    class Comp:
+    class Comp(Component):
         ckpt_attrs = ("teacher", "gen", "rng", "buffer", "anchor", "count")
 
     template = torch.nn.Linear(3, 3)

@@ -146,7 +146,7 @@ def test_names_match_transformers_for_plain_models(tiny_model_dir):
 
 
 def test_generate_syncs_once_per_weight_version_and_follows_the_run_seed(stand_in_vllm, tiny_model_dir):
-    from cl.data import PromptFormat
+    from cl.core.data import PromptFormat
     from cl.model import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
@@ -187,7 +187,7 @@ def test_vllm_rollouts_are_weighted_by_the_trainer_to_sampler_probability_ratio(
     correction: an engine that agrees with the trainer gives weights of 1; one whose log-probs are 0.5 lower
     per token gives e^0.5 on every token it returned a log-prob for (``token_truncate``, cap 3), and 1 on
     the end-of-sequence token it stopped on without one."""
-    from cl.data import PromptFormat, PromptRowsCollator, TaskExamples
+    from cl.core.data import PromptFormat, PromptRowsCollator, TaskExamples
     from cl.model import load_model_and_tokenizer
     from cl.objectives.grpo import GRPOObjective
     from tasks.base import Task

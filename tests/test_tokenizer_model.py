@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from cl.data import PromptFormat, collate_prompts, collate_sft
+from cl.core.data import PromptFormat, collate_prompts, collate_sft
 from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_model_and_tokenizer
 from cl.tokenizer import build_char_tokenizer
 

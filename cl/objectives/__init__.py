@@ -11,3 +11,8 @@ class Objective(Protocol):
     name: str
 
     def step(self, module, batch: dict) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]: ...
+
+    def collate_fn(self, pad_id: int):
+        """The DataLoader's collate function for this objective's batches (padded sequences for SFT,
+        prompt ids and rows for RL)."""
+        ...

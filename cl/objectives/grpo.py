@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cl.data import PromptFormat, PromptRowsCollator
+from cl.core.data import PromptFormat, PromptRowsCollator
 from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, group_advantages, grpo_loss, sampler_correction
 from cl.rollouts import make_backend
 from tasks.base import Task
+from cl.core.components import Component
 
 REFERENCES = ("base", "task_start", "sync")
 
@@ -50,7 +51,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     return torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-class GRPOObjective:
+class GRPOObjective(Component):
     """Group-relative policy optimisation.
 
     Args:
