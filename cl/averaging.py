@@ -28,6 +28,8 @@ adapters that are merged after each task this is the merged weights).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import logging
 import re
 
@@ -82,7 +84,7 @@ def check_blocks(boundaries, n_layers: int | None) -> None:
           and (n_layers is None or boundaries[-1] == n_layers))
     if not ok:
         n = n_layers or 2
-        raise ValueError(f"averaging.blocks: {boundaries!r} must rise strictly from 0 to the number of layers"
+        raise ValueError(f"blocks: {boundaries!r} must rise strictly from 0 to the number of layers"
                          f"{f' ({n_layers})' if n_layers is not None else ''}, e.g. [0, {n // 2}, {n}]")
 
 
@@ -100,8 +102,23 @@ def ama_alphas(logits: torch.Tensor, alpha0: float, eps: float) -> torch.Tensor:
     return (alpha0 * len(logits) * s / s.sum()).clamp(0.0, 1.0)
 
 
+@dataclass
+class AMASettings:
+    """AMA's learned per-block alphas: ``alpha0`` the mean alpha, ``eps`` the floor inside the softmax-like
+    normalisation, Adam's ``lr`` and ``reg`` (L2 on the logits), ``steps`` on ``n_samples`` rows of the task in
+    batches of ``batch_size``."""
+
+    alpha0: float = 0.2
+    eps: float = 0.2
+    lr: float = 2.0e-5
+    reg: float = 1.0e-4
+    steps: int = 50
+    n_samples: int = 256
+    batch_size: int = 16
+
+
 class Averaging(Component):
-    """The averaging component (``conf/config.yaml`` ``averaging:``).
+    """Weight averaging at task ends (``averaging=wise|partwise|ama|ema|merge``, ``conf/averaging/``).
 
     Args:
         kind: ``wise``, ``partwise``, ``ama``, ``ema`` or ``merge``.
@@ -111,27 +128,64 @@ class Averaging(Component):
         block_alphas: ``partwise`` alphas, one per block.
         ema_decay: ``ema``'s decay.
         merge: ``mean`` or ``magmax``.
-        ama: dict with ``alpha0``, ``eps``, ``lr``, ``reg``, ``steps``, ``n_samples``, ``batch_size``.
+        ama: :class:`AMASettings` (or a mapping of its fields).
         fmt, evaluator: for AMA's samples and for scoring the un-averaged model.
         log_unaveraged: also score the task-end model before averaging.
     """
     key = "averaging"
     ckpt_attrs = ("base", "task_start", "ema", "task_vectors", "records")
 
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        kind = c.get(f"{at}.kind")
+        c.choice(f"{at}.kind", KINDS[1:])
+        c.number(f"{at}.alpha", lo=0.0, hi=1.0)
+        c.choice(f"{at}.start", STARTS)
+        layers = c.get("model.arch.num_hidden_layers") if not c.get("model.name_or_path") else None
+        blocks = c.get(f"{at}.blocks")
+        if kind == "partwise" and blocks is None:
+            c.add(f"{at}.blocks", "partwise needs layer boundaries, e.g. [0, 1, 2] for two blocks of a 2-layer model")
+        if blocks is not None:
+            try:
+                check_blocks(list(blocks) if isinstance(blocks, (list, tuple)) else blocks, layers)
+            except ValueError as e:
+                c.add(f"{at}.blocks", str(e).split(": ", 1)[1])
+                blocks = None
+        if blocks is not None and kind == "partwise":
+            alphas = c.get(f"{at}.block_alphas")
+            if (not isinstance(alphas, (list, tuple)) or len(alphas) != len(blocks) - 1
+                    or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alphas)):
+                c.add(f"{at}.block_alphas", f"needs {len(blocks) - 1} numbers in [0, 1] (one per block), got {alphas!r}")
+        if kind == "ema":
+            c.number(f"{at}.ema_decay", lo=0.0, hi=1.0)
+        if kind == "merge":
+            c.choice(f"{at}.merge", MERGES)
+        if kind == "ama":
+            c.integer(f"{at}.ama.n_samples", minimum=1)
+            c.integer(f"{at}.ama.steps", minimum=1)
+            c.integer(f"{at}.ama.batch_size", minimum=1)
+            c.number(f"{at}.ama.alpha0", lo=0.0, hi=1.0)
+            c.number(f"{at}.ama.lr", lo=0.0, strict_lo=True)
+
+    @classmethod
+    def in_step(cls, node) -> bool:
+        return node.get("kind") == "ema"  # the EMA update reads every parameter after each step
+
     def __init__(self, kind: str, alpha: float = 0.2, start: str = "task_start", blocks: list[int] | None = None,
                  block_alphas: list[float] | None = None, ema_decay: float = 0.99, merge: str = "mean",
-                 ama: dict | None = None, fmt=None, evaluator=None, log_unaveraged: bool = True, seed: int = 0,
+                 ama: AMASettings = AMASettings(), fmt=None, evaluator=None, log_unaveraged: bool = True, seed: int = 0,
                  log=None):
         if kind not in KINDS[1:]:
-            raise ValueError(f"averaging.kind: '{kind}' is not one of {', '.join(KINDS)}")
+            raise ValueError(f"kind: '{kind}' is not one of {', '.join(KINDS)}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"averaging.alpha: must be in [0, 1], got {alpha}")
+            raise ValueError(f"alpha: must be in [0, 1], got {alpha}")
         if start not in STARTS:
-            raise ValueError(f"averaging.start: '{start}' is not one of {', '.join(STARTS)}")
+            raise ValueError(f"start: '{start}' is not one of {', '.join(STARTS)}")
         if merge not in MERGES:
-            raise ValueError(f"averaging.merge: '{merge}' is not one of {', '.join(MERGES)}")
+            raise ValueError(f"merge: '{merge}' is not one of {', '.join(MERGES)}")
         self.kind, self.alpha, self.start, self.blocks, self.block_alphas = kind, alpha, start, blocks, block_alphas
-        self.ema_decay, self.merge, self.ama = ema_decay, merge, dict(ama or {})
+        self.ema_decay, self.merge = ema_decay, merge
+        self.ama = replace(ama) if isinstance(ama, AMASettings) else AMASettings(**dict(ama or {}))
         self.fmt, self.evaluator, self.log_unaveraged, self.seed, self.log = fmt, evaluator, log_unaveraged, seed, log
         self.base: dict | None = None
         self.task_start: dict | None = None
@@ -207,7 +261,7 @@ class Averaging(Component):
         return taus.gather(0, idx).squeeze(0)
 
     def _ama_samples(self, model, ctx) -> list[tuple[list[int], list[int]]]:
-        n = int(self.ama.get("n_samples", 256))
+        n = self.ama.n_samples
         rows = ctx.task.train.select(range(min(n, len(ctx.task.train)))).to_list()
         objective = getattr(ctx.module, "objective", None)
         if getattr(objective, "name", "sft") == "sft":
@@ -224,22 +278,22 @@ class Averaging(Component):
     def _learn_ama(self, model, start: dict, end: dict, ctx) -> list[float]:
         b = self._boundaries()
         K = len(b) - 1
-        alpha0, eps = float(self.ama.get("alpha0", 0.2)), float(self.ama.get("eps", 0.2))
+        alpha0, eps = self.ama.alpha0, self.ama.eps
         samples = self._ama_samples(model, ctx)
         if not samples:
             log.warning("AMA: no reward-filtered samples for task %s; using alpha0 in every block", ctx.task.name)
             print(f"[averaging] AMA: no accepted sample on {ctx.task.name}; alpha0 everywhere", flush=True)
             return [alpha0] * K
         logits = torch.zeros(K, requires_grad=True)
-        opt = torch.optim.Adam([logits], lr=float(self.ama.get("lr", 2e-5)))
-        reg, bs = float(self.ama.get("reg", 1e-4)), int(self.ama.get("batch_size", 16))
+        opt = torch.optim.Adam([logits], lr=self.ama.lr)
+        reg, bs = self.ama.reg, self.ama.batch_size
         names = [n for n, _ in model.named_parameters()]  # tied weights appear once here
         blk = {n: block_of(n, b) for n in names}
         g = torch.Generator().manual_seed(self.seed)
         device = next(model.parameters()).device
         was = model.training
         model.eval()
-        for _ in range(int(self.ama.get("steps", 50))):
+        for _ in range(self.ama.steps):
             alphas = ama_alphas(logits, alpha0, eps)
             params = {n: (self.alpha if blk[n] is None else alphas[blk[n]]) * start[n]
                       + (1 - (self.alpha if blk[n] is None else alphas[blk[n]])) * end[n] for n in names}

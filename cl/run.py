@@ -30,10 +30,10 @@ from analysis import plots
 from analysis.curve_metrics import curve_metrics
 from analysis.metrics import matrix_metrics
 from cl.adapters import AdapterError, make_adapter, save_adapted
-from cl.averaging import Averaging
 from cl.base_stage import BaseRecipe, base_health, base_key, ensure_base
 from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest_common, not_resumable, run_key
 from cl.continual_eval import ContinualEvaluator
+from cl import components as methods
 from cl.core.components import Component
 from cl.core.data import PromptFormat, SFTCollator, TaskExamples
 from cl.dist import ShardBatches, global_rank, stream_device, world_size
@@ -50,10 +50,6 @@ from cl.schedule import LRSchedule
 from cl.shift import DistributionShiftProbe
 from cl.tracking import make_logger
 from cl.validate import ConfigError, validate_config
-from replay.gere import GeneralReplay, general_replay_rows
-from replay.meta import KFPF, ReptileInterpolation
-from replay.mixing import ExperienceReplay
-from replay.regularizers import EWC, KLDistill, L2Anchor
 from tasks.base import Task
 from tasks.stream import build_tasks, joint_task
 from tasks.user_data import DataError
@@ -73,7 +69,7 @@ def task_loader(fmt: PromptFormat, batch_size: int, steps: int, seed: int, colla
     """``(task, t) -> DataLoader`` of exactly ``steps`` batches sampled with replacement, seeded per task.
 
     ``collate_fn`` comes from the objective (padded sequences for SFT, prompts + rows for RL). With an
-    active ``replay`` (``replay.mixing.ExperienceReplay``), each batch mixes buffered rows of earlier tasks
+    active ``replay`` (a component's ``batch_mixer()``, e.g. ``replay.mixing.ExperienceReplay``), each batch mixes buffered rows of earlier tasks
     into the current task's at the replay fraction; otherwise the sampler is the plain one. Under a
     distributed strategy (``world > 1``) every rank draws the same global batches and keeps rows
     ``rank::world`` of each (``cl.dist``)."""
@@ -409,42 +405,18 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
 
 def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEvaluator, objective, logger,
                      general: list[Task] = ()) -> list:
-    """Task-boundary, data, loss and per-step components, in the order their hooks run."""
+    """The stream components in the order their hooks run: the objective's (GRPO's reference snapshot), the
+    configured methods (``cl.components``: averaging, replay, regularizer, meta groups), then the probes."""
     log = logger.log if logger else None
     components = []
     if isinstance(objective, Component):  # e.g. GRPO's reference snapshot at every task start
         components.append(objective)
-    # averaging first: its on_task_end replaces the model, and every later hook (shift probe, EWC's Fisher,
-    # buffers) should see the stream's model
-    a = cfg.get("averaging")
-    if a is not None and a.kind != "none":
-        components.append(Averaging(a.kind, a.alpha, a.start, a.blocks, a.block_alphas, a.ema_decay, a.merge,
-                                    OmegaConf.to_container(a.ama, resolve=True), fmt, evaluator, a.log_unaveraged,
-                                    seed=cfg.seed, log=log))
-    r = cfg.get("replay")
-    if r is not None and r.fraction > 0:
-        components.append(ExperienceReplay(r.fraction, r.buffer, r.capacity, r.schedule, r.exponent, r.rate,
-                                           r.rate_schedule, r.rate_steps, r.fill_per_task, seed=cfg.seed))
-    g = cfg.get("gere")
-    if g is not None and g.enabled:
-        components.append(GeneralReplay(fmt, general_replay_rows(general, g.n_samples, cfg.data.seed), g.loss,
-                                        g.batch_size, g.weight, g.temperature, seed=cfg.seed))
-    reg = cfg.get("reg")
-    if reg is not None:
-        if reg.l2 > 0:
-            components.append(L2Anchor(reg.l2))
-        if reg.ewc > 0:
-            components.append(EWC(reg.ewc, fmt, reg.ewc_gamma, reg.ewc_fisher_batches, cfg.stream.batch_size,
-                                  seed=cfg.seed))
-        if reg.kl > 0:
-            components.append(KLDistill(reg.kl, fmt.pad_id, reg.kl_temperature))
-    m = cfg.get("meta_replay")
-    if m is not None and m.enabled:
-        components.append(ReptileInterpolation(m.eps, m.every))
-    k = cfg.get("kfpf")
-    if k is not None and k.enabled:
-        components.append(KFPF(fmt, k.every, k.steps, k.lr, k.batch_size, tuple(k.modules), k.top_blocks,
-                               k.capacity, seed=cfg.seed))
+    context = {"fmt": fmt, "evaluator": evaluator, "seed": cfg.seed, "log": log, "general": list(general),
+               "stream_batch_size": cfg.stream.batch_size, "data_seed": cfg.data.seed}
+    try:
+        components += methods.build(cfg, context)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from e
     if cfg.eval.shift_metrics:
         components.append(DistributionShiftProbe(evaluator.stream, evaluator.general, fmt.pad_id,
                                                  cfg.eval.shift_n, log=log))
@@ -529,6 +501,7 @@ def save_hydra_files(cfg: DictConfig, hc, run_dir: Path) -> None:
 
 OmegaConf.register_new_resolver("cl_key", run_key, replace=True)  # hydra.run.dir / hydra.sweep.subdir
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: works for `cl-run` as well
+methods.register_schemas(CONF_DIR)  # conf/<group>/<method>.yaml take their types and defaults from the classes
 
 
 def compose_config(*overrides: str) -> DictConfig:

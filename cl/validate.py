@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
+
+from cl.core.checks import Checker, get as _get
 from cl.evaluation import METHODS
 from cl.fsdp import is_fsdp
 from cl.schedule import DECAYS
@@ -27,44 +28,7 @@ class ConfigError(ValueError):
         super().__init__("\n".join(problems))
 
 
-def _get(cfg: Mapping, dotted: str, default: Any = None) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-class _Checker:
-    def __init__(self, cfg: Mapping):
-        self.cfg, self.problems = cfg, []
-
-    def add(self, field: str, msg: str) -> None:
-        self.problems.append(f"{field}: {msg}")
-
-    def integer(self, field: str, minimum: int = 1, optional: bool = False) -> None:
-        v = _get(self.cfg, field)
-        if v is None and optional:
-            return
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            self.add(field, f"must be an integer >= {minimum}, got {v!r}")
-
-    def number(self, field: str, lo: float | None = None, hi: float | None = None, strict_lo: bool = False) -> None:
-        v = _get(self.cfg, field)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            self.add(field, f"must be a number, got {v!r}")
-            return
-        if lo is not None and (v <= lo if strict_lo else v < lo):
-            self.add(field, f"must be {'>' if strict_lo else '>='} {lo}, got {v!r}")
-        if hi is not None and v > hi:
-            self.add(field, f"must be <= {hi}, got {v!r}")
-
-    def choice(self, field: str, allowed: Sequence[str]) -> None:
-        v = _get(self.cfg, field)
-        if v not in allowed:
-            self.add(field, f"'{v}' is not one of {', '.join(allowed)}")
-
+class _Checker(Checker):
     def task_list(self, field: str, allow_user: bool) -> list[str]:
         v = _get(self.cfg, field)
         if not isinstance(v, Sequence) or isinstance(v, str):
@@ -208,8 +172,7 @@ def validate_config(cfg: Mapping) -> None:
             c.add("rif.enabled", "must be true or false")
         c.integer("rif.k", minimum=1)
         c.integer("rif.max_instances", minimum=1)
-    _validate_replay(c, cfg)
-    _validate_averaging(c, cfg)
+    _validate_components(c, cfg)
     _validate_adapter(c, cfg)
     _validate_checkpoint(c, cfg)
     _validate_trainer(c, cfg)
@@ -267,87 +230,26 @@ def validate_config(cfg: Mapping) -> None:
         raise ConfigError(c.problems)
 
 
-def _validate_replay(c: _Checker, cfg: Mapping) -> None:
-    """Replay, GeRe, regularizer, meta-replay and k-FPF blocks (each optional in the config)."""
-    from replay.buffers import BUFFERS
-    from replay.gere import GERE_LOSSES
-    from replay.schedules import RATE_SCHEDULES, TASK_SCHEDULES
+def _validate_components(c: _Checker, cfg: Mapping) -> None:
+    """Each configured method checks its own settings (``check_config``); refused under FSDP when it reads
+    or writes parameters inside the training step (where FSDP holds only shards)."""
+    from cl.components import configured, locate
 
-    if _get(cfg, "replay") is not None:
-        frac = _get(cfg, "replay.fraction")
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
-            c.add("replay.fraction", f"must be a number in [0, 1) (the replayed share of each batch), got {frac!r}")
-        cap = _get(cfg, "replay.capacity")
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-            c.add("replay.capacity", f"must be an integer >= 1, got {cap!r}")
-        elif cap == 0 and isinstance(frac, (int, float)) and frac > 0:
-            c.add("replay.capacity", f"is 0 but replay.fraction is {frac}: a non-zero fraction needs a buffer (>= 1)")
-        c.choice("replay.buffer", tuple(BUFFERS))
-        c.choice("replay.schedule", TASK_SCHEDULES)
-        c.choice("replay.rate_schedule", RATE_SCHEDULES)
-        c.number("replay.exponent", lo=0.0)
-        c.number("replay.rate", lo=0.0)
-        c.integer("replay.rate_steps", minimum=0)
-        c.integer("replay.fill_per_task", minimum=1)
-    if _get(cfg, "gere.enabled"):
-        c.choice("gere.loss", GERE_LOSSES)
-        c.integer("gere.n_samples", minimum=1)
-        c.integer("gere.batch_size", minimum=1)
-        c.number("gere.weight", lo=0.0)
-        c.number("gere.temperature", lo=0.0, strict_lo=True)
-        if not _get(cfg, "stream.general"):
-            c.add("gere.enabled", "GeRe replays general samples: stream.general must list at least one task")
-    if _get(cfg, "reg") is not None:
-        for k in ("l2", "ewc", "kl"):
-            c.number(f"reg.{k}", lo=0.0)
-        c.number("reg.ewc_gamma", lo=0.0, hi=1.0)
-        c.integer("reg.ewc_fisher_batches", minimum=1)
-        c.number("reg.kl_temperature", lo=0.0, strict_lo=True)
-    if _get(cfg, "meta_replay.enabled"):
-        c.number("meta_replay.eps", lo=0.0, hi=1.0, strict_lo=True)
-        c.integer("meta_replay.every", minimum=1)
-    if _get(cfg, "kfpf.enabled"):
-        for k in ("every", "steps", "batch_size", "capacity"):
-            c.integer(f"kfpf.{k}", minimum=1)
-        c.integer("kfpf.top_blocks", minimum=0)
-        c.number("kfpf.lr", lo=0.0, strict_lo=True)
-
-
-def _validate_averaging(c: _Checker, cfg: Mapping) -> None:
-    from cl.averaging import KINDS, MERGES, STARTS, check_blocks
-
-    if _get(cfg, "averaging") is None:
-        return
-    c.choice("averaging.kind", KINDS)
-    kind = _get(cfg, "averaging.kind")
-    if kind in (None, "none"):
-        return
-    c.number("averaging.alpha", lo=0.0, hi=1.0)
-    c.choice("averaging.start", STARTS)
-    layers = _get(cfg, "model.arch.num_hidden_layers") if not _get(cfg, "model.name_or_path") else None
-    blocks = _get(cfg, "averaging.blocks")
-    if kind == "partwise" and blocks is None:
-        c.add("averaging.blocks", "partwise needs layer boundaries, e.g. [0, 1, 2] for two blocks of a 2-layer model")
-    if blocks is not None:
+    fsdp = is_fsdp(dict(_get(cfg, "trainer") or {}))
+    for at, node in configured(cfg):
+        target = node["_target_"]
+        if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
+            continue  # reported with the other targets
         try:
-            check_blocks(list(blocks) if isinstance(blocks, Sequence) else blocks, layers)
-        except ValueError as e:
-            c.problems.append(str(e))
-            blocks = None
-    if blocks is not None and kind == "partwise":
-        alphas = _get(cfg, "averaging.block_alphas")
-        if (not isinstance(alphas, Sequence) or len(alphas) != len(blocks) - 1
-                or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alphas)):
-            c.add("averaging.block_alphas", f"needs {len(blocks) - 1} numbers in [0, 1] (one per block), got {alphas!r}")
-    if kind == "ema":
-        c.number("averaging.ema_decay", lo=0.0, hi=1.0)
-    if kind == "merge":
-        c.choice("averaging.merge", MERGES)
-    if kind == "ama":
-        c.integer("averaging.ama.n_samples", minimum=1)
-        c.integer("averaging.ama.steps", minimum=1)
-        c.number("averaging.ama.alpha0", lo=0.0, hi=1.0)
-        c.number("averaging.ama.lr", lo=0.0, strict_lo=True)
+            cls = locate(target)
+        except (ImportError, AttributeError) as e:
+            c.add(f"{at}._target_", f"cannot import '{target}': {e}")
+            continue
+        if hasattr(cls, "check_config"):
+            cls.check_config(c, at)
+        if fsdp and getattr(cls, "in_step", lambda _: False)(node):
+            c.add(at, f"{at} reads or writes parameters inside the training step, where trainer=fsdp holds only "
+                      "shards; use trainer=ddp for it")
 
 
 def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
@@ -370,16 +272,9 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
 
         if not hasattr(fsdp, "fully_shard"):
             c.add("trainer.strategy", f"fsdp2 needs torch >= 2.6 (FSDP2's fully_shard), this is {torch.__version__}")
-        # these read or write parameters inside the training step, where they are shards
-        step_readers = {"reg.l2": (_get(cfg, "reg.l2") or 0) > 0, "reg.ewc": (_get(cfg, "reg.ewc") or 0) > 0,
-                        "adapter.name=reglora": _get(cfg, "adapter.name") == "reglora",
-                        "averaging.kind=ema": _get(cfg, "averaging.kind") == "ema",
-                        "meta_replay.enabled": bool(_get(cfg, "meta_replay.enabled")),
-                        "kfpf.enabled": bool(_get(cfg, "kfpf.enabled"))}
-        for key, on in step_readers.items():
-            if on:
-                c.add(key.split("=")[0], f"{key} reads or writes parameters inside the training step, where "
-                                         "trainer=fsdp holds only shards; use trainer=ddp for it")
+        if _get(cfg, "adapter.name") == "reglora":  # its penalty reads parameters inside the training step
+            c.add("adapter.name", "adapter.name=reglora reads or writes parameters inside the training step, where "
+                                  "trainer=fsdp holds only shards; use trainer=ddp for it")
 
 
 def _validate_checkpoint(c: _Checker, cfg: Mapping) -> None:

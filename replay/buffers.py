@@ -24,7 +24,7 @@ class ReservoirBuffer:
 
     def __init__(self, capacity: int, seed: int = 0):
         if capacity < 1:
-            raise ValueError(f"replay.capacity: must be >= 1, got {capacity}")
+            raise ValueError(f"capacity: must be >= 1, got {capacity}")
         self.capacity, self.items, self.seen = capacity, [], 0
         self.rng = random.Random(seed)
 
@@ -69,7 +69,7 @@ class TaskBalancedBuffer:
 
     def __init__(self, capacity: int, seed: int = 0):
         if capacity < 1:
-            raise ValueError(f"replay.capacity: must be >= 1, got {capacity}")
+            raise ValueError(f"capacity: must be >= 1, got {capacity}")
         self.capacity = capacity
         self.per_task: dict[str, list[dict]] = {}
         self.seen: dict[str, int] = {}
@@ -135,5 +135,5 @@ BUFFERS = {"reservoir": ReservoirBuffer, "balanced": TaskBalancedBuffer}
 
 def make_buffer(kind: str, capacity: int, seed: int = 0):
     if kind not in BUFFERS:
-        raise ValueError(f"replay.buffer: '{kind}' is not one of {', '.join(BUFFERS)}")
+        raise ValueError(f"buffer: '{kind}' is not one of {', '.join(BUFFERS)}")
     return BUFFERS[kind](capacity, seed)

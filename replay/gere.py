@@ -48,21 +48,36 @@ class GeneralReplay(Component):
 
     Args:
         fmt: the run's prompt format.
-        rows: the general replay set (row dicts with ``prompt`` and ``answer``).
+        general: the general tasks, whose training splits give ``n_samples`` rows drawn evenly (seeded by
+            ``data_seed``), or the replay rows themselves (dicts with ``prompt`` and ``answer``).
+        n_samples: size of the fixed general replay set.
         loss: one of ``ce``, ``kl``, ``l1``, ``l2``, ``tm``.
         batch_size: replayed examples per training step.
         weight: multiplier of ``ce``/``kl``/``l1``/``l2`` (``tm`` uses the dynamic weight).
         temperature: of the ``kl`` imitation.
         seed: seeds the minibatch draws.
     """
+    key = None
     ckpt_attrs = ("gen", "h0", "pos", "neg", "teacher")
 
-    def __init__(self, fmt, rows: list[dict], loss: str = "tm", batch_size: int = 8, weight: float = 1.0,
-                 temperature: float = 2.0, seed: int = 0):
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        c.choice(f"{at}.loss", GERE_LOSSES)
+        c.integer(f"{at}.n_samples", minimum=1)
+        c.integer(f"{at}.batch_size", minimum=1)
+        c.number(f"{at}.weight", lo=0.0)
+        c.number(f"{at}.temperature", lo=0.0, strict_lo=True)
+        if not c.get("stream.general"):
+            c.add(at, "GeRe replays general samples: stream.general must list at least one task")
+
+    def __init__(self, fmt, general: list, n_samples: int = 256, loss: str = "tm", batch_size: int = 4,
+                 weight: float = 1.0, temperature: float = 2.0, data_seed: int = 0, seed: int = 0):
+        rows = list(general) if general and isinstance(general[0], dict) else general_replay_rows(general, n_samples,
+                                                                                                    data_seed)
         if loss not in GERE_LOSSES:
-            raise ValueError(f"gere.loss: '{loss}' is not one of {', '.join(GERE_LOSSES)}")
+            raise ValueError(f"loss: '{loss}' is not one of {', '.join(GERE_LOSSES)}")
         if not rows:
-            raise ValueError("gere: the general replay set is empty (stream.general lists no task?)")
+            raise ValueError("the general replay set is empty (stream.general lists no task?)")
         self.fmt, self.loss, self.batch_size, self.weight, self.temperature = fmt, loss, batch_size, weight, temperature
         self.pairs = fmt.encode([r["prompt"] for r in rows], [r["answer"] for r in rows])
         self.gen = torch.Generator().manual_seed(seed)

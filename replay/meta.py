@@ -27,18 +27,27 @@ from cl.core.components import Component
 
 
 class ReptileInterpolation(Component):
+    """Reptile-style interpolation every ``every`` steps: ``theta <- anchor + eps * (theta - anchor)``,
+    then the anchor moves to ``theta`` (``meta=reptile``)."""
     key = "meta_replay"
     ckpt_attrs = ("anchor", "applied")
+    in_step_params = True
+
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        c.number(f"{at}.eps", lo=0.0, hi=1.0, strict_lo=True)
+        c.integer(f"{at}.every", minimum=1)
+
     def __init__(self, eps: float = 0.1, every: int = 100):
         if not 0.0 < eps <= 1.0:
-            raise ValueError(f"meta_replay.eps: must be in (0, 1], got {eps}")
+            raise ValueError(f"eps: must be in (0, 1], got {eps}")
         self.eps, self.every, self.anchor = eps, every, None
         self.applied = 0
 
-    @torch.no_grad()
     def record(self) -> dict:
         return {"interpolations": self.applied}
 
+    @torch.no_grad()
     def interpolate(self, model: torch.nn.Module) -> None:
         for n, p in model.named_parameters():
             if n in self.anchor:
@@ -56,8 +65,20 @@ class ReptileInterpolation(Component):
 
 
 class KFPF(Component):
+    """k-FPF: every ``every`` steps, ``steps`` SGD steps on a buffer of earlier tasks' rows, updating only
+    the forgetting-prone modules (names containing one of ``modules``, plus the top ``top_blocks``
+    transformer blocks) (``meta=kfpf``)."""
     key = "kfpf"
     ckpt_attrs = ("buffer", "rng", "updates")
+    in_step_params = True
+
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        for k in ("every", "steps", "batch_size", "capacity"):
+            c.integer(f"{at}.{k}", minimum=1)
+        c.integer(f"{at}.top_blocks", minimum=0)
+        c.number(f"{at}.lr", lo=0.0, strict_lo=True)
+
     def __init__(self, fmt, every: int = 50, steps: int = 5, lr: float = 1e-4, batch_size: int = 16,
                  modules: tuple[str, ...] = ("norm", "lm_head"), top_blocks: int = 0, capacity: int = 1000,
                  seed: int = 0):

@@ -19,8 +19,8 @@ from collections import Counter
 import torch
 from torch.utils.data import Sampler
 
-from replay.buffers import make_buffer
-from replay.schedules import item_weights, replay_fraction
+from replay.buffers import BUFFERS, make_buffer
+from replay.schedules import RATE_SCHEDULES, TASK_SCHEDULES, item_weights, replay_fraction
 from cl.core.components import Component
 
 
@@ -69,11 +69,26 @@ class ExperienceReplay(Component):
     key = "replay"
     ckpt_attrs = ("buffer", "task_order", "replayed")
 
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        frac, cap = c.get(f"{at}.fraction"), c.get(f"{at}.capacity")
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac < 1:
+            c.add(f"{at}.fraction", f"must be a number in [0, 1) (the replayed share of each batch), got {frac!r}")
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            c.add(f"{at}.capacity", f"must be an integer >= 1, got {cap!r}")
+        c.choice(f"{at}.buffer", tuple(BUFFERS))
+        c.choice(f"{at}.schedule", TASK_SCHEDULES)
+        c.choice(f"{at}.rate_schedule", RATE_SCHEDULES)
+        c.number(f"{at}.exponent", lo=0.0)
+        c.number(f"{at}.rate", lo=0.0)
+        c.integer(f"{at}.rate_steps", minimum=0)
+        c.integer(f"{at}.fill_per_task", minimum=1)
+
     def __init__(self, fraction: float = 0.25, buffer: str = "reservoir", capacity: int = 1000,
                  schedule: str = "uniform", exponent: float = 0.5, rate: float = 1.0,
                  rate_schedule: str = "constant", rate_steps: int = 0, fill_per_task: int = 5000, seed: int = 0):
         if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"replay.fraction: must be in [0, 1), got {fraction}")
+            raise ValueError(f"fraction: must be in [0, 1), got {fraction}")
         self.fraction, self.schedule, self.exponent, self.rate = fraction, schedule, exponent, rate
         self.rate_schedule, self.rate_steps, self.fill_per_task, self.seed = rate_schedule, rate_steps, fill_per_task, seed
         self.buffer = make_buffer(buffer, capacity, seed)

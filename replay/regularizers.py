@@ -28,7 +28,13 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 class L2Anchor(Component):
+    """``coef * sum (theta - theta_0)^2`` to the weights the stream started from (``regularizer=l2``)."""
     ckpt_attrs = ("anchor",)
+    in_step_params = True
+
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        c.number(f"{at}.coef", lo=0.0)
     def __init__(self, coef: float):
         self.coef, self.anchor = coef, None
 
@@ -46,11 +52,20 @@ class L2Anchor(Component):
 
 
 class EWC(Component):
+    """Online EWC re-anchored at every task end (``regularizer=ewc``)."""
     ckpt_attrs = ("fisher", "anchor")
-    def __init__(self, coef: float, fmt, gamma: float = 1.0, fisher_batches: int = 10, batch_size: int = 16,
+    in_step_params = True
+
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        c.number(f"{at}.coef", lo=0.0)
+        c.number(f"{at}.gamma", lo=0.0, hi=1.0)
+        c.integer(f"{at}.fisher_batches", minimum=1)
+
+    def __init__(self, coef: float, fmt, gamma: float = 1.0, fisher_batches: int = 10, stream_batch_size: int = 16,
                  seed: int = 0):
         self.coef, self.fmt, self.gamma = coef, fmt, gamma
-        self.fisher_batches, self.batch_size, self.seed = fisher_batches, batch_size, seed
+        self.fisher_batches, self.batch_size, self.seed = fisher_batches, stream_batch_size, seed
         self.fisher: dict[str, torch.Tensor] | None = None
         self.anchor: dict[str, torch.Tensor] | None = None
 
@@ -98,9 +113,16 @@ class EWC(Component):
 
 
 class KLDistill(Component):
+    """LwF-style distillation to the task-start model on the batch's inputs (``regularizer=lwf``)."""
     ckpt_attrs = ("teacher",)
-    def __init__(self, coef: float, pad_id: int, temperature: float = 1.0):
-        self.coef, self.pad_id, self.temperature = coef, pad_id, temperature
+
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        c.number(f"{at}.coef", lo=0.0)
+        c.number(f"{at}.temperature", lo=0.0, strict_lo=True)
+
+    def __init__(self, coef: float, fmt, temperature: float = 1.0):
+        self.coef, self.pad_id, self.temperature = coef, fmt.pad_id, temperature
         self.teacher: torch.nn.Module | None = None
 
     def on_task_start(self, ctx) -> None:

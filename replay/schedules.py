@@ -27,7 +27,7 @@ def task_weight(age: int, schedule: str, exponent: float = 0.5, rate: float = 1.
         return float(age + 1) ** -exponent
     if schedule == "exponential":
         return math.exp(-rate * age)
-    raise ValueError(f"replay.schedule: '{schedule}' is not one of {', '.join(TASK_SCHEDULES)}")
+    raise ValueError(f"schedule: '{schedule}' is not one of {', '.join(TASK_SCHEDULES)}")
 
 
 def item_weights(item_tasks: list[str], task_order: dict[str, int], current: int, schedule: str,
@@ -49,4 +49,4 @@ def replay_fraction(step: int, steps: int, fraction: float, schedule: str = "con
         return fraction * min(1.0, (step + 1) / max(1, rate_steps))
     if schedule == "decay":
         return fraction * (1.0 - step / max(1, steps))
-    raise ValueError(f"replay.rate_schedule: '{schedule}' is not one of {', '.join(RATE_SCHEDULES)}")
+    raise ValueError(f"rate_schedule: '{schedule}' is not one of {', '.join(RATE_SCHEDULES)}")

@@ -36,7 +36,7 @@ def points(paradigms: list[str]) -> dict[str, tuple[str, str, str, list[str]]]:
     out = {}
     for p in paradigms:
         for a in ALPHAS:
-            out[f"{p}_wise{a}"] = (p, f"wise {a}", "wise", [f"objective={p}", f"averaging.alpha={a}"])
+            out[f"{p}_wise{a}"] = (p, f"wise {a}", "wise", [f"objective={p}", f"averaging.wise.alpha={a}"])
         out[f"{p}_partwise"] = (p, "partwise", "partwise", [f"objective={p}"])
         out[f"{p}_ama"] = (p, "AMA", "ama", [f"objective={p}"])
     return out

@@ -43,23 +43,23 @@ def points(parts: set[str], paradigms: tuple[str, ...] = ("sft", "grpo")) -> tup
     runs: dict[str, tuple[str | None, list[str]]] = {}
     tables: dict[str, list[str]] = {}
     if "gere" in parts:
-        runs["sft_frac0"] = (None, ["objective=sft", "replay.fraction=0"])
+        runs["sft_frac0"] = (None, ["objective=sft", "replay=none"])
         for loss in ("ce", "kl", "l1", "l2", "tm"):
-            runs[f"sft_gere_{loss}"] = ("gere", [f"gere.loss={loss}"])
+            runs[f"sft_gere_{loss}"] = ("gere", [f"replay.gere.loss={loss}"])
         tables["gere"] = ["sft_frac0"] + [f"sft_gere_{x}" for x in ("ce", "kl", "l1", "l2", "tm")]
     if "fraction" in parts:
         for obj in paradigms:
             for f in FRACTIONS:
-                runs[f"{obj}_frac{f}"] = (None, [f"objective={obj}", f"replay.fraction={f}"])
+                runs[f"{obj}_frac{f}"] = (None, [f"objective={obj}", "replay=er", f"replay.er.fraction={f}"])
         tables["fraction"] = [f"{obj}_frac{f}" for obj in paradigms for f in FRACTIONS]
     if "regularizers" in parts:
-        runs["sft_frac0"] = (None, ["objective=sft", "replay.fraction=0"])
+        runs["sft_frac0"] = (None, ["objective=sft", "replay=none"])
         for exp in REGULARIZERS:
             runs[f"sft_{exp}"] = (exp, [])
         tables["regularizers"] = ["sft_frac0"] + [f"sft_{exp}" for exp in REGULARIZERS]
     if "schedule" in parts:
         for sched in ("uniform", "power_law", "exponential"):
-            runs[f"sft_frac0.25_{sched}"] = ("er_powerlaw", [f"replay.schedule={sched}"])
+            runs[f"sft_frac0.25_{sched}"] = ("er_powerlaw", [f"replay.er_powerlaw.schedule={sched}"])
         tables["schedule"] = [f"sft_frac0.25_{x}" for x in ("uniform", "power_law", "exponential")]
     return runs, tables
 

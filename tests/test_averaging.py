@@ -70,7 +70,7 @@ def test_partwise_uses_block_alphas_inside_blocks_and_global_alpha_outside(tiny_
 def test_block_boundaries_must_cover_the_layers():
     check_blocks([0, 1, 2], 2)
     for bad in ([0, 1], [1, 2], [0, 2, 1, 2], [0]):
-        with pytest.raises(ValueError, match="averaging.blocks"):
+        with pytest.raises(ValueError, match="blocks"):
             check_blocks(bad, 2)
 
 

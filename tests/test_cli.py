@@ -133,9 +133,10 @@ def test_console_script_alias(tmp_path, cache_dir):
 def test_every_replay_option_runs_through_the_cli(tmp_path, cache_dir, objective):
     out = tmp_path / "run"
     proc = run_cli("experiment=smoke", f"objective={objective}", f"hydra.run.dir={out}", "stream.steps_per_task=8",
-                   "replay.fraction=0.25", "replay.schedule=power_law", "gere.enabled=true", "gere.loss=tm",
-                   "reg.ewc=1", "reg.l2=0.01", "reg.kl=0.1", "meta_replay.enabled=true", "meta_replay.every=4",
-                   "kfpf.enabled=true", "kfpf.every=4", "train.decay=infinite", "eval.shift_metrics=false",
+                   "replay=[er,gere]", "replay.er.schedule=power_law", "replay.gere.loss=tm",
+                   "regularizer=[ewc,l2,lwf]", "regularizer.ewc.coef=1", "regularizer.lwf.coef=0.1",
+                   "meta=[reptile,kfpf]", "meta.reptile.every=4", "meta.kfpf.every=4", "train.decay=infinite",
+                   "eval.shift_metrics=false",
                    "objective.group_size=2" if objective == "grpo" else "seed=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = _check_contract(out)

@@ -51,7 +51,7 @@ def test_fsdp_cpu_shards_and_matches_the_single_process_run(tmp_path, cache_dir,
 
 GRPO2 = ("experiment=smoke", "stream.tasks=[sub2,mul21,add3]", "objective=grpo", "objective.group_size=4",
              "objective.kl_coef=0.05", "objective.ppo_epochs=2", "stream.steps_per_task=16", "stream.batch_size=4",
-             "eval.every_n_steps=5", "checkpoint.every_n_steps=3", "replay.fraction=0.25",
+             "eval.every_n_steps=5", "checkpoint.every_n_steps=3", "replay=er",
              "train.reset_optimizer_per_task=false")
 
 
@@ -121,12 +121,12 @@ def test_ranks_resume_from_the_newest_checkpoint_they_all_have(tmp_path):
     assert ck.latest_common(r0, 0, 2) is None
 
 
-@pytest.mark.parametrize("override", ["reg.l2=0.1", "reg.ewc=1", "averaging.kind=ema", "meta_replay.enabled=true",
-                                      "kfpf.enabled=true", "adapter=reglora"])
+@pytest.mark.parametrize("override", ["regularizer=l2", "regularizer=ewc", "averaging=ema", "meta=reptile",
+                                      "meta=kfpf", "adapter=reglora"])
 def test_fsdp_refuses_components_that_touch_parameters_inside_the_step(override):
     from cl.validate import ConfigError, validate_config
 
-    key = override.split("=")[0].replace("adapter", "adapter.name")
+    key = "adapter.name" if override.startswith("adapter") else override.replace("=", ".")
     cfg = OmegaConf.to_container(compose_cfg("trainer=fsdp_cpu", override), resolve=True)
     with pytest.raises(ConfigError, match=rf"{key}: .*trainer=fsdp holds only shards"):
         validate_config(cfg)

@@ -77,9 +77,9 @@ def test_buffer_state_round_trip_continues_identically(cls):
 
 
 def test_zero_capacity_is_refused():
-    with pytest.raises(ValueError, match="replay.capacity"):
+    with pytest.raises(ValueError, match="capacity"):
         ReservoirBuffer(0)
-    with pytest.raises(ValueError, match="replay.fraction"):
+    with pytest.raises(ValueError, match="fraction"):
         ExperienceReplay(fraction=1.0)
 
 
@@ -198,7 +198,7 @@ def test_gere_terms(tiny_model_dir, loss):
 def test_l2_and_ewc_are_zero_at_the_anchor_and_positive_away(tiny_model_dir):
     model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
     ctx = TaskContext(0, tasks[0], type("M", (), {"model": model})(), tasks)
-    l2, ewc = L2Anchor(1.0), EWC(1.0, fmt, fisher_batches=2, batch_size=4)
+    l2, ewc = L2Anchor(1.0), EWC(1.0, fmt, fisher_batches=2, stream_batch_size=4)
     l2.on_task_start(ctx)
     assert ewc.penalty(model).item() == 0.0  # no Fisher before the first task ends
     ewc.on_task_end(ctx)
@@ -213,7 +213,7 @@ def test_l2_and_ewc_are_zero_at_the_anchor_and_positive_away(tiny_model_dir):
 def test_kl_distill_is_zero_at_task_start(tiny_model_dir):
     model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
     module = type("M", (), {"model": model})()
-    kl = KLDistill(1.0, fmt.pad_id)
+    kl = KLDistill(1.0, fmt)
     kl.on_task_start(type("C", (), {"module": module})())
     batch = next(iter(task_loader(fmt, 4, 1, 0)(tasks[0], 0)))
     assert kl.extra_loss(module, batch)[0].item() == pytest.approx(0.0, abs=1e-6)
@@ -240,8 +240,8 @@ def test_components_run_inside_a_stream(tiny_model_dir):
     rows = build_task("copy6", 50, 10, 0).train.to_list()
     er = ExperienceReplay(fraction=0.25, capacity=50, schedule="power_law")
     kf = KFPF(fmt, every=3, steps=2, batch_size=4, capacity=50)
-    comps = [er, GeneralReplay(fmt, rows, "tm", 2), L2Anchor(0.1), EWC(0.1, fmt, fisher_batches=1, batch_size=4),
-             KLDistill(0.1, fmt.pad_id), ReptileInterpolation(0.5, every=4), kf]
+    comps = [er, GeneralReplay(fmt, rows, loss="tm", batch_size=2), L2Anchor(0.1), EWC(0.1, fmt, fisher_batches=1, stream_batch_size=4),
+             KLDistill(0.1, fmt), ReptileInterpolation(0.5, every=4), kf]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _train(model, fmt, tasks, ev, comps, replay=er)
     assert kf.updates == 2  # rounds every 3 steps, none in task 1 (the buffer fills at its end): steps 9 and 12

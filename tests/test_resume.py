@@ -26,7 +26,7 @@ SFT3 = ("experiment=smoke", "stream.tasks=[sub2,mul21,add3]", "stream.steps_per_
         "checkpoint.every_n_steps=7")
 GRPO3 = ("experiment=smoke", "stream.tasks=[sub2,mul21,add3]", "objective=grpo", "objective.group_size=4",
          "objective.kl_coef=0.05", "objective.ppo_epochs=2", "stream.steps_per_task=16", "stream.batch_size=4",
-         "eval.every_n_steps=5", "checkpoint.every_n_steps=3", "replay.fraction=0.25", "reg.ewc=10")
+         "eval.every_n_steps=5", "checkpoint.every_n_steps=3", "replay=er", "regularizer=ewc", "regularizer.ewc.coef=10")
 
 
 @pytest.mark.parametrize("args", [SFT3, GRPO3], ids=["sft", "grpo"])

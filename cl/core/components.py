@@ -48,12 +48,25 @@ class Component:
 
     Attributes:
         key: the ``results.json`` key that ``record()`` goes under (``None``: not recorded).
+        in_step_params: the component reads or writes parameters inside the training step (under FSDP
+            they are shards there, so ``cl.validate`` refuses it with trainer=fsdp).
         ckpt_attrs: attribute names holding the component's checkpoint state; ``None``: cannot be
             checkpointed (a run with it writes no checkpoints and starts over after an interruption).
     """
 
     key: str | None = None
     ckpt_attrs: tuple[str, ...] | None = ()
+    in_step_params = False  # reads or writes parameters inside the training step (refused under FSDP)
+
+    @classmethod
+    def in_step(cls, node) -> bool:
+        """Whether the component configured by ``node`` reads or writes parameters inside the training step."""
+        return cls.in_step_params
+
+    @classmethod
+    def check_config(cls, check, at: str) -> None:
+        """Add the problems of this component's settings at ``at`` (e.g. ``regularizer.ewc``) to ``check``
+        (a :class:`cl.core.checks.Checker` over the whole config), before any work."""
 
     @property
     def label(self) -> str:

@@ -1,0 +1,131 @@
+"""Methods as config groups: ``replay=er``, ``regularizer=ewc``, ``averaging=wise``, ``meta=kfpf``.
+
+Each method is one class (a :class:`cl.core.components.Component`) and one file ``conf/<group>/<name>.yaml``::
+
+    # @package regularizer.ewc
+    defaults:
+      - /schema/regularizer/ewc@_here_    # types and defaults: the constructor's signature
+      - _self_
+    _target_: replay.regularizers.EWC
+    coef: 100.0                           # what this preset sets
+
+The schema ``schema/<group>/<name>`` is generated from the class's constructor (its annotations and
+defaults: the one place a default is written) for every file of the groups below, before Hydra composes;
+a value of the wrong type or a key the constructor does not take fails at composition, naming the key.
+Several methods of a group combine (``regularizer=[l2,ewc]``); ``<group>=none`` selects nothing.
+Constructor arguments named in :data:`RUN_CONTEXT` are not configuration: the run passes them (the prompt
+format, the evaluator, the seed, ...). Ranges and rules a class knows are checked by its
+``check_config`` before any work (``cl.validate``); the run builds the components with
+``hydra.utils.instantiate``, in the groups' order (:data:`GROUPS`), within the allowlisted packages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+# hook order: averaging first (its task end replaces the model, every later hook should see the stream's
+# model), then data and loss components, then per-step meta-learning
+GROUPS = ("averaging", "replay", "regularizer", "meta")
+# constructor arguments the run supplies: never configuration
+RUN_CONTEXT = ("fmt", "evaluator", "seed", "log", "general", "stream_batch_size", "data_seed")
+
+
+def locate(target: str):
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _config_type(tp):
+    """An annotation as OmegaConf can enforce it (containers loosely, unknown classes as Any)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _config_type(args[0]) if len(args) == 1 else Any
+        return Optional[inner] if inner is not Any else Any
+    if tp in (int, float, str, bool) or dataclasses.is_dataclass(tp):
+        return tp
+    if origin in (list, tuple) or tp in (list, tuple):
+        return typing.List[Any]
+    if origin is dict or tp is dict:
+        return typing.Dict[str, Any]
+    return Any
+
+
+def schema_for(cls, target: str):
+    """A dataclass with the constructor's configurable arguments (their types and defaults) and ``_target_``."""
+    sig = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__)
+    fields = [("_target_", str, dataclasses.field(default=target))]
+    for name, p in sig.parameters.items():
+        if name == "self" or name in RUN_CONTEXT or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        tp = _config_type(hints.get(name, Any))
+        if p.default is inspect.Parameter.empty:
+            fields.append((name, tp, dataclasses.field(default="???")))
+        elif dataclasses.is_dataclass(p.default) or isinstance(p.default, (list, dict, tuple)):
+            value = p.default
+            fields.append((name, tp, dataclasses.field(
+                default_factory=(lambda v=value: dataclasses.replace(v)) if dataclasses.is_dataclass(value)
+                else (lambda v=value: list(v) if isinstance(v, (list, tuple)) else dict(v)))))
+        else:
+            fields.append((name, tp, dataclasses.field(default=p.default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+
+
+def preset_files(conf_dir: str | Path):
+    """``(group, name, target)`` of every method file under the groups."""
+    for group in GROUPS:
+        for f in sorted((Path(conf_dir) / group).glob("*.yaml")):
+            data = yaml.safe_load(f.read_text()) or {}
+            if data.get("_target_"):
+                yield group, f.stem, data["_target_"]
+
+
+def register_schemas(conf_dir: str | Path) -> None:
+    """Store ``schema/<group>/<name>`` in Hydra's ConfigStore for every method file (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, name, target in preset_files(conf_dir):
+        cs.store(group=f"schema/{group}", name=name, node=schema_for(locate(target), target))
+
+
+def configured(cfg: Mapping) -> list[tuple[str, Mapping]]:
+    """``(dotted path, node)`` of every configured method, in hook order."""
+    out = []
+    for group in GROUPS:
+        node = cfg.get(group) if isinstance(cfg, Mapping) else None
+        if not isinstance(node, Mapping):
+            continue
+        for name, sub in node.items():
+            if isinstance(sub, Mapping) and sub.get("_target_"):
+                out.append((f"{group}.{name}", sub))
+    return out
+
+
+def build(cfg, context: Mapping[str, Any]) -> list:
+    """Instantiate every configured method; each gets the run-context arguments its constructor names."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    out = []
+    for at, node in configured(cfg):
+        cls = locate(node["_target_"])
+        wants = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in context.items() if k in wants}
+        try:
+            out.append(instantiate(OmegaConf.create(dict(node)) if not OmegaConf.is_config(node) else node,
+                                   _convert_="all", **kwargs))
+        except Exception as e:  # Hydra wraps the constructor's error; report the constructor's own line
+            cause = e.__cause__ or e
+            raise ValueError(f"{at}: {cause}".splitlines()[0]) from e
+    return out
