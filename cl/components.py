@@ -123,8 +123,9 @@ def build(cfg, context: Mapping[str, Any]) -> list:
         wants = inspect.signature(cls.__init__).parameters
         kwargs = {k: v for k, v in context.items() if k in wants}
         try:
-            out.append(instantiate(OmegaConf.create(dict(node)) if not OmegaConf.is_config(node) else node,
-                                   _convert_="all", **kwargs))
+            node = node if OmegaConf.is_config(node) else OmegaConf.create(dict(node))
+            factory = instantiate(node, _partial_=True, _convert_="all")  # the settings, as plain values...
+            out.append(factory(**kwargs))  # ...then the run's objects, untouched by Hydra's conversion
         except Exception as e:  # Hydra wraps the constructor's error; report the constructor's own line
             cause = e.__cause__ or e
             raise ValueError(f"{at}: {cause}".splitlines()[0]) from e

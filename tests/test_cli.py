@@ -146,6 +146,26 @@ def test_every_replay_option_runs_through_the_cli(tmp_path, cache_dir, objective
     assert res["meta_replay"]["interpolations"] == 4 and res["kfpf"]["rounds"] == 2
 
 
+@pytest.mark.parametrize("method", ["replay=er", "regularizer=ewc", "averaging=wise", "replay=derpp",
+                                    "regularizer=agem"])
+def test_each_method_group_runs_through_the_cli(tmp_path, cache_dir, method):
+    """A method is added by naming it; it runs, honours the results contract and records itself under its key."""
+    out = tmp_path / "run"
+    proc = run_cli("experiment=smoke", method, f"hydra.run.dir={out}", "stream.steps_per_task=6",
+                   "eval.shift_metrics=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _check_contract(out)
+    group, name = method.split("=")
+    assert res["config"][group][name]["_target_"]
+    key = {"er": "replay", "ewc": None, "wise": "averaging", "derpp": "derpp", "agem": "agem"}[name]
+    if key is not None:
+        assert res[key], key
+    if name == "derpp":  # 2 tasks x 6 steps x 16 rows seen; replay from the second step on
+        assert res["derpp"]["examples_seen"] == 2 * 6 * 16 and res["derpp"]["replay_steps"] == 2 * 6 - 1
+    if name == "agem":  # a reference gradient at every step of the second task
+        assert res["agem"]["steps"] == 6 and res["agem"]["memory_size"] == 2 * 256
+
+
 def test_ddp_cpu_two_processes_match_the_single_process_run(tmp_path, cache_dir, monkeypatch):
     """trainer=ddp_cpu: 2 gloo processes, each training on half of every global batch (DDP averages the
     gradients). Tolerance: every accuracy-matrix entry within 0.06 of the single-process run (3 of the 50
