@@ -1,0 +1,115 @@
+"""The component protocol and the method config groups: one way to add a method, one default per key,
+layers that point one way."""
+
+import ast
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from cl.components import GROUPS, RUN_CONTEXT, configured, locate, preset_files, schema_for
+from cl.core.components import Component
+from tests.conftest import compose_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE = ("cl.run", "cl.loop", "cl.module", "cl.trainer", "cl.objectives", "cl.checkpoint", "cl.components",
+          "cl.base_stage", "cl.continual_eval", "cl.evaluation", "cl.validate")
+
+
+def _imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+@pytest.mark.parametrize("package", ["tasks", "replay", "analysis", "cl/core"])
+def test_method_and_data_packages_do_not_import_the_engine(package):
+    for f in sorted((ROOT / package).rglob("*.py")):
+        bad = sorted(m for m in _imports(f) if m.startswith("cl.") and not m.startswith("cl.core")
+                     and any(m == e or m.startswith(e + ".") for e in ENGINE))
+        assert not bad, f"{f.relative_to(ROOT)} imports the engine: {bad}"
+
+
+def test_scripts_and_tests_use_no_private_name_of_the_run_module():
+    for d in ("scripts", "tests"):
+        for f in sorted((ROOT / d).rglob("*.py")):
+            private = [m for m in _imports(f) if m.startswith("cl.run.") and m.rsplit(".", 1)[1].startswith("_")]
+            assert not private, f"{f.relative_to(ROOT)}: {private}"
+
+
+def test_every_method_file_names_a_component_and_sets_only_what_differs_from_its_constructor():
+    files = list(preset_files(ROOT / "conf"))
+    assert {g for g, _, _ in files} == set(GROUPS) and len(files) >= 15
+    for group, name, target in files:
+        cls = locate(target)
+        assert issubclass(cls, Component), target
+        params = inspect.signature(cls.__init__).parameters
+        data = yaml.safe_load((ROOT / "conf" / group / f"{name}.yaml").read_text())
+        for key, value in data.items():
+            if key in ("_target_", "defaults"):
+                continue
+            assert key in params and key not in RUN_CONTEXT, f"{group}/{name}: '{key}' is not a setting of {target}"
+            default = params[key].default
+            if dataclasses.is_dataclass(default):
+                default = dataclasses.asdict(default)
+                value = {**default, **value}
+            assert value != default, f"{group}/{name}: '{key}: {value}' restates the default written in {target}"
+
+
+def test_a_composed_method_carries_its_constructors_defaults():
+    cfg = OmegaConf.to_container(compose_cfg("regularizer=[l2,ewc]", "replay=derpp"), resolve=True)
+    assert [at for at, _ in configured(cfg)] == ["replay.derpp", "regularizer.l2", "regularizer.ewc"]
+    from replay.regularizers import EWC
+
+    defaults = {k: p.default for k, p in inspect.signature(EWC.__init__).parameters.items()}
+    assert cfg["regularizer"]["ewc"]["gamma"] == defaults["gamma"]
+    assert cfg["regularizer"]["ewc"]["fisher_batches"] == defaults["fisher_batches"]
+    assert "fmt" not in cfg["regularizer"]["ewc"] and "seed" not in cfg["regularizer"]["ewc"]
+
+
+@pytest.mark.parametrize("override, key", [("regularizer.ewc.coef=abc", "regularizer.ewc.coef"),
+                                           ("regularizer.ewc.typo=1", "regularizer.ewc.typo")])
+def test_a_wrong_type_or_an_unknown_key_fails_at_composition_naming_the_key(override, key):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")):
+        compose_cfg("regularizer=ewc", override)
+
+
+def test_schema_types_come_from_the_signature():
+    from replay.mixing import ExperienceReplay
+
+    fields = {f.name: f for f in dataclasses.fields(schema_for(ExperienceReplay, "replay.mixing.ExperienceReplay"))}
+    assert fields["fraction"].type is float and fields["capacity"].type is int and fields["buffer"].type is str
+    assert "seed" not in fields and fields["_target_"].default == "replay.mixing.ExperienceReplay"
+
+
+def test_hooks_default_to_no_ops_and_state_round_trips_through_ckpt_attrs():
+    class Counter(Component):
+        key = "counter"
+        ckpt_attrs = ("n",)
+
+        def __init__(self):
+            self.n = 0
+
+        def on_task_end(self, ctx):
+            self.n += 1
+
+        def record(self):
+            return {"n": self.n}
+
+    c = Counter()
+    c.on_task_start(None), c.on_task_end(None), c.on_resume(None)
+    assert c.prepare_data(None, "task") == "task" and c.callbacks() == [] and c.extra_loss(None, {}, None) is None
+    assert c.setup("model") == "model" and c.metrics() == {} and c.batch_mixer() is None
+    d = Counter()
+    d.load_state_dict(c.state_dict())
+    assert d.record() == {"n": 1}
