@@ -379,7 +379,7 @@ class MoRA(Component):
     ckpt_attrs = None  # appends experts per task: not resumable
 
     def __init__(self, r: int = 8, alpha: float = 16, target_modules=DEFAULT_TARGETS, top_k: int | None = None,
-                 tau: float = 1.0, delta: float | None = None, seed: int = 0):
+                 tau: float = 0.5, delta: float | None = None, seed: int = 0):
         if r < 1:
             raise AdapterError(f"adapter.r: must be >= 1, got {r}")
         self.r, self.scale, self.targets = r, alpha / r, list(target_modules)
@@ -531,14 +531,21 @@ def make_adapter(cfg: dict, seed: int = 0, evaluator=None):
         return FullFineTuning()
     if name == "hft":
         return HalfFineTuning(seed, cfg.get("hft_freeze_norms", False))
-    targets = list(cfg.get("target_modules") or DEFAULT_TARGETS)
-    common = dict(r=cfg.get("r", 8), alpha=cfg.get("alpha", 16), target_modules=targets, seed=seed)
+    def given(*keys: str, **renamed: str) -> dict:
+        """The settings the config gives (null only where it means something: top_k = all, delta = none);
+        the constructors' signatures hold the defaults, in one place."""
+        out = {k: cfg[k] for k in keys if k in cfg and (cfg[k] is not None or k in ("top_k", "delta"))}
+        return {**out, **{new: cfg[old] for new, old in renamed.items() if cfg.get(old) is not None}}
+
+    common = {**given("r", "alpha"), "seed": seed}
+    if cfg.get("target_modules"):
+        common["target_modules"] = list(cfg["target_modules"])
     if name == "mora":
-        return MoRA(**common, top_k=cfg.get("top_k"), tau=cfg.get("tau", 1.0), delta=cfg.get("delta"))
-    common["dropout"] = cfg.get("dropout", 0.0)
+        return MoRA(**common, **given("top_k", "tau", "delta"))
+    common.update(given("dropout"))
     if name == "lora":
-        return LoRA(**common, merge_after_task=cfg.get("merge_after_task", False))
+        return LoRA(**common, **given("merge_after_task"))
     if name == "task_lora":
         return TaskLoRA(**common, evaluator=evaluator)
-    return RegLoRA(**common, key_fraction=cfg.get("key_fraction", 0.02), coef=cfg.get("reg_coef", 2.5e3))
+    return RegLoRA(**common, **given("key_fraction", coef="reg_coef"))
 
