@@ -1,4 +1,4 @@
-"""Continual-learning metrics as pure functions (formulas: ../shared/METHODS.md section 1).
+"""Continual-learning metrics as pure functions (formulas: docs/methods.md section 1, Metrics).
 
 Notation: ``R[i][j]`` accuracy on stream task j after finishing task i (T x T); ``b[j]`` accuracy of
 the starting model on task j; ``G[i][g]`` accuracy on general task g after task i; ``g0[g]`` its

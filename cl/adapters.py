@@ -84,7 +84,7 @@ class FullFineTuning(Component):
 
 
 class HalfFineTuning(Component):
-    """Half fine-tuning (HFT): a random half of the matrices frozen per task (../shared/METHODS.md section 5)."""
+    """Half fine-tuning (HFT): a random half of the matrices frozen per task (docs/methods.md section 5, Adapters)."""
 
     name = "hft"
     key = "adapter"

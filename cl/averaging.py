@@ -1,6 +1,6 @@
 """Model averaging and merging at task ends: WiSE, partwise, AMA, EMA and task-vector merges.
 
-Convention (../shared/METHODS.md section 6): ``theta = alpha * theta_start + (1 - alpha) * theta_end``,
+Convention (docs/methods.md section 6, Averaging): ``theta = alpha * theta_start + (1 - alpha) * theta_end``,
 so ``alpha = 0`` keeps the fine-tuned weights and ``alpha = 1`` returns to the start (the task-start model,
 or the base model with ``start=base``). The averaged weights become the stream's model: they are what
 the boundary evaluation scores and where the next task starts. With ``log_unaveraged`` the task-end

@@ -1,7 +1,7 @@
 """Per-task learning-rate schedules: linear warm-up, then constant, linear or cosine decay; or the
 "infinite" schedule (Ibrahim et al. 2024) across the stream.
 
-Re-warming and re-decaying (the per-task restart of ../shared/METHODS.md section 3) is the default
+Re-warming and re-decaying (the per-task restart; docs/methods.md section 3, Replay) is the default
 shape: every task warms up again over ``warmup_steps`` and decays to ``min_lr_ratio``. ``infinite``
 does not depend on the total budget: warm-up and a cosine cooldown to ``const_ratio`` happen once, in
 the first task; every later step stays at the constant, except the final ``decay_fraction`` of each task,

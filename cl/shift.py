@@ -3,8 +3,8 @@
 - ``forward_kl``: KL(pi_0 || pi) on the current task's prompts, pi_0 = the model at the task start.
   RL's Razor finds forgetting grows with it.
 - ``kl_base_general`` / ``kl_base_prev``: KL(base || current) on general-task prompts and on earlier
-  stream tasks' prompts (base = the model before the stream). In the toy prototype this tracked general
-  retention across runs (../shared/TOYWORLD.md).
+  stream tasks' prompts (base = the model before the stream). In an earlier prototype of this suite this
+  tracked general retention across runs.
 
 Simplification: the KL is the mean per-token KL of the next-token distributions along the
 *reference* answers (teacher forcing), not a Monte-Carlo estimate over samples of pi_0. Both models

@@ -2,7 +2,7 @@
 
 Before the first task the replay set's last-layer hidden states ``h0`` are recorded, with the
 per-dimension mean ``mu`` and std ``sigma`` over all its (non-padding) tokens; thresholds are
-``pos = mu + sigma`` and ``neg = mu - sigma`` (../shared/METHODS.md section 3). At every training step
+``pos = mu + sigma`` and ``neg = mu - sigma`` (docs/methods.md section 3, Replay). At every training step
 a minibatch of the replay set is run through the model and one of these terms is added to the loss:
 
 - ``ce`` (label fitting): cross-entropy on the replayed answers;

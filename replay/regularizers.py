@@ -1,4 +1,4 @@
-"""Rehearsal-free regularizers, each a loss term returned to ``ContinualLM`` (../shared/METHODS.md section 4).
+"""Rehearsal-free regularizers, each a loss term returned to ``ContinualLM`` (docs/methods.md section 4, Regularizers).
 
 - ``L2Anchor``: ``coef * sum (theta - theta_0)^2`` to the weights the stream started from.
 - ``EWC``: ``coef * sum F_i (theta_i - theta*_i)^2``, online: after each task the diagonal empirical

@@ -8,7 +8,7 @@ prompt (reported as generated tokens). Printed: avg_acc, forgetting, bwt, new_ac
 mean +- 95% CI over seeds.
 
 Part 2, the fair protocol: SFT and GRPO at several learning rates each, and the Pareto frontiers of
-new-task accuracy against forgetting and against general retention (../shared/TOYWORLD.md found the
+new-task accuracy against forgetting and against general retention (an earlier prototype of this suite found the
 paper's gap at a shared lr but not with per-paradigm tuned lrs).
 
 Part 3, the reasoning ablation: GRPO with worked-steps prompts (``stream=reasoning``: column-by-column

@@ -1,7 +1,7 @@
 """Synthetic task families for the embedded toy world (arithmetic and string skills).
 
 Every family is a seeded generator of ``(body, answer)`` pairs. A prompt is ``"<TAG>:<body>="`` (the tag
-tells the model which skill is asked, as in ../shared/TOYWORLD.md) and the answer is a fixed-width
+tells the model which skill is asked) and the answer is a fixed-width
 string, so exact match is the natural verifier. The eval split is drawn first from its own seeded
 stream of unique prompts; training rows are drawn from another stream and never repeat an eval prompt.
 

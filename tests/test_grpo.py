@@ -14,7 +14,7 @@ from tasks.base import Task
 
 
 def reference_loss(logp, old, adv, mask, eps_low, eps_high, beta, ref, mode, max_len):
-    """Element-by-element transcription of METHODS.md section 2 (no vectorised code shared)."""
+    """Element-by-element transcription of docs/methods.md section 2, GRPO (no vectorised code shared)."""
     B, T = logp.shape
     per_seq, total, n_tok = [], 0.0, 0.0
     for i in range(B):

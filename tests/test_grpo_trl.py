@@ -26,7 +26,7 @@ def _trl_trainer(model, tokenizer, out, loss_type: str, beta: float, max_len: in
 
     # bf16=False: TRL defaults to bf16 autocast, which would make the comparison one of precisions.
     # use_bias_correction_kl=False: TRL >= 1.x multiplies the k3 term by the ratio by default (DeepSeek-V3.2);
-    # METHODS.md's GRPO (DeepSeekMath, verl) adds the plain k3 term, as ours does.
+    # The GRPO of docs/methods.md section 2 (DeepSeekMath, verl) adds the plain k3 term, as ours does.
     args = GRPOConfig(output_dir=str(out), loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=0.3,
                       max_completion_length=max_len, num_generations=4, per_device_train_batch_size=8,
                       temperature=1.0, report_to="none", use_cpu=True, bf16=False,

@@ -1,6 +1,6 @@
 """GRPO-family reinforcement fine-tuning with verifier rewards, composed into ``ContinualLM``.
 
-Follows DeepSeekMath's GRPO with the knobs of ../shared/METHODS.md section 2: per prompt a group of
+Follows DeepSeekMath's GRPO with the knobs of docs/methods.md section 2 (Objectives): per prompt a group of
 G completions sampled with the KV cache (``transformers`` ``generate``), the task verifier as reward,
 group-normalised advantages (or Dr. GRPO / RLOO), the clipped ratio with separate eps_low/eps_high,
 optional PPO epochs over one rollout batch, k3 KL to a reference policy with an explicit ``kl_coef``,

@@ -1,4 +1,4 @@
-"""GRPO-family losses as pure tensor functions (formulas: ../shared/METHODS.md section 2).
+"""GRPO-family losses as pure tensor functions (formulas: docs/methods.md section 2, Objectives).
 
 Shapes: ``B`` completions (prompts x group size), ``T`` completion tokens (right-padded).
 """
