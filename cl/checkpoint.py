@@ -105,22 +105,25 @@ def restore(current, saved, template: nn.Module | None = None):
 
 
 def component_states(components) -> list[dict]:
-    """Every component's ``state_dict()`` as plain containers and tensors."""
+    """Every component's ``state_dict()`` as plain containers and tensors, with the component's name."""
     out = []
     for c in components:
         if not resumable(c):
             raise CheckpointError(f"{c.label} cannot be checkpointed")
-        out.append(capture(c.state_dict()))
+        out.append({"component": c.label, "state": capture(c.state_dict())})
     return out
 
 
 def load_component_states(components, states: list[dict], template: nn.Module) -> None:
-    """Put saved states back with each component's ``load_state_dict``; stateful values (buffers,
-    generators, modules) are loaded into the component's current objects where it has them."""
-    if len(states) != len(components):
-        raise CheckpointError(f"checkpoint has {len(states)} components, this run builds {len(components)}")
-    for c, state in zip(components, states):
-        c.load_state_dict(restore(c.state_dict(), state, template))
+    """Put saved states back with each component's ``load_state_dict``, component by component in the order
+    the run builds them (a checkpoint of other components is refused); stateful values (buffers, generators,
+    modules) are loaded into the component's current objects where it has them."""
+    names = [s.get("component") for s in states]
+    if names != [c.label for c in components]:
+        raise CheckpointError(f"checkpoint holds the components {names}, this run builds "
+                              f"{[c.label for c in components]}")
+    for c, saved in zip(components, states):
+        c.load_state_dict(restore(c.state_dict(), saved["state"], template))
 
 
 def not_resumable(components) -> list[str]:

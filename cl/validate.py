@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 
 from cl.core.checks import Checker, get as _get
+from cl.core.components import Component
 from cl.evaluation import METHODS
 from cl.fsdp import is_fsdp
 from cl.schedule import DECAYS
@@ -233,9 +234,20 @@ def validate_config(cfg: Mapping) -> None:
 def _validate_components(c: _Checker, cfg: Mapping) -> None:
     """Each configured method checks its own settings (``check_config``); refused under FSDP when it reads
     or writes parameters inside the training step (where FSDP holds only shards)."""
-    from cl.components import configured, locate
+    from cl.components import GROUPS, configured, locate
 
+    for group in GROUPS:  # every entry under a group is a method: a mapping with its _target_
+        node = _get(cfg, group)
+        if node is not None and not isinstance(node, Mapping):
+            c.add(group, f"must be a method of conf/{group}/ (e.g. {group}=<name>), got {node!r}")
+            continue
+        for name, sub in (node or {}).items():
+            if not isinstance(sub, Mapping) or not sub.get("_target_"):
+                c.add(f"{group}.{name}", f"is not a method (conf/{group}/{name}.yaml selected by {group}={name}); "
+                                         f"a setting goes under its method: {group}.<method>.{name}=...")
     fsdp = is_fsdp(dict(_get(cfg, "trainer") or {}))
+    keys: dict[str, str] = {}  # results.json key -> the method recording under it
+    mixers: list[str] = []
     for at, node in configured(cfg):
         target = node["_target_"]
         if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
@@ -247,6 +259,16 @@ def _validate_components(c: _Checker, cfg: Mapping) -> None:
             continue
         if hasattr(cls, "check_config"):
             cls.check_config(c, at)
+        key = getattr(cls, "key", None)
+        if key is not None and key in keys:  # e.g. two averaging methods, or two replay buffers
+            c.add(at, f"{at} and {keys[key]} are alternatives (both act and record as '{key}'); choose one")
+            continue
+        if key is not None:
+            keys[key] = at
+        if getattr(cls, "batch_mixer", None) is not getattr(Component, "batch_mixer"):
+            if mixers:
+                c.add(at, f"{at} and {mixers[0]} both mix rows into every batch; choose one")
+            mixers.append(at)
         if fsdp and getattr(cls, "in_step", lambda _: False)(node):
             c.add(at, f"{at} reads or writes parameters inside the training step, where trainer=fsdp holds only "
                       "shards; use trainer=ddp for it")

@@ -26,14 +26,14 @@ from cl.core.losses import answer_cross_entropy
 
 def project(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
     """A-GEM's projection of the flattened gradient ``grads`` against ``ref``; returns ``(grads, projected)``."""
-    dot = sum((g * r).sum() for g, r in zip(grads, ref))
+    dot = sum((g.double() * r.double()).sum() for g, r in zip(grads, ref))  # in float64: the sign decides
     if dot >= 0:
         return grads, False
-    norm = sum((r * r).sum() for r in ref)
+    norm = sum((r.double() * r.double()).sum() for r in ref)
     if norm <= 0:
         return grads, False
     scale = dot / norm
-    return [g - scale * r for g, r in zip(grads, ref)], True
+    return [(g.double() - scale * r.double()).to(g.dtype) for g, r in zip(grads, ref)], True
 
 
 class _Project(pl.Callback):

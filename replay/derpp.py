@@ -10,6 +10,11 @@ vocabulary; the CE is the answer cross-entropy, as SFT's). The current batch ent
 logits of the model that is about to be updated on it (one extra no-grad forward: the step's own logits
 are not handed to components). RL batches enter with their rows' reference answers.
 
+Departures from the paper, for language models: the stored logits come from a separate no-grad forward
+(identical to the step's own without dropout, which the tiny model has none of); rows that experience
+replay mixed into a batch enter the buffer like the task's own; with GRPO's ``ppo_epochs > 1`` each
+optimizer step's batch enters once per step.
+
 Memory: a stored example holds ``answer_length x vocabulary`` floats (kept in bfloat16 when
 ``half_logits``); with a real model's 150k-token vocabulary, size ``capacity`` accordingly.
 Defaults: alpha 0.1 and beta 0.5 are in the ranges the paper's grid found best on its benchmarks; the
@@ -85,7 +90,7 @@ class DERPlusPlus(Component):
         """Reservoir sampling: every example seen so far is in the buffer with probability capacity / seen."""
         for pair, lg in zip(pairs, logits):
             self.seen += 1
-            lg = lg.detach().to("cpu", torch.bfloat16 if self.half_logits else torch.float32)
+            lg = lg.detach().to("cpu", torch.bfloat16 if self.half_logits else torch.float32, copy=True)  # not a view
             if len(self.pairs) < self.capacity:
                 self.pairs.append([list(pair[0]), list(pair[1])])
                 self.logits.append(lg)

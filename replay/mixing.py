@@ -8,7 +8,7 @@ like new ones: SFT trains on their reference answers, GRPO rolls them out and re
 with their own task's verifier (rows keep their ``task`` column).
 
 With fraction 0, or before any task has ended, the loader is exactly the loader without replay (same
-sampler, same generator), so a run with ``replay.fraction=0`` is bit-identical to one without it.
+sampler, same generator), so a run with ``replay.er.fraction=0`` is bit-identical to one without it.
 """
 
 from __future__ import annotations
