@@ -81,6 +81,15 @@ def table(cells: list[dict], recipe) -> tuple[str, list[str]]:
                    level is not None and abs(a - level) > recipe.health_band)
             if bad:
                 failures.append(f"seed {c['seed']} {c['variant']}: {n} {a:.3f} (target {target})")
+    if all("greedy_covered" in c for c in cells):  # where each stream task's level comes from
+        lines += ["", "| task | covered items: mean | min | max | uncovered items: mean | min | max |",
+                  "|---|---|---|---|---|---|---|"]
+        for n in recipe.exposure:
+            cov = [c["greedy_covered"][n] for c in cells if c["greedy_covered"].get(n) is not None]
+            unc = [c["greedy_uncovered"][n] for c in cells if c["greedy_uncovered"].get(n) is not None]
+            if cov and unc:
+                lines.append(f"| {n} | {statistics.mean(cov):.3f} | {min(cov):.3f} | {max(cov):.3f} | "
+                             f"{statistics.mean(unc):.3f} | {min(unc):.3f} | {max(unc):.3f} |")
     steps = [c["steps"] for c in cells]
     secs = [c["seconds"] for c in cells]
     lines.append("")
