@@ -23,7 +23,7 @@ import resume_check  # noqa: E402
 from cl.core.components import Component
 
 SFT3 = ("experiment=smoke", "stream.tasks=[sub2,mul21,add3]", "stream.steps_per_task=60", "eval.every_n_steps=10",
-        "checkpoint.every_n_steps=7")
+        "checkpoint.every_n_steps=7", "replay=derpp", "regularizer=agem")
 GRPO3 = ("experiment=smoke", "stream.tasks=[sub2,mul21,add3]", "objective=grpo", "objective.group_size=4",
          "objective.kl_coef=0.05", "objective.ppo_epochs=2", "stream.steps_per_task=16", "stream.batch_size=4",
          "eval.every_n_steps=5", "checkpoint.every_n_steps=3", "replay=er", "regularizer=ewc", "regularizer.ewc.coef=10")
