@@ -155,6 +155,16 @@ def _leading_digit(prompt: str) -> int | None:
     return int(body[0]) if body[:1].isdigit() else None
 
 
+def covered_split(scores: list[float], prompts: list[str], cover) -> dict[str, float | None]:
+    """Mean score over the prompts inside (``covered``) and outside (``uncovered``) the covered part of the
+    input space (``None`` for an empty part)."""
+    out = {}
+    for part, keep in (("covered", True), ("uncovered", False)):
+        x = [v for v, p in zip(scores, prompts) if (_leading_digit(p) in cover) == keep]
+        out[part] = sum(x) / len(x) if x else None
+    return out
+
+
 class MixtureBatches:
     """Batches of row indices drawn from a task mixture whose weights may change between batches.
 
@@ -207,15 +217,11 @@ class MixtureController(pl.Callback):
     is not mastered yet and stops training once the general skills are mastered and the stream tasks have
     levelled off after the anneal."""
 
-    def __init__(self, recipe: BaseRecipe, batches: MixtureBatches, val: dict[str, EvalSet], scorer: Scorer,
-                 ):
+    def __init__(self, recipe: BaseRecipe, batches: MixtureBatches, val: dict[str, EvalSet], scorer: Scorer):
         self.r, self.batches, self.val, self.scorer = recipe, batches, val, scorer
         self.general_acc: dict[str, float] = {}
         self.history: list[dict] = []
         self.stopped_at: int | None = None
-        # a stream task's validation rows inside / outside the covered part of its input space
-        self.covered = {n: [_leading_digit(p) in recipe.cover for p in val[n].rows["prompt"]]
-                        for n in recipe.exposure} if recipe.cover is not None else {}
 
     def _score(self, model, names: list[str]) -> dict[str, float]:
         return dict(zip(names, self.scorer.accuracies(model, [self.val[n] for n in names])))
@@ -227,11 +233,10 @@ class MixtureController(pl.Callback):
         for name in self.r.exposure:
             s = self.scorer.scores(model, self.val[name])
             out[name] = sum(s) / len(s)
-            if name in self.covered:
-                for part, keep in (("covered", True), ("uncovered", False)):
-                    x = [v for v, c in zip(s, self.covered[name]) if c == keep]
-                    if x:
-                        out[f"{name}:{part}"] = sum(x) / len(x)
+            if self.r.cover is not None:
+                for part, acc in covered_split(s, self.val[name].rows["prompt"], self.r.cover).items():
+                    if acc is not None:
+                        out[f"{name}:{part}"] = acc
         return out
 
     def on_train_batch_end(self, trainer, pl_module, *_):
@@ -321,9 +326,8 @@ def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task
         scores = scorer.scores(model, es)
         report["greedy"][name] = sum(scores) / len(scores)
         if name in recipe.exposure and recipe.cover is not None:  # the covered and uncovered parts separately
-            for part, keep in (("covered", True), ("uncovered", False)):
-                s = [x for x, p in zip(scores, es.rows["prompt"]) if (_leading_digit(p) in recipe.cover) == keep]
-                report.setdefault(f"greedy_{part}", {})[name] = sum(s) / len(s) if s else None
+            for part, acc in covered_split(scores, es.rows["prompt"], recipe.cover).items():
+                report.setdefault(f"greedy_{part}", {})[name] = acc
         if name in recipe.exposure:
             report[f"pass@{recipe.report_pass_k}"][name] = pass_at_k(model, es, fmt, k=recipe.report_pass_k)
     report["general_mean"] = (sum(report["greedy"][n] for n in recipe.general) / len(recipe.general)

@@ -21,6 +21,7 @@ format, the evaluator, the seed, ...). Ranges and rules a class knows are checke
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -71,11 +72,9 @@ def schema_for(cls, target: str):
         tp = _config_type(hints.get(name, Any))
         if p.default is inspect.Parameter.empty:
             fields.append((name, tp, dataclasses.field(default="???")))
-        elif dataclasses.is_dataclass(p.default) or isinstance(p.default, (list, dict, tuple)):
-            value = p.default
-            fields.append((name, tp, dataclasses.field(
-                default_factory=(lambda v=value: dataclasses.replace(v)) if dataclasses.is_dataclass(value)
-                else (lambda v=value: list(v) if isinstance(v, (list, tuple)) else dict(v)))))
+        elif dataclasses.is_dataclass(p.default) or isinstance(p.default, (list, dict, tuple)):  # mutable: a copy each
+            value = list(p.default) if isinstance(p.default, tuple) else p.default
+            fields.append((name, tp, dataclasses.field(default_factory=lambda v=value: copy.deepcopy(v))))
         else:
             fields.append((name, tp, dataclasses.field(default=p.default)))
     return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
