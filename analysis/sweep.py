@@ -11,7 +11,7 @@ from analysis.aggregate import completed_results, failed_results
 
 ROOT = Path(__file__).resolve().parent.parent
 # --quick in every reproduction script: a toy budget that checks the whole pipeline in minutes
-QUICK = ["stream.steps_per_task=40", "eval.every_n_steps=null", "eval.n_per_task=100", "eval.shift_metrics=false",
+QUICK = ["stream.steps_per_task=40", "eval.every_n_steps=null", "eval.n_per_task=100", "shift=none",
          "logger=none"]
 QUICK_RL = ["objective.group_size=4"]  # added for GRPO jobs
 

@@ -34,10 +34,12 @@ from typing import Any, Optional
 import yaml
 
 # hook order: averaging first (its task end replaces the model, every later hook should see the stream's
-# model), then data and loss components, then per-step meta-learning
-GROUPS = ("averaging", "replay", "regularizer", "meta")
+# model), then data and loss components, then per-step meta-learning, then the probes (the distribution
+# shift at task ends) and the data filters (RIF before a task)
+GROUPS = ("averaging", "replay", "regularizer", "meta", "shift", "rif")
 # constructor arguments the run supplies: never configuration
-RUN_CONTEXT = ("fmt", "evaluator", "seed", "log", "general", "stream_batch_size", "data_seed")
+RUN_CONTEXT = ("fmt", "evaluator", "seed", "log", "general", "stream_batch_size", "data_seed", "objective",
+               "steps_per_task")
 
 
 def locate(target: str):

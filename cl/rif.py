@@ -27,20 +27,29 @@ class RolloutInstanceFilter(Component):
         k: rollouts per instance.
         max_instances: how many training rows to screen.
         drop_all_correct: also drop rows whose K rollouts are all correct.
-        max_new_tokens: completion budget (use the objective's).
         temperature: sampling temperature of the screening rollouts.
-        planned_prompts: prompts GRPO will roll out on this task (steps x batch), for "saved".
-        group_size: GRPO's G, for "saved".
+
+    From the run (not configuration): the objective (its completion budget ``max_new_tokens`` and group
+    size ``group_size``; 16 and 1 without them) and the stream's steps and batch size, which give the
+    prompts the objective will roll out on a task (for "saved").
     """
     key = "rif"
     ckpt_attrs = ("records",)
 
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        c.integer(f"{at}.k", minimum=1)
+        c.integer(f"{at}.max_instances", minimum=1)
+        c.number(f"{at}.temperature", lo=0.0, strict_lo=True)
+
     def __init__(self, fmt, k: int = 8, max_instances: int = 1024, drop_all_correct: bool = False,
-                 max_new_tokens: int = 16, temperature: float = 1.0, planned_prompts: int = 0,
-                 group_size: int = 8, log=None):
+                 temperature: float = 1.0, objective=None, stream_batch_size: int = 0, steps_per_task: int = 0,
+                 log=None):
         self.fmt, self.k, self.max_instances, self.drop_all_correct = fmt, k, max_instances, drop_all_correct
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.planned_prompts, self.group_size, self.log = planned_prompts, group_size, log
+        self.max_new_tokens = getattr(objective, "max_new_tokens", 16)
+        self.group_size = getattr(objective, "group_size", 1)
+        self.temperature, self.log = temperature, log
+        self.planned_prompts = steps_per_task * stream_batch_size
         self.records: list[dict] = []
 
     def record(self) -> list[dict]:

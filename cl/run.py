@@ -42,12 +42,10 @@ from cl.evaluation import EvalSet, Scorer
 from cl.loop import StreamResult, run_stream
 from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_model_and_tokenizer
 from cl.module import ContinualLM
-from cl.rif import RolloutInstanceFilter
 from cl.runlog import RunLog
 from cl.results import (fingerprint_diff, format_matrix, format_metrics, input_fingerprint, provenance,
                         write_json_atomic)
 from cl.schedule import LRSchedule
-from cl.shift import DistributionShiftProbe
 from cl.tracking import make_logger
 from cl.validate import ConfigError, validate_config
 from tasks.base import Task
@@ -405,27 +403,19 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
 
 def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEvaluator, objective, logger,
                      general: list[Task] = ()) -> list:
-    """The stream components in the order their hooks run: the objective's (GRPO's reference snapshot), the
-    configured methods (``cl.components``: averaging, replay, regularizer, meta groups), then the probes."""
+    """The stream components in the order their hooks run: the objective's (GRPO's reference snapshot), then
+    the configured ones (``cl.components``: averaging, replay, regularizer, meta, shift and rif groups)."""
     log = logger.log if logger else None
     components = []
     if isinstance(objective, Component):  # e.g. GRPO's reference snapshot at every task start
         components.append(objective)
     context = {"fmt": fmt, "evaluator": evaluator, "seed": cfg.seed, "log": log, "general": list(general),
-               "stream_batch_size": cfg.stream.batch_size, "data_seed": cfg.data.seed}
+               "stream_batch_size": cfg.stream.batch_size, "data_seed": cfg.data.seed, "objective": objective,
+               "steps_per_task": cfg.stream.steps_per_task}
     try:
         components += methods.build(cfg, context)
     except ValueError as e:
         raise ConfigError([str(e)]) from e
-    if cfg.eval.shift_metrics:
-        components.append(DistributionShiftProbe(evaluator.stream, evaluator.general, fmt.pad_id,
-                                                 cfg.eval.shift_n, log=log))
-    if cfg.rif.enabled:
-        components.append(RolloutInstanceFilter(
-            fmt, k=cfg.rif.k, max_instances=cfg.rif.max_instances, drop_all_correct=cfg.rif.drop_all_correct,
-            max_new_tokens=getattr(objective, "max_new_tokens", 16),
-            planned_prompts=cfg.stream.steps_per_task * cfg.stream.batch_size,
-            group_size=getattr(objective, "group_size", 1), log=log))
     return components
 
 

@@ -10,8 +10,8 @@ Simplification: the KL is the mean per-token KL of the next-token distributions 
 *reference* answers (teacher forcing), not a Monte-Carlo estimate over samples of pi_0. Both models
 see identical prefixes, so it is exact for those prefixes and cheap. The reference side is computed
 once: pi_0's log-probs at the task start, the base's log-probs before the stream (kept in memory when
-small, otherwise a frozen copy of the base model is kept and re-run). ``eval.shift_metrics=false``
-turns the probe off.
+small, otherwise a frozen copy of the base model is kept and re-run). Selected by ``shift=kl`` (the
+default, ``conf/shift/kl.yaml``); ``shift=none`` turns the probe off.
 """
 
 from __future__ import annotations
@@ -62,8 +62,14 @@ class DistributionShiftProbe(Component):
     key = "shift"
     ckpt_attrs = ("base_ref", "base_model", "task_ref", "records", "seconds")
 
-    def __init__(self, stream: list[EvalSet], general: list[EvalSet], pad_id: int, n: int = 50, log=None):
-        self.stream, self.general, self.pad_id, self.n, self.log = stream, general, pad_id, n, log
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        c.integer(f"{at}.n_items", minimum=1)
+
+    def __init__(self, evaluator, fmt, n_items: int = 50, log=None):
+        """``n_items``: items per task (the first of each evaluation subset) on which the KLs are measured."""
+        self.stream, self.general, self.pad_id = evaluator.stream, evaluator.general, fmt.pad_id
+        self.n, self.log = n_items, log
         self.base_ref: dict[str, list[torch.Tensor]] | None = None
         self.base_model: torch.nn.Module | None = None
         self.task_ref: list[torch.Tensor] | None = None

@@ -108,9 +108,6 @@ def validate_config(cfg: Mapping) -> None:
     c.integer("eval.batch_size", minimum=1)
     c.integer("eval.max_samples_per_point", minimum=1, optional=True)
     c.integer("eval.max_samples_per_boundary", minimum=1, optional=True)
-    c.integer("eval.shift_n", minimum=1)
-    if not isinstance(_get(cfg, "eval.shift_metrics"), bool):
-        c.add("eval.shift_metrics", "must be true or false")
 
     c.choice("model.dtype", DTYPES)
     c.choice("base.kind", BASE_KINDS)
@@ -168,11 +165,6 @@ def validate_config(cfg: Mapping) -> None:
     elif not _get(cfg, "model.name_or_path") and not _get(cfg, "model.arch"):
         c.add("model", "base=none needs model.name_or_path (hub id or local directory) or model.arch")
 
-    if _get(cfg, "rif") is not None:
-        if not isinstance(_get(cfg, "rif.enabled"), bool):
-            c.add("rif.enabled", "must be true or false")
-        c.integer("rif.k", minimum=1)
-        c.integer("rif.max_instances", minimum=1)
     _validate_components(c, cfg)
     _validate_adapter(c, cfg)
     _validate_checkpoint(c, cfg)

@@ -213,7 +213,7 @@ def bench_stream(n_tasks: int, cap_boundary: bool, steps: int, root: Path) -> di
         "base=none", "model.arch.hidden_size=64", "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=4",
         "model.arch.intermediate_size=256", f"stream.tasks=[{','.join(user_tasks(root, n_tasks))}]",
         "stream.general=[copy6,add2]", f"stream.steps_per_task={steps}", "eval.every_n_steps=10",
-        "eval.n_per_task=100", "eval.max_samples_per_point=200", "eval.shift_metrics=false", "logger=none",
+        "eval.n_per_task=100", "eval.max_samples_per_point=200", "shift=none", "logger=none",
         "checkpoint.enabled=false", "data.n_eval=100",
     ] + (["eval.max_samples_per_boundary=200"] if cap_boundary else [])
     cfg = compose_config(*overrides)

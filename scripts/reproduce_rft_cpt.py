@@ -45,7 +45,7 @@ RL_ARMS = {"rft_cpt_grpo", "rft_cpt_grpo_nokl", "rft_cpt_rif_grpo", "rft_cpt_joi
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forward_kl_mean",
            "kl_base_general_final"]
 # --quick (too short for GRPO to learn much) also screens fewer instances for RIF
-QUICK = [*SWEEP_QUICK, "rif.max_instances=256"]
+QUICK = [*SWEEP_QUICK, "rif.filter.max_instances=256"]
 
 
 def main() -> None:

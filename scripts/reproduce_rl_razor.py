@@ -30,7 +30,7 @@ LRS = ["3e-5", "1e-4", "3e-4"]
 
 def points(paradigms: list[str]) -> dict[str, Point]:
     return {f"{p}_lr{lr}": Point(f"{p.upper()} lr {lr}", None,
-                                 [f"objective={p}", f"optimizer.lr={lr}", "eval.shift_metrics=true"],
+                                 [f"objective={p}", f"optimizer.lr={lr}", "shift=kl"],
                                  {"paradigm": p, "lr": lr})
             for p in paradigms for lr in LRS}
 

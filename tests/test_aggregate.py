@@ -41,7 +41,7 @@ def test_a_failing_job_does_not_stop_the_sweep_and_its_point_is_marked(tmp_path,
     from analysis.sweep import run_sweep
 
     out = tmp_path / "point"
-    failed = run_sweep(out, "smoke", [0], ["stream.steps_per_task=-1,3", "eval.shift_metrics=false", "logger=none"])
+    failed = run_sweep(out, "smoke", [0], ["stream.steps_per_task=-1,3", "shift=none", "logger=none"])
     assert len(failed) == 1 and failed[0]["status"].startswith("failed: ConfigError: stream.steps_per_task")
     assert len(completed_results(out)) == 1  # the other job of the same multirun ran to the end
     assert mark_failed("SFT", out).startswith("SFT [FAILED 1 job(s): ConfigError: stream.steps_per_task")

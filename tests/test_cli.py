@@ -94,7 +94,7 @@ def test_malformed_user_data_fails_before_training(tmp_path):
 def test_grpo_and_joint_run_end_to_end(tmp_path, cache_dir):
     out = tmp_path / "grpo"
     proc = run_cli("experiment=smoke", "objective=grpo", "objective.group_size=4", "stream.steps_per_task=6",
-                   "stream.mode=joint", "rif.enabled=true", "rif.max_instances=16", f"hydra.run.dir={out}")
+                   "stream.mode=joint", "rif=filter", "rif.filter.max_instances=16", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = _check_contract(out)
     assert res["metrics"]["compute"]["tokens_generated"] > 0
@@ -136,7 +136,7 @@ def test_every_replay_option_runs_through_the_cli(tmp_path, cache_dir, objective
                    "replay=[er,gere]", "replay.er.schedule=power_law", "replay.gere.loss=tm",
                    "regularizer=[ewc,l2,lwf]", "regularizer.ewc.coef=1", "regularizer.lwf.coef=0.1",
                    "meta=[reptile,kfpf]", "meta.reptile.every=4", "meta.kfpf.every=4", "train.decay=infinite",
-                   "eval.shift_metrics=false",
+                   "shift=none",
                    "objective.group_size=2" if objective == "grpo" else "seed=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = _check_contract(out)
@@ -152,7 +152,7 @@ def test_each_method_group_runs_through_the_cli(tmp_path, cache_dir, method):
     """A method is added by naming it; it runs, honours the results contract and records itself under its key."""
     out = tmp_path / "run"
     proc = run_cli("experiment=smoke", method, f"hydra.run.dir={out}", "stream.steps_per_task=6",
-                   "eval.shift_metrics=false")
+                   "shift=none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = _check_contract(out)
     group, name = method.split("=")

@@ -66,7 +66,7 @@ def test_every_method_file_names_a_component_and_sets_only_what_differs_from_its
 
 def test_a_composed_method_carries_its_constructors_defaults():
     cfg = OmegaConf.to_container(compose_cfg("regularizer=[l2,ewc]", "replay=derpp"), resolve=True)
-    assert [at for at, _ in configured(cfg)] == ["replay.derpp", "regularizer.l2", "regularizer.ewc"]
+    assert [at for at, _ in configured(cfg)] == ["replay.derpp", "regularizer.l2", "regularizer.ewc", "shift.kl"]
     from replay.regularizers import EWC
 
     defaults = {k: p.default for k, p in inspect.signature(EWC.__init__).parameters.items()}

@@ -170,7 +170,9 @@ def test_rif_drops_instances_without_a_correct_rollout(tiny_model_dir):
     rows = [{"prompt": f"A:{i}=", "answer": "1", "task": "t", "learnable": i % 3 == 0} for i in range(12)]
     score = lambda completions, learnable, **_: [float(x) for x in learnable]  # noqa: E731
     task = Task("t", train=Dataset.from_list(rows), eval=None, verifier=score)
-    rif = RolloutInstanceFilter(fmt, k=2, max_instances=9, max_new_tokens=3, planned_prompts=10, group_size=4)
+    objective = type("O", (), {"max_new_tokens": 3, "group_size": 4})()
+    rif = RolloutInstanceFilter(fmt, k=2, max_instances=9, objective=objective, stream_batch_size=5, steps_per_task=2)
+    assert (rif.max_new_tokens, rif.group_size, rif.planned_prompts) == (3, 4, 10)
     ctx = type("C", (), {"module": type("M", (), {"model": model, "global_iter": 0})(), "task_idx": 0})()
     kept = rif.prepare_data(ctx, task)
     assert list(kept.train["prompt"]) == ["A:0=", "A:3=", "A:6="]

@@ -8,7 +8,7 @@ from pathlib import Path
 from cl.results import fingerprint_diff, input_fingerprint
 from tests.conftest import run_cli
 
-SHORT = ("experiment=smoke", "stream.steps_per_task=3", "eval.every_n_steps=null", "eval.shift_metrics=false",
+SHORT = ("experiment=smoke", "stream.steps_per_task=3", "eval.every_n_steps=null", "shift=none",
          "logger=none")
 
 
