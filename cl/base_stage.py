@@ -41,7 +41,9 @@ BASE_STAGE_VERSION = 2  # bump when the code below changes what a cached checkpo
 
 @dataclass(frozen=True)
 class BaseRecipe:
-    """How the tiny base model is pretrained (``conf/base/*.yaml``; the defaults here are ``base=tiny``'s).
+    """How the tiny base model is pretrained: the settings of ``conf/base/*.yaml`` and the one place their
+    defaults are written (the defaults are ``base=tiny``'s, less its task mixture, coverage and expected
+    levels; a preset sets only what differs).
 
     The stage trains on a weighted mixture of general tasks (to be mastered) and stream tasks
     ("exposure", to be partially known) and ends by measured properties, not at a fixed step:
@@ -71,33 +73,33 @@ class BaseRecipe:
     tasks with ``general_health``.
     """
 
-    steps: int = 1400
-    min_steps: int = 500
+    steps: int = 1400                    # cap: the health check warns when the stage ends here
+    min_steps: int = 500                 # the LR anneals from here over anneal_steps to min_lr_ratio
     batch_size: int = 192
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
     warmup_steps: int = 100
     gradient_clip_val: float = 1.0
-    general: dict[str, float] = field(default_factory=dict)
-    exposure: dict[str, float] = field(default_factory=dict)
-    cover: tuple[int, ...] | None = None
-    general_floor: float = 0.25
-    general_min: float = 0.99
-    cover_min: float | None = 0.8
+    general: dict[str, float] = field(default_factory=dict)   # general task -> mixture weight
+    exposure: dict[str, float] = field(default_factory=dict)  # stream task -> mixture weight
+    cover: tuple[int, ...] | None = None  # exposure rows: only those whose first operand's leading digit is one of these
+    general_floor: float = 0.25          # a general task's weight: general[task] * max(general_floor, 1 - accuracy)
+    general_min: float = 0.99            # stop: every general task >= this on its validation rows...
+    cover_min: float | None = 0.8        # ...every stream task >= this on its covered validation rows...
     anneal_steps: int = 150
     min_lr_ratio: float = 0.2
-    plateau_window: int = 100
+    plateau_window: int = 100            # ...and every stream task moved <= plateau_delta over this many steps
     plateau_delta: float = 0.03
-    check_every: int = 20
-    general_check_every: int = 50
-    val_n: int = 300
+    check_every: int = 20                # stream tasks scored every check_every steps from min_steps
+    general_check_every: int = 50        # general tasks scored (and reweighted) every general_check_every steps
+    val_n: int = 300                     # validation rows per task, held out of the stage's training rows
     init_seed: int = 0
-    report_n: int = 500
+    report_n: int = 500                  # eval items per task in base_report.json
     report_pass_k: int = 8
-    expected: dict[str, float] = field(default_factory=dict)
-    general_health: float = 0.95
-    health_band: float = 0.10
+    expected: dict[str, float] = field(default_factory=dict)  # measured levels (scripts/check_base.py)
+    general_health: float = 0.95         # health: every general task >= this on the report items
+    health_band: float = 0.10            # health: every stream task within this of its expected level
 
     @property
     def mixture(self) -> dict[str, float]:

@@ -82,6 +82,19 @@ def schema_for(cls, target: str):
     return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
 
 
+def dataclass_schema(cls, **extra):
+    """A copy of dataclass ``cls`` with types OmegaConf can enforce and ``extra`` fields (name -> default)."""
+    fields = [(name, type(v), dataclasses.field(default=v)) for name, v in extra.items()]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = list(default) if isinstance(default, tuple) else default
+        kw = ({"default_factory": lambda v=value: copy.deepcopy(v)} if isinstance(value, (list, dict))
+              else {"default": value})
+        fields.append((f.name, _config_type(hints[f.name]), dataclasses.field(**kw)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+
+
 def preset_files(conf_dir: str | Path):
     """``(group, name, target)`` of every method file under the groups."""
     for group in GROUPS:
@@ -92,10 +105,14 @@ def preset_files(conf_dir: str | Path):
 
 
 def register_schemas(conf_dir: str | Path) -> None:
-    """Store ``schema/<group>/<name>`` in Hydra's ConfigStore for every method file (idempotent)."""
+    """Store ``schema/<group>/<name>`` in Hydra's ConfigStore for every method file, and ``schema/base/recipe``
+    (the base stage's settings: :class:`cl.base_stage.BaseRecipe`) (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
+    from cl.base_stage import BaseRecipe
+
     cs = ConfigStore.instance()
+    cs.store(group="schema/base", name="recipe", node=dataclass_schema(BaseRecipe, kind="pretrain"))
     for group, name, target in preset_files(conf_dir):
         cs.store(group=f"schema/{group}", name=name, node=schema_for(locate(target), target))
 

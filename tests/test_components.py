@@ -64,6 +64,23 @@ def test_every_method_file_names_a_component_and_sets_only_what_differs_from_its
             assert value != default, f"{group}/{name}: '{key}: {value}' restates the default written in {target}"
 
 
+@pytest.mark.parametrize("preset", ["tiny", "smoke"])
+def test_base_presets_set_only_what_differs_from_the_recipe_and_compose_to_it(preset):
+    from cl.base_stage import BaseRecipe
+
+    defaults = dataclasses.asdict(BaseRecipe())
+    data = yaml.safe_load((ROOT / "conf" / "base" / f"{preset}.yaml").read_text())
+    for key, value in data.items():
+        if key != "defaults":
+            assert key in defaults, f"base/{preset}: '{key}' is not a BaseRecipe setting"
+            default = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
+            assert value != default, f"base/{preset}: '{key}: {value}' restates BaseRecipe's default"
+    composed = OmegaConf.to_container(compose_cfg(f"base={preset}").base, resolve=True)
+    assert composed.pop("kind") == "pretrain"
+    assert dataclasses.asdict(BaseRecipe(**composed)) == {**defaults, **composed}
+    assert set(composed) == set(defaults)
+
+
 def test_a_composed_method_carries_its_constructors_defaults():
     cfg = OmegaConf.to_container(compose_cfg("regularizer=[l2,ewc]", "replay=derpp"), resolve=True)
     assert [at for at, _ in configured(cfg)] == ["replay.derpp", "regularizer.l2", "regularizer.ewc", "shift.kl"]
@@ -76,7 +93,8 @@ def test_a_composed_method_carries_its_constructors_defaults():
 
 
 @pytest.mark.parametrize("override, key", [("regularizer.ewc.coef=abc", "regularizer.ewc.coef"),
-                                           ("regularizer.ewc.typo=1", "regularizer.ewc.typo")])
+                                           ("regularizer.ewc.typo=1", "regularizer.ewc.typo"),
+                                           ("base.steps=abc", "base.steps"), ("base.typo=1", "base.typo")])
 def test_a_wrong_type_or_an_unknown_key_fails_at_composition_naming_the_key(override, key):
     from hydra.errors import ConfigCompositionException
 
