@@ -37,6 +37,9 @@ import yaml
 # model), then data and loss components, then per-step meta-learning, then the probes (the distribution
 # shift at task ends) and the data filters (RIF before a task)
 GROUPS = ("averaging", "replay", "regularizer", "meta", "shift", "rif")
+# groups whose files take their types and defaults from their ``_target_``'s constructor: the methods and
+# the objective (one per run, its settings directly under ``objective``)
+SCHEMA_GROUPS = ("objective", *GROUPS)
 # constructor arguments the run supplies: never configuration
 RUN_CONTEXT = ("fmt", "evaluator", "seed", "log", "general", "stream_batch_size", "data_seed", "objective",
                "steps_per_task")
@@ -63,13 +66,21 @@ def _config_type(tp):
     return Any
 
 
-def schema_for(cls, target: str):
-    """A dataclass with the constructor's configurable arguments (their types and defaults) and ``_target_``."""
+def schema_for(cls, target: str | None):
+    """A dataclass with the constructor's configurable arguments (their types and defaults) and ``_target_``.
+
+    A class's ``nested_settings`` (argument -> dotted class name) makes that argument a node holding the
+    named class's constructor settings (e.g. GRPO's ``vllm``: the vLLM engine's), defaults included."""
     sig = inspect.signature(cls.__init__)
     hints = typing.get_type_hints(cls.__init__)
-    fields = [("_target_", str, dataclasses.field(default=target))]
+    nested = getattr(cls, "nested_settings", {})
+    fields = [("_target_", str, dataclasses.field(default=target))] if target else []
     for name, p in sig.parameters.items():
         if name == "self" or name in RUN_CONTEXT or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if name in nested:
+            sub = schema_for(locate(nested[name]), None)
+            fields.append((name, sub, dataclasses.field(default_factory=sub)))
             continue
         tp = _config_type(hints.get(name, Any))
         if p.default is inspect.Parameter.empty:
@@ -96,8 +107,8 @@ def dataclass_schema(cls, **extra):
 
 
 def preset_files(conf_dir: str | Path):
-    """``(group, name, target)`` of every method file under the groups."""
-    for group in GROUPS:
+    """``(group, name, target)`` of every file with a ``_target_`` under :data:`SCHEMA_GROUPS`."""
+    for group in SCHEMA_GROUPS:
         for f in sorted((Path(conf_dir) / group).glob("*.yaml")):
             data = yaml.safe_load(f.read_text()) or {}
             if data.get("_target_"):

@@ -173,46 +173,17 @@ def validate_config(cfg: Mapping) -> None:
     if _get(cfg, "logger.kind") == "wandb":
         c.choice("logger.mode", MODES)
 
-    if str(_get(cfg, "objective._target_", "")).endswith("GRPOObjective"):
-        from cl.objectives.grpo import REFERENCES
-        from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, SAMPLER_CORRECTIONS
+    target = _get(cfg, "objective._target_")
+    if isinstance(target, str) and target.startswith(ALLOWED_TARGET_PREFIXES):
+        from cl.components import locate
 
-        c.integer("objective.group_size", minimum=2)
-        c.integer("objective.max_new_tokens", minimum=1)
-        c.integer("objective.ppo_epochs", minimum=1)
-        c.number("objective.temperature", lo=0.0, strict_lo=True)
-        c.number("objective.top_p", lo=0.0, hi=1.0, strict_lo=True)
-        c.number("objective.eps_low", lo=0.0, hi=1.0)
-        c.number("objective.eps_high", lo=0.0)
-        c.number("objective.kl_coef", lo=0.0)
-        c.choice("objective.reference", REFERENCES)
-        c.choice("objective.loss_agg", AGGREGATIONS)
-        c.choice("objective.advantage", ADVANTAGES)
-        if _get(cfg, "objective.reference") == "sync":
-            c.integer("objective.ref_sync_every", minimum=1)
-        from cl.rollouts import BACKENDS, RolloutBackendError, VLLMRollouts
-
-        c.choice("objective.rollout_backend", BACKENDS)
-        if _get(cfg, "objective.rollout_backend") == "vllm":
-            c.number("objective.vllm.gpu_memory_utilization", lo=0.0, hi=1.0, strict_lo=True)
-            if _get(cfg, "objective.vllm.importance_sampling") is not None:
-                c.choice("objective.vllm.importance_sampling", (*SAMPLER_CORRECTIONS, "none"))
-            for bound in ("is_clip_min", "is_clip_max"):
-                if _get(cfg, f"objective.vllm.{bound}") is not None:
-                    c.number(f"objective.vllm.{bound}", lo=0.0)
-            lo, hi = _get(cfg, "objective.vllm.is_clip_min"), _get(cfg, "objective.vllm.is_clip_max")
-            if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
-                c.add("objective.vllm.is_clip_min", f"{lo} is above is_clip_max {hi}")
-            if _get(cfg, "adapter.name") in ("lora", "reglora") and is_fsdp(dict(_get(cfg, "trainer") or {})):
-                c.add("objective.rollout_backend", "vllm with LoRA under trainer=fsdp is not supported (the "
-                                                   "adapter deltas would be computed from shards); use trainer=ddp")
-            if _get(cfg, "adapter.name") in ("mora", "task_lora"):
-                c.add("objective.rollout_backend", f"vllm cannot hold adapter={_get(cfg, 'adapter.name')} "
-                                                   "(its layers are not in vLLM's model); use rollout_backend=hf")
-            try:
-                VLLMRollouts.check_available()
-            except RolloutBackendError as e:
-                c.add("objective.rollout_backend", str(e).split(": ", 1)[1])
+        try:
+            cls = locate(target)
+        except (ImportError, AttributeError) as e:
+            c.add("objective._target_", f"cannot import '{target}': {e}")
+        else:
+            if hasattr(cls, "check_config"):  # the objective's own rules (e.g. GRPO's ranges and backends)
+                cls.check_config(c, "objective")
     for field, target in _targets(cfg):  # everything instantiated must come from the allowlisted packages
         if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
             c.add(field, f"'{target}' is outside the allowed packages {', '.join(ALLOWED_TARGET_PREFIXES)}")

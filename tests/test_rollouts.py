@@ -232,7 +232,7 @@ def test_vllm_backend_refused_with_a_reason_where_it_cannot_run():
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert "objective.vllm.importance_sampling: 'clip' is not one of token_truncate" in str(err.value)
-    assert "objective.vllm.is_clip_min: 4 is above is_clip_max 3.0" in str(err.value)
+    assert "objective.vllm.is_clip_min: 4.0 is above is_clip_max 3.0" in str(err.value)
     with pytest.raises(ValueError, match="objective.vllm.importance_sampling: 'clip'"):
         VLLMRollouts(importance_sampling="clip")
     assert VLLMRollouts(importance_sampling="none").correction is None

@@ -75,6 +75,50 @@ class GRPOObjective(Component):
     """
 
     name = "grpo"
+    nested_settings = {"vllm": "cl.rollouts.VLLMRollouts"}  # objective.vllm: that class's settings
+
+    @classmethod
+    def check_config(cls, c, at: str) -> None:
+        """Ranges and choices of the settings at ``at`` (``objective``), and the rollout backend's needs."""
+        from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, SAMPLER_CORRECTIONS
+
+        c.integer(f"{at}.group_size", minimum=2)
+        c.integer(f"{at}.max_new_tokens", minimum=1)
+        c.integer(f"{at}.ppo_epochs", minimum=1)
+        c.number(f"{at}.temperature", lo=0.0, strict_lo=True)
+        c.number(f"{at}.top_p", lo=0.0, hi=1.0, strict_lo=True)
+        c.number(f"{at}.eps_low", lo=0.0, hi=1.0)
+        c.number(f"{at}.eps_high", lo=0.0)
+        c.number(f"{at}.kl_coef", lo=0.0)
+        c.choice(f"{at}.reference", REFERENCES)
+        c.choice(f"{at}.loss_agg", AGGREGATIONS)
+        c.choice(f"{at}.advantage", ADVANTAGES)
+        if c.get(f"{at}.reference") == "sync":
+            c.integer(f"{at}.ref_sync_every", minimum=1)
+        from cl.fsdp import is_fsdp
+        from cl.rollouts import BACKENDS, RolloutBackendError, VLLMRollouts
+
+        c.choice(f"{at}.rollout_backend", BACKENDS)
+        if c.get(f"{at}.rollout_backend") == "vllm":
+            c.number(f"{at}.vllm.gpu_memory_utilization", lo=0.0, hi=1.0, strict_lo=True)
+            if c.get(f"{at}.vllm.importance_sampling") is not None:
+                c.choice(f"{at}.vllm.importance_sampling", (*SAMPLER_CORRECTIONS, "none"))
+            for bound in ("is_clip_min", "is_clip_max"):
+                if c.get(f"{at}.vllm.{bound}") is not None:
+                    c.number(f"{at}.vllm.{bound}", lo=0.0)
+            lo, hi = c.get(f"{at}.vllm.is_clip_min"), c.get(f"{at}.vllm.is_clip_max")
+            if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
+                c.add(f"{at}.vllm.is_clip_min", f"{lo} is above is_clip_max {hi}")
+            if c.get("adapter.name") in ("lora", "reglora") and is_fsdp(dict(c.get("trainer") or {})):
+                c.add(f"{at}.rollout_backend", "vllm with LoRA under trainer=fsdp is not supported (the "
+                                                   "adapter deltas would be computed from shards); use trainer=ddp")
+            if c.get("adapter.name") in ("mora", "task_lora"):
+                c.add(f"{at}.rollout_backend", f"vllm cannot hold adapter={c.get('adapter.name')} "
+                                                   "(its layers are not in vLLM's model); use rollout_backend=hf")
+            try:
+                VLLMRollouts.check_available()
+            except RolloutBackendError as e:
+                c.add(f"{at}.rollout_backend", str(e).split(": ", 1)[1])
 
     def __init__(self, group_size: int = 8, temperature: float = 1.0, top_p: float = 0.99,
                  max_new_tokens: int = 16, eps_low: float = 0.2, eps_high: float = 0.3, kl_coef: float = 0.01,
