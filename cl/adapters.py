@@ -16,10 +16,11 @@ loss term. The optimizer is rebuilt at every task start from the parameters that
   MLP projections; each task appends ``r`` new experts and freezes the old ones.
 - ``hft`` (half fine-tuning): per task, a seeded random half of the matrices is frozen (per layer 2 of
   q/k/v/o; in a random half of the layers 2 of gate/up/down, in the other half 1); embeddings (and a tied
-  LM head) frozen; norms train unless ``hft_freeze_norms``.
+  LM head) frozen; norms train unless ``freeze_norms``.
 - ``reglora`` (SEFE): LoRA merged after each task; before the merge the top ``key_fraction`` (2%) of
   ``|B A|`` entries per matrix become key elements (union over tasks), and the next tasks' LoRA pays
-  ``coef * mean over matrices of mean |(B A)_ij| over the key elements`` (coef 2.5e3).
+  ``coef * mean over matrices of mean |scale * (B A)_ij| over the key elements`` (coef 2.5e3; ``scale =
+  alpha / r``, the LoRA delta as peft applies it).
 
 Merging and averaging: for ``lora`` with ``merge_after_task`` and ``reglora`` the task-end hook merges
 first, so averaging (which runs after the adapter's hook) acts on the merged weights; for ``task_lora``
@@ -200,8 +201,9 @@ class TaskLoRA(LoRA):
     name = "task_lora"
     ckpt_attrs = None  # adds a named adapter per task: not resumable
 
-    def __init__(self, *a, evaluator=None, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=DEFAULT_TARGETS,
+                 seed: int = 0, evaluator=None):
+        super().__init__(r, alpha, dropout, target_modules, seed=seed)
         self.evaluator = evaluator
         self.task_aware: list[dict] = []
 
@@ -250,9 +252,9 @@ class RegLoRA(LoRA):
     name = "reglora"
     ckpt_attrs = ("merges", "masks")
 
-    def __init__(self, *a, key_fraction: float = 0.02, coef: float = 2.5e3, **kw):
-        kw["merge_after_task"] = True
-        super().__init__(*a, **kw)
+    def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=DEFAULT_TARGETS,
+                 key_fraction: float = 0.02, coef: float = 2.5e3, seed: int = 0):
+        super().__init__(r, alpha, dropout, target_modules, merge_after_task=True, seed=seed)
         self.key_fraction, self.coef = key_fraction, coef
         self.masks: dict[str, torch.Tensor] = {}
 
@@ -522,30 +524,29 @@ def load_adapted(path: str | Path) -> nn.Module:
     return model
 
 
+def adapter_classes() -> dict[str, type]:
+    """``adapter.name`` -> its class; the class's constructor holds the settings' types and defaults."""
+    return {"full": FullFineTuning, "lora": LoRA, "task_lora": TaskLoRA, "mora": MoRA, "hft": HalfFineTuning,
+            "reglora": RegLoRA}
+
+
 def make_adapter(cfg: dict, seed: int = 0, evaluator=None):
-    """Build the adapter named by ``cfg['name']`` from the ``adapter`` config block."""
+    """Build the adapter named by ``cfg['name']`` from the ``adapter`` config block: the settings its
+    constructor takes (the rest of its arguments keep the constructor's defaults), the run's seed and
+    evaluator where it takes them."""
+    import inspect
+
     name = cfg.get("name", "full")
     if name not in ADAPTERS:
         raise AdapterError(f"adapter.name: '{name}' is not one of {', '.join(ADAPTERS)}")
-    if name == "full":
-        return FullFineTuning()
-    if name == "hft":
-        return HalfFineTuning(seed, cfg.get("hft_freeze_norms", False))
-    def given(*keys: str, **renamed: str) -> dict:
-        """The settings the config gives (null only where it means something: top_k = all, delta = none);
-        the constructors' signatures hold the defaults, in one place."""
-        out = {k: cfg[k] for k in keys if k in cfg and (cfg[k] is not None or k in ("top_k", "delta"))}
-        return {**out, **{new: cfg[old] for new, old in renamed.items() if cfg.get(old) is not None}}
-
-    common = {**given("r", "alpha"), "seed": seed}
-    if cfg.get("target_modules"):
-        common["target_modules"] = list(cfg["target_modules"])
-    if name == "mora":
-        return MoRA(**common, **given("top_k", "tau", "delta"))
-    common.update(given("dropout"))
-    if name == "lora":
-        return LoRA(**common, **given("merge_after_task"))
-    if name == "task_lora":
-        return TaskLoRA(**common, evaluator=evaluator)
-    return RegLoRA(**common, **given("key_fraction", coef="reg_coef"))
+    cls = adapter_classes()[name]
+    params = inspect.signature(cls.__init__).parameters
+    run = {"seed": seed, "evaluator": evaluator}
+    kwargs = {k: cfg[k] for k in params if k in cfg and k not in run}
+    unknown = sorted(set(cfg) - set(params) - {"name"})
+    if unknown:
+        raise AdapterError(f"adapter.{unknown[0]}: not a setting of adapter {name}")
+    if "target_modules" in kwargs:
+        kwargs["target_modules"] = list(kwargs["target_modules"])
+    return cls(**kwargs, **{k: v for k, v in run.items() if k in params})
 

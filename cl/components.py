@@ -66,7 +66,7 @@ def _config_type(tp):
     return Any
 
 
-def schema_for(cls, target: str | None):
+def schema_for(cls, target: str | None, **extra):
     """A dataclass with the constructor's configurable arguments (their types and defaults) and ``_target_``.
 
     A class's ``nested_settings`` (argument -> dotted class name) makes that argument a node holding the
@@ -75,6 +75,7 @@ def schema_for(cls, target: str | None):
     hints = typing.get_type_hints(cls.__init__)
     nested = getattr(cls, "nested_settings", {})
     fields = [("_target_", str, dataclasses.field(default=target))] if target else []
+    fields += [(name, type(v), dataclasses.field(default=v)) for name, v in extra.items()]
     for name, p in sig.parameters.items():
         if name == "self" or name in RUN_CONTEXT or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
@@ -116,14 +117,19 @@ def preset_files(conf_dir: str | Path):
 
 
 def register_schemas(conf_dir: str | Path) -> None:
-    """Store ``schema/<group>/<name>`` in Hydra's ConfigStore for every method file, and ``schema/base/recipe``
-    (the base stage's settings: :class:`cl.base_stage.BaseRecipe`) (idempotent)."""
+    """Store ``schema/<group>/<name>`` in Hydra's ConfigStore for every method file, ``schema/adapter/<name>``
+    for every adapter and ``schema/base/recipe`` (the base stage's settings: :class:`cl.base_stage.BaseRecipe`)
+    (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     from cl.base_stage import BaseRecipe
 
     cs = ConfigStore.instance()
     cs.store(group="schema/base", name="recipe", node=dataclass_schema(BaseRecipe, kind="pretrain"))
+    from cl.adapters import adapter_classes
+
+    for name, cls in adapter_classes().items():  # adapter.name picks the class; its settings sit under adapter
+        cs.store(group="schema/adapter", name=name, node=schema_for(cls, None, name=name))
     for group, name, target in preset_files(conf_dir):
         cs.store(group=f"schema/{group}", name=name, node=schema_for(locate(target), target))
 

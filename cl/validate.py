@@ -316,4 +316,4 @@ def _validate_adapter(c: _Checker, cfg: Mapping) -> None:
             c.add("adapter.delta", f"must be null or a number in [-1, 1] (activations are normalised), got {d!r}")
     if name == "reglora":
         c.number("adapter.key_fraction", lo=0.0, hi=1.0, strict_lo=True)
-        c.number("adapter.reg_coef", lo=0.0)
+        c.number("adapter.coef", lo=0.0)

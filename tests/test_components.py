@@ -64,6 +64,22 @@ def test_every_method_file_names_a_component_and_sets_only_what_differs_from_its
             assert value != default, f"{group}/{name}: '{key}: {value}' restates the default written in {target}"
 
 
+def test_adapter_files_set_only_what_differs_from_their_constructors():
+    from cl.adapters import ADAPTERS, adapter_classes, make_adapter
+
+    for name in ADAPTERS:
+        params = inspect.signature(adapter_classes()[name].__init__).parameters
+        data = yaml.safe_load((ROOT / "conf" / "adapter" / f"{name}.yaml").read_text())
+        assert data["name"] == name
+        for key, value in data.items():
+            if key not in ("defaults", "name"):
+                assert key in params and value != params[key].default, f"adapter/{name}: '{key}: {value}'"
+        composed = OmegaConf.to_container(compose_cfg(f"adapter={name}").adapter, resolve=True)
+        settings = {k for k, p in params.items() if k not in ("self", "seed", "evaluator") and p.kind == p.POSITIONAL_OR_KEYWORD}
+        assert set(composed) == settings | {"name"}
+        assert type(make_adapter(composed)) is adapter_classes()[name]
+
+
 @pytest.mark.parametrize("preset", ["tiny", "smoke"])
 def test_base_presets_set_only_what_differs_from_the_recipe_and_compose_to_it(preset):
     from cl.base_stage import BaseRecipe
@@ -94,12 +110,13 @@ def test_a_composed_method_carries_its_constructors_defaults():
 
 @pytest.mark.parametrize("override, key", [("regularizer.ewc.coef=abc", "regularizer.ewc.coef"),
                                            ("regularizer.ewc.typo=1", "regularizer.ewc.typo"),
-                                           ("base.steps=abc", "base.steps"), ("base.typo=1", "base.typo")])
+                                           ("base.steps=abc", "base.steps"), ("base.typo=1", "base.typo"),
+                                           ("adapter.r=abc", "adapter.r"), ("adapter.typo=1", "adapter.typo")])
 def test_a_wrong_type_or_an_unknown_key_fails_at_composition_naming_the_key(override, key):
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")):
-        compose_cfg("regularizer=ewc", override)
+        compose_cfg("regularizer=ewc", "adapter=lora", override)
 
 
 def test_schema_types_come_from_the_signature():
