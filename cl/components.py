@@ -71,13 +71,14 @@ def schema_for(cls, target: str | None, **extra):
 
     A class's ``nested_settings`` (argument -> dotted class name) makes that argument a node holding the
     named class's constructor settings (e.g. GRPO's ``vllm``: the vLLM engine's), defaults included."""
-    sig = inspect.signature(cls.__init__)
-    hints = typing.get_type_hints(cls.__init__)
+    fn = cls.__init__ if inspect.isclass(cls) else cls  # a class's constructor, or a builder function
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
     nested = getattr(cls, "nested_settings", {})
     fields = [("_target_", str, dataclasses.field(default=target))] if target else []
     fields += [(name, type(v), dataclasses.field(default=v)) for name, v in extra.items()]
     for name, p in sig.parameters.items():
-        if name == "self" or name in RUN_CONTEXT or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if name in ("self", "out_dir") or name in RUN_CONTEXT or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if name in nested:
             sub = schema_for(locate(nested[name]), None)
@@ -91,7 +92,7 @@ def schema_for(cls, target: str | None, **extra):
             fields.append((name, tp, dataclasses.field(default_factory=lambda v=value: copy.deepcopy(v))))
         else:
             fields.append((name, tp, dataclasses.field(default=p.default)))
-    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+    return dataclasses.make_dataclass(f"{cls.__name__.title().replace('_', '')}Config", fields)
 
 
 def dataclass_schema(cls, **extra):
@@ -118,14 +119,17 @@ def preset_files(conf_dir: str | Path):
 
 def register_schemas(conf_dir: str | Path) -> None:
     """Store ``schema/<group>/<name>`` in Hydra's ConfigStore for every method file, ``schema/adapter/<name>``
-    for every adapter and ``schema/base/recipe`` (the base stage's settings: :class:`cl.base_stage.BaseRecipe`)
-    (idempotent)."""
+    for every adapter, ``schema/base/recipe`` (the base stage's settings: :class:`cl.base_stage.BaseRecipe`) and
+    ``schema/model/tiny_arch`` (the embedded model's shape: :func:`cl.model.build_tiny_llama`) (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     from cl.base_stage import BaseRecipe
 
     cs = ConfigStore.instance()
+    from cl.model import build_tiny_llama
+
     cs.store(group="schema/base", name="recipe", node=dataclass_schema(BaseRecipe, kind="pretrain"))
+    cs.store(group="schema/model", name="tiny_arch", node=schema_for(build_tiny_llama, None))
     from cl.adapters import adapter_classes
 
     for name, cls in adapter_classes().items():  # adapter.name picks the class; its settings sit under adapter
