@@ -6,6 +6,10 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # two-sided 95% Student-t quantiles by degrees of freedom (n - 1)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -79,58 +83,75 @@ def format_cell(mean: float, ci: float) -> str:
     return f"{mean:+.3f}" if math.isnan(ci) else f"{mean:+.3f} ± {ci:.3f}"
 
 
-def markdown_table(rows: dict[str, dict[str, tuple]], metrics: Sequence[str]) -> str:
-    """Rows ``{label: summarise(...)}`` as a Markdown table of mean ± 95% CI (n seeds)."""
-    head = "| method | n | " + " | ".join(metrics) + " |"
-    lines = [head, "|---|---|" + "---|" * len(metrics)]
-    for label, summ in rows.items():
+class Table(str):
+    """A table as Markdown text (what reports and terminals show) that keeps its ``frame`` (a pandas
+    DataFrame of display cells), from which LaTeX and CSV are written: one path for every table."""
+
+    frame: "pd.DataFrame"
+
+
+def as_table(frame) -> Table:
+    """``frame`` (cells as they should be shown) as a :class:`Table`: Markdown through ``DataFrame.to_markdown``."""
+    table = Table(frame.to_markdown(index=False, tablefmt="pipe", disable_numparse=True))
+    table.frame = frame
+    return table
+
+
+def summary_frame(rows: dict[str, dict[str, tuple]], metrics: Sequence[str], label: str = "method"):
+    """Rows ``{label: summarise(...)}`` as a DataFrame of display cells: label, n seeds, mean ± 95% CI."""
+    import pandas as pd
+
+    records = []
+    for name, summ in rows.items():
         n = next(iter(summ.values()))[3] if summ else 0
-        lines.append(f"| {label} | {n} | " + " | ".join(format_cell(summ[m][0], summ[m][2]) for m in metrics) + " |")
-    return "\n".join(lines)
+        records.append({label: name, "n": n, **{m: format_cell(summ[m][0], summ[m][2]) for m in metrics}})
+    return pd.DataFrame(records, columns=[label, "n", *metrics])
+
+
+def markdown_table(rows: dict[str, dict[str, tuple]], metrics: Sequence[str], label: str = "method") -> Table:
+    """Rows ``{label: summarise(...)}`` as a table of mean ± 95% CI (n seeds)."""
+    return as_table(summary_frame(rows, metrics, label))
 
 
 def tex_escape(s: str) -> str:
     return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
 
 
-def markdown_to_latex(md: str) -> str:
-    """Every Markdown table in ``md`` (as this module writes them) as a booktabs LaTeX table captioned with
-    the heading above it; ``+0.123 ± 0.045`` cells become ``$+0.123 \\pm 0.045$``."""
+def _tex_cell(s) -> str:
+    s = str(s).strip()
+    if " ± " in s:
+        m, ci = s.split(" ± ", 1)
+        return f"${m} \\pm {ci}$"
+    return f"${s}$" if s[:1] in "+-" and s[1:2].isdigit() else tex_escape(s)
 
-    def cell(s: str) -> str:
-        s = s.strip()
-        if " ± " in s:
-            m, ci = s.split(" ± ", 1)
-            return f"${m} \\pm {ci}$"
-        return f"${s}$" if s[:1] in "+-" and s[1:2].isdigit() else tex_escape(s)
 
-    out, heading, block = [], "", []
+def latex_table(frame, caption: str = "") -> str:
+    """A booktabs LaTeX table of ``frame`` (pandas Styler): the first column (labels) escaped, ``+0.123 ±
+    0.045`` cells as ``$+0.123 \\pm 0.045$``, captioned with ``caption``."""
+    cells = frame.astype(str).copy()
+    first = cells.columns[0]
+    for col in cells.columns:
+        cells[col] = cells[col].map(tex_escape if col == first else _tex_cell)
+    cells.columns = [tex_escape(str(c)) for c in cells.columns]
+    return cells.style.hide(axis="index").to_latex(
+        hrules=True, caption=tex_escape(caption) if caption else None, position="t",
+        position_float="centering", column_format="l" + "r" * (len(cells.columns) - 1))
 
-    def flush():
-        if len(block) >= 2:
-            rows = [[c for c in r.strip().strip("|").split("|")] for r in block if not set(r) <= set("|-: ")]
-            ncol = len(rows[0])
-            out.extend(["\\begin{table}[t]", "\\centering"] + ([f"\\caption{{{tex_escape(heading)}}}"] if heading else [])
-                       + ["\\begin{tabular}{l" + "r" * (ncol - 1) + "}", "\\toprule",
-                          " & ".join(tex_escape(c.strip()) for c in rows[0]) + " \\\\", "\\midrule"]
-                       + [" & ".join([tex_escape(r[0].strip())] + [cell(c) for c in r[1:]]) + " \\\\" for r in rows[1:]]
-                       + ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""])
-        block.clear()
 
-    for line in md.splitlines():
-        if line.startswith("|"):
-            block.append(line)
-            continue
-        flush()
-        if line.startswith("#"):
-            heading = line.lstrip("#").strip()
-    flush()
+def latex_tables(blocks: Iterable[str]) -> str:
+    """Every :class:`Table` among ``blocks`` (a report's lines) as LaTeX, captioned with the heading above it."""
+    out, heading = [], ""
+    for block in blocks:
+        if isinstance(block, Table):
+            out.append(latex_table(block.frame, heading))
+        elif str(block).startswith("#"):
+            heading = str(block).lstrip("#").strip()
     return "\n".join(out)
 
 
-def write_markdown_and_latex(root: str | Path, md: str) -> None:
-    """``root/table.md`` and the same tables as ``root/table.tex``."""
+def write_report(root: str | Path, blocks: Sequence[str]) -> None:
+    """``root/table.md`` (the blocks: headings, tables, notes, one per line) and its tables as ``root/table.tex``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "table.md").write_text(md)
-    (root / "table.tex").write_text(markdown_to_latex(md))
+    (root / "table.md").write_text("\n".join(blocks))
+    (root / "table.tex").write_text(latex_tables(blocks))

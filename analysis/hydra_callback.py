@@ -15,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from analysis.aggregate import markdown_table, markdown_to_latex, summarise
+from analysis.aggregate import latex_table, markdown_table, summarise
 
 METRICS = ("avg_acc", "forgetting", "new_acc", "general_retention", "stability_gap")
 NOT_A_POINT = ("seed", "resume", "logger", "checkpoint.every_n_steps", "hydra.")
@@ -94,7 +94,7 @@ def summary(job_dirs: list[Path], metrics: list[str], sweep_dir: Path | None = N
         if sweep_dir is not None:
             try:
                 (Path(sweep_dir) / "summary.md").write_text(table + "\n")
-                (Path(sweep_dir) / "summary.tex").write_text(markdown_to_latex(table))
+                (Path(sweep_dir) / "summary.tex").write_text(latex_table(table.frame, "sweep summary"))
             except OSError:
                 pass
     for d, status in failed:

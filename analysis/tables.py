@@ -16,8 +16,8 @@ from typing import Sequence
 import pandas as pd
 
 from analysis.aggregate import (
-    completed_results, failed_results, format_cell, mark_failed, markdown_to_latex, mean_ci,
-    write_markdown_and_latex,
+    Table, as_table, completed_results, failed_results, format_cell, latex_table, mark_failed, mean_ci,
+    write_report,
 )
 from analysis.sweep import QUICK, QUICK_RL, run_sweep
 
@@ -84,19 +84,20 @@ def summary(df: pd.DataFrame, metrics: Sequence[str], by: str = "point") -> pd.D
     return pd.DataFrame(out)
 
 
-def markdown(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str]) -> str:
+def table(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str]) -> Table:
+    """One row per point: its label (failed jobs marked), n completed seeds, mean ± 95% CI per metric."""
     by_point = {r["point"]: r for r in summ.to_dict("records")}
-    lines = ["| point | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    records = []
     for name, p in points.items():
         r = by_point.get(name)
-        cells = [format_cell(r[f"{m}_mean"], r[f"{m}_ci95"]) if r else "-" for m in metrics]
-        lines.append(f"| {mark_failed(p.label, root / name)} | {r['n'] if r else 0} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        records.append({"point": mark_failed(p.label, root / name), "n": r["n"] if r else 0,
+                        **{m: format_cell(r[f"{m}_mean"], r[f"{m}_ci95"]) if r else "-" for m in metrics}})
+    return as_table(pd.DataFrame(records, columns=["point", "n", *metrics]))
 
 
 def latex(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Sequence[str], caption: str) -> str:
     """The same table as booktabs LaTeX, mean $\\pm$ 95% CI (n seeds)."""
-    return markdown_to_latex(f"# {caption}\n\n" + markdown(root, points, summ, metrics))
+    return latex_table(table(root, points, summ, metrics).frame, caption)
 
 
 def write_table(root: Path, title: str, points: dict[str, Point], metrics: Sequence[str],
@@ -105,12 +106,12 @@ def write_table(root: Path, title: str, points: dict[str, Point], metrics: Seque
     per job) and ``summary.csv`` under ``root``; returns the Markdown and the tidy frame."""
     df = tidy(root, points)
     summ = summary(df, metrics) if len(df) else pd.DataFrame(columns=["point", "n"])
-    md = "\n".join([f"# {title}", "", "Mean ± 95% CI over seeds (n per row).", "",
-                    markdown(root, points, summ, metrics), "", *notes])
-    write_markdown_and_latex(root, md + "\n")
+    blocks = [f"# {title}", "", "Mean ± 95% CI over seeds (n per row).", "", table(root, points, summ, metrics), "",
+              *notes]
+    write_report(root, [*blocks, ""])
     df.to_csv(root / "runs.csv", index=False)
     summ.to_csv(root / "summary.csv", index=False)
-    return md, df
+    return "\n".join(blocks), df
 
 
 # -- the command line every table script shares --------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.aggregate import (  # noqa: E402
-    completed_results, mark_failed, markdown_table, write_markdown_and_latex, summarise,
+    completed_results, mark_failed, markdown_table, write_report, summarise,
 )
 from analysis.plots import plot_pareto  # noqa: E402
 from analysis.sweep import QUICK, QUICK_RL, run_sweep  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
                      annotate="setting", title="averaging: new-task accuracy vs general retention")
     lines = ["# Averaging at toy scale (default stream)", "", markdown_table(rows, METRICS), "",
              f"![forgetting]({p1.name})", f"![general]({p2.name})", ""]
-    write_markdown_and_latex(root, "\n".join(lines))
+    write_report(root, lines)
     (root / "points.json").write_text(json.dumps(pts, indent=1))
     print("\n" + "\n".join(lines))
     print(f"\nwritten: {root / 'table.md'}, {p1}, {p2} ({time.perf_counter() - t0:.0f} s)")

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.aggregate import (  # noqa: E402
-    completed_results, mark_failed, markdown_table, write_markdown_and_latex, mean_ci, summarise,
+    completed_results, mark_failed, markdown_table, write_report, mean_ci, summarise,
 )
 from analysis.sweep import QUICK, QUICK_RL, run_sweep  # noqa: E402
 
@@ -149,7 +149,7 @@ def main() -> None:
         pic = plot_fraction(root, root / "replay_fraction.png")
         if pic is not None:
             lines += [f"![replay fraction]({pic.name})", ""]
-    write_markdown_and_latex(root, "\n".join(lines))
+    write_report(root, lines)
     print("\n" + "\n".join(lines))
     print(f"\nwritten: {root / 'table.md'} ({time.perf_counter() - t0:.0f} s)")
 

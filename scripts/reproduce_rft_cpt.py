@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.aggregate import (  # noqa: E402
-    completed_results, mark_failed, markdown_table, write_markdown_and_latex, summarise,
+    completed_results, mark_failed, markdown_table, write_report, summarise,
 )
 from analysis.plots import plot_pareto  # noqa: E402
 from analysis.sweep import QUICK as SWEEP_QUICK, QUICK_RL, run_sweep  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
         lines += part_sweep(root, lrs, sweep_seeds, extra, rl_extra)
     if "reasoning" in parts:
         lines += part_reasoning(root, seeds, extra, rl_extra)
-    write_markdown_and_latex(root, "\n".join(lines))
+    write_report(root, lines)
     print("\n" + "\n".join(lines))
     print(f"\nwritten: {root / 'table.md'} ({time.perf_counter() - t0:.0f} s)")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_written_tables_mark_the_failed_point_and_carry_the_ci(table_root):
     root, pts = table_root
     md, _ = write_table(root, "Methods x paradigms", pts, ["avg_acc", "forgetting"], ["a note"])
     mean, _, ci = mean_ci([0.2, 0.3, 0.4])
-    assert f"| SFT seq | 3 | {mean:+.3f} ± {ci:.3f} |" in md
+    assert f"| SFT seq | 3 | {mean:+.3f} ± {ci:.3f} |" in _flat(md)
     assert "GRPO seq [FAILED 1 job(s): ConfigError: optimizer.lr" in md and md.rstrip().endswith("a note")
     tex = (root / "table.tex").read_text()
     assert "\\toprule" in tex and f"${mean:+.3f} \\pm {ci:.3f}$" in tex and "avg\\_acc" in tex
@@ -87,7 +88,7 @@ def test_local_table_report_has_curves_and_matrices_per_point(table_root):
     root, pts = table_root
     write_table(root, "t", pts, ["avg_acc"])
     path = local_report(root)
-    text = path.read_text()
+    text = _flat(path.read_text())
     assert "| SFT seq | 3 |" in text and "## sft_seq (3 seeds)" in text
     assert (path.parent / "sft_seq_curves.png").stat().st_size > 0 and (path.parent / "grpo_seq_matrix.png").exists()
     mc = mean_curves(completed_results(root / "sft_seq"))
@@ -109,15 +110,24 @@ def test_wandb_report_object_groups_the_table_by_point(table_root):
     assert all(p.x == "cl/global_iter" for p in grid.panels)
 
 
-def test_markdown_tables_convert_to_latex_with_captions():
-    from analysis.aggregate import markdown_table, markdown_to_latex
+def _flat(md: str) -> str:
+    """Markdown with the column padding collapsed."""
+    return re.sub(r" {2,}", " ", md)
 
-    md = "\n".join(["# Title", "", "## SFT_part", "",
-                    markdown_table({"ER 25%": {"avg_acc": (0.3, 0.1, 0.05, 3), "forgetting": (float("nan"),) * 3 + (3,)}},
-                                   ["avg_acc", "forgetting"]), "", "text after"])
-    tex = markdown_to_latex(md)
-    assert tex.count("\\begin{tabular}") == 1 and "\\caption{SFT\\_part}" in tex
+
+def test_report_tables_are_one_frame_written_as_markdown_latex_and_csv(tmp_path):
+    from analysis.aggregate import markdown_table, write_report
+
+    table = markdown_table({"ER 25%": {"avg_acc": (0.3, 0.1, 0.05, 3), "forgetting": (float("nan"),) * 3 + (3,)}},
+                           ["avg_acc", "forgetting"])
+    assert list(table.frame.columns) == ["method", "n", "avg_acc", "forgetting"]
+    assert "| ER 25% | 3 | +0.300 ± 0.050 | - |" in _flat(table)
+    write_report(tmp_path, ["# Title", "", "## SFT_part", "", table, "", "text after"])
+    tex = (tmp_path / "table.tex").read_text()
+    assert tex.count("\\begin{tabular}") == 1 and "\\caption{SFT\\_part}" in tex and "\\toprule" in tex
     assert "ER 25\\% & 3 & $+0.300 \\pm 0.050$ & - \\\\" in tex
+    md = (tmp_path / "table.md").read_text()
+    assert md.startswith("# Title") and md.endswith("text after") and str(table) in md
 
 
 def _script(name: str):
