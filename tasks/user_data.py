@@ -1,4 +1,5 @@
-"""Tasks from user data: local JSONL / CSV / Parquet files, or a hub dataset name when online.
+"""Tasks from user data: local JSONL / CSV / Parquet files, or a hub dataset name when online; both are read
+with ``datasets.load_dataset`` (``json``/``csv``/``parquet`` builders for local files).
 
 A user task is described by a mapping in the stream config::
 
@@ -39,42 +40,67 @@ class DataError(ValueError):
     """A user data file cannot be used; the message names the file and the problem."""
 
 
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a local file through ``datasets.load_dataset`` (the loader hub data goes through too), after
+    checks that make its failures one line: the file exists, has a known type, is UTF-8 and not empty."""
+    import datasets
+
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type '{suffix}'; allowed: {', '.join(SUFFIXES)}")
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
+    if suffix != ".parquet":
         try:
-            return pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+        if not text.strip():
+            raise DataError(f"{path}: file is empty")
+    kwargs = {}
+    if suffix == ".csv":  # CSV cells are text: every column (named by the header) a string, empty cells ""
+        header = next(csv.reader(text.splitlines()[:1]), [])
+        kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
+                  "keep_default_na": False}
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a user file is small: no "Generating train split" bar per task
     try:
+        ds = datasets.load_dataset(BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # the builders raise several types (arrow, pandas, datasets' own)
+        raise DataError(f"{path}: {_why_unreadable(path, suffix, e)}") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    return ds.to_list()
+
+
+def _why_unreadable(path: Path, suffix: str, error: Exception) -> str:
+    """One line on why ``datasets`` could not read ``path``: for JSON the first line that does not parse or
+    holds no object, otherwise the loader's own first line."""
+    if suffix in (".jsonl", ".json"):
         text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
-    if not text.strip():
-        raise DataError(f"{path}: file is empty")
-    if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
-    if suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        return rows
-    rows = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
-    return rows
+        if suffix == ".json" and text.lstrip().startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                return f"invalid JSON at line {e.lineno}: {e.msg}"
+            bad = next((i for i, r in enumerate(rows, start=1) if not isinstance(r, dict)), None)
+            return f"row {bad} is not an object with columns" if bad else "not a readable JSON file"
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {i} is not valid JSON ({e.msg})"
+            if not isinstance(row, dict):
+                return f"row {i} is not an object with columns"
+    kind = {".csv": "CSV", ".parquet": "Parquet"}.get(suffix, "JSON")
+    cause = (str(error).strip().splitlines() or [""])[0][:160]
+    return f"not a readable {kind} file ({type(error).__name__}: {cause})"
 
 
 def _check_rows(rows: list, where: str, prompt_column: str, answer_column: str) -> list[dict]:

