@@ -12,7 +12,6 @@ with an atomic rename, so sweep jobs that start together train it once.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from cl.core.data import PromptFormat, SFTCollator, TaskExamples
@@ -136,8 +136,7 @@ def ensure_base(cache_dir: str | Path, arch: dict, recipe: BaseRecipe, data: dic
     if (final / "base_report.json").exists():
         log.info("base checkpoint found in cache: %s", final)
         return final
-    with open(root / f"base-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(root / f"base-{key}.lock"):  # one build per key; concurrent runs wait and reuse it
         if (final / "base_report.json").exists():  # built by a concurrent run while we waited
             return final
         for stale in root.glob(f"base-{key}.tmp-*"):  # left by a run killed mid-build; we hold the lock

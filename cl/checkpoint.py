@@ -361,50 +361,40 @@ class Checkpointer:
 
 
 class RunLock:
-    """``RUN_DIR/.lock``: one process per run directory. Identical commands map to the same directory, so
-    a second copy started while the first still runs stops with a clear error instead of interleaving
-    writes; a lock left by a dead process (same host) or by a host that no longer holds it is taken over."""
+    """``RUN_DIR/.lock`` (``filelock``): one process per run directory. Identical commands map to the same
+    directory, so a second copy started while the first still runs stops with a clear error instead of
+    interleaving writes. The lock is the operating system's (released when its process ends, however it
+    ends), so a killed run leaves nothing to clean up; ``RUN_DIR/.lock.owner`` names the holder for the
+    message."""
 
     def __init__(self, run_dir: Path):
+        from filelock import FileLock
+
         self.path = Path(run_dir) / ".lock"
+        self.owner = Path(run_dir) / ".lock.owner"
+        self.lock = FileLock(self.path, timeout=0)
 
     def __enter__(self) -> "RunLock":
         import socket
 
-        me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
+        from filelock import Timeout
+
+        try:
+            self.lock.acquire()
+        except Timeout:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    host, pid = self.path.read_text().split()
-                except (OSError, ValueError):
-                    host, pid = "", "0"
-                if host == socket.gethostname() and _alive(int(pid)):
-                    raise CheckpointError(f"{self.path.parent}: in use by process {pid} on {host} (the same "
-                                          "command is already running; a finished run is skipped, an "
-                                          "interrupted one resumes)") from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            return self
-        raise CheckpointError(f"{self.path}: could not take the run lock")
+                holder = self.owner.read_text().strip()
+            except OSError:
+                holder = "another process"
+            raise CheckpointError(f"{self.path.parent}: in use by {holder} (the same command is already running; "
+                                  "a finished run is skipped, an interrupted one resumes)") from None
+        self.owner.write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
+        return self
 
     def __exit__(self, *exc) -> None:
+        self.owner.unlink(missing_ok=True)
+        self.lock.release()
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # overrides that do not change a run's result, left out of its directory name (resume, logging, paths)
