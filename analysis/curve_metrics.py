@@ -45,28 +45,38 @@ def wc_acc(series: dict[str, Series], tasks: Sequence[str], ends: Sequence[int])
     return float(last / k + (1 - 1 / k) * min_acc(series, tasks, ends))
 
 
-def _windowed(values: Sequence[float], w: int, sign: float) -> float:
-    best = 0.0
-    for b in range(1, len(values)):
-        for a in range(max(0, b - w + 1), b):
-            best = max(best, sign * (values[a] - values[b]))
-    return best
+def _windowed(points: Series, w: int, sign: float) -> float:
+    """Largest ``sign * (v_a - v_b)`` (at least 0) over evaluation pairs ``a`` before ``b`` that are at most
+    ``w`` iterations apart; NaN when no two points are that close (the window is below the resolution)."""
+    best, pairs = 0.0, 0
+    for i, (nb, vb) in enumerate(points):
+        for na, va in points[:i]:
+            if 0 < nb - na <= w:
+                pairs += 1
+                best = max(best, sign * (va - vb))
+    return best if pairs else float("nan")
+
+
+def _mean_defined(vals: list[float]) -> float:
+    vals = [v for v in vals if not np.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def windowed_forgetting(series: dict[str, Series], tasks: Sequence[str], ends: Sequence[int], w: int) -> float:
-    """``WF^w``: largest drop ``A_j(a) - A_j(b)``, a < b within w evaluations, after task j ends;
-    averaged over tasks that have at least two such evaluations."""
-    vals = [_windowed([a for n, a in series[t] if n >= ends[j]], w, +1.0)
-            for j, t in enumerate(tasks) if len([n for n, _ in series[t] if n >= ends[j]]) > 1]
-    return float(np.mean(vals)) if vals else 0.0
+    """``WF^w`` (De Lange et al. 2023): for each task j, the largest drop ``A_j(a) - A_j(b)`` between two
+    evaluations at most ``w`` training iterations apart, both at or after task j's end; averaged over the
+    tasks with such a pair. NaN when no task has one (``w`` below the evaluation spacing, or one task)."""
+    return _mean_defined([_windowed([(n, a) for n, a in series[t] if n >= ends[j]], w, +1.0)
+                          for j, t in enumerate(tasks)])
 
 
 def windowed_plasticity(series: dict[str, Series], tasks: Sequence[str], ends: Sequence[int], w: int) -> float:
-    """``WP^w``: largest rise ``A_j(b) - A_j(a)`` within w evaluations while task j is trained."""
+    """``WP^w``: the largest rise ``A_j(b) - A_j(a)`` between two evaluations at most ``w`` iterations apart
+    while task j is trained (``starts[j] <= n <= ends[j]``); averaged over tasks with such a pair, NaN
+    when none has one."""
     starts = [0] + list(ends[:-1])
-    vals = [_windowed([a for n, a in series[t] if starts[j] <= n <= ends[j]], w, -1.0)
-            for j, t in enumerate(tasks)]
-    return float(np.mean(vals)) if vals else 0.0
+    return _mean_defined([_windowed([(n, a) for n, a in series[t] if starts[j] <= n <= ends[j]], w, -1.0)
+                          for j, t in enumerate(tasks)])
 
 
 def lca(series: dict[str, Series], tasks: Sequence[str], ends: Sequence[int], first: int = 10) -> float:
@@ -100,8 +110,9 @@ def stability_gaps(series: dict[str, Series], tasks: Sequence[str], ends: Sequen
 
 
 def curve_metrics(curves: Iterable[dict], tasks: Sequence[str], ends: Sequence[int],
-                  windows: Sequence[int] = (10, 100)) -> dict:
-    """All curve metrics of one run, as stored in ``results.json["metrics"]``."""
+                  windows: Sequence[int] = (50, 150)) -> dict:
+    """All curve metrics of one run, as stored in ``results.json["metrics"]``; ``wf_<w>``/``wp_<w>`` for
+    each window ``w`` in training iterations (``eval.windows``)."""
     series = task_series(list(curves), tasks)
     gaps = stability_gaps(series, tasks, ends)
     out = {

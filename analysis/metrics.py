@@ -12,11 +12,22 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def _accuracies(values, what: str) -> np.ndarray:
+    """``values`` as floats, refused unless every one is an accuracy: finite and in [0, 1]."""
+    A = np.asarray(values, dtype=float)
+    bad = ~np.isfinite(A) | (A < 0.0) | (A > 1.0)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{what}: entry {at if len(at) > 1 else at[0]} is {A[at]!r}; accuracies must be finite "
+                         "numbers in [0, 1]")
+    return A
+
+
 def _matrix(R: Sequence[Sequence[float]]) -> np.ndarray:
     M = np.asarray(R, dtype=float)
     if M.ndim != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
         raise ValueError(f"accuracy matrix must be square and non-empty, got shape {M.shape}")
-    return M
+    return _accuracies(M, "accuracy matrix")
 
 
 def avg_acc(R) -> float:
@@ -40,7 +51,7 @@ def bwt(R) -> float:
 
 def fwt(R, b) -> float:
     """Forward transfer ``mean_{j>=2} (R[j-1][j] - b[j])``. 0 for T=1."""
-    M, base = _matrix(R), np.asarray(b, dtype=float)
+    M, base = _matrix(R), _accuracies(b, "base accuracies")
     T = M.shape[0]
     if base.shape != (T,):
         raise ValueError(f"base accuracies must have length {T}, got {base.shape}")
@@ -50,7 +61,14 @@ def fwt(R, b) -> float:
 
 
 def forgetting_per_task(R, after: int | None = None) -> list[float]:
-    """Chaudhry et al. (2018): ``f_j = max_{l<k} R[l][j] - R[k][j]`` for tasks ``j < k``.
+    """``f_j = max_{j <= l < k} R[l][j] - R[k][j]`` for tasks ``j < k``: the best accuracy on task j reached
+    once it was trained (rows l >= j) minus its accuracy after task k.
+
+    Chaudhry et al. (2018, "Riemannian Walk") take the maximum over all earlier rows ``l < k``, which
+    includes the rows before task j was trained. This suite starts from a base that partly knows the
+    stream tasks, so those rows hold accuracy that training on j did not produce; it counts only what
+    was reached from task j's own training on. With ``R[l][j] <= R[j][j]`` for ``l < j`` (no transfer) the
+    two are equal.
 
     Args:
         R: accuracy matrix.
@@ -78,6 +96,7 @@ def general_retention_per_task(G, g0) -> list[float]:
     Gm, base = np.asarray(G, dtype=float), np.asarray(g0, dtype=float)
     if Gm.size == 0:
         return []
+    Gm, base = _accuracies(Gm, "general accuracy matrix"), _accuracies(base, "general base accuracies")
     return [float(x) for x in Gm[-1] - base]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from analysis import plots
 
 SUMMARY = ["avg_acc", "new_acc", "bwt", "fwt", "forgetting", "general_retention", "min_acc", "wc_acc",
-           "stability_gap", "wf_10", "wp_10", "lca", "forward_kl_mean", "kl_base_general_final",
+           "stability_gap", "wf_50", "wp_50", "lca", "forward_kl_mean", "kl_base_general_final",
            "eval_time_fraction"]
 
 

@@ -27,6 +27,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
+from cl.results import dumps_strict
 from cl.core.data import PromptFormat, SFTCollator, TaskExamples
 from cl.evaluation import EvalSet, Scorer, pass_at_k
 from cl.model import build_tiny_llama, load_model_and_tokenizer
@@ -144,7 +145,7 @@ def ensure_base(cache_dir: str | Path, arch: dict, recipe: BaseRecipe, data: dic
         tmp = root / f"base-{key}.tmp-{os.getpid()}"
         report = _train_base(tmp, arch, recipe, tasks, trainer_kwargs)
         report["key"], report["arch"], report["recipe"], report["data"] = key, arch, asdict(recipe), data
-        (tmp / "base_report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "base_report.json").write_text(dumps_strict(report, indent=2))
         os.rename(tmp, final)
     print(f"[base] cached at {final}", flush=True)
     return final

@@ -9,13 +9,13 @@ Evaluation leaves training untouched: RNG states, train/eval mode and gradients 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from cl.evaluation import EvalSet, Scorer
+from cl.results import dumps_strict
 from cl.core.steps import InTaskEveryNSteps
 
 
@@ -88,7 +88,7 @@ class ContinualEvaluator:
             self.old_task_acc = sum(old) / len(old)
             metrics["eval/old_mean"] = self.old_task_acc
         with self.curves_path.open("a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
+            f.writelines(dumps_strict(line) + "\n" for line in lines)
         if self.log is not None:
             self.log(metrics)
         self.seconds += time.perf_counter() - start

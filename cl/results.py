@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
@@ -16,11 +17,48 @@ from pathlib import Path
 PACKAGES = ("torch", "pytorch-lightning", "transformers", "peft", "hydra-core", "wandb", "datasets", "numpy")
 
 
+# why a metric can be undefined (written as null): the ones a short stream leaves without data
+NULL_REASONS = {
+    "min_acc": "needs an evaluation of an earlier task after a later task started (a stream of >= 2 tasks)",
+    "wc_acc": "needs an evaluation of an earlier task after a later task started (a stream of >= 2 tasks)",
+}
+
+
+WINDOW_NULL = "no two evaluation points of a task within the window (eval.windows below eval.every_n_steps)"
+
+
+def strict_json(obj, path: str = "", nulls: dict | None = None):
+    """``obj`` with every non-finite float replaced by ``None``; ``nulls`` collects ``{dotted path: reason}``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if nulls is not None:
+            key = path.rsplit(".", 1)[-1]
+            nulls[path] = NULL_REASONS.get(key) or (WINDOW_NULL if key.startswith(("wf_", "wp_")) else
+                                                    f"not a finite number ({obj})")
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v, f"{path}.{k}" if path else str(k), nulls) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v, f"{path}[{i}]", nulls) for i, v in enumerate(obj)]
+    return obj
+
+
+def dumps_strict(obj, **kwargs) -> str:
+    """Strict JSON (RFC 8259: no NaN/Infinity literals): non-finite floats become null."""
+    return json.dumps(strict_json(obj), allow_nan=False, default=str, **kwargs)
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON via a temporary file and ``os.replace`` so readers never see a partial file."""
+    """Write strict JSON via a temporary file and ``os.replace`` so readers never see a partial file.
+    Non-finite floats are written as null; for a mapping, ``null_values`` lists where and why."""
     path = Path(path)
+    nulls: dict = {}
+    clean = strict_json(obj, nulls=nulls)
+    if isinstance(clean, dict):
+        clean.pop("null_values", None)
+        if nulls:
+            clean["null_values"] = nulls
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(json.dumps(clean, indent=2, default=str, allow_nan=False))
     os.replace(tmp, path)
 
 

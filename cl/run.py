@@ -48,7 +48,7 @@ from cl.results import (fingerprint_diff, format_matrix, format_metrics, input_f
 from cl.schedule import LRSchedule
 from cl.tracking import make_logger
 from cl.validate import ConfigError, validate_config
-from tasks.base import Task
+from tasks.base import Task, VerifierError
 from tasks.stream import build_tasks, joint_task
 from tasks.user_data import DataError
 
@@ -343,7 +343,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
         if cfg.save_final_model:
             save_adapted(module.model, run_dir / "final_model", tokenizer)  # base + adapters, safetensors
         curves = _read_curves(curves_path)
-        metrics = collect_metrics(res, curves, evaluator, components, results)
+        metrics = collect_metrics(res, curves, evaluator, components, results, tuple(cfg.eval.windows))
         metrics["compute"] = {
             "optimizer_steps": module.global_iter,
             "examples_seen": module.global_iter * cfg.stream.batch_size,
@@ -420,10 +420,10 @@ def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEva
 
 
 def collect_metrics(res: StreamResult, curves: list[dict], evaluator: ContinualEvaluator, components: list,
-                    results: dict) -> dict:
+                    results: dict, windows: tuple[int, ...] = (50, 150)) -> dict:
     """Matrix and curve metrics, the components' records (into ``results``) and the evaluation cost."""
     metrics = matrix_metrics(res.acc_matrix, res.base_acc, res.general_matrix, res.general_base)
-    metrics.update(curve_metrics(curves, res.tasks, res.task_end_iters))
+    metrics.update(curve_metrics(curves, res.tasks, res.task_end_iters, windows))
     eval_s = evaluator.seconds
     for c in components:  # every component's record under its key, its metrics, its evaluation work
         if c.key is not None and (rec := c.record()) is not None:
@@ -509,7 +509,7 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         results = run(cfg, run_dir, hc)
-    except (ConfigError, DataError, ModelLoadError, AdapterError, CheckpointError) as e:
+    except (ConfigError, DataError, ModelLoadError, AdapterError, CheckpointError, VerifierError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         if multirun and isinstance(e, RunMismatchError):  # nothing was written: the summary names the job

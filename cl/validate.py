@@ -108,6 +108,10 @@ def validate_config(cfg: Mapping) -> None:
     c.integer("eval.batch_size", minimum=1)
     c.integer("eval.max_samples_per_point", minimum=1, optional=True)
     c.integer("eval.max_samples_per_boundary", minimum=1, optional=True)
+    windows = _get(cfg, "eval.windows")
+    if not isinstance(windows, Sequence) or isinstance(windows, str) or \
+            any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in windows):
+        c.add("eval.windows", f"must be a list of positive integers (training iterations), got {windows!r}")
 
     c.choice("model.dtype", DTYPES)
     c.choice("base.kind", BASE_KINDS)

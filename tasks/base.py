@@ -7,12 +7,46 @@ A task's ``train`` and ``eval`` splits are ``datasets.Dataset`` objects with at 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 from datasets import Dataset
 
 Verifier = Callable[..., list[float]]
+
+
+class VerifierError(ValueError):
+    """A verifier (or reward function) broke its contract; the message is one line naming the task."""
+
+
+def _fn_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def checked_scores(task: str, fn: Verifier, completions: list[str], columns: dict, what: str = "verifier",
+                   unit_interval: bool = True) -> list[float]:
+    """``fn(completions, **columns)`` held to the contract: one finite number per completion (in [0, 1] for
+    a verifier, whose scores are accuracies); an exception inside ``fn`` or a broken contract raises
+    :class:`VerifierError` with one line naming the task, the function and the problem."""
+    where = f"task '{task}': {what} {_fn_name(fn)}"
+    try:
+        out = fn(completions, **columns)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise VerifierError(f"{where} raised {type(e).__name__}: {first}") from e
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError):
+        raise VerifierError(f"{where} returned {type(out).__name__} {str(out)[:60]!r}; expected one number per "
+                            "completion") from None
+    if len(values) != len(completions):
+        raise VerifierError(f"{where} returned {len(values)} scores for {len(completions)} completions")
+    for i, v in enumerate(values):
+        if not math.isfinite(v) or (unit_interval and not 0.0 <= v <= 1.0):
+            bound = "a finite number in [0, 1]" if unit_interval else "a finite number"
+            raise VerifierError(f"{where} returned {v!r} for completion {i}; every score must be {bound}")
+    return values
 
 
 @dataclass(frozen=True)
@@ -49,9 +83,13 @@ class Task:
                    verifier=verifier, exact_match=exact_match, family=family, reward=reward)
 
     def score(self, completions: list[str], **columns) -> list[float]:
-        """Score completions; ``columns`` are the dataset columns of the same rows."""
-        return self.verifier(completions, **columns)
+        """Score completions (one number in [0, 1] each, checked); ``columns`` are the dataset columns of the
+        same rows."""
+        return checked_scores(self.name, self.verifier, completions, columns)
 
     def reward_scores(self, completions: list[str], **columns) -> list[float]:
-        """RL rewards: the ``reward`` function when set, else the verifier's scores."""
-        return (self.reward or self.verifier)(completions, **columns)
+        """RL rewards: the ``reward`` function when set (one finite number per completion, checked), else
+        the verifier's scores."""
+        if self.reward is None:
+            return self.score(completions, **columns)
+        return checked_scores(self.name, self.reward, completions, columns, what="reward", unit_interval=False)

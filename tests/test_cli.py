@@ -91,6 +91,36 @@ def test_malformed_user_data_fails_before_training(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("verifier, problem", [
+    ("short_verifier", "returned 1 scores for"), ("nan_verifier", "returned nan for completion 0"),
+    ("big_verifier", "returned 5.0 for completion 0; every score must be a finite number in [0, 1]"),
+    ("raising_verifier", "raised KeyError: \"no such column: 'label'\"")])
+def test_a_misbehaving_user_verifier_ends_the_run_with_one_line(tmp_path, cache_dir, verifier, problem):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(60)))
+    task = f"{{name: qa, train: {data}, verifier: function, function: 'tests.helpers:{verifier}'}}"
+    out = tmp_path / "run"
+    proc = run_cli("experiment=smoke", f"cache_dir={cache_dir}", f"stream.tasks=[sub2,{task}]",
+                   "stream.steps_per_task=2", f"hydra.run.dir={out}")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == [f"error: task 'qa': verifier {verifier} {problem}"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert json.loads((out / "results.json").read_text())["status"].startswith("failed: VerifierError")
+
+
+def test_a_one_task_stream_writes_strict_json(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    proc = run_cli("experiment=smoke", f"cache_dir={cache_dir}", "stream.tasks=[sub2]", "stream.steps_per_task=2",
+                   "shift=none", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    strict = lambda c: pytest.fail(f"non-strict JSON literal {c}")  # noqa: E731
+    res = json.loads((out / "results.json").read_text(), parse_constant=strict)
+    assert res["status"] == "completed" and res["metrics"]["min_acc"] is None
+    assert "metrics.min_acc" in res["null_values"]
+    for line in (out / "curves.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=strict)
+
+
 def test_grpo_and_joint_run_end_to_end(tmp_path, cache_dir):
     out = tmp_path / "grpo"
     proc = run_cli("experiment=smoke", "objective=grpo", "objective.group_size=4", "stream.steps_per_task=6",

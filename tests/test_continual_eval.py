@@ -39,7 +39,7 @@ def test_every_n_steps_gives_points_per_task_and_curve_metrics(tmp_path, cache_d
     # the next unseen task is scored inside task 1; general tasks at every point
     assert any(x["kind"] == "future" and not x["boundary"] for x in lines)
     m = res["metrics"]
-    for key in ("min_acc", "wc_acc", "wf_10", "wp_10", "wf_100", "wp_100", "lca", "stability_gap",
+    for key in ("min_acc", "wc_acc", "wf_50", "wp_50", "wf_150", "wp_150", "lca", "stability_gap",
                 "stability_gaps", "forgetting_curve", "forward_kl_mean", "kl_base_general_final"):
         assert key in m, key
     assert len(res["shift"]) == 2 and res["shift"][1]["forward_kl"] > 0 and "kl_base_prev" in res["shift"][1]

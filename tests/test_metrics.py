@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from analysis.curve_metrics import curve_metrics, stability_gaps, task_series
@@ -48,14 +49,19 @@ def test_stability_gap_depth_and_recovery_on_a_hand_built_curve():
     curves = _curves({"a": a, "b": b})
     gaps = stability_gaps(task_series(curves, ["a", "b"]), ["a", "b"], [10, 20])
     assert gaps == [{"task": "a", "boundary_task": "b", "depth": pytest.approx(0.5), "recovery_iters": 6}]
-    m = curve_metrics(curves, ["a", "b"], [10, 20], windows=(2, 100))
+    m = curve_metrics(curves, ["a", "b"], [10, 20], windows=(1, 2, 5, 100))
     assert m["min_acc"] == pytest.approx(0.4)
     assert m["wc_acc"] == pytest.approx(0.9 / 2 + 0.4 / 2)
     assert m["stability_gap"] == pytest.approx(0.5)
     # WF^2 over a after its end: consecutive drops 0.5, 0.02, 0.03 -> 0.5; b has one point after its end.
     assert m["wf_2"] == pytest.approx(0.5)
-    # WP^2: a rises 0.5 (0->5), b rises 0.2 (10->12 ... max consecutive rise) -> mean
-    assert m["wp_2"] == pytest.approx((0.5 + 0.2) / 2)
+    # windows are training iterations (De Lange et al. 2023), not evaluation counts: WP^2 sees no pair of
+    # a's points (5 iterations apart) and b's rises of 0.2 per 2 iterations; WP^5 sees a's 0.5 (0 -> 5)
+    # and b's 0.4 (0.1 -> 0.5 over 10 -> 14)
+    assert m["wp_2"] == pytest.approx(0.2)
+    assert m["wp_5"] == pytest.approx((0.5 + 0.4) / 2)
+    # a window below the evaluation spacing measures nothing: NaN (null in results.json), not 0
+    assert np.isnan(m["wf_1"]) and np.isnan(m["wp_1"])
     assert m["lca"] == pytest.approx((((0.1 + 0.6 + 0.9) / 3) + ((0.1 + 0.3 + 0.5 + 0.7 + 0.8 + 0.9) / 6)) / 2)
 
 
@@ -64,3 +70,38 @@ def test_no_recovery_is_reported_as_none():
     b = [(10, 0.0), (15, 0.5), (20, 0.8)]
     gaps = stability_gaps(task_series(_curves({"a": a, "b": b}), ["a", "b"]), ["a", "b"], [10, 20])
     assert gaps[0]["recovery_iters"] is None and gaps[0]["depth"] == pytest.approx(0.4)
+
+
+def test_forgetting_counts_only_rows_after_the_task_was_trained():
+    # task 1 was known before it was trained (0.9 after task 0, transfer) and reached only 0.6 by its own
+    # training: forgetting after task 2 is 0.6 - 0.3 (rows l >= j), not 0.9 - 0.3 (Chaudhry's l < k)
+    R3 = [[0.8, 0.9, 0.0],
+          [0.7, 0.6, 0.0],
+          [0.7, 0.3, 0.5]]
+    assert forgetting_per_task(R3) == pytest.approx([0.8 - 0.7, 0.6 - 0.3])
+    chaudhry = [max(R3[l][j] for l in range(2)) - R3[2][j] for j in range(2)]
+    assert chaudhry[1] == pytest.approx(0.6) and forgetting_per_task(R3)[1] != pytest.approx(chaudhry[1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.1, float("inf")])
+def test_metrics_refuse_values_that_are_not_accuracies(bad):
+    M = [[0.5, 0.2], [0.4, bad]]
+    with pytest.raises(ValueError, match=r"accuracy matrix: entry \(1, 1\) is .*must be finite numbers in \[0, 1\]"):
+        matrix_metrics(M, [0.1, 0.2])
+    with pytest.raises(ValueError, match="base accuracies: entry 1"):
+        fwt([[0.5, 0.2], [0.4, 0.3]], [0.1, bad])
+    with pytest.raises(ValueError, match="general accuracy matrix"):
+        general_retention([[0.5], [bad]], [0.4])
+
+
+def test_results_files_are_strict_json_with_the_reason_for_each_null(tmp_path):
+    import json
+
+    from cl.results import write_json_atomic
+
+    write_json_atomic(tmp_path / "r.json", {"metrics": {"min_acc": float("nan"), "x": [1.0, float("inf")]}, "a": 1})
+    text = (tmp_path / "r.json").read_text()
+    res = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON literal {c}"))
+    assert res["metrics"] == {"min_acc": None, "x": [1.0, None]} and res["a"] == 1
+    assert "stream of >= 2 tasks" in res["null_values"]["metrics.min_acc"]
+    assert res["null_values"]["metrics.x[1]"] == "not a finite number (inf)"

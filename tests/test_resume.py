@@ -208,15 +208,17 @@ def test_nonfinite_loss_can_skip_the_batch_and_count_it(tmp_path, cache_dir, mon
     assert res["metrics"]["compute"]["optimizer_steps"] == 60
 
 
-def test_nan_reward_from_a_user_verifier_stops_a_grpo_run(tmp_path, cache_dir):
+def test_nan_from_a_user_verifier_stops_a_grpo_run_naming_the_task(tmp_path, cache_dir):
+    from tasks.base import VerifierError
+
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(60)))
     task = f"{{name: qa, train: {data}, verifier: function, function: 'tests.helpers:nan_verifier'}}"
     cfg = compose_cfg("experiment=smoke", f"cache_dir={cache_dir}", "objective=grpo", "objective.group_size=2",
                       "stream.steps_per_task=3", "stream.batch_size=2", f"stream.tasks=[{task}]")
-    with pytest.raises(FloatingPointError, match="reward nan"):
+    with pytest.raises(VerifierError, match=r"task 'qa': verifier nan_verifier returned nan for completion 0"):
         run(cfg, tmp_path / "run")
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"].startswith("failed: FloatingPointError")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"].startswith("failed: VerifierError")
 
 
 def test_wandb_failing_mid_run_leaves_complete_local_files(tmp_path, cache_dir, monkeypatch):

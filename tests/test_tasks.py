@@ -239,3 +239,21 @@ def test_hub_stream_preset_is_valid_and_fails_offline_with_the_dataset_named(tmp
     cfg = compose_cfg("stream=hub_math", "model=qwen2_5_1_5b_instruct", "base=none")
     validate_config(OmegaConf.to_container(cfg, resolve=True))
     assert [t["name"] for t in cfg.stream.tasks] == ["gsm8k", "svamp"]
+
+
+@pytest.mark.parametrize("verifier, match", [
+    (lambda c, **_: [1.0], "returned 1 scores for 3 completions"),
+    (lambda c, **_: [float("nan")] * len(c), "returned nan for completion 0"),
+    (lambda c, **_: [0.0, 5.0, 1.0], r"returned 5.0 for completion 1; every score must be a finite number in \[0, 1\]"),
+    (lambda c, **_: {}["label"], "raised KeyError: 'label'"),
+    (lambda c, **_: 1.0, "returned float '1.0'; expected one number per completion"),
+])
+def test_verifier_contract_is_enforced_with_one_line_naming_the_task(verifier, match):
+    from tasks.base import Task, VerifierError
+
+    task = Task("qa", train=None, eval=None, verifier=verifier)
+    with pytest.raises(VerifierError, match=r"^task 'qa': verifier .*" + match) as e:
+        task.score(["a", "b", "c"], answer=["a", "b", "c"])
+    assert "\n" not in str(e.value)
+    ok = Task("qa", train=None, eval=None, verifier=lambda c, **_: [1, 0.5, 0], reward=lambda c, **_: [-2.0, 0.0, 3.0])
+    assert ok.score(["a", "b", "c"]) == [1.0, 0.5, 0.0] and ok.reward_scores(["a", "b", "c"]) == [-2.0, 0.0, 3.0]
