@@ -28,7 +28,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from analysis import plots
 from analysis.curve_metrics import curve_metrics
-from analysis.metrics import matrix_metrics
+from analysis.metrics import general_retention, matrix_metrics
 from cl.adapters import AdapterError, make_adapter, save_adapted
 from cl.base_stage import BaseRecipe, base_health, base_key, ensure_base
 from cl.checkpoint import CKPT_DIR, Checkpointer, CheckpointError, RunLock, latest_common, not_resumable, run_key
@@ -424,6 +424,12 @@ def collect_metrics(res: StreamResult, curves: list[dict], evaluator: ContinualE
     """Matrix and curve metrics, the components' records (into ``results``) and the evaluation cost."""
     metrics = matrix_metrics(res.acc_matrix, res.base_acc, res.general_matrix, res.general_base)
     metrics.update(curve_metrics(curves, res.tasks, res.task_end_iters, windows))
+    replayed = {name for c in components for name in c.replays_general}
+    if replayed and res.general_matrix:  # retention where no component trained on the probe's distribution
+        keep = [g for g, name in enumerate(res.general_tasks) if name not in replayed]
+        metrics["general_retention_unreplayed"] = general_retention(
+            [[row[g] for g in keep] for row in res.general_matrix], [res.general_base[g] for g in keep]) \
+            if keep else float("nan")
     eval_s = evaluator.seconds
     for c in components:  # every component's record under its key, its metrics, its evaluation work
         if c.key is not None and (rec := c.record()) is not None:

@@ -10,13 +10,21 @@ a minibatch of the replay set is run through the model and one of these terms is
   it was before the first task (kept as a frozen copy: storing logits would cost ``N x L x vocab``);
 - ``l1`` / ``l2``: mean absolute / squared distance of the hidden states to ``h0`` on non-padding tokens;
 - ``tm`` (threshold margin, GeRe's method): label fitting plus the TM loss with the dynamic weight
-  ``w = CE.detach() / TM.detach()`` where CE is the step's whole cross-entropy (objective + replay CE).
+  ``w = max(0, CE) / TM`` (detached) where CE is the step's whole loss (objective + replay CE), clamped
+  at 0 because an RL objective's loss can be negative and a negative weight would *maximise* the margin
+  violation; or a fixed ``tm_weight`` (the official code's default is a fixed 100).
   TM per element, labelled by ``h0``: positive (``h0 >= pos``) ``relu(pos - h)``; negative
   (``h0 <= neg``) ``relu(h - neg)``; neutral ``relu(h - pos) + relu(neg - h)``; averaged over the
   non-zero elements, padding masked.
 
 ``ce``, ``kl``, ``l1`` and ``l2`` are multiplied by ``weight``. "Last-layer hidden states" are the
 model's final hidden states (after the final norm, what the LM head reads).
+
+The replay rows come from the training splits of the general tasks named in ``tasks`` (default: every
+task of ``stream.general``). The paper replays generic text and measures general ability on separate
+benchmarks; here the general tasks are also the retention probes (their eval splits, disjoint rows of the
+same distribution), so the run reports ``general_retention_unreplayed``: retention on the general tasks
+GeRe does not replay. Choose ``tasks`` as a subset to measure that.
 """
 
 from __future__ import annotations
@@ -53,11 +61,13 @@ class GeneralReplay(Component):
         n_samples: size of the fixed general replay set.
         loss: one of ``ce``, ``kl``, ``l1``, ``l2``, ``tm``.
         batch_size: replayed examples per training step.
-        weight: multiplier of ``ce``/``kl``/``l1``/``l2`` (``tm`` uses the dynamic weight).
+        weight: multiplier of ``ce``/``kl``/``l1``/``l2``.
+        tm_weight: ``tm``'s weight on the TM term: None = the dynamic ``max(0, CE) / TM``, a number = fixed.
+        tasks: the general tasks whose rows are replayed (None = all of ``stream.general``).
         temperature: of the ``kl`` imitation.
         seed: seeds the minibatch draws.
     """
-    key = None
+    key = "gere"
     ckpt_attrs = ("gen", "h0", "pos", "neg", "teacher")
 
     @classmethod
@@ -67,18 +77,31 @@ class GeneralReplay(Component):
         c.integer(f"{at}.batch_size", minimum=1)
         c.number(f"{at}.weight", lo=0.0)
         c.number(f"{at}.temperature", lo=0.0, strict_lo=True)
-        if not c.get("stream.general"):
+        if c.get(f"{at}.tm_weight") is not None:
+            c.number(f"{at}.tm_weight", lo=0.0)
+        general = list(c.get("stream.general") or [])
+        if not general:
             c.add(at, "GeRe replays general samples: stream.general must list at least one task")
+        names = [g if isinstance(g, str) else (g or {}).get("name") for g in general]
+        for t in c.get(f"{at}.tasks") or []:
+            if t not in names:
+                c.add(f"{at}.tasks", f"'{t}' is not a task of stream.general ({', '.join(map(str, names))})")
 
     def __init__(self, fmt, general: list, n_samples: int = 256, loss: str = "tm", batch_size: int = 4,
-                 weight: float = 1.0, temperature: float = 2.0, data_seed: int = 0, seed: int = 0):
-        rows = list(general) if general and isinstance(general[0], dict) else general_replay_rows(general, n_samples,
-                                                                                                    data_seed)
+                 weight: float = 1.0, tm_weight: float | None = None, tasks: list[str] | None = None,
+                 temperature: float = 2.0, data_seed: int = 0, seed: int = 0):
+        if general and isinstance(general[0], dict):
+            rows, self.replays_general = list(general), ()
+        else:
+            chosen = [t for t in general if tasks is None or t.name in tasks]
+            rows, self.replays_general = general_replay_rows(chosen, n_samples, data_seed), tuple(t.name for t in chosen)
         if loss not in GERE_LOSSES:
             raise ValueError(f"loss: '{loss}' is not one of {', '.join(GERE_LOSSES)}")
         if not rows:
             raise ValueError("the general replay set is empty (stream.general lists no task?)")
         self.fmt, self.loss, self.batch_size, self.weight, self.temperature = fmt, loss, batch_size, weight, temperature
+        self.tm_weight = tm_weight
+        self.n_rows = len(rows)
         self.pairs = fmt.encode([r["prompt"] for r in rows], [r["answer"] for r in rows])
         self.gen = torch.Generator().manual_seed(seed)
         self.h0: torch.Tensor | None = None  # [N, Lmax, H]
@@ -112,6 +135,10 @@ class GeneralReplay(Component):
     def on_task_start(self, ctx) -> None:
         if self.h0 is None:
             self.snapshot(ctx.module.model)
+
+    def record(self) -> dict:
+        return {"loss": self.loss, "rows": self.n_rows, "replayed_general_tasks": list(self.replays_general),
+                "tm_weight": "dynamic: max(0, CE) / TM" if self.tm_weight is None else self.tm_weight}
 
     # -- the loss term -------------------------------------------------------------------------------------
     def extra_loss(self, module, batch: dict, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -154,8 +181,11 @@ class GeneralReplay(Component):
             term = self.weight * d
         else:
             tm = tm_loss(h, h0, self.pos.to(device), self.neg.to(device), b["attention_mask"])
-            total_ce = ce.detach() + (loss.detach() if loss is not None else 0.0)
-            w = total_ce / tm.detach() if tm.item() > 0 else torch.zeros((), device=device)
+            if self.tm_weight is not None:
+                w = torch.tensor(float(self.tm_weight), device=device)
+            else:  # never negative: an RL objective's loss can be < 0, and w < 0 would maximise the TM term
+                total = (ce.detach() + (loss.detach() if loss is not None else 0.0)).clamp(min=0.0)
+                w = total / tm.detach() if tm.item() > 0 else torch.zeros((), device=device)
             logs.update({"gere/tm": tm.detach(), "gere/tm_weight": w})
             term = ce + w * tm
         return term, logs

@@ -52,7 +52,12 @@ class L2Anchor(Component):
 
 
 class EWC(Component):
-    """Online EWC re-anchored at every task end (``regularizer=ewc``)."""
+    """Online EWC re-anchored at every task end (``regularizer=ewc``).
+
+    The Fisher is the empirical diagonal Fisher: the mean over ``fisher_batches x stream_batch_size``
+    training rows of each row's *own* squared gradient (the row's answer cross-entropy, token mean), as
+    in Kirkpatrick et al. (2017). Squaring a minibatch-mean gradient instead would be biased low and
+    vanish at convergence, where per-row gradients cancel."""
     ckpt_attrs = ("fisher", "anchor")
     in_step_params = True
 
@@ -77,14 +82,18 @@ class EWC(Component):
         device = next(model.parameters()).device
         was = model.training
         model.eval()
+        n_rows = self.fisher_batches * self.batch_size
+        names = list(params)
         for _ in range(self.fisher_batches):
             b = collate_sft([pairs[rng.randrange(len(pairs))] for _ in range(self.batch_size)], self.fmt.pad_id)
-            model.zero_grad(set_to_none=True)
             logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-            answer_cross_entropy(logits, b["labels"].to(device)).backward()
-            for n, p in params.items():
-                if p.grad is not None:
-                    fisher[n] += p.grad.detach() ** 2 / self.fisher_batches
+            labels = b["labels"].to(device)
+            for i in range(labels.size(0)):  # one gradient per row, squared, then averaged over rows
+                grads = torch.autograd.grad(answer_cross_entropy(logits[i:i + 1], labels[i:i + 1]),
+                                            [params[n] for n in names], retain_graph=True, allow_unused=True)
+                for n, g in zip(names, grads):
+                    if g is not None:
+                        fisher[n] += g.detach() ** 2 / n_rows
         model.zero_grad(set_to_none=True)
         model.train(was)
         return fisher

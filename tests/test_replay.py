@@ -194,6 +194,81 @@ def test_gere_terms(tiny_model_dir, loss):
         assert moved.item() > 1e-6
 
 
+def _moved(model, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_gere_tm_weight_is_never_negative_and_can_be_fixed(tiny_model_dir):
+    model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
+    rows = build_task("copy6", 50, 10, 0).train.to_list()
+    module = type("M", (), {"model": model})()
+    gere = GeneralReplay(fmt, rows, loss="tm", batch_size=4, seed=3)
+    gere.on_task_start(type("C", (), {"module": module})())
+    _moved(model, 0.2)
+    # an RL objective's loss can be negative: CE + loss < 0 must not flip the TM term into a reward
+    term, logs = gere.extra_loss(module, {}, torch.tensor(-50.0))
+    assert logs["gere/tm"].item() > 0 and logs["gere/tm_weight"].item() == 0.0
+    assert term.item() == pytest.approx(logs["gere/ce"].item(), rel=1e-6)
+    fixed = GeneralReplay(fmt, rows, loss="tm", batch_size=4, tm_weight=100.0, seed=3)
+    fixed.h0, fixed.pos, fixed.neg = gere.h0, gere.pos, gere.neg
+    term, logs = fixed.extra_loss(module, {}, torch.tensor(-50.0))
+    assert logs["gere/tm_weight"].item() == 100.0
+    assert term.item() == pytest.approx(logs["gere/ce"].item() + 100.0 * logs["gere/tm"].item(), rel=1e-5)
+
+
+def test_gere_tm_loss_against_an_elementwise_computation():
+    g = torch.Generator().manual_seed(1)
+    h0, h = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    pos, neg = torch.tensor([0.5, 0.2, 0.8]), torch.tensor([-0.5, -0.3, -0.1])
+    total, nonzero = 0.0, 0
+    for b in range(2):
+        for t in range(4):
+            for d in range(3):
+                if not mask[b, t]:
+                    continue
+                x, x0, p, n = h[b, t, d].item(), h0[b, t, d].item(), pos[d].item(), neg[d].item()
+                v = max(0, p - x) if x0 >= p else (max(0, x - n) if x0 <= n else max(0, x - p) + max(0, n - x))
+                total, nonzero = total + v, nonzero + (v > 0)
+    assert tm_loss(h, h0, pos, neg, mask).item() == pytest.approx(total / nonzero, rel=1e-6)
+
+
+def test_gere_kl_is_the_teachers_forward_kl_with_the_t_squared_factor(tiny_model_dir):
+    model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
+    rows = build_task("copy6", 50, 10, 0).train.to_list()
+    module = type("M", (), {"model": model})()
+    gere = GeneralReplay(fmt, rows, loss="kl", batch_size=3, temperature=3.0, weight=2.0, seed=5)
+    gere.on_task_start(type("C", (), {"module": module})())
+    _moved(model)
+    idx = torch.randint(len(gere.pairs), (3,), generator=torch.Generator().manual_seed(5))
+    term, _ = gere.extra_loss(module, {}, None)
+    # independently: KL(teacher || student) per answer position with torch's kl_div, times T^2, times weight
+    from cl.core.data import collate_sft
+
+    b = collate_sft([gere.pairs[i] for i in idx.tolist()], fmt.pad_id)
+    with torch.no_grad():
+        s = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        t = gere.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    sel = b["labels"][:, 1:] != -100
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s[sel] / 3.0, -1), torch.log_softmax(t[sel] / 3.0, -1),
+                                    log_target=True, reduction="batchmean")
+    assert term.item() == pytest.approx(2.0 * 9.0 * kl.item(), rel=1e-4)
+    reverse = torch.nn.functional.kl_div(torch.log_softmax(t[sel] / 3.0, -1), torch.log_softmax(s[sel] / 3.0, -1),
+                                         log_target=True, reduction="batchmean")
+    assert abs(reverse.item() - kl.item()) > 1e-4 * kl.item()  # the direction is tested, not assumed
+
+
+def test_gere_replays_only_the_chosen_general_tasks(tiny_model_dir):
+    model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
+    general = [build_task(n, 40, 10, 0) for n in ("copy6", "reverse6")]
+    gere = GeneralReplay(fmt, general, n_samples=20, tasks=["copy6"])
+    assert gere.replays_general == ("copy6",) and gere.n_rows == 20
+    assert gere.record()["replayed_general_tasks"] == ["copy6"]
+
+
 # -- regularizers and meta-replay --------------------------------------------------------------------------
 def test_l2_and_ewc_are_zero_at_the_anchor_and_positive_away(tiny_model_dir):
     model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
@@ -210,6 +285,39 @@ def test_l2_and_ewc_are_zero_at_the_anchor_and_positive_away(tiny_model_dir):
     assert l2.penalty(model).item() > 0 and ewc.penalty(model).item() > 0
 
 
+def test_ewc_fisher_is_the_mean_of_per_row_squared_gradients(tiny_model_dir):
+    import random
+
+    from cl.core.data import collate_sft
+    from cl.core.losses import answer_cross_entropy
+
+    model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
+    rows = tasks[0].train.to_list()
+    ewc = EWC(1.0, fmt, fisher_batches=2, stream_batch_size=3, seed=7)
+    fisher = ewc.estimate_fisher(model, rows)
+    # independently: each sampled row alone (no padding), its own backward, squared, averaged
+    pairs = fmt.encode([r["prompt"] for r in rows], [r["answer"] for r in rows])
+    rng = random.Random(7)
+    picks = [rng.randrange(len(pairs)) for _ in range(6)]
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    mean_grad = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    model.eval()
+    for i in picks:
+        b = collate_sft([pairs[i]], fmt.pad_id)
+        model.zero_grad()
+        answer_cross_entropy(model(input_ids=b["input_ids"]).logits, b["labels"]).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                expected[n] += p.grad ** 2 / 6
+                mean_grad[n] += p.grad / 6
+    model.zero_grad(set_to_none=True)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.allclose(fisher[name], expected[name], rtol=1e-4, atol=1e-10)
+    assert all(torch.allclose(fisher[n], expected[n], rtol=1e-3, atol=1e-9) for n in fisher)
+    # not the square of the mean gradient (biased low: Jensen)
+    assert fisher[name].sum() > 1.5 * (mean_grad[name] ** 2).sum()
+
+
 def test_kl_distill_is_zero_at_task_start(tiny_model_dir):
     model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
     module = type("M", (), {"model": model})()
@@ -217,6 +325,23 @@ def test_kl_distill_is_zero_at_task_start(tiny_model_dir):
     kl.on_task_start(type("C", (), {"module": module})())
     batch = next(iter(task_loader(fmt, 4, 1, 0)(tasks[0], 0)))
     assert kl.extra_loss(module, batch)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_distill_is_the_teachers_forward_kl_times_t_squared_on_every_token(tiny_model_dir):
+    model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
+    module = type("M", (), {"model": model})()
+    kl = KLDistill(3.0, fmt, temperature=2.0)
+    kl.on_task_start(type("C", (), {"module": module})())
+    _moved(model)
+    batch = next(iter(task_loader(fmt, 4, 1, 0)(tasks[0], 0)))
+    term, _ = kl.extra_loss(module, batch)
+    with torch.no_grad():  # independently: torch's kl_div(student, teacher) = KL(teacher || student)
+        s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t = kl.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    sel = batch["attention_mask"].bool()
+    ref = torch.nn.functional.kl_div(torch.log_softmax(s[sel] / 2.0, -1), torch.log_softmax(t[sel] / 2.0, -1),
+                                     log_target=True, reduction="batchmean")
+    assert term.item() == pytest.approx(3.0 * 4.0 * ref.item(), rel=1e-4)
 
 
 def test_reptile_with_eps_one_is_the_identity_and_half_goes_halfway(tiny_model_dir):

@@ -52,9 +52,13 @@ class Component:
             they are shards there, so ``cl.validate`` refuses it with trainer=fsdp).
         ckpt_attrs: attribute names holding the component's checkpoint state; ``None``: cannot be
             checkpointed (a run with it writes no checkpoints and starts over after an interruption).
+        replays_general: names of general tasks whose (training) rows the component trains on; general
+            retention on the others is reported apart (``general_retention_unreplayed``), because
+            retention measured on a replayed task's distribution is partly the replay itself.
     """
 
     key: str | None = None
+    replays_general: tuple[str, ...] = ()
     ckpt_attrs: tuple[str, ...] | None = ()
     in_step_params = False  # reads or writes parameters inside the training step (refused under FSDP)
 
