@@ -15,8 +15,8 @@ model is also scored before averaging, so ``results.json`` holds both matrices (
   [0, 1], which only binds when ``alpha0 * K`` is large), weights frozen, the logits trained with Adam to
   maximise the likelihood of reward-filtered samples of the task-end model (GRPO runs: completions sampled
   at T=1 on the task's training prompts that the verifier accepts; SFT runs: the task's training answers)
-  plus ``reg * sum_k |alpha_k - alpha0|`` (all block weights c_k = 1). The learned alphas are baked into the
-  weights and logged per task.
+  plus ``reg * sum_k |alpha_k - alpha0|`` (all block weights c_k = 1); parameters outside the blocks take
+  ``alpha0``. The learned alphas are baked into the weights and logged per task.
 - ``ema``: an exponential moving average of the weights after every optimizer step
   (``ema = decay * ema + (1 - decay) * theta``), swapped in at each task end.
 - ``merge``: task vectors ``tau_t = theta_end(t) - theta_start(t)`` merged onto the stream's starting
@@ -105,8 +105,9 @@ def ama_alphas(logits: torch.Tensor, alpha0: float, eps: float) -> torch.Tensor:
 @dataclass
 class AMASettings:
     """AMA's learned per-block alphas: ``alpha0`` the mean alpha, ``eps`` the floor inside the softmax-like
-    normalisation, Adam's ``lr`` and ``reg`` (L2 on the logits), ``steps`` on ``n_samples`` rows of the task in
-    batches of ``batch_size``."""
+    normalisation, Adam's ``lr`` and ``reg`` (the weight of ``sum_k |alpha_k - alpha0|``), ``steps`` on
+    ``n_samples`` rows of the task in batches of ``batch_size``. Parameters outside the transformer blocks
+    (embeddings, final norm, LM head) take ``alpha0``."""
 
     alpha0: float = 0.2
     eps: float = 0.2
@@ -228,7 +229,7 @@ class Averaging(Component):
         elif self.kind == "ama":
             alphas = self._learn_ama(model, start, end, ctx)
             rec["ama_alphas"] = alphas
-            new = interpolate(start, end, self._per_tensor(alphas))
+            new = interpolate(start, end, self._per_tensor(alphas, outside=self.ama.alpha0))
         elif self.kind == "ema":
             new = {n: w.clone() for n, w in self.ema.items()}
         else:
@@ -245,12 +246,14 @@ class Averaging(Component):
         n = num_layers(self.base)
         return list(self.blocks) if self.blocks is not None else list(range(n + 1))
 
-    def _per_tensor(self, alphas) -> dict[str, float]:
+    def _per_tensor(self, alphas, outside: float | None = None) -> dict[str, float]:
+        """Each tensor's alpha: its block's, or ``outside`` (default: the global alpha) outside the blocks."""
         b = self._boundaries()
+        other = self.alpha if outside is None else outside
         out = {}
         for n in self.base:
             k = block_of(n, b)
-            out[n] = self.alpha if k is None else float(alphas[k])
+            out[n] = other if k is None else float(alphas[k])
         return out
 
     def _merged(self, name: str) -> torch.Tensor:
@@ -295,8 +298,8 @@ class Averaging(Component):
         model.eval()
         for _ in range(self.ama.steps):
             alphas = ama_alphas(logits, alpha0, eps)
-            params = {n: (self.alpha if blk[n] is None else alphas[blk[n]]) * start[n]
-                      + (1 - (self.alpha if blk[n] is None else alphas[blk[n]])) * end[n] for n in names}
+            params = {n: (alpha0 if blk[n] is None else alphas[blk[n]]) * start[n]
+                      + (1 - (alpha0 if blk[n] is None else alphas[blk[n]])) * end[n] for n in names}
             idx = torch.randint(len(samples), (min(bs, len(samples)),), generator=g).tolist()
             batch = collate_sft([samples[i] for i in idx], self.fmt.pad_id)
             out = functional_call(model, params, args=(), kwargs={

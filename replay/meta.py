@@ -7,7 +7,8 @@ Used together with experience replay (the "meta-experience" part is the replayed
 ``KFPF``: instead of replay at every step, every ``every`` optimizer steps fine-tune only the
 forgetting-prone modules (parameters whose names contain one of ``modules``, e.g. norms and the LM
 head, optionally the top ``top_blocks`` transformer blocks) for ``steps`` SGD steps on minibatches of
-its own replay buffer (filled at task ends like ER's), with the answer cross-entropy.
+its own replay buffer (a reservoir over every task's rows, each task's added at its start), with the
+answer cross-entropy.
 """
 
 from __future__ import annotations
@@ -65,9 +66,14 @@ class ReptileInterpolation(Component):
 
 
 class KFPF(Component):
-    """k-FPF: every ``every`` steps, ``steps`` SGD steps on a buffer of earlier tasks' rows, updating only
+    """k-FPF: every ``every`` steps, ``steps`` SGD steps on a buffer of the rows seen so far, updating only
     the forgetting-prone modules (names containing one of ``modules``, plus the top ``top_blocks``
-    transformer blocks) (``meta=kfpf``)."""
+    transformer blocks) (``meta=kfpf``).
+
+    The buffer is a reservoir over every task's training rows, each task's added at its start, so the
+    current task is in it from the first round on. ``lm_head`` in ``modules`` means the output layer: when
+    the model ties it to the input embedding (no ``lm_head`` parameter of its own), the tied matrix is
+    tuned, which moves the input embedding with it (the only way to tune a tied output layer)."""
     key = "kfpf"
     ckpt_attrs = ("buffer", "rng", "updates")
     in_step_params = True
@@ -100,9 +106,13 @@ class KFPF(Component):
             m = re.search(r"layers\.(\d+)\.", n)
             if any(k in n for k in self.modules) or (m and int(m.group(1)) in top):
                 out[n] = p
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if "lm_head" in self.modules and head is not None and not any(p is head.weight for p in out.values()):
+            # tied: the output layer's weight is registered under the input embedding's name
+            out.update({n: p for n, p in model.named_parameters() if p is head.weight})
         return out
 
-    def on_task_end(self, ctx) -> None:
+    def on_task_start(self, ctx) -> None:
         rows = ctx.task.train.to_list()
         random.Random(f"{self.seed}/{ctx.task.name}/kfpf").shuffle(rows)
         self.buffer.extend(rows)

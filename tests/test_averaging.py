@@ -91,13 +91,13 @@ def test_ama_learns_and_bakes_per_block_alphas(tiny_model_dir, objective):
 
         ctx.module.objective = type("O", (), {"name": "grpo", "max_new_tokens": 4})()
         ctx.task = Task("add2", ctx.task.train, ctx.task.eval, lambda c, **_: [1.0] * len(c))
-    ama = {"alpha0": 0.2, "eps": 0.2, "lr": 0.5, "reg": 1e-4, "steps": 5, "n_samples": 16, "batch_size": 8}
-    start, end, got, avg = _average(model, ctx, kind="ama", fmt=fmt, ama=ama)
+    ama = {"alpha0": 0.3, "eps": 0.2, "lr": 0.5, "reg": 1e-4, "steps": 5, "n_samples": 16, "batch_size": 8}
+    start, end, got, avg = _average(model, ctx, kind="ama", fmt=fmt, ama=ama)  # global alpha: 0.2 (default)
     alphas = avg.records[0]["ama_alphas"]
-    assert len(alphas) == 2 and sum(alphas) / 2 == pytest.approx(0.2, abs=1e-5) and alphas != [0.2, 0.2]
-    for n in start:
+    assert len(alphas) == 2 and sum(alphas) / 2 == pytest.approx(0.3, abs=1e-5) and alphas != [0.3, 0.3]
+    for n in start:  # tensors outside the blocks (embeddings, final norm) take alpha0, not the global alpha
         k = block_of(n, [0, 1, 2])
-        a = 0.2 if k is None else alphas[k]
+        a = 0.3 if k is None else alphas[k]
         torch.testing.assert_close(got[n], a * start[n] + (1 - a) * end[n])
 
 

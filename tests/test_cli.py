@@ -173,7 +173,7 @@ def test_every_replay_option_runs_through_the_cli(tmp_path, cache_dir, objective
     assert res["replay"]["replayed_rows"] == 8 * 4  # task 2 only: 8 steps x 4 of 16 rows
     counts = res["replay"]["buffer_tasks"]  # a 1000-row reservoir over both tasks' 1000 rows each
     assert sum(counts.values()) == 1000 and 300 < counts["sub2"] < 700
-    assert res["meta_replay"]["interpolations"] == 4 and res["kfpf"]["rounds"] == 2
+    assert res["meta_replay"]["interpolations"] == 4 and res["kfpf"]["rounds"] == 4  # every 4 steps from task 1 on
 
 
 @pytest.mark.parametrize("method", ["replay=er", "regularizer=ewc", "averaging=wise", "replay=derpp",

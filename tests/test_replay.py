@@ -369,7 +369,7 @@ def test_components_run_inside_a_stream(tiny_model_dir):
              KLDistill(0.1, fmt), ReptileInterpolation(0.5, every=4), kf]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _train(model, fmt, tasks, ev, comps, replay=er)
-    assert kf.updates == 2  # rounds every 3 steps, none in task 1 (the buffer fills at its end): steps 9 and 12
+    assert kf.updates == 4  # rounds every 3 steps from task 1 on (the buffer holds the current task): 3, 6, 9, 12
     assert comps[5].applied == 3 and er.replayed > 0
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
@@ -377,7 +377,7 @@ def test_components_run_inside_a_stream(tiny_model_dir):
 def test_kfpf_only_touches_the_selected_modules(tiny_model_dir):
     model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
     kf = KFPF(fmt, steps=3, batch_size=4, lr=0.1, modules=("norm",), top_blocks=1)
-    kf.on_task_end(TaskContext(0, tasks[0], None, tasks))
+    kf.on_task_start(TaskContext(0, tasks[0], None, tasks))
     sel = set(kf.selected(model))
     assert any("layers.1." in n for n in sel) and not any("layers.0.self_attn" in n for n in sel)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -385,6 +385,19 @@ def test_kfpf_only_touches_the_selected_modules(tiny_model_dir):
     for n, p in model.named_parameters():
         assert torch.equal(before[n], p) != (n in sel), n
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_kfpf_tunes_a_tied_output_layer_and_has_the_current_task_from_the_start(tiny_model_dir):
+    model, fmt, tasks, ev = _stream_setup(tiny_model_dir)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # the tiny model is tied
+    kf = KFPF(fmt, steps=2, batch_size=4, lr=0.5, capacity=50)  # modules: norm, lm_head
+    kf.on_task_start(TaskContext(0, tasks[0], None, tasks))
+    assert len(kf.buffer) == 50 and {r["task"] for r in kf.buffer.items} == {tasks[0].name}
+    sel = kf.selected(model)
+    assert "model.embed_tokens.weight" in sel and all("norm" in n or n == "model.embed_tokens.weight" for n in sel)
+    head = model.get_output_embeddings().weight.detach().clone()
+    kf.fine_tune(model)
+    assert not torch.equal(head, model.get_output_embeddings().weight)
 
 
 def test_per_task_rewarm_and_the_infinite_schedule():
