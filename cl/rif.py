@@ -4,15 +4,19 @@ Before training on a task, roll out K completions per training instance with the
 (temperature 1) and drop the instances with no correct completion ("not learnable now"); optionally
 drop the all-correct ones too (off by default, as in the paper). GRPO then trains on the rest.
 
-Simplification: only the first ``max_instances`` training rows are screened (the stream samples
-``steps x batch`` rows per task; screening all of a large pool would cost more than the RL itself);
-the kept rows form the task's training pool. Reported per task: screened, kept, dropped, the
-rollout tokens the screening cost, and the rollout tokens it saves: the share of the task's planned
-GRPO rollouts that would have gone to dropped (zero-signal) prompts.
+The screened rows are a seeded random sample of ``max_instances`` training rows (``null``: the whole pool;
+the stream samples ``steps x batch`` rows per task, and screening a large pool whole can cost more than
+the RL itself); the kept rows form the task's training pool. ``control=random`` is the paper's control
+arm: the same screening, then a random subset of the screened rows *of the same size* as the kept set,
+regardless of the rollouts' verdicts, so a comparison separates "which rows" from "how many rows".
+Reported per task: screened, kept, dropped, the rollout tokens the screening cost, and the rollout tokens
+it saves: the share of the task's planned GRPO rollouts that would have gone to dropped (zero-signal)
+prompts.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 from cl.generation import generate_ids
@@ -20,12 +24,16 @@ from tasks.base import Task
 from cl.core.components import Component
 
 
+CONTROLS = ("none", "random")
+
+
 class RolloutInstanceFilter(Component):
     """A data component: ``prepare_data(ctx, task) -> task`` with unlearnable instances removed.
 
     Args:
         k: rollouts per instance.
-        max_instances: how many training rows to screen.
+        max_instances: how many training rows to screen (a seeded random sample; None: all).
+        control: ``none`` (keep the rows with a correct rollout) or ``random`` (keep as many rows, at random).
         drop_all_correct: also drop rows whose K rollouts are all correct.
         temperature: sampling temperature of the screening rollouts.
 
@@ -39,13 +47,17 @@ class RolloutInstanceFilter(Component):
     @classmethod
     def check_config(cls, c, at: str) -> None:
         c.integer(f"{at}.k", minimum=1)
-        c.integer(f"{at}.max_instances", minimum=1)
+        c.integer(f"{at}.max_instances", minimum=1, optional=True)
         c.number(f"{at}.temperature", lo=0.0, strict_lo=True)
+        c.choice(f"{at}.control", CONTROLS)
 
-    def __init__(self, fmt, k: int = 8, max_instances: int = 1024, drop_all_correct: bool = False,
-                 temperature: float = 1.0, objective=None, stream_batch_size: int = 0, steps_per_task: int = 0,
-                 log=None):
+    def __init__(self, fmt, k: int = 8, max_instances: int | None = 1024, drop_all_correct: bool = False,
+                 temperature: float = 1.0, control: str = "none", objective=None, stream_batch_size: int = 0,
+                 steps_per_task: int = 0, seed: int = 0, log=None):
+        if control not in CONTROLS:
+            raise ValueError(f"control: '{control}' is not one of {', '.join(CONTROLS)}")
         self.fmt, self.k, self.max_instances, self.drop_all_correct = fmt, k, max_instances, drop_all_correct
+        self.control, self.seed = control, seed
         self.max_new_tokens = getattr(objective, "max_new_tokens", 16)
         self.group_size = getattr(objective, "group_size", 1)
         self.temperature, self.log = temperature, log
@@ -56,7 +68,9 @@ class RolloutInstanceFilter(Component):
         return self.records
 
     def prepare_data(self, ctx, task: Task) -> Task:
-        rows = task.train.select(range(min(self.max_instances, len(task.train)))).to_list()
+        n = len(task.train) if self.max_instances is None else min(self.max_instances, len(task.train))
+        picked = sorted(random.Random(f"{self.seed}/{task.name}/rif").sample(range(len(task.train)), n))
+        rows = task.train.select(picked).to_list()
         prompts = self.fmt.prompt_ids([r["prompt"] for r in rows])
         comps = generate_ids(ctx.module.model, prompts, self.fmt, self.max_new_tokens, do_sample=True,
                              temperature=self.temperature, num_return_sequences=self.k)
@@ -73,10 +87,15 @@ class RolloutInstanceFilter(Component):
         mean_len = cost / max(1, len(comps))
         dropped = len(rows) - len(kept)
         saved = self.planned_prompts * self.group_size * mean_len * dropped / max(1, len(rows))
-        rec = {"task_idx": ctx.task_idx, "task": task.name, "screened": len(rows), "kept": len(kept),
-               "dropped": dropped, "rollout_tokens_cost": cost, "rollout_tokens_saved_est": saved}
+        rec = {"task_idx": ctx.task_idx, "task": task.name, "pool": len(task.train), "screened": len(rows),
+               "kept": len(kept), "dropped": dropped, "control": self.control, "rollout_tokens_cost": cost,
+               "rollout_tokens_saved_est": saved}
+        if self.control == "random":  # as many rows as the filter kept, chosen without looking at the rollouts
+            kept = sorted(random.Random(f"{self.seed}/{task.name}/rif-control").sample(range(len(rows)), len(kept)))
+            rec["kept_with_a_correct_rollout"] = sum(max(scores[i * self.k:(i + 1) * self.k]) > 0 for i in kept)
         self.records.append(rec)
-        print(f"[rif] {task.name}: kept {len(kept)}/{len(rows)} instances (dropped {dropped} with no correct "
+        how = " at random (control=random)" if self.control == "random" else ""
+        print(f"[rif] {task.name}: kept {len(kept)}/{len(rows)} screened instances{how} ({dropped} had no correct "
               f"completion in {self.k}); screening cost {cost} generated tokens, saves ~{saved:.0f}", flush=True)
         if self.log is not None:
             self.log({"cl/global_iter": ctx.module.global_iter, **{f"rif/{k}": v for k, v in rec.items()
@@ -84,4 +103,4 @@ class RolloutInstanceFilter(Component):
         if not kept:
             print(f"[rif] {task.name}: no learnable instance; training on the unfiltered pool", flush=True)
             return task
-        return replace(task, train=task.train.select(kept))
+        return replace(task, train=task.train.select([picked[i] for i in kept]))

@@ -175,9 +175,20 @@ def test_rif_drops_instances_without_a_correct_rollout(tiny_model_dir):
     assert (rif.max_new_tokens, rif.group_size, rif.planned_prompts) == (3, 4, 10)
     ctx = type("C", (), {"module": type("M", (), {"model": model, "global_iter": 0})(), "task_idx": 0})()
     kept = rif.prepare_data(ctx, task)
-    assert list(kept.train["prompt"]) == ["A:0=", "A:3=", "A:6="]
     rec = rif.records[0]
-    assert (rec["screened"], rec["kept"], rec["dropped"]) == (9, 3, 6)
+    assert (rec["pool"], rec["screened"]) == (12, 9)
+    # a seeded random sample of the pool (not its first rows); the learnable rows of it are kept
+    import random
+
+    picked = sorted(random.Random("0/t/rif").sample(range(12), 9))
+    assert picked != list(range(9))
+    assert list(kept.train["prompt"]) == [rows[i]["prompt"] for i in picked if rows[i]["learnable"]]
+    assert rec["kept"] == len(kept.train) == rec["screened"] - rec["dropped"]
+    control = RolloutInstanceFilter(fmt, k=2, max_instances=9, control="random", objective=objective, seed=1)
+    rows_c = control.prepare_data(ctx, task)
+    rc = control.records[0]
+    assert len(rows_c.train) == rc["kept"] and rc["control"] == "random"
+    assert rc["kept_with_a_correct_rollout"] == sum(r["learnable"] for r in rows_c.train)
     assert rec["rollout_tokens_cost"] > 0 and rec["rollout_tokens_saved_est"] > 0
 
 
