@@ -48,9 +48,10 @@ from cl.results import (fingerprint_diff, format_matrix, format_metrics, input_f
 from cl.schedule import LRSchedule
 from cl.tracking import make_logger
 from cl.validate import ConfigError, validate_config
+from cl.tokenizer import build_char_tokenizer
 from tasks.base import Task, VerifierError
 from tasks.stream import build_tasks, joint_task
-from tasks.user_data import DataError
+from tasks.user_data import DataError, check_encodable
 
 log = logging.getLogger("cl")
 warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
@@ -253,6 +254,10 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
         if cfg.base.kind == "pretrain":
             extra = [n for n in list(cfg.base.general) + list(cfg.base.exposure) if n not in by_name]
             by_name.update({t.name: t for t in build_tasks(extra, d.n_train, d.n_eval, d.seed)})
+            # the embedded model's tokenizer is known before its base stage: refuse unreadable user rows now
+            fmt = PromptFormat(build_char_tokenizer(), cfg.model.use_chat_template, cfg.model.get("system_prompt"))
+            for task in stream + general:
+                check_encodable(task, fmt, cfg.model.arch.max_position_embeddings)
     except (ConfigError, DataError) as e:
         results.update(status=f"failed: {type(e).__name__}: {e}".splitlines()[0],
                        provenance=provenance(cfg.seed, start, time.time(), fingerprint))
@@ -273,6 +278,8 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
         results["base_model"] = base_info
         pl.seed_everything(cfg.seed, verbose=False)
         fmt = PromptFormat(tokenizer, cfg.model.use_chat_template, cfg.model.get("system_prompt"))
+        for task in stream + general:  # user rows the model cannot read as written: refused before training
+            check_encodable(task, fmt, getattr(model.config, "max_position_embeddings", None))
         scorer = Scorer(fmt, cfg.eval.method, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         evaluator = ContinualEvaluator(
             scorer,

@@ -63,6 +63,7 @@ class Task:
         family: the generator family (``"user"`` for loaded data).
         reward: the RL reward when it differs from the verifier (e.g. a format term for worked-steps
             prompts); ``None`` means the verifier is the reward.
+        source: where user data came from (its train file or hub name), for messages about its rows.
     """
 
     name: str
@@ -72,15 +73,16 @@ class Task:
     exact_match: bool = True
     family: str = "user"
     reward: Verifier | None = None
+    source: str | None = None
 
     @classmethod
     def from_rows(cls, name: str, train_rows: list[dict], eval_rows: list[dict], verifier: Verifier,
-                  exact_match: bool, family: str, reward: Verifier | None = None) -> "Task":
+                  exact_match: bool, family: str, reward: Verifier | None = None, source: str | None = None) -> "Task":
         """Build a task from row dicts, tagging every row with ``task = name``."""
         for r in train_rows + eval_rows:
             r["task"] = name
         return cls(name=name, train=Dataset.from_list(train_rows), eval=Dataset.from_list(eval_rows),
-                   verifier=verifier, exact_match=exact_match, family=family, reward=reward)
+                   verifier=verifier, exact_match=exact_match, family=family, reward=reward, source=source)
 
     def score(self, completions: list[str], **columns) -> list[float]:
         """Score completions (one number in [0, 1] each, checked); ``columns`` are the dataset columns of the

@@ -123,7 +123,7 @@ def _check_rows(rows: list, where: str, prompt_column: str, answer_column: str) 
             if col == prompt_column and not value:
                 raise DataError(f"{where}: row {i} column '{col}' is empty")
         extra = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
-        out.append({**extra, "prompt": row[prompt_column], "answer": str(row[answer_column])})
+        out.append({**extra, "prompt": row[prompt_column], "answer": str(row[answer_column]), "row_source": f"{where}: row {i}"})
     return out
 
 
@@ -179,7 +179,32 @@ def load_user_task(
         for where, rows in (("train", train_rows), ("eval", eval_rows)):
             _add_final(rows, final_rx, f"task '{name}' ({where})")
         score = _against_final(score)
-    return Task.from_rows(name, train_rows, eval_rows, score, exact_match=score is exact_match, family="user")
+    return Task.from_rows(name, train_rows, eval_rows, score, exact_match=score is exact_match, family="user",
+                          source=train if eval is None else f"{train} / {eval}")
+
+
+def check_encodable(task: Task, fmt, max_positions: int | None) -> None:
+    """Refuse user rows the model cannot read as written: characters its tokenizer maps to the unknown
+    token (scored as matches when both sides become ``<unk>``), or prompt + answer (+ eos) longer than the
+    model's positions. One line naming the file, the row and the problem; synthetic tasks are skipped."""
+    if task.family != "user":
+        return
+    tok = fmt.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    for split in (task.train, task.eval):
+        prompts, answers = list(split["prompt"]), list(split["answer"])
+        rows = list(split["row_source"]) if "row_source" in split.column_names else \
+            [f"task '{task.name}': row {i}" for i in range(1, len(prompts) + 1)]
+        for k, (p, a) in enumerate(fmt.encode(prompts, answers)):
+            where = rows[k]
+            if unk is not None and (unk in p or unk in a):
+                text = prompts[k] + answers[k]
+                bad = sorted({c for c in text if unk in tok.encode(c, add_special_tokens=False)})
+                raise DataError(f"{where}: the model's tokenizer cannot represent {''.join(bad)!r} (it would become "
+                                f"{tok.unk_token!r}); remove or map these characters")
+            if max_positions is not None and len(p) + len(a) > max_positions:
+                raise DataError(f"{where}: prompt + answer is {len(p) + len(a)} tokens; the model reads at most "
+                                f"{max_positions} (model.max_position_embeddings)")
 
 
 def _add_final(rows: list[dict], rx: "re.Pattern", where: str) -> None:

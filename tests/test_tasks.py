@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -257,3 +258,24 @@ def test_verifier_contract_is_enforced_with_one_line_naming_the_task(verifier, m
     assert "\n" not in str(e.value)
     ok = Task("qa", train=None, eval=None, verifier=lambda c, **_: [1, 0.5, 0], reward=lambda c, **_: [-2.0, 0.0, 3.0])
     assert ok.score(["a", "b", "c"]) == [1.0, 0.5, 0.0] and ok.reward_scores(["a", "b", "c"]) == [-2.0, 0.0, 3.0]
+
+
+def test_user_rows_the_model_cannot_read_are_refused_naming_file_and_row(tmp_path):
+    from cl.core.data import PromptFormat
+    from cl.tokenizer import build_char_tokenizer
+    from tasks.user_data import check_encodable
+
+    fmt = PromptFormat(build_char_tokenizer())
+    rows = [{"prompt": f"q{i}=", "answer": str(i)} for i in range(30)]
+    rows[7]["answer"] = "7 °C"  # '°' is not in the character tokenizer's alphabet
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    task = load_user_task("mine", train=path)
+    with pytest.raises(DataError, match=rf"^{re.escape(path)}: row 8: the model's tokenizer cannot represent '°'"):
+        check_encodable(task, fmt, 64)
+    rows[7]["answer"] = "7"
+    rows[3]["prompt"] = "x" * 70
+    task = load_user_task("mine", train=_write_jsonl(tmp_path / "d.jsonl", rows))
+    with pytest.raises(DataError, match=r"row 4: prompt \+ answer is 73 tokens; the model reads at most 64"):
+        check_encodable(task, fmt, 64)
+    rows[3]["prompt"] = "x"
+    check_encodable(load_user_task("mine", train=_write_jsonl(tmp_path / "d.jsonl", rows)), fmt, 64)
