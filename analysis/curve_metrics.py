@@ -8,6 +8,7 @@ definitions but at that coarse resolution (e.g. ``min_acc`` reduces to the worst
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -90,22 +91,56 @@ def lca(series: dict[str, Series], tasks: Sequence[str], ends: Sequence[int], fi
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def stability_gaps(series: dict[str, Series], tasks: Sequence[str], ends: Sequence[int],
-                   tolerance: float = 0.01) -> list[dict]:
-    """Per (task j, later boundary m): depth = ``A_j`` just before the boundary minus its minimum within
-    task m; recovery = iterations from the boundary until ``A_j`` is back within ``tolerance`` of the
-    pre-boundary value inside task m (``None`` = never)."""
+def _binomial_se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1.0 - p), 0.0) / n)
+
+
+def stability_gaps(curves: Iterable[dict], tasks: Sequence[str], ends: Sequence[int], z: float = 1.96) -> list[dict]:
+    """Per (task j, later boundary B into task m): the dip of ``A_j`` inside task m, on like items.
+
+    Inner points may score fewer items of a task than boundary points (``eval.max_samples_per_point``);
+    every value here is on the items the window's inner points score: boundary rows contribute their
+    accuracy on that prefix (``acc_at``, recorded by the evaluator), so the value before the boundary and
+    the values inside share their items. With ``n`` such items:
+
+    - ``depth`` = ``pre - min`` (``pre``: the value at B; ``min``: the lowest inside task m, up to and
+      including its end), with ``depth_se = sqrt(se(pre)^2 + se(min)^2)``, ``se(p) = sqrt(p (1 - p) / n)``
+      (item sampling; the minimum of noisy values is biased low, so a depth below ``z * depth_se`` is not
+      told apart from noise: ``significant`` is false);
+    - ``recovery_iters``: iterations from B to the first point back within ``tolerance = max(z * sqrt(2)
+      * se(pre), 1 / n)`` of ``pre`` (``None`` = not within task m).
+    """
+    rows: dict[str, dict[int, dict]] = defaultdict(dict)
+    for row in curves:
+        if row["eval_task"] in tasks and row["kind"] in ("stream", "future"):
+            rows[row["eval_task"]][int(row["global_iter"])] = row
     out = []
     for j, t in enumerate(tasks):
         for m in range(j + 1, len(tasks)):
             boundary = ends[m - 1]
-            pre = [a for n, a in series[t] if n == boundary]
-            inside = [(n, a) for n, a in series[t] if boundary < n <= ends[m]]
-            if not pre or not inside:
+            window = sorted((n, r) for n, r in rows[t].items() if boundary < n <= ends[m])
+            inner = [r["n"] for _, r in window if not r.get("boundary") and r.get("n")]
+            n_items = min(inner) if inner else None
+
+            def value(r: dict) -> float | None:
+                if n_items is None or r.get("n") == n_items:
+                    return float(r["acc"])
+                at = (r.get("acc_at") or {}).get(str(n_items))
+                return None if at is None else float(at)
+
+            pre_row = rows[t].get(boundary)
+            pre = value(pre_row) if pre_row else None
+            inside = [(n, v) for n, r in window if (v := value(r)) is not None]
+            if pre is None or not inside:
                 continue
-            depth = pre[0] - min(a for _, a in inside)
-            rec = next((n - boundary for n, a in inside if a >= pre[0] - tolerance), None)
-            out.append({"task": t, "boundary_task": tasks[m], "depth": float(depth), "recovery_iters": rec})
+            k = n_items or int(pre_row.get("n") or 1)
+            low = min(v for _, v in inside)
+            depth_se = math.sqrt(_binomial_se(pre, k) ** 2 + _binomial_se(low, k) ** 2)
+            tolerance = max(z * math.sqrt(2.0) * _binomial_se(pre, k), 1.0 / k)
+            rec = next((n - boundary for n, v in inside if v >= pre - tolerance), None)
+            out.append({"task": t, "boundary_task": tasks[m], "depth": float(pre - low), "depth_se": depth_se,
+                        "significant": bool(pre - low > z * depth_se), "n_items": k, "tolerance": tolerance,
+                        "recovery_iters": rec})
     return out
 
 
@@ -113,8 +148,9 @@ def curve_metrics(curves: Iterable[dict], tasks: Sequence[str], ends: Sequence[i
                   windows: Sequence[int] = (50, 150)) -> dict:
     """All curve metrics of one run, as stored in ``results.json["metrics"]``; ``wf_<w>``/``wp_<w>`` for
     each window ``w`` in training iterations (``eval.windows``)."""
-    series = task_series(list(curves), tasks)
-    gaps = stability_gaps(series, tasks, ends)
+    curves = list(curves)
+    series = task_series(curves, tasks)
+    gaps = stability_gaps(curves, tasks, ends)
     out = {
         "min_acc": min_acc(series, tasks, ends),
         "wc_acc": wc_acc(series, tasks, ends),

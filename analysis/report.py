@@ -91,8 +91,10 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
         md.append(f"![matrix]({p.relative_to(out)})")
         gaps = r.get("metrics", {}).get("stability_gaps", [])
         if gaps:
-            md += ["", "| task | boundary (start of) | depth | recovery (iters) |", "|---|---|---|---|"]
-            md += [f"| {g['task']} | {g['boundary_task']} | {g['depth']:+.3f} | {g['recovery_iters'] if g['recovery_iters'] is not None else 'never'} |"
+            md += ["", "| task | boundary (start of) | depth ± se (items) | recovery (iters) |", "|---|---|---|---|"]
+            md += [f"| {g['task']} | {g['boundary_task']} | {g['depth']:+.3f} ± {g.get('depth_se', float('nan')):.3f} "
+                   f"({g.get('n_items', '?')}){'' if g.get('significant', True) else ', within noise'} | "
+                   f"{g['recovery_iters'] if g['recovery_iters'] is not None else 'not within the task'} |"
                    for g in gaps]
         for rec in r.get("shift", []):
             if rec["task_idx"] > 0:

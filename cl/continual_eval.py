@@ -30,8 +30,10 @@ class ContinualEvaluator:
         log: ``dict -> None`` mirror (W&B); failures are the logger's business.
         future_tasks: at intermediate points, how many unseen tasks to score (boundaries score all).
         max_samples_per_point: at intermediate points, cap on the items scored over all tasks; each
-            task then scores a prefix of its fixed subset, so the cost of a point does not grow with
-            the stream.
+            task then scores a prefix of its fixed subset (:meth:`inner_items`), so the cost of a point
+            does not grow with the stream. Boundary points score more items; they also record, in
+            ``acc_at``, each stream task's accuracy on the prefixes the inner points of the tasks before
+            and after them score, so the stability gap compares the same items (``analysis.curve_metrics``).
         max_samples_per_boundary: the same cap at task boundaries (default: none, every boundary scores
             the full subsets that fill the accuracy matrix). Long streams set it so that evaluation
             costs the same at every point, at the price of fewer items per matrix entry.
@@ -56,6 +58,13 @@ class ContinualEvaluator:
         """Short progress text: the latest mean accuracy on earlier tasks."""
         return "" if self.old_task_acc is None else f"old-task acc {self.old_task_acc:.3f}"
 
+    def inner_items(self, task_idx: int) -> int | None:
+        """Items per task at the inner points of task ``task_idx`` (None: uncapped, the whole subset)."""
+        if not self.max_samples_per_point:
+            return None
+        scored = sum(1 for j in range(len(self.stream)) if j <= task_idx + self.future_tasks)
+        return max(1, self.max_samples_per_point // (scored + len(self.general)))
+
     def evaluate(self, model: torch.nn.Module, global_iter: int, task_idx: int, train_task: str,
                  boundary: bool) -> dict[str, dict[str, float]]:
         """Score one evaluation point; returns ``{"stream": {name: acc}, "general": {name: acc}}``."""
@@ -67,16 +76,23 @@ class ContinualEvaluator:
         cap = self.max_samples_per_boundary if boundary else self.max_samples_per_point
         if cap:
             n = max(1, cap // (len(stream) + len(self.general)))
+        # the prefixes the inner points of the tasks before and after this boundary score
+        prefixes = sorted({k for k in (self.inner_items(task_idx), self.inner_items(task_idx + 1)) if k}) \
+            if boundary else []
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]), torch.autocast(device.type, dtype=self.autocast or torch.bfloat16,
                                                                enabled=self.autocast is not None):
             todo = [(j, es.head(n) if n else es) for j, es in stream] + [(None, es.head(n) if n else es)
                                                                           for es in self.general]
-            accs = self.scorer.accuracies(model, [es for _, es in todo])
-            for (j, es), acc in zip(todo, accs):
+            items = self.scorer.item_scores(model, [es for _, es in todo])
+            for (j, es), scores in zip(todo, items):
+                acc = sum(scores) / len(scores)
                 kind = "general" if j is None else ("stream" if j <= task_idx else "future")
                 result["general" if j is None else "stream"][es.name] = acc
-                lines.append(self._line(global_iter, task_idx, train_task, es.name, kind, acc, boundary, len(es)))
+                line = self._line(global_iter, task_idx, train_task, es.name, kind, acc, boundary, len(es))
+                if j is not None and any(k < len(scores) for k in prefixes):
+                    line["acc_at"] = {str(k): sum(scores[:k]) / k for k in prefixes if k < len(scores)}
+                lines.append(line)
                 metrics[f"eval/{kind}/{es.name}"] = acc
         if result["general"]:
             metrics["eval/general_mean"] = sum(result["general"].values()) / len(result["general"])

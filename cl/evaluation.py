@@ -117,12 +117,12 @@ class Scorer:
         return sum(s) / len(s)
 
     @torch.no_grad()
-    def accuracies(self, model: torch.nn.Module, sets: list[EvalSet]) -> list[float]:
-        """``accuracy`` of each set, with the teacher-forced sets scored together in shared batches (many
+    def item_scores(self, model: torch.nn.Module, sets: list[EvalSet]) -> list[list[float]]:
+        """Per-item scores of each set, with the teacher-forced sets scored together in shared batches (many
         small sets, e.g. a long stream under an evaluation cap, cost about what one set of their total size
-        costs); the numbers equal per-set ``accuracy``."""
+        costs); the numbers equal per-set ``scores``."""
         tf = [i for i, es in enumerate(sets) if self.uses_teacher_forcing(es)]
-        out: list[float | None] = [None] * len(sets)
+        out: list[list[float] | None] = [None] * len(sets)
         if tf:
             with eval_mode(model):
                 correct = teacher_forced_correct(model, [p for i in tf for p in sets[i].pairs], self.fmt.pad_id,
@@ -130,12 +130,16 @@ class Scorer:
             start = 0
             for i in tf:
                 n = len(sets[i])
-                out[i] = sum(correct[start:start + n]) / n
+                out[i] = [float(c) for c in correct[start:start + n]]
                 start += n
         for i, es in enumerate(sets):
             if out[i] is None:
-                out[i] = self.accuracy(model, es)
+                out[i] = self.scores(model, es)
         return out
+
+    def accuracies(self, model: torch.nn.Module, sets: list[EvalSet]) -> list[float]:
+        """``accuracy`` of each set (scored as in :meth:`item_scores`)."""
+        return [sum(s) / len(s) for s in self.item_scores(model, sets)]
 
 
 def pass_at_k(

@@ -96,3 +96,31 @@ def test_answer_token_kl_is_zero_for_identical_models_and_positive_otherwise(tin
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert answer_token_kl(model, other, pairs, fmt.pad_id) > 1e-4
+
+
+def test_boundaries_score_the_inner_points_items_too_so_gaps_compare_like_items(tiny_model_dir, tmp_path):
+    from cl.continual_eval import ContinualEvaluator
+    from cl.core.data import PromptFormat
+    from cl.evaluation import EvalSet, Scorer
+    from cl.model import load_model_and_tokenizer
+    from tasks.registry import build_task
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    fmt = PromptFormat(tok)
+    sets = [EvalSet.build(build_task(n, 20, 60, 0), fmt, 60, 0) for n in ("add2", "sub2", "mul21")]
+    class ItemScorer(Scorer):  # a score that is a fixed function of the item: what matters is which items
+        def item_scores(self, model, sets):
+            return [[float(sum(p) % 2) for p, _ in es.pairs] for es in sets]
+
+    ev = ContinualEvaluator(ItemScorer(fmt), sets, [EvalSet.build(build_task("copy6", 20, 60, 0), fmt, 60, 0)],
+                            tmp_path / "curves.jsonl", max_samples_per_point=60)
+    assert (ev.inner_items(0), ev.inner_items(1)) == (20, 15)  # 60 items over 2+1 and 3+1 sets
+    ev.evaluate(model, 10, 0, "add2", boundary=True)   # the end of task 0
+    ev.evaluate(model, 15, 1, "sub2", boundary=False)  # an inner point of task 1, same weights
+    lines = [json.loads(x) for x in (tmp_path / "curves.jsonl").read_text().splitlines()]
+    b = next(x for x in lines if x["boundary"] and x["eval_task"] == "add2")
+    inner = next(x for x in lines if not x["boundary"] and x["eval_task"] == "add2")
+    assert b["n"] == 60 and inner["n"] == 15 and set(b["acc_at"]) == {"20", "15"}
+    assert b["acc_at"]["15"] == pytest.approx(inner["acc"])  # the same items, the same model: the same value
+    assert 0 < inner["acc"] < 1 and b["acc_at"]["20"] != b["acc_at"]["15"]
+    assert all("acc_at" not in x for x in lines if x["kind"] == "general")

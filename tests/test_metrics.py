@@ -38,8 +38,9 @@ def test_general_retention_and_single_task_edge_cases():
         avg_acc([[0.1, 0.2]])
 
 
-def _curves(series: dict[str, list[tuple[int, float]]]):
-    return [{"global_iter": n, "eval_task": t, "kind": "stream", "acc": a} for t, s in series.items() for n, a in s]
+def _curves(series: dict[str, list[tuple[int, float]]], items: int = 200):
+    return [{"global_iter": n, "eval_task": t, "kind": "stream", "acc": a, "n": items} for t, s in series.items()
+            for n, a in s]
 
 
 def test_stability_gap_depth_and_recovery_on_a_hand_built_curve():
@@ -47,8 +48,11 @@ def test_stability_gap_depth_and_recovery_on_a_hand_built_curve():
     a = [(0, 0.1), (5, 0.6), (10, 0.9), (12, 0.4), (14, 0.7), (16, 0.9), (18, 0.88), (20, 0.85)]
     b = [(0, 0.0), (10, 0.1), (12, 0.3), (14, 0.5), (16, 0.7), (18, 0.8), (20, 0.9)]
     curves = _curves({"a": a, "b": b})
-    gaps = stability_gaps(task_series(curves, ["a", "b"]), ["a", "b"], [10, 20])
-    assert gaps == [{"task": "a", "boundary_task": "b", "depth": pytest.approx(0.5), "recovery_iters": 6}]
+    gaps = stability_gaps(curves, ["a", "b"], [10, 20])
+    se_pre, se_min = (0.9 * 0.1 / 200) ** 0.5, (0.4 * 0.6 / 200) ** 0.5
+    assert gaps == [{"task": "a", "boundary_task": "b", "depth": pytest.approx(0.5),
+                     "depth_se": pytest.approx((se_pre ** 2 + se_min ** 2) ** 0.5), "significant": True,
+                     "n_items": 200, "tolerance": pytest.approx(1.96 * 2 ** 0.5 * se_pre), "recovery_iters": 6}]
     m = curve_metrics(curves, ["a", "b"], [10, 20], windows=(1, 2, 5, 100))
     assert m["min_acc"] == pytest.approx(0.4)
     assert m["wc_acc"] == pytest.approx(0.9 / 2 + 0.4 / 2)
@@ -68,8 +72,23 @@ def test_stability_gap_depth_and_recovery_on_a_hand_built_curve():
 def test_no_recovery_is_reported_as_none():
     a = [(10, 0.9), (15, 0.5), (20, 0.6)]
     b = [(10, 0.0), (15, 0.5), (20, 0.8)]
-    gaps = stability_gaps(task_series(_curves({"a": a, "b": b}), ["a", "b"]), ["a", "b"], [10, 20])
+    gaps = stability_gaps(_curves({"a": a, "b": b}), ["a", "b"], [10, 20])
     assert gaps[0]["recovery_iters"] is None and gaps[0]["depth"] == pytest.approx(0.4)
+
+
+def test_stability_gap_compares_the_same_items_before_and_inside_a_task():
+    # boundary points score 200 items, inner points a 40-item prefix; the boundary rows carry their
+    # accuracy on that prefix (acc_at), which is what the inner values are compared with
+    rows = [{"global_iter": 10, "eval_task": "a", "kind": "stream", "acc": 0.9, "n": 200, "boundary": True,
+             "acc_at": {"40": 0.8}},
+            {"global_iter": 15, "eval_task": "a", "kind": "stream", "acc": 0.75, "n": 40, "boundary": False},
+            {"global_iter": 20, "eval_task": "a", "kind": "stream", "acc": 0.88, "n": 200, "boundary": True,
+             "acc_at": {"40": 0.825}}]
+    gap = stability_gaps(rows, ["a", "b"], [10, 20])[0]
+    assert gap["n_items"] == 40 and gap["depth"] == pytest.approx(0.8 - 0.75)  # not 0.9 - 0.75 (unlike items)
+    # 0.05 on 40 items is within the noise: not significant, and "recovered" within the tolerance at once
+    assert not gap["significant"] and gap["tolerance"] == pytest.approx(1.96 * 2 ** 0.5 * (0.8 * 0.2 / 40) ** 0.5)
+    assert gap["recovery_iters"] == 5
 
 
 def test_forgetting_counts_only_rows_after_the_task_was_trained():
