@@ -14,7 +14,7 @@ from pathlib import Path
 from analysis import plots
 
 SUMMARY = ["avg_acc", "new_acc", "bwt", "fwt", "forgetting", "general_retention", "min_acc", "wc_acc",
-           "stability_gap", "wf_50", "wp_50", "lca", "forward_kl_mean", "kl_base_general_final",
+           "stability_gap", "wf_50", "wp_50", "lca", "forward_kl_sampled_mean", "forward_kl_tf_mean", "kl_base_general_final",
            "eval_time_fraction"]
 
 
@@ -99,14 +99,15 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
         for rec in r.get("shift", []):
             if rec["task_idx"] > 0:
                 f = r["acc_matrix"][rec["task_idx"] - 1][rec["task_idx"] - 1] - r["acc_matrix"][rec["task_idx"]][rec["task_idx"] - 1]
-                kl_points.append({"label": label, "forward_kl": rec["forward_kl"], "forgetting of previous task": f})
+                kl = rec.get("forward_kl_sampled", rec.get("forward_kl_tf", rec.get("forward_kl")))
+                kl_points.append({"label": label, "forward_kl": kl, "forgetting of previous task": f})
         md.append("")
     if kl_points:
         p = plots.plot_forgetting_vs_kl(kl_points, out / "forgetting_vs_kl.png", x="forward_kl",
                                         y="forgetting of previous task")
         md += ["## Forgetting vs KL(pi_0 || pi) on the new task", "",
                "One point per task boundary: the drop of the previous task against the forward KL "
-               "measured on the new task's prompts.", "", f"![forgetting vs kl]({p.relative_to(out)})", ""]
+               "measured on the new task's prompts (sampled from pi_0 where measured).", "", f"![forgetting vs kl]({p.relative_to(out)})", ""]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path

@@ -22,7 +22,7 @@ from analysis.aggregate import (
 from analysis.sweep import QUICK, QUICK_RL, run_sweep
 
 SCALARS = ("avg_acc", "new_acc", "bwt", "fwt", "forgetting", "general_retention", "min_acc", "wc_acc",
-           "stability_gap", "forward_kl_mean", "kl_base_general_final", "lca", "wf_50", "wp_50")
+           "stability_gap", "forward_kl_sampled_mean", "forward_kl_tf_mean", "kl_base_general_final", "lca", "wf_50", "wp_50")
 
 
 @dataclass

@@ -1,15 +1,17 @@
 """Distribution-shift probes measured at task ends (RL's Razor, Shenfeld, Pari, Agrawal 2025).
 
-- ``forward_kl``: KL(pi_0 || pi) on the current task's prompts, pi_0 = the model at the task start.
-  RL's Razor finds forgetting grows with it.
+- ``forward_kl_sampled``: KL(pi_0 || pi) on the current task's prompts as RL's Razor defines it, pi_0 =
+  the model at the task start: a Monte-Carlo estimate over completions sampled from pi_0 (temperature 1,
+  ``samples`` per prompt, drawn at the task start), ``mean(log pi_0(y|x) - log pi(y|x))`` per sequence,
+  with its standard error ``forward_kl_sampled_se``. RL's Razor finds forgetting grows with it.
+- ``forward_kl_tf``: a cheap proxy, the mean per-token KL of the next-token distributions along the
+  *reference* answers (teacher forcing), not along pi_0's own samples.
 - ``kl_base_general`` / ``kl_base_prev``: KL(base || current) on general-task prompts and on earlier
   stream tasks' prompts (base = the model before the stream). In an earlier prototype of this suite this
   tracked general retention across runs.
 
-Simplification: the KL is the mean per-token KL of the next-token distributions along the
-*reference* answers (teacher forcing), not a Monte-Carlo estimate over samples of pi_0. Both models
-see identical prefixes, so it is exact for those prefixes and cheap. The reference side is computed
-once: pi_0's log-probs at the task start, the base's log-probs before the stream (kept in memory when
+The teacher-forced KLs (``forward_kl_tf`` and the base KLs) are exact for their prefixes (both models
+see identical ones) and cheap. The reference side is computed once: pi_0's log-probs at the task start, the base's log-probs before the stream (kept in memory when
 small, otherwise a frozen copy of the base model is kept and re-run). Selected by ``shift=kl`` (the
 default, ``conf/shift/kl.yaml``); ``shift=none`` turns the probe off.
 """
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 from cl.core.data import collate_sft
 from cl.evaluation import EvalSet
-from cl.generation import eval_mode
+from cl.generation import eval_mode, generate_ids
 from cl.core.components import Component
 
 CACHE_LIMIT = 20_000_000  # floats of cached reference log-probs per eval set (80 MB)
@@ -45,6 +47,23 @@ def answer_logprobs(model: torch.nn.Module, pairs, pad_id: int, batch_size: int 
     return out
 
 
+@torch.inference_mode()
+def sequence_logprobs(model: torch.nn.Module, pairs, pad_id: int, batch_size: int = 256) -> torch.Tensor:
+    """``log p(completion | prompt)`` summed over the completion's tokens, per (prompt, completion) pair."""
+    device = next(model.parameters()).device
+    out = []
+    with eval_mode(model):
+        for start in range(0, len(pairs), batch_size):
+            batch = collate_sft(pairs[start : start + batch_size], pad_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(device)
+            scored = labels != -100
+            lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out.append((lp * scored).sum(-1).cpu())
+    return torch.cat(out)
+
+
 def kl_from_logprobs(ref: list[torch.Tensor], cur: list[torch.Tensor]) -> float:
     """Mean over positions of KL(ref || cur) given matching lists of [n, V] log-prob tensors."""
     total = sum((r.exp() * (r - c)).sum().item() for r, c in zip(ref, cur, strict=True))
@@ -60,16 +79,22 @@ class DistributionShiftProbe(Component):
     """A task-boundary component: references are recorded at the stream start (base) and at each task
     start (pi_0); at each task end the KLs above are appended to ``records``."""
     key = "shift"
-    ckpt_attrs = ("base_ref", "base_model", "task_ref", "records", "seconds")
+    ckpt_attrs = ("base_ref", "base_model", "task_ref", "task_samples", "records", "seconds")
 
     @classmethod
     def check_config(cls, c, at: str) -> None:
         c.integer(f"{at}.n_items", minimum=1)
+        c.integer(f"{at}.samples", minimum=0)
 
-    def __init__(self, evaluator, fmt, n_items: int = 50, log=None):
-        """``n_items``: items per task (the first of each evaluation subset) on which the KLs are measured."""
-        self.stream, self.general, self.pad_id = evaluator.stream, evaluator.general, fmt.pad_id
-        self.n, self.log = n_items, log
+    def __init__(self, evaluator, fmt, n_items: int = 50, samples: int = 4, objective=None, seed: int = 0,
+                 log=None):
+        """``n_items``: items per task (the first of each evaluation subset) on which the KLs are measured;
+        ``samples``: completions sampled from pi_0 per item for ``forward_kl_sampled`` (0: not measured),
+        each up to the objective's ``max_new_tokens`` (16 without one)."""
+        self.stream, self.general, self.pad_id, self.fmt = evaluator.stream, evaluator.general, fmt.pad_id, fmt
+        self.n, self.samples, self.seed, self.log = n_items, samples, seed, log
+        self.max_new_tokens = getattr(objective, "max_new_tokens", 16)
+        self.task_samples: dict | None = None  # pi_0's samples on the current task and their log-probs
         self.base_ref: dict[str, list[torch.Tensor]] | None = None
         self.base_model: torch.nn.Module | None = None
         self.task_ref: list[torch.Tensor] | None = None
@@ -88,7 +113,10 @@ class DistributionShiftProbe(Component):
         (evaluation work: the run adds them to ``eval_seconds``)."""
         out = {"shift_seconds": self.seconds}
         if self.records:
-            out["forward_kl_mean"] = sum(r["forward_kl"] for r in self.records) / len(self.records)
+            out["forward_kl_tf_mean"] = sum(r["forward_kl_tf"] for r in self.records) / len(self.records)
+            sampled = [r["forward_kl_sampled"] for r in self.records if "forward_kl_sampled" in r]
+            if sampled:
+                out["forward_kl_sampled_mean"] = sum(sampled) / len(sampled)
             if "kl_base_general" in self.records[-1]:
                 out["kl_base_general_final"] = self.records[-1]["kl_base_general"]
         return out
@@ -111,7 +139,20 @@ class DistributionShiftProbe(Component):
                 self.base_ref = {}
                 self.base_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.task_ref = self._ref(model, self.stream[ctx.task_idx])
+        if self.samples:
+            self.task_samples = self._sample_pi0(model, self.stream[ctx.task_idx], ctx.task_idx)
         self.seconds += time.perf_counter() - t0
+
+    def _sample_pi0(self, model, es: EvalSet, task_idx: int) -> dict:
+        """``samples`` completions per prompt from the model (pi_0), at temperature 1 with the run's RNG
+        untouched (a forked, seeded generator), and their summed log-probs under pi_0."""
+        prompts = [p for p, _ in self._pairs(es)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1000 + task_idx)
+            comps = generate_ids(model, prompts, self.fmt, self.max_new_tokens, do_sample=True, temperature=1.0,
+                                 num_return_sequences=self.samples)
+        pairs = [(prompts[i // self.samples], c) for i, c in enumerate(comps)]
+        return {"pairs": pairs, "logp0": sequence_logprobs(model, pairs, self.pad_id)}
 
     def _kl_base(self, model, es: EvalSet) -> float:
         ref = self.base_ref.get(es.name) or self._ref(self.base_model, es)
@@ -121,7 +162,13 @@ class DistributionShiftProbe(Component):
         t0 = time.perf_counter()
         model, t = ctx.module.model, ctx.task_idx
         rec = {"task_idx": t, "task": self.stream[t].name, "global_iter": ctx.module.global_iter,
-               "forward_kl": kl_from_logprobs(self.task_ref, self._ref(model, self.stream[t]))}
+               "forward_kl_tf": kl_from_logprobs(self.task_ref, self._ref(model, self.stream[t]))}
+        if self.task_samples is not None:
+            diff = self.task_samples["logp0"] - sequence_logprobs(model, self.task_samples["pairs"], self.pad_id)
+            rec["forward_kl_sampled"] = float(diff.mean())
+            rec["forward_kl_sampled_se"] = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else float("nan")
+            rec["kl_samples"] = len(diff)
+            self.task_samples = None
         if self.general:
             rec["kl_base_general"] = sum(self._kl_base(model, es) for es in self.general) / len(self.general)
         if t > 0:
@@ -131,4 +178,4 @@ class DistributionShiftProbe(Component):
         self.seconds += time.perf_counter() - t0
         if self.log is not None:
             self.log({"cl/global_iter": rec["global_iter"],
-                      **{f"shift/{k}": v for k, v in rec.items() if k.startswith(("forward", "kl_"))}})
+                      **{f"shift/{k}": v for k, v in rec.items() if k.startswith(("forward", "kl_base"))}})

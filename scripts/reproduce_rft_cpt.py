@@ -42,7 +42,7 @@ ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grp
         "RIF-GRPO": "rft_cpt_rif_grpo", "joint GRPO (MTL)": "rft_cpt_joint"}
 REASONING_ARMS = {"GRPO with reasoning": "rft_cpt_grpo_reasoning", "GRPO without reasoning": "rft_cpt_grpo_noreasoning"}
 RL_ARMS = {"rft_cpt_grpo", "rft_cpt_grpo_nokl", "rft_cpt_rif_grpo", "rft_cpt_joint", *REASONING_ARMS.values()}
-METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forward_kl_mean",
+METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forward_kl_sampled_mean",
            "kl_base_general_final"]
 # --quick (too short for GRPO to learn much) also screens fewer instances for RIF
 QUICK = [*SWEEP_QUICK, "rif.filter.max_instances=256"]

@@ -40,9 +40,11 @@ def test_every_n_steps_gives_points_per_task_and_curve_metrics(tmp_path, cache_d
     assert any(x["kind"] == "future" and not x["boundary"] for x in lines)
     m = res["metrics"]
     for key in ("min_acc", "wc_acc", "wf_50", "wp_50", "wf_150", "wp_150", "lca", "stability_gap",
-                "stability_gaps", "forgetting_curve", "forward_kl_mean", "kl_base_general_final"):
+                "stability_gaps", "forgetting_curve", "forward_kl_tf_mean", "forward_kl_sampled_mean",
+                "kl_base_general_final"):
         assert key in m, key
-    assert len(res["shift"]) == 2 and res["shift"][1]["forward_kl"] > 0 and "kl_base_prev" in res["shift"][1]
+    assert len(res["shift"]) == 2 and res["shift"][1]["forward_kl_tf"] > 0 and "kl_base_prev" in res["shift"][1]
+    assert res["shift"][1]["forward_kl_sampled_se"] > 0 and res["shift"][1]["kl_samples"] == 4 * 50
     assert 0 < m["eval_time_fraction"] < 1
     for png in ("curves.png", "acc_matrix.png", "stability_gap.png"):
         assert (d / "plots" / png).stat().st_size > 1000
@@ -124,3 +126,52 @@ def test_boundaries_score_the_inner_points_items_too_so_gaps_compare_like_items(
     assert b["acc_at"]["15"] == pytest.approx(inner["acc"])  # the same items, the same model: the same value
     assert 0 < inner["acc"] < 1 and b["acc_at"]["20"] != b["acc_at"]["15"]
     assert all("acc_at" not in x for x in lines if x["kind"] == "general")
+
+
+def test_sampled_forward_kl_estimates_the_exact_kl_over_pi0s_samples(tiny_model_dir):
+    import copy
+
+    import torch
+
+    from cl.core.data import PromptFormat
+    from cl.evaluation import EvalSet
+    from cl.model import load_model_and_tokenizer
+    from cl.shift import DistributionShiftProbe, sequence_logprobs
+    from tasks.registry import build_task
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    fmt = PromptFormat(tok)
+    es = EvalSet.build(build_task("add2", 20, 10, 0), fmt, 2, 0)
+    evaluator = type("E", (), {"stream": [es], "general": []})()
+    probe = DistributionShiftProbe(evaluator, fmt, n_items=2, samples=3000,
+                                   objective=type("O", (), {"max_new_tokens": 1})(), seed=3)
+    module = type("M", (), {"model": model, "global_iter": 0})()
+    ctx = type("C", (), {"module": module, "task_idx": 0})()
+    probe.on_task_start(ctx)
+    with torch.no_grad():  # training moves the model away from pi_0
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    pi0 = probe.task_samples
+    probe.on_task_end(ctx)
+    rec = probe.records[0]
+    # sequence log-probs against a token-by-token computation without padding
+    ref = copy.deepcopy(model)
+    (p0, c0), = pi0["pairs"][:1]
+    logits = ref(input_ids=torch.tensor([p0 + c0])).logits[0]
+    by_hand = sum(torch.log_softmax(logits[len(p0) - 1 + t], -1)[c].item() for t, c in enumerate(c0))
+    assert sequence_logprobs(model, pi0["pairs"][:1], fmt.pad_id).item() == pytest.approx(by_hand, abs=1e-4)
+    # one-token completions: the exact KL(pi_0 || pi) over the first token, per prompt, averaged
+    exact = []
+    for prompt, _ in es.pairs[:2]:
+        model_state = {n: p.clone() for n, p in model.state_dict().items()}
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+            for n, p in model.named_parameters():  # back to pi_0 for its distribution
+                p.sub_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            lp0 = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+            model.load_state_dict(model_state)
+        exact.append((lp0.exp() * (lp0 - lp)).sum().item())
+    expected = sum(exact) / len(exact)
+    assert rec["kl_samples"] == 6000 and rec["forward_kl_sampled_se"] > 0
+    assert abs(rec["forward_kl_sampled"] - expected) < 4 * rec["forward_kl_sampled_se"], (rec, expected)
+    assert rec["forward_kl_sampled"] > 10 * rec["forward_kl_sampled_se"]  # a real shift, clearly measured
