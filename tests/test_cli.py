@@ -175,6 +175,11 @@ def test_every_replay_option_runs_through_the_cli(tmp_path, cache_dir, objective
     counts = res["replay"]["buffer_tasks"]  # a 1000-row reservoir over both tasks' 1000 rows each
     assert sum(counts.values()) == 1000 and 300 < counts["sub2"] < 700
     assert res["meta_replay"]["interpolations"] == 4 and res["kfpf"]["rounds"] == 4  # every 4 steps from task 1 on
+    # GeRe replays every other general task (copy6 of copy6, add2); retention is also reported on add2 alone
+    assert res["gere"]["replayed_general_tasks"] == ["copy6"]
+    g = res["general_tasks"].index("add2")
+    assert res["metrics"]["general_retention_unreplayed"] == pytest.approx(
+        res["general_matrix"][-1][g] - res["general_base"][g])
 
 
 @pytest.mark.parametrize("method", ["replay=er", "regularizer=ewc", "averaging=wise", "replay=derpp",

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from cl.components import GROUPS, RUN_CONTEXT, SCHEMA_GROUPS, configured, locate, preset_files, schema_for
+from cl.components import RUN_CONTEXT, SCHEMA_GROUPS, configured, locate, preset_files, schema_for
 from cl.core.components import Component
 from tests.conftest import compose_cfg
 

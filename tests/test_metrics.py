@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from analysis.curve_metrics import curve_metrics, stability_gaps, task_series
+from analysis.curve_metrics import curve_metrics, stability_gaps
 from analysis.metrics import (avg_acc, bwt, forgetting, forgetting_curve, forgetting_per_task, fwt,
                               general_retention, matrix_metrics, new_acc)
 
