@@ -21,6 +21,7 @@ PACKAGES = ("torch", "pytorch-lightning", "transformers", "peft", "hydra-core", 
 NULL_REASONS = {
     "min_acc": "needs an evaluation of an earlier task after a later task started (a stream of >= 2 tasks)",
     "wc_acc": "needs an evaluation of an earlier task after a later task started (a stream of >= 2 tasks)",
+    "stability_gap_significant": "no (task, boundary) pair with an evaluation at the boundary and inside the next task",
     "general_retention_unreplayed": "every general task is replayed (choose a subset, e.g. replay.gere.tasks)",
 }
 

@@ -25,7 +25,7 @@ from analysis.aggregate import completed_results  # noqa: E402
 from analysis.plots import old_task_curve, plot_old_task_curves  # noqa: E402
 from analysis.tables import Point, parse_args, run_points, write_table  # noqa: E402
 
-METRICS = ["stability_gap", "min_acc", "wc_acc", "forgetting", "avg_acc"]
+METRICS = ["stability_gap", "stability_gap_significant", "min_acc", "wc_acc", "forgetting", "avg_acc"]
 
 
 def points(paradigms: list[str], every: int) -> dict[str, Point]:
