@@ -107,8 +107,9 @@ def stability_gaps(curves: Iterable[dict], tasks: Sequence[str], ends: Sequence[
       including its end), with ``depth_se = sqrt(se(pre)^2 + se(min)^2)``, ``se(p) = sqrt(p (1 - p) / n)``
       (item sampling; the minimum of noisy values is biased low, so a depth below ``z * depth_se`` is not
       told apart from noise: ``significant`` is false);
-    - ``recovery_iters``: iterations from B to the first point back within ``tolerance = max(z * sqrt(2)
-      * se(pre), 1 / n)`` of ``pre`` (``None`` = not within task m).
+    - ``recovery_iters``: iterations from B to the first point *after the lowest one* back within
+      ``tolerance = max(z * sqrt(2) * se(pre), 1 / n)`` of ``pre`` (``None`` = not within task m; 0 when
+      the dip is no deeper than the tolerance).
     """
     rows: dict[str, dict[int, dict]] = defaultdict(dict)
     for row in curves:
@@ -137,7 +138,11 @@ def stability_gaps(curves: Iterable[dict], tasks: Sequence[str], ends: Sequence[
             low = min(v for _, v in inside)
             depth_se = math.sqrt(_binomial_se(pre, k) ** 2 + _binomial_se(low, k) ** 2)
             tolerance = max(z * math.sqrt(2.0) * _binomial_se(pre, k), 1.0 / k)
-            rec = next((n - boundary for n, v in inside if v >= pre - tolerance), None)
+            # recovery: back within the tolerance after the lowest point (a value before the dip is not a
+            # recovery); a dip no deeper than the tolerance needs none (0)
+            lowest = min(range(len(inside)), key=lambda i: inside[i][1])
+            rec = 0 if pre - low <= tolerance else next(
+                (n - boundary for n, v in inside[lowest + 1:] if v >= pre - tolerance), None)
             out.append({"task": t, "boundary_task": tasks[m], "depth": float(pre - low), "depth_se": depth_se,
                         "significant": bool(pre - low > z * depth_se), "n_items": k, "tolerance": tolerance,
                         "recovery_iters": rec})

@@ -33,7 +33,7 @@ def run_sweep(out: Path, experiment: str | None, seeds: list[int], extra: list[s
     if not todo:
         print(f"  {out.name}: all {len(seeds)} seeds complete, skipped", flush=True)
         return []
-    sweep_dir = out / "jobs"
+    sweep_dir = Path(out).resolve() / "jobs"  # the jobs run from the project root: an absolute path
     cmd = [sys.executable, "-m", "cl.run", "-m", *([f"experiment={experiment}"] if experiment else []),
            f"seed={','.join(map(str, todo))}", f"hydra.sweep.dir={sweep_dir}", *extra]
     print(f"  {out.name}: seeds {todo} -> {sweep_dir}", flush=True)
@@ -45,5 +45,6 @@ def run_sweep(out: Path, experiment: str | None, seeds: list[int], extra: list[s
         raise SystemExit(f"error: sweep {out.name} ({experiment}) failed (exit {proc.returncode})")
     for r in failed:
         print(f"    warning: job {r['dir']} {r['status']}", flush=True)
-    print(f"    done in {time.perf_counter() - t0:.0f} s ({len(todo) - len(failed)}/{len(todo)} jobs completed)", flush=True)
+    completed = len([r for r in completed_results(out) if r["config"]["seed"] in todo])  # read, not assumed
+    print(f"    done in {time.perf_counter() - t0:.0f} s ({completed}/{len(todo)} jobs completed)", flush=True)
     return failed

@@ -22,7 +22,8 @@ from analysis.aggregate import (
 from analysis.sweep import QUICK, QUICK_RL, run_sweep
 
 SCALARS = ("avg_acc", "new_acc", "bwt", "fwt", "forgetting", "general_retention", "min_acc", "wc_acc",
-           "stability_gap", "forward_kl_sampled_mean", "forward_kl_tf_mean", "kl_base_general_final", "lca", "wf_50", "wp_50")
+           "stability_gap", "stability_gap_significant", "general_retention_unreplayed", "forward_kl_sampled_mean",
+           "forward_kl_tf_mean", "kl_base_general_final", "lca", "wf_50", "wp_50")
 
 
 @dataclass
@@ -64,7 +65,8 @@ def tidy(root: Path, points: dict[str, Point]) -> pd.DataFrame:
             m = r.get("metrics", {})
             row = {"point": name, "label": p.label, **p.columns, "seed": r.get("config", {}).get("seed"),
                    "status": r.get("status"), "dir": r.get("dir")}
-            row.update({k: m.get(k) for k in SCALARS})
+            row.update({k: m.get(k) for k in SCALARS})  # these columns always; every other scalar metric too
+            row.update({k: v for k, v in m.items() if k not in row and (v is None or isinstance(v, (int, float)))})
             row["tokens_generated"] = m.get("compute", {}).get("tokens_generated")
             row["wall_seconds"] = r.get("provenance", {}).get("wall_seconds")
             rows.append(row)
@@ -129,6 +131,8 @@ def parse_args(description: str, default_out: str, paradigms: str = "sft,grpo"):
     ap.add_argument("--paradigms", default=paradigms, help="comma list of sft, grpo")
     ap.add_argument("--real", action="store_true", help="real model preset: " + " ".join(REAL))
     ap.add_argument("--out", type=Path, default=None, help=f"output root (default: {default_out}[_quick|_real])")
+    ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once on this machine (hydra/launcher="
+                    "cl_parallel; each gets cores / jobs threads; needs the [parallel] extra)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
     args.paradigms = [p.strip() for p in args.paradigms.split(",") if p.strip()]
@@ -136,5 +140,8 @@ def parse_args(description: str, default_out: str, paradigms: str = "sft,grpo"):
         raise SystemExit(f"error: --paradigms: allowed sft, grpo; got {args.paradigms}")
     suffix = "_real" if args.real else ("_quick" if args.quick else "")
     args.out = args.out or Path(f"{default_out}{suffix}")
-    args.extra = (REAL if args.real else []) + list(args.overrides)
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs: must be >= 1, got {args.jobs}")
+    parallel = ["hydra/launcher=cl_parallel", f"hydra.launcher.n_jobs={args.jobs}"] if args.jobs > 1 else []
+    args.extra = (REAL if args.real else []) + parallel + list(args.overrides)
     return args

@@ -398,7 +398,7 @@ class RunLock:
 
 
 # overrides that do not change a run's result, left out of its directory name (resume, logging, paths)
-KEY_EXCLUDE = ("resume", "checkpoint.", "logger", "cache_dir", "hydra.", "train.nonfinite")
+KEY_EXCLUDE = ("resume", "checkpoint.", "logger", "cache_dir", "hydra.", "hydra/", "train.nonfinite")
 KEY_FIRST = ("experiment", "objective", "seed")  # shown first: what a reader looks for in a directory list
 
 

@@ -198,6 +198,24 @@ def check_inputs(cfg: DictConfig, run_dir: Path) -> dict:
     return fp
 
 
+def set_threads(threads: int | None, hydra_cfg=None) -> int:
+    """Set this process's torch compute threads: ``threads``, or, when null, the machine's cores shared
+    evenly among the jobs a parallel launcher runs at once (``hydra/launcher=cl_parallel``: cores //
+    n_jobs), else torch's default (all cores). Jobs x threads <= cores keeps parallel jobs from fighting
+    over cores, which slows each of them far more than the shared load explains. Returns the count."""
+    if threads is None:
+        n_jobs = None
+        try:
+            n_jobs = (hydra_cfg or HydraConfig.get()).launcher.get("n_jobs")
+        except (ValueError, AttributeError):  # no Hydra context (tests, scripts)
+            pass
+        if isinstance(n_jobs, int) and n_jobs > 1:
+            threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
 def run(cfg: DictConfig, run_dir: Path, hydra_cfg=None) -> dict:
     """Run one experiment in ``run_dir`` holding its lock (see ``_run``). Under a distributed strategy the
     other ranks run the same experiment in ``run_dir/.rank<r>`` without W&B (``cl.dist``).
@@ -206,6 +224,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg=None) -> dict:
     (:func:`check_inputs`); a completed run with the same inputs is returned as it is (``resume=auto``).
     Otherwise ``.hydra/`` is written (``hydra_cfg``: the job's Hydra config) and everything the run prints
     goes to ``run_dir/run.log`` as well."""
+    set_threads(cfg.get("threads"), hydra_cfg)
     rank = global_rank(OmegaConf.to_container(cfg.trainer, resolve=True))
     if rank > 0:
         run_dir = run_dir / f".rank{rank}"

@@ -102,6 +102,7 @@ def validate_config(cfg: Mapping) -> None:
     if not isinstance(_get(cfg, "train.reset_optimizer_per_task"), bool):
         c.add("train.reset_optimizer_per_task", "must be true or false")
 
+    c.integer("threads", minimum=1, optional=True)
     c.choice("eval.method", METHODS)
     c.integer("eval.n_per_task", minimum=1)
     c.integer("eval.every_n_steps", minimum=1, optional=True)

@@ -76,6 +76,16 @@ def test_no_recovery_is_reported_as_none():
     assert gaps[0]["recovery_iters"] is None and gaps[0]["depth"] == pytest.approx(0.4)
 
 
+def test_recovery_counts_only_points_after_the_dip():
+    # the first point inside task b is still at the pre-boundary level; the dip comes later and stays
+    a = [(10, 0.9), (12, 0.9), (14, 0.3), (16, 0.35), (20, 0.4)]
+    b = [(10, 0.0), (12, 0.2), (14, 0.4), (16, 0.6), (20, 0.8)]
+    gap = stability_gaps(_curves({"a": a, "b": b}), ["a", "b"], [10, 20])[0]
+    assert gap["depth"] == pytest.approx(0.6) and gap["recovery_iters"] is None  # not 2 (the pre-dip point)
+    flat = [(10, 0.9), (12, 0.89), (20, 0.9)]  # a dip within the noise needs no recovery
+    assert stability_gaps(_curves({"a": flat, "b": b}), ["a", "b"], [10, 20])[0]["recovery_iters"] == 0
+
+
 def test_stability_gap_compares_the_same_items_before_and_inside_a_task():
     # boundary points score 200 items, inner points a 40-item prefix; the boundary rows carry their
     # accuracy on that prefix (acc_at), which is what the inner values are compared with
@@ -86,9 +96,9 @@ def test_stability_gap_compares_the_same_items_before_and_inside_a_task():
              "acc_at": {"40": 0.825}}]
     gap = stability_gaps(rows, ["a", "b"], [10, 20])[0]
     assert gap["n_items"] == 40 and gap["depth"] == pytest.approx(0.8 - 0.75)  # not 0.9 - 0.75 (unlike items)
-    # 0.05 on 40 items is within the noise: not significant, and "recovered" within the tolerance at once
+    # 0.05 on 40 items is within the noise: not significant, and no recovery is needed (0)
     assert not gap["significant"] and gap["tolerance"] == pytest.approx(1.96 * 2 ** 0.5 * (0.8 * 0.2 / 40) ** 0.5)
-    assert gap["recovery_iters"] == 5
+    assert gap["recovery_iters"] == 0
 
 
 def test_forgetting_counts_only_rows_after_the_task_was_trained():

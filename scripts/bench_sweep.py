@@ -1,0 +1,70 @@
+"""Parallel local sweeps: the default experiment as a multi-seed sweep, Hydra's basic launcher (one job
+after another, each with every core) against ``hydra/launcher=cl_parallel`` (``--jobs`` at once, each with
+cores / jobs threads). Reports jobs per hour for both, their ratio (target >= 1.5x on 2 cores), the
+threads each job ran with, and whether every job's accuracy matrices are identical under both launchers.
+
+    python scripts/bench_sweep.py                 # 4 seeds, 2 jobs at once
+    python scripts/bench_sweep.py --seeds 4 --jobs 2 [overrides...]
+
+The base stage is built (or found in the cache) before either sweep is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sweep(out: Path, seeds: int, extra: list[str]) -> float:
+    cmd = [sys.executable, "-m", "cl.run", "-m", f"seed={','.join(map(str, range(seeds)))}",
+           f"hydra.sweep.dir={out}", "logger=none", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"error: sweep failed ({' '.join(cmd[3:])}):\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def results(out: Path) -> dict[int, dict]:
+    runs = [json.loads(p.read_text()) for p in out.glob("*/results.json")]
+    return {r["config"]["seed"]: r for r in runs if r.get("status") == "completed"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print("[bench] base stage (built or found in the cache) ...", flush=True)
+        sweep(tmp / "warm", 1, [*args.overrides, "stream.steps_per_task=1", "eval.every_n_steps=null"])
+        basic = sweep(tmp / "basic", args.seeds, args.overrides)
+        print(f"[bench] basic launcher: {args.seeds} jobs in {basic:.1f} s", flush=True)
+        par = sweep(tmp / "parallel", args.seeds, [*args.overrides, "hydra/launcher=cl_parallel",
+                                                    f"hydra.launcher.n_jobs={args.jobs}"])
+        print(f"[bench] cl_parallel ({args.jobs} jobs at once): {args.seeds} jobs in {par:.1f} s", flush=True)
+        a, b = results(tmp / "basic"), results(tmp / "parallel")
+        same = sorted(a) == sorted(b) == list(range(args.seeds)) and all(
+            a[s][k] == b[s][k] for s in a for k in ("acc_matrix", "general_matrix", "base_acc"))
+        threads = {name: sorted({r["provenance"]["machine"]["torch_threads"] for r in rs.values()})
+                   for name, rs in (("basic", a), ("parallel", b))}
+    ratio = basic / par
+    print(f"\nmachine: {os.cpu_count()} cores; threads per job: basic {threads['basic']}, parallel {threads['parallel']}")
+    print(f"jobs/hour: basic {3600 * args.seeds / basic:.0f}, parallel {3600 * args.seeds / par:.0f}: "
+          f"{ratio:.2f}x (target >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})")
+    print(f"identical accuracy matrices per job: {'yes' if same else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
