@@ -16,6 +16,13 @@ QUICK = ["stream.steps_per_task=40", "eval.every_n_steps=null", "eval.n_per_task
 QUICK_RL = ["objective.group_size=4"]  # added for GRPO jobs
 
 
+def parallel_overrides(jobs: int) -> list[str]:
+    """Overrides that run ``jobs`` sweep jobs at once (``hydra/launcher=cl_parallel``); none for 1."""
+    if jobs < 1:
+        raise SystemExit(f"error: --jobs: must be >= 1, got {jobs}")
+    return ["hydra/launcher=cl_parallel", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
+
+
 def run_sweep(out: Path, experiment: str | None, seeds: list[int], extra: list[str]) -> list[dict]:
     """One Hydra multirun over the seeds still missing under ``out`` (resume = skip completed ones).
 

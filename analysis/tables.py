@@ -19,7 +19,7 @@ from analysis.aggregate import (
     Table, as_table, completed_results, failed_results, format_cell, latex_table, mark_failed, mean_ci,
     write_report,
 )
-from analysis.sweep import QUICK, QUICK_RL, run_sweep
+from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep
 
 SCALARS = ("avg_acc", "new_acc", "bwt", "fwt", "forgetting", "general_retention", "min_acc", "wc_acc",
            "stability_gap", "stability_gap_significant", "general_retention_unreplayed", "forward_kl_sampled_mean",
@@ -140,8 +140,5 @@ def parse_args(description: str, default_out: str, paradigms: str = "sft,grpo"):
         raise SystemExit(f"error: --paradigms: allowed sft, grpo; got {args.paradigms}")
     suffix = "_real" if args.real else ("_quick" if args.quick else "")
     args.out = args.out or Path(f"{default_out}{suffix}")
-    if args.jobs < 1:
-        raise SystemExit(f"error: --jobs: must be >= 1, got {args.jobs}")
-    parallel = ["hydra/launcher=cl_parallel", f"hydra.launcher.n_jobs={args.jobs}"] if args.jobs > 1 else []
-    args.extra = (REAL if args.real else []) + parallel + list(args.overrides)
+    args.extra = (REAL if args.real else []) + parallel_overrides(args.jobs) + list(args.overrides)
     return args

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from analysis.aggregate import (  # noqa: E402
     completed_results, mark_failed, markdown_table, write_report, mean_ci, summarise,
 )
-from analysis.sweep import QUICK, QUICK_RL, run_sweep  # noqa: E402
+from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "new_acc", "general_retention"]
 SFT_ARMS = {"full": [], "LoRA": ["adapter=lora"], "LoRA merged per task": ["adapter=lora", "adapter.merge_after_task=true"],
@@ -36,12 +36,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once (hydra/launcher=cl_parallel)")
     ap.add_argument("--paradigms", default="sft,grpo")
     ap.add_argument("--out", default=None, help="output root (default: results/adapters[_quick])")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
     root = Path(args.out or f"results/adapters{'_quick' if args.quick else ''}")
-    extra = (QUICK if args.quick else []) + args.overrides
+    extra = (QUICK if args.quick else []) + parallel_overrides(args.jobs) + args.overrides
     seeds = list(range(args.seeds))
     paradigms = [p.strip() for p in args.paradigms.split(",") if p.strip()]
     t0 = time.perf_counter()

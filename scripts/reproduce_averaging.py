@@ -25,7 +25,7 @@ from analysis.aggregate import (  # noqa: E402
     completed_results, mark_failed, markdown_table, write_report, summarise,
 )
 from analysis.plots import plot_pareto  # noqa: E402
-from analysis.sweep import QUICK, QUICK_RL, run_sweep  # noqa: E402
+from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "new_acc", "general_retention"]
 ALPHAS = ["0", "0.2", "0.4", "0.6", "0.8", "1.0"]
@@ -46,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once (hydra/launcher=cl_parallel)")
     ap.add_argument("--paradigms", default="sft,grpo")
     ap.add_argument("--out", default=None, help="output root (default: results/averaging[_quick])")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
@@ -54,7 +55,7 @@ def main() -> None:
     if set(paradigms) - {"sft", "grpo"}:
         raise SystemExit(f"error: --paradigms: allowed sft, grpo; got {paradigms}")
     root = Path(args.out or f"results/averaging{'_quick' if args.quick else ''}")
-    extra = (QUICK if args.quick else []) + args.overrides
+    extra = (QUICK if args.quick else []) + parallel_overrides(args.jobs) + args.overrides
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     todo = points(paradigms)

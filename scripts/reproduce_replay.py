@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from analysis.aggregate import (  # noqa: E402
     completed_results, mark_failed, markdown_table, write_report, mean_ci, summarise,
 )
-from analysis.sweep import QUICK, QUICK_RL, run_sweep  # noqa: E402
+from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention"]
 FRACTIONS = ["0", "0.05", "0.25", "0.5"]
@@ -117,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once (hydra/launcher=cl_parallel)")
     ap.add_argument("--parts", default="gere,fraction,schedule,regularizers",
                     help="comma-separated subset of gere,fraction,schedule,regularizers")
     ap.add_argument("--fraction-paradigms", default="sft,grpo", help="objectives of part (b)")
@@ -128,7 +129,7 @@ def main() -> None:
     if parts - allowed:
         raise SystemExit(f"error: --parts: unknown {sorted(parts - allowed)}; allowed: {', '.join(sorted(allowed))}")
     root = Path(args.out or f"results/replay{'_quick' if args.quick else ''}")
-    extra = (QUICK if args.quick else []) + args.overrides
+    extra = (QUICK if args.quick else []) + parallel_overrides(args.jobs) + args.overrides
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     fp = tuple(p.strip() for p in args.fraction_paradigms.split(",") if p.strip())

@@ -36,7 +36,7 @@ from analysis.aggregate import (  # noqa: E402
     completed_results, mark_failed, markdown_table, write_report, summarise,
 )
 from analysis.plots import plot_pareto  # noqa: E402
-from analysis.sweep import QUICK as SWEEP_QUICK, QUICK_RL, run_sweep  # noqa: E402
+from analysis.sweep import QUICK as SWEEP_QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grpo_nokl",
         "RIF-GRPO": "rft_cpt_rif_grpo", "joint GRPO (MTL)": "rft_cpt_joint"}
@@ -52,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once (hydra/launcher=cl_parallel)")
     ap.add_argument("--lrs", default="3e-5,1e-4,3e-4", help="learning rates of the fair sweep")
     ap.add_argument("--sweep-seeds", type=int, default=None, help="seeds per lr (default: 1 quick, 3 full)")
     ap.add_argument("--out", default=None, help="output root (default: results/rft_cpt[_quick])")
@@ -61,7 +62,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
     root = Path(args.out or f"results/rft_cpt{'_quick' if args.quick else ''}")
-    extra = (QUICK if args.quick else []) + args.overrides
+    extra = (QUICK if args.quick else []) + parallel_overrides(args.jobs) + args.overrides
     seeds = list(range(args.seeds))
     sweep_seeds = list(range(args.sweep_seeds or (1 if args.quick else 3)))
     lrs = [x.strip() for x in args.lrs.split(",") if x.strip()]

@@ -122,3 +122,44 @@ def test_slurm_launcher_preset_matches_tasks_and_gpus_to_the_trainer():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
     assert launcher.submitit_folder.endswith("/.submitit/%j") and launcher.max_num_timeout > 0
+
+
+def test_parallel_launcher_preset_and_threads_per_job():
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from cl.run import CONF_DIR, set_threads
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=cl_parallel", "hydra.launcher.n_jobs=2"])
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(None, cfg.hydra) == max(1, (os.cpu_count() or 1) // 2)  # cores shared by the jobs
+        assert set_threads(3) == 3  # an explicit count wins
+    finally:
+        torch.set_num_threads(before)
+    from cl.checkpoint import run_key  # the launcher does not change where a job's results go
+    assert run_key(["seed=1", "hydra/launcher=cl_parallel", "hydra.launcher.n_jobs=2"]) == run_key(["seed=1"])
+
+
+@pytest.mark.slow
+def test_a_parallel_sweep_gives_each_job_the_basic_launchers_results(tmp_path, cache_dir):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    import json
+
+    common = ["-m", "experiment=smoke", "seed=0,1", "stream.steps_per_task=3", "shift=none", f"cache_dir={cache_dir}"]
+    for name, extra in (("basic", []), ("parallel", ["hydra/launcher=cl_parallel", "hydra.launcher.n_jobs=2"])):
+        proc = subprocess.run([sys.executable, "-m", "cl.run", *common, *extra, f"hydra.sweep.dir={tmp_path / name}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    res = {name: {r["config"]["seed"]: r for r in (json.loads(p.read_text())
+                                                   for p in (tmp_path / name).glob("*/results.json"))}
+           for name in ("basic", "parallel")}
+    assert sorted(res["basic"]) == sorted(res["parallel"]) == [0, 1]
+    for seed in (0, 1):
+        assert res["basic"][seed]["acc_matrix"] == res["parallel"][seed]["acc_matrix"]
+        assert res["parallel"][seed]["provenance"]["machine"]["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
