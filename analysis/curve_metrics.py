@@ -160,7 +160,8 @@ def curve_metrics(curves: Iterable[dict], tasks: Sequence[str], ends: Sequence[i
         "min_acc": min_acc(series, tasks, ends),
         "wc_acc": wc_acc(series, tasks, ends),
         "lca": lca(series, tasks, ends),
-        "stability_gap": float(np.mean([g["depth"] for g in gaps])) if gaps else 0.0,
+        # NaN (null, with the reason) when no pair could be measured on like items
+        "stability_gap": float(np.mean([g["depth"] for g in gaps])) if gaps else float("nan"),
         # the share of (task, boundary) dips deeper than their sampling noise (NaN without pairs)
         "stability_gap_significant": float(np.mean([g["significant"] for g in gaps])) if gaps else float("nan"),
         "stability_gaps": gaps,

@@ -391,10 +391,9 @@ class RunLock:
         self.owner.write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc) -> None:  # the lock file stays: deleting it could let two processes hold "it"
         self.owner.unlink(missing_ok=True)
         self.lock.release()
-        self.path.unlink(missing_ok=True)
 
 
 # overrides that do not change a run's result, left out of its directory name (resume, logging, paths)

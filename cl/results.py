@@ -22,6 +22,8 @@ NULL_REASONS = {
     "min_acc": "needs an evaluation of an earlier task after a later task started (a stream of >= 2 tasks)",
     "wc_acc": "needs an evaluation of an earlier task after a later task started (a stream of >= 2 tasks)",
     "stability_gap_significant": "no (task, boundary) pair with an evaluation at the boundary and inside the next task",
+    "stability_gap": "no (task, boundary) pair measurable on like items: a stream of >= 2 tasks, and boundaries "
+                     "scoring at least as many items as inner points (eval.max_samples_per_boundary)",
     "general_retention_unreplayed": "every general task is replayed (choose a subset, e.g. replay.gere.tasks)",
 }
 

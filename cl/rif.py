@@ -93,6 +93,10 @@ class RolloutInstanceFilter(Component):
         if self.control == "random":  # as many rows as the filter kept, chosen without looking at the rollouts
             kept = sorted(random.Random(f"{self.seed}/{task.name}/rif-control").sample(range(len(rows)), len(kept)))
             rec["kept_with_a_correct_rollout"] = sum(max(scores[i * self.k:(i + 1) * self.k]) > 0 for i in kept)
+            # the saving: the drop in the share of zero-signal rows the pool holds (about 0 for a random subset)
+            zero_kept = 1 - rec["kept_with_a_correct_rollout"] / max(1, len(kept))
+            saved = self.planned_prompts * self.group_size * mean_len * max(0.0, dropped / max(1, len(rows)) - zero_kept)
+            rec["rollout_tokens_saved_est"] = saved
         self.records.append(rec)
         how = " at random (control=random)" if self.control == "random" else ""
         print(f"[rif] {task.name}: kept {len(kept)}/{len(rows)} screened instances{how} ({dropped} had no correct "

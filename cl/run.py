@@ -209,8 +209,11 @@ def set_threads(threads: int | None, hydra_cfg=None) -> int:
             n_jobs = (hydra_cfg or HydraConfig.get()).launcher.get("n_jobs")
         except (ValueError, AttributeError):  # no Hydra context (tests, scripts)
             pass
+        cores = os.cpu_count() or 1
+        if isinstance(n_jobs, int) and n_jobs < 0:  # joblib's convention: -1 = as many jobs as cores
+            n_jobs = max(1, cores + 1 + n_jobs)
         if isinstance(n_jobs, int) and n_jobs > 1:
-            threads = max(1, (os.cpu_count() or 1) // n_jobs)
+            threads = max(1, cores // n_jobs)
     if threads:
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()

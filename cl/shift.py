@@ -147,7 +147,8 @@ class DistributionShiftProbe(Component):
         """``samples`` completions per prompt from the model (pi_0), at temperature 1 with the run's RNG
         untouched (a forked, seeded generator), and their summed log-probs under pi_0."""
         prompts = [p for p, _ in self._pairs(es)]
-        with torch.random.fork_rng(devices=[]):
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # CPU and the model's GPU
             torch.manual_seed(self.seed * 1000 + task_idx)
             comps = generate_ids(model, prompts, self.fmt, self.max_new_tokens, do_sample=True, temperature=1.0,
                                  num_return_sequences=self.samples)

@@ -85,6 +85,8 @@ class GeneralReplay(Component):
         if not general:
             c.add(at, "GeRe replays general samples: stream.general must list at least one task")
         names = [g if isinstance(g, str) else (g or {}).get("name") for g in general]
+        if c.get(f"{at}.tasks") is not None and not list(c.get(f"{at}.tasks")):
+            c.add(f"{at}.tasks", "must list at least one general task (null: every other task of stream.general)")
         for t in c.get(f"{at}.tasks") or []:
             if t not in names:
                 c.add(f"{at}.tasks", f"'{t}' is not a task of stream.general ({', '.join(map(str, names))})")

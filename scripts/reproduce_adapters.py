@@ -23,6 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from analysis.aggregate import (  # noqa: E402
     completed_results, mark_failed, markdown_table, write_report, mean_ci, summarise,
 )
+import pandas as pd  # noqa: E402
+
+from analysis.aggregate import as_table  # noqa: E402
 from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "new_acc", "general_retention"]
@@ -58,9 +61,12 @@ def main() -> None:
             rows[mark_failed(label, out)] = summarise(runs, METRICS)
             trainable = runs[0]["metrics"]["compute"]["trainable_parameters_per_task"][0] if runs else None
             sps = mean_ci([r["metrics"]["compute"]["train_steps_per_second"] for r in runs])[0] if runs else float("nan")
-            extra_cols.append(f"| {label} | {trainable:,} | {sps:.2f} |" if runs else f"| {label} | - | - |")
+            extra_cols.append({"adapter": label, "trainable parameters (task 1)": f"{trainable:,}" if runs else "-",
+                               "train steps/s": f"{sps:.2f}" if runs else "-"})
         lines += [f"## {paradigm.upper()}", "", markdown_table(rows, METRICS), "",
-                  "| adapter | trainable parameters (task 1) | train steps/s |", "|---|---|---|", *extra_cols, ""]
+                  f"## {paradigm.upper()}: trainable parameters and speed", "",
+                  as_table(pd.DataFrame(extra_cols, columns=["adapter", "trainable parameters (task 1)", "train steps/s"])),
+                  ""]
     write_report(root, lines)
     print("\n" + "\n".join(lines))
     print(f"\nwritten: {root / 'table.md'} ({time.perf_counter() - t0:.0f} s)")

@@ -33,6 +33,8 @@ from analysis.aggregate import (  # noqa: E402
 from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention"]
+# GeRe replays every other general task: retention on the others is the protection it did not rehearse
+GERE_METRICS = [*METRICS, "general_retention_unreplayed"]
 FRACTIONS = ["0", "0.05", "0.25", "0.5"]
 REGULARIZERS = ["ewc", "l2_anchor", "lwf", "er", "meta_er", "kfpf", "lr_rewarm", "lr_infinite"]
 
@@ -46,7 +48,8 @@ def points(parts: set[str], paradigms: tuple[str, ...] = ("sft", "grpo")) -> tup
         runs["sft_frac0"] = (None, ["objective=sft", "replay=none"])
         for loss in ("ce", "kl", "l1", "l2", "tm"):
             runs[f"sft_gere_{loss}"] = ("gere", [f"replay.gere.loss={loss}"])
-        tables["gere"] = ["sft_frac0"] + [f"sft_gere_{x}" for x in ("ce", "kl", "l1", "l2", "tm")]
+        runs["sft_gere_tm_fixed"] = ("gere", ["replay=gere_fixed"])
+        tables["gere"] = ["sft_frac0"] + [f"sft_gere_{x}" for x in ("ce", "kl", "l1", "l2", "tm", "tm_fixed")]
     if "fraction" in parts:
         for obj in paradigms:
             for f in FRACTIONS:
@@ -68,7 +71,8 @@ LABELS = {"sft_ewc": "EWC (online, 100)", "sft_l2_anchor": "L2 to start (0.01)",
           "sft_er": "ER 25%", "sft_meta_er": "ER 25% + Reptile (eps .1, k 25)", "sft_kfpf": "k-FPF (norms + head)",
           "sft_lr_rewarm": "LR re-warm + cosine per task", "sft_lr_infinite": "infinite LR schedule",
           "sft_frac0": "no replay", "sft_gere_ce": "GeRe label fitting (ce)", "sft_gere_kl": "GeRe KL logits",
-          "sft_gere_l1": "GeRe L1 features", "sft_gere_l2": "GeRe L2 features", "sft_gere_tm": "GeRe TM (dynamic w)"}
+          "sft_gere_l1": "GeRe L1 features", "sft_gere_l2": "GeRe L2 features", "sft_gere_tm": "GeRe TM (dynamic w)",
+          "sft_gere_tm_fixed": "GeRe TM (fixed w = 100, official code)"}
 
 
 def label(name: str) -> str:
@@ -144,8 +148,9 @@ def main() -> None:
               "schedule": "(c) past-task schedule at 25% replay, SFT, task-balanced buffer",
               "regularizers": "(d) rehearsal-free regularizers, meta-replay, k-FPF and LR schedules, SFT"}
     for part, names in tables.items():
-        rows = {mark_failed(label(n), root / n): summarise(completed_results(root / n), METRICS) for n in names}
-        lines += [f"## {titles[part]}", "", markdown_table(rows, METRICS), ""]
+        metrics = GERE_METRICS if part == "gere" else METRICS
+        rows = {mark_failed(label(n), root / n): summarise(completed_results(root / n), metrics) for n in names}
+        lines += [f"## {titles[part]}", "", markdown_table(rows, metrics), ""]
     if "fraction" in parts:
         pic = plot_fraction(root, root / "replay_fraction.png")
         if pic is not None:

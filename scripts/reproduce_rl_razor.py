@@ -54,11 +54,15 @@ def main() -> None:
         fits[p.upper()] = fit_line(d[KL], d["forgetting"])
     plot = plot_forgetting_vs_kl(scatter, args.out / "forgetting_vs_kl.png", fit=True,
                                  title="forgetting vs KL(pi_0||pi) on the new task (sampled from pi_0)")
-    notes = ["| runs | slope | Pearson r | n |", "|---|---|---|---|"]
-    for name, (slope, _, r) in fits.items():
-        n = len(done) if name == "all" else int((done["paradigm"] == name.lower()).sum())
-        notes.append(f"| {name} | {slope:+.3f} | {r:+.2f} | {n} |")
-    notes += ["", f"![forgetting vs KL]({plot.name})"]
+    import pandas as pd
+
+    from analysis.aggregate import as_table
+
+    fit_rows = [{"runs": name, "slope": f"{slope:+.3f}", "Pearson r": f"{r:+.2f}",
+                 "n": str(len(done) if name == "all" else int((done["paradigm"] == name.lower()).sum()))}
+                for name, (slope, _, r) in fits.items()]
+    notes = ["## Linear fit of forgetting on the sampled forward KL", "", as_table(pd.DataFrame(fit_rows)), "",
+             f"![forgetting vs KL]({plot.name})"]
     md, _ = write_table(args.out, "RL's Razor: forgetting vs forward KL (toy scale)", pts, METRICS, notes)
     (args.out / "fits.json").write_text(json.dumps({k: dict(zip(("slope", "intercept", "r"), v)) for k, v in fits.items()}))
     print("\n" + md + f"\n\nwritten: {args.out}/table.md, table.tex, runs.csv, {plot.name} ({time.perf_counter() - t0:.0f} s)")

@@ -43,7 +43,7 @@ class DataError(ValueError):
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_rows(path: Path, text_columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Rows of a local file through ``datasets.load_dataset`` (the loader hub data goes through too), after
     checks that make its failures one line: the file exists, has a known type, is UTF-8 and not empty."""
     import datasets
@@ -69,6 +69,13 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     datasets.disable_progress_bars()  # a user file is small: no "Generating train split" bar per task
     try:
         ds = datasets.load_dataset(BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
+        # prompt and answer are text: a JSON column of numbers would otherwise be typed by its values
+        # (2 and 2.5 in one column become 2.0 and 2.5); read those columns again as strings
+        recast = {c: datasets.Value("string") for c in text_columns if c in ds.column_names
+                  and isinstance(ds.features[c], datasets.Value) and ds.features[c].dtype.startswith(("int", "uint", "float"))}
+        if recast and suffix != ".csv":
+            ds = datasets.load_dataset(BUILDERS[suffix], data_files=str(path), split="train",
+                                       features=datasets.Features({**ds.features, **recast}))
     except Exception as e:  # the builders raise several types (arrow, pandas, datasets' own)
         raise DataError(f"{path}: {_why_unreadable(path, suffix, e)}") from None
     finally:
@@ -111,7 +118,7 @@ def _check_rows(rows: list, where: str, prompt_column: str, answer_column: str) 
         if not isinstance(row, dict):
             raise DataError(f"{where}: row {i} is not an object with columns")
         for col in (prompt_column, answer_column):
-            if col not in row:
+            if col not in row or row[col] is None:  # a column other rows have comes back as None
                 raise DataError(
                     f"{where}: row {i} has no column '{col}' (columns: {', '.join(map(str, row))})"
                 )
@@ -138,7 +145,7 @@ def load_rows(source: str, prompt_column: str, answer_column: str, split: str = 
         except Exception as e:  # offline, missing, gated...
             raise DataError(f"{source}: cannot load hub dataset ({type(e).__name__}: {e})") from None
     else:
-        rows = _read_rows(Path(source))
+        rows = _read_rows(Path(source), (prompt_column, answer_column))
     return _check_rows(rows, source, prompt_column, answer_column)
 
 

@@ -160,6 +160,9 @@ def test_sampled_forward_kl_estimates_the_exact_kl_over_pi0s_samples(tiny_model_
     logits = ref(input_ids=torch.tensor([p0 + c0])).logits[0]
     by_hand = sum(torch.log_softmax(logits[len(p0) - 1 + t], -1)[c].item() for t, c in enumerate(c0))
     assert sequence_logprobs(model, pi0["pairs"][:1], fmt.pad_id).item() == pytest.approx(by_hand, abs=1e-4)
+    mixed = fmt.encode(["A2:1+2=", "C:abcdef=", "A2:10+20="], ["3", "abcdef", "30"])  # a padded batch
+    alone = torch.cat([sequence_logprobs(model, [p], fmt.pad_id) for p in mixed])
+    assert torch.allclose(sequence_logprobs(model, mixed, fmt.pad_id), alone, atol=1e-4)
     # one-token completions: the exact KL(pi_0 || pi) over the first token, per prompt, averaged
     exact = []
     for prompt, _ in es.pairs[:2]:

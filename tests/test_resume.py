@@ -161,7 +161,7 @@ def test_a_second_copy_of_a_running_command_stops_with_a_clear_error(tmp_path):
         assert f"process {os.getpid()} on" in (out / ".lock.owner").read_text()
         with pytest.raises(ck.CheckpointError, match=rf"in use by process {os.getpid()} on "):
             run(compose_cfg("experiment=smoke"), out)
-    assert not (out / ".lock").exists() and not (out / ".lock.owner").exists()
+    assert not (out / ".lock.owner").exists()  # released (.lock itself stays: unlinking it is racy)
     (out / ".lock").write_text("left by a killed run")  # an unlocked file: nothing holds it
     with ck.RunLock(out):
         pass

@@ -191,3 +191,27 @@ def test_sweep_summary_names_refused_jobs_and_leaves_their_old_results_out(table
     text, n_failed = summary(dirs[1:], ["avg_acc"], root, refused={dirs[0]: "holds a completed run made from other inputs"})
     assert n_failed == 2 and ", 1 refused ===" in text
     assert f"REFUSED {dirs[0]}: holds a completed run" in text
+
+
+def test_every_point_of_the_other_table_scripts_composes_and_validates_quick_and_full():
+    from omegaconf import OmegaConf
+
+    from analysis.sweep import QUICK, QUICK_RL
+    from cl.validate import validate_config
+    from tests.conftest import compose_cfg
+
+    configs = []
+    rft = _script("reproduce_rft_cpt")
+    for exp in {**rft.ARMS, **rft.REASONING_ARMS}.values():
+        rl = QUICK_RL if exp in rft.RL_ARMS else []
+        configs += [[f"experiment={exp}"], [f"experiment={exp}", *rft.QUICK, *rl, *rft.arm_overrides(exp, True)]]
+    runs, _ = _script("reproduce_replay").points({"gere", "fraction", "schedule", "regularizers"})
+    configs += [[*([f"experiment={exp}"] if exp else []), *QUICK, *ov] for exp, ov in runs.values()]
+    ada = _script("reproduce_adapters")
+    configs += [[*QUICK, f"objective={p}", *ov] for p, arms in (("sft", ada.SFT_ARMS), ("grpo", ada.GRPO_ARMS))
+                for ov in arms.values()]
+    for p, _, exp, ov in _script("reproduce_averaging").points(["sft", "grpo"]).values():
+        configs.append([*([f"experiment={exp}"] if exp else []), *QUICK, *ov])
+    assert len(configs) > 40
+    for overrides in configs:
+        validate_config(OmegaConf.to_container(compose_cfg(*overrides), resolve=True))

@@ -279,3 +279,15 @@ def test_user_rows_the_model_cannot_read_are_refused_naming_file_and_row(tmp_pat
         check_encodable(task, fmt, 64)
     rows[3]["prompt"] = "x"
     check_encodable(load_user_task("mine", train=_write_jsonl(tmp_path / "d.jsonl", rows)), fmt, 64)
+
+
+def test_user_answers_keep_their_text_when_a_json_column_mixes_ints_and_floats(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    answers = [2, 2.5, 10]
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": answers[i % 3]}) + "\n" for i in range(30)))
+    t = load_user_task("mixed", train=str(path))
+    assert sorted(set(t.train["answer"]) | set(t.eval["answer"])) == ["10", "2", "2.5"]  # not "2.0", "10.0"
+    gap = tmp_path / "gap.jsonl"
+    gap.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n')
+    with pytest.raises(DataError, match="row 2 has no column 'answer'"):
+        load_user_task("gap", train=str(gap))
