@@ -32,35 +32,32 @@ from cl.core.components import Component
 CACHE_LIMIT = 20_000_000  # floats of cached reference log-probs per eval set (80 MB)
 
 
-@torch.inference_mode()
-def answer_logprobs(model: torch.nn.Module, pairs, pad_id: int, batch_size: int = 256) -> list[torch.Tensor]:
-    """Per batch: log-softmax at answer positions, [n_positions, V] (float32, on CPU)."""
+def _teacher_forced(model: torch.nn.Module, pairs, pad_id: int, batch_size: int):
+    """Per batch of (prompt, answer) pairs: next-token logits [B, L-1, V] and their labels [B, L-1] (-100
+    off the answer), on the model's device, in eval mode."""
     device = next(model.parameters()).device
-    out = []
     with eval_mode(model):
         for start in range(0, len(pairs), batch_size):
             batch = collate_sft(pairs[start : start + batch_size], pad_id)
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
-            scored = (batch["labels"][:, 1:] != -100).to(device)
-            out.append(F.log_softmax(logits[scored].float(), -1).cpu())
-    return out
+            yield logits, batch["labels"][:, 1:].to(device)
+
+
+@torch.inference_mode()
+def answer_logprobs(model: torch.nn.Module, pairs, pad_id: int, batch_size: int = 256) -> list[torch.Tensor]:
+    """Per batch: log-softmax at answer positions, [n_positions, V] (float32, on CPU)."""
+    return [F.log_softmax(logits[labels != -100].float(), -1).cpu()
+            for logits, labels in _teacher_forced(model, pairs, pad_id, batch_size)]
 
 
 @torch.inference_mode()
 def sequence_logprobs(model: torch.nn.Module, pairs, pad_id: int, batch_size: int = 256) -> torch.Tensor:
     """``log p(completion | prompt)`` summed over the completion's tokens, per (prompt, completion) pair."""
-    device = next(model.parameters()).device
     out = []
-    with eval_mode(model):
-        for start in range(0, len(pairs), batch_size):
-            batch = collate_sft(pairs[start : start + batch_size], pad_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:].to(device)
-            scored = labels != -100
-            lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            out.append((lp * scored).sum(-1).cpu())
+    for logits, labels in _teacher_forced(model, pairs, pad_id, batch_size):
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((lp * (labels != -100)).sum(-1).cpu())
     return torch.cat(out)
 
 
