@@ -1,4 +1,6 @@
-"""Batched generation with the KV cache (``transformers`` ``generate``), returning completion ids.
+"""Batched generation with the KV cache, returning completion ids: transformers' ``generate``
+(``generate_ids``) and a minimal decode loop over the model's own cache (``decode_ids``, GRPO's
+``rollout_backend=hf_fast``).
 
 Used for greedy evaluation of non-exact verifiers, for pass@k of the base stage and for RL rollouts.
 """
@@ -61,6 +63,107 @@ def generate_ids(
                 **sampling,
             )
             for row in seqs[:, batch["input_ids"].size(1) :].tolist():
+                if fmt.eos_id in row:
+                    row = row[: row.index(fmt.eos_id) + 1]
+                out.append(row)
+    return out
+
+
+def _forward_keywords(model: torch.nn.Module) -> tuple[str, bool]:
+    """The KV-cache keyword of the model's forward (``cache`` in transformers >= 5.x, ``past_key_values``
+    before) and whether it takes ``logits_to_keep``. PEFT wrappers are looked through."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(inner.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+@torch.no_grad()
+def decode_ids(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    fmt: PromptFormat,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    batch_size: int = 256,
+) -> list[list[int]]:
+    """``generate_ids`` as a minimal decode loop over the model's own KV cache (``DynamicCache``).
+
+    What ``generate`` does for this case, without its per-step machinery: one prefill, then one
+    single-token forward per new token with the left-padded attention mask and position ids extended by
+    one; the next-token scores pass through transformers' own logits processors in ``generate``'s order
+    (``min_new_tokens`` from the model's generation config, then temperature and top-p, top-k off), and
+    tokens are drawn with ``torch.multinomial`` on their softmax (greedy: argmax); finished rows get the pad
+    token; the loop stops when every row has ended. So greedy tokens are those of ``generate``, and a
+    sampled run consumes the RNG as ``generate`` does (same draws on the same logits).
+
+    One difference, for speed: with ``num_return_sequences = n > 1`` each distinct prompt is prefilled once
+    and its cache repeated ``n`` times (``generate`` prefills all ``n`` copies). The logits are the same
+    up to the matrix-product blocking of a smaller batch (last-bit differences at most), so the sampling
+    distribution is the same.
+
+    Generation-config processors other than ``min_new_tokens`` (repetition penalty, bad words, ...) are
+    not applied: ``ValueError`` if the model's generation config sets one.
+    """
+    from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    gc = model.generation_config
+    extra = [k for k, neutral in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0), ("bad_words_ids", None),
+                                  ("encoder_repetition_penalty", 1.0), ("suppress_tokens", None),
+                                  ("begin_suppress_tokens", None), ("forced_bos_token_id", None),
+                                  ("forced_eos_token_id", None), ("sequence_bias", None))
+             if getattr(gc, k, neutral) not in (neutral, None, [])]
+    if extra:
+        raise ValueError(f"rollout_backend=hf_fast does not apply the model's generation-config setting(s) "
+                         f"{', '.join(extra)}; use rollout_backend=hf")
+    cache_kw, keep_kw = _forward_keywords(model)
+    keep = {"logits_to_keep": 1} if keep_kw else {}
+    device = next(model.parameters()).device
+    n = num_return_sequences
+    out: list[list[int]] = []
+    with eval_mode(model):
+        for start in range(0, len(prompt_ids), batch_size):  # batches as generate_ids: same RNG draws
+            batch = collate_prompts(prompt_ids[start : start + batch_size], fmt.pad_id)
+            ids0, mask0 = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            pos0 = (mask0.cumsum(-1) - 1).masked_fill(mask0 == 0, 0)
+            length = ids0.size(1)
+            procs = LogitsProcessorList()
+            if gc.min_new_tokens:
+                procs.append(MinNewTokensLengthLogitsProcessor(length, gc.min_new_tokens, fmt.eos_id))
+            if do_sample and temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(temperature))
+            if do_sample and top_p < 1.0:
+                procs.append(TopPLogitsWarper(top_p))
+            cache = DynamicCache(config=getattr(model, "config", None))
+            logits = model(input_ids=ids0, attention_mask=mask0, position_ids=pos0, use_cache=True,
+                           **{cache_kw: cache}, **keep).logits[:, -1].to(copy=True, dtype=torch.float32)
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+                logits = logits.repeat_interleave(n, 0)
+            seq, mask = ids0.repeat_interleave(n, 0), mask0.repeat_interleave(n, 0)
+            pos = pos0[:, -1:].repeat_interleave(n, 0)
+            unfinished = torch.ones(seq.size(0), dtype=torch.long, device=device)
+            for t in range(max_new_tokens):
+                scores = procs(seq, logits)
+                if do_sample:
+                    nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    nxt = torch.argmax(scores, dim=-1)
+                nxt = nxt * unfinished + fmt.pad_id * (1 - unfinished)
+                seq = torch.cat([seq, nxt[:, None]], dim=-1)
+                unfinished = unfinished & (nxt != fmt.eos_id).long()
+                if t + 1 == max_new_tokens or not bool(unfinished.any()):
+                    break
+                mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=-1)
+                pos = pos + 1
+                logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                               **{cache_kw: cache}, **keep).logits[:, -1].to(copy=True, dtype=torch.float32)
+            for row in seq[:, length:].tolist():
                 if fmt.eos_id in row:
                     row = row[: row.index(fmt.eos_id) + 1]
                 out.append(row)

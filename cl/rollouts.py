@@ -1,5 +1,7 @@
-"""Where GRPO's rollouts are generated: HF ``generate`` on the training model (default) or a vLLM engine
-colocated on the same GPU, its weights synced from the trainer before each rollout.
+"""Where GRPO's rollouts are generated: HF ``generate`` on the training model (``hf``, the default), a
+minimal decode loop on the training model (``hf_fast``: ``cl.generation.decode_ids``, the same tokens for
+the same logits and RNG, faster at small models where ``generate``'s per-step overhead dominates), or a
+vLLM engine colocated on the same GPU, its weights synced from the trainer before each rollout.
 
 ``objective.rollout_backend=vllm`` (needs ``pip install vllm`` and a CUDA GPU):
 
@@ -32,9 +34,9 @@ import torch
 from torch import nn
 
 from cl.core.data import PromptFormat
-from cl.generation import generate_ids
+from cl.generation import decode_ids, generate_ids
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "hf_fast", "vllm")
 
 
 class RolloutBackendError(RuntimeError):
@@ -50,6 +52,8 @@ def vllm_available() -> bool:
 def make_backend(name: str, vllm: dict | None = None):
     if name == "hf":
         return HFRollouts()
+    if name == "hf_fast":
+        return HFFastRollouts()
     if name == "vllm":
         return VLLMRollouts(**(vllm or {}))
     raise ValueError(f"objective.rollout_backend: '{name}' is not one of {', '.join(BACKENDS)}")
@@ -85,6 +89,18 @@ class HFRollouts:
         """``n`` completions per prompt (prompt-major), and no sampler log-probs."""
         return generate_ids(module.model, prompts, fmt, max_new_tokens=max_new_tokens, do_sample=True,
                             temperature=temperature, top_p=top_p, num_return_sequences=n), None
+
+
+class HFFastRollouts(HFRollouts):
+    """Sampling with ``cl.generation.decode_ids``: the same tokens as ``generate`` for the same logits and
+    RNG, through a minimal decode loop (one prefill per distinct prompt, its cache repeated for the group)."""
+
+    name = "hf_fast"
+
+    def generate(self, module, prompts: list[list[int]], fmt: PromptFormat, n: int, max_new_tokens: int,
+                 temperature: float, top_p: float) -> tuple[list[list[int]], None]:
+        return decode_ids(module.model, prompts, fmt, max_new_tokens=max_new_tokens, do_sample=True,
+                          temperature=temperature, top_p=top_p, num_return_sequences=n), None
 
 
 def vllm_weights(model: nn.Module):

@@ -2,7 +2,9 @@
 eval sets (identical accuracies required; target >= 5x faster); (b) the share of wall time spent
 evaluating at the default schedule on the default stream (target <= 20%).
 
-    python scripts/bench_eval.py [--n 200] [--repeats 3] [--skip-run] [overrides for part (b) ...]
+    python scripts/bench_eval.py [--quick] [--n 200] [--repeats 3] [--skip-run] [Hydra overrides ...]
+
+``--quick`` measures part (a) only, on 100 items per task.
 
 Uses the cached default base checkpoint (trained on first use, ~5 minutes).
 """
@@ -21,8 +23,10 @@ from cl.evaluation import EvalSet, Scorer
 from cl.run import compose_config, prepare_model, run
 from tasks.stream import build_tasks
 
+from benchlib import bench_main, row  # scripts/benchlib.py (this directory is on sys.path)
 
-def part_a(cfg, n: int, repeats: int) -> None:
+
+def part_a(cfg, n: int, repeats: int) -> dict:
     d = cfg.data
     names = list(cfg.stream.tasks) + list(cfg.stream.general)
     tasks = build_tasks(names + [x for x in list(cfg.base.general) + list(cfg.base.exposure) if x not in names],
@@ -47,9 +51,14 @@ def part_a(cfg, n: int, repeats: int) -> None:
         print(f"    {es.name:<10} acc {sum(a) / len(a):.3f}")
     print(f"    teacher-forced {t_tf:.3f} s | generate {t_gen:.3f} s | speedup {t_gen / t_tf:.1f}x "
           f"(target >= 5x: {'met' if t_gen / t_tf >= 5 else 'NOT met'}) | per-item scores identical: {same}")
+    if not same:
+        raise SystemExit("error: teacher-forced and generate-based scores differ")
+    items = n * len(sets)
+    return row(f"evaluation items/s: one teacher-forced pass vs generate ({len(sets)} tasks x {n} items, "
+               "identical scores)", items / t_tf, items / t_gen, 5.0)
 
 
-def part_b(overrides: list[str]) -> None:
+def part_b(overrides: list[str]) -> dict:
     cfg = compose_config("logger=none", *overrides)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -62,19 +71,28 @@ def part_b(overrides: list[str]) -> None:
           f"train {m['train_seconds']:.1f} s, run wall {wall:.1f} s")
     print(f"    evaluation share: {m['eval_time_fraction']:.1%} of train+eval, {share_wall:.1%} of the run's wall "
           f"time (target <= 20%: {'met' if share_wall <= 0.20 else 'NOT met'})")
+    return row("evaluation share of a run's wall time (s evaluating vs s run, default schedule)",
+               m["eval_seconds"], wall, 0.20, lower_is_better=True)
 
 
-def main() -> None:
+QUICK = ["--n", "100", "--repeats", "1", "--skip-run"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-run", action="store_true", help="only part (a)")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides for part (b)")
-    args = ap.parse_args()
-    part_a(compose_config(), args.n, args.repeats)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for both parts (e.g. base=smoke)")
+    return ap
+
+
+def measure(args) -> list[dict]:
+    rows = [part_a(compose_config(*args.overrides), args.n, args.repeats)]
     if not args.skip_run:
-        part_b(args.overrides)
+        rows.append(part_b(args.overrides))
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(parser(), measure, QUICK)

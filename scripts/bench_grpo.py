@@ -7,11 +7,12 @@ T = 1.0, top-p 0.99, the clipped loss with eps 0.2/0.3 and token-mean aggregatio
 PPO epoch, AdamW at lr 1e-4, fp32. Two settings: no KL (no reference model) and k3 KL 0.01 (a frozen
 reference copy, TRL with ``use_bias_correction_kl=False`` to compute the same term). Runs alternate
 (suite, TRL, suite, TRL, ...); the median steady-state steps/s (after a warm-up) of each is compared.
-Target: suite >= 1.5x TRL. A profile of one suite step (generation vs policy forward/backward vs
+Target: suite >= 1.5x TRL. The suite runs with both HF rollout backends (``hf``: ``generate``; ``hf_fast``:
+the minimal decode loop). A profile of one suite step (generation vs policy forward/backward vs
 reference forward) is printed, since generation dominates RL cost.
 
     pip install trl  # benchmark-only dependency
-    python scripts/bench_grpo.py [--steps 20] [--warmup 3] [--repeats 3]
+    python scripts/bench_grpo.py [--quick] [--steps 20] [--warmup 3] [--repeats 3] [--kl 0.0 0.01]
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ class Ctx:
         self.module = module
 
 
-def suite(model, fmt, task, kl: float, steps: int, warmup: int, profile: dict | None = None) -> float:
+def suite(model, fmt, task, kl: float, steps: int, warmup: int, profile: dict | None = None,
+          backend: str = "hf") -> float:
     model.generation_config.min_new_tokens = NEW_TOKENS
     obj = GRPOObjective(group_size=G, temperature=1.0, top_p=0.99, max_new_tokens=NEW_TOKENS, kl_coef=kl,
-                        reference="task_start", loss_agg="token_mean")
+                        reference="task_start", loss_agg="token_mean", rollout_backend=backend)
     obj.bind(fmt, {task.name: task})
     module = ContinualLM(model, obj, partial(torch.optim.AdamW, lr=LR), LRSchedule())
     obj.on_task_start(Ctx(module))
@@ -100,9 +102,10 @@ def trl_run(model, tok, task, kl: float, steps: int, warmup: int, out: str) -> f
 def _instrument(obj: GRPOObjective, profile: dict) -> None:
     """Wrap the rollout (generation + scoring + reference forward) and time it against the whole step."""
     import cl.objectives.grpo as grpo_mod
-    import cl.rollouts as rollouts_mod  # where rollouts call generate_ids
+    import cl.rollouts as rollouts_mod  # where rollouts call generate_ids / decode_ids
 
-    gen, tl = rollouts_mod.generate_ids, grpo_mod.token_logprobs
+    name = "decode_ids" if obj.rollouts.name == "hf_fast" else "generate_ids"
+    gen, tl = getattr(rollouts_mod, name), grpo_mod.token_logprobs
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -112,58 +115,76 @@ def _instrument(obj: GRPOObjective, profile: dict) -> None:
             return r
         return wrapper
 
-    rollouts_mod.generate_ids = timed("generate", gen)
+    setattr(rollouts_mod, name, timed(f"generation ({name})", gen))
     grpo_mod.token_logprobs = timed("logprob forwards (policy + reference)", tl)
     step = obj.step
     obj.step = timed(STEP, step)
-    profile["_restore"] = lambda: (setattr(rollouts_mod, "generate_ids", gen), setattr(grpo_mod, "token_logprobs", tl))
+    profile["_restore"] = lambda: (setattr(rollouts_mod, name, gen), setattr(grpo_mod, "token_logprobs", tl))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+QUICK = ["--steps", "5", "--warmup", "2", "--repeats", "1", "--kl", "0.01"]
+BACKENDS = ("hf", "hf_fast")
+
+
+def measure(args) -> list[dict]:
     try:
         import trl
     except ImportError:
         raise SystemExit("error: this benchmark compares against TRL: pip install trl") from None
-    torch.set_num_threads(torch.get_num_threads())
+    from benchlib import row
+
     with tempfile.TemporaryDirectory() as d:
         build_tiny_llama(d, seed=0)
         base, tok = load_model_and_tokenizer(d)
         fmt = PromptFormat(tok)
         task = build_task("add3", 2000, 50, 0)
         results = {}
-        for kl in (0.0, 0.01):
-            rates: dict[str, list[float]] = {"suite": [], "trl": []}
+        for kl in args.kl:
+            rates: dict[str, list[float]] = {**{b: [] for b in BACKENDS}, "trl": []}
             for r in range(args.repeats):
-                torch.manual_seed(0)
-                rates["suite"].append(suite(copy.deepcopy(base), fmt, task, kl, args.steps, args.warmup))
+                for b in BACKENDS:
+                    torch.manual_seed(0)
+                    rates[b].append(suite(copy.deepcopy(base), fmt, task, kl, args.steps, args.warmup, backend=b))
                 torch.manual_seed(0)
                 rates["trl"].append(trl_run(copy.deepcopy(base), tok, task, kl, args.steps, args.warmup,
                                             f"{d}/trl"))
-                print(f"kl {kl}: repeat {r + 1}: suite {rates['suite'][-1]:.2f} steps/s, "
-                      f"trl {rates['trl'][-1]:.2f} steps/s", flush=True)
-            results[kl] = (statistics.median(rates["suite"]), statistics.median(rates["trl"]))
-        profile: dict = {}
-        t = time.perf_counter()
-        suite(copy.deepcopy(base), fmt, task, 0.01, args.steps, 0, profile)
-        total = time.perf_counter() - t
-        profile.pop("_restore")()
+                print(f"kl {kl}: repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} steps/s" for k, v in rates.items()),
+                      flush=True)
+            results[kl] = {k: statistics.median(v) for k, v in rates.items()}
+        profiles = {}
+        for b in BACKENDS:
+            profile: dict = {}
+            t = time.perf_counter()
+            suite(copy.deepcopy(base), fmt, task, args.kl[-1], args.steps, 0, profile, backend=b)
+            total = time.perf_counter() - t
+            profile.pop("_restore")()
+            profile["backward + optimizer + loop (rest of wall)"] = total - profile[STEP]
+            profiles[b] = (total, profile)
     print(f"\ntiny Llama {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, {PROMPTS} prompts x G={G}, "
           f"{NEW_TOKENS} new tokens, {args.steps} steps ({args.warmup} warm-up), median of {args.repeats}, "
           f"trl {trl.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'setting':<10} {'suite steps/s':>14} {'TRL steps/s':>12} {'ratio':>7}")
-    for kl, (s, t_) in results.items():
-        print(f"{'kl ' + str(kl):<10} {s:>14.2f} {t_:>12.2f} {s / t_:>7.2f}"
-              f"  (target >= 1.5: {'met' if s / t_ >= 1.5 else 'NOT met'})")
-    print(f"\nwhere a suite step's time goes (kl 0.01, {args.steps} steps, {total:.1f} s wall):")
-    profile["backward + optimizer + loop (rest of wall)"] = total - profile[STEP]
-    for k, v in profile.items():
-        print(f"  {k:<55} {v:6.2f} s  {100 * v / total:5.1f}%")
+    print(f"{'setting':<10} " + " ".join(f"{'suite ' + b:>14}" for b in BACKENDS) + f" {'TRL':>8}  (steps/s)")
+    for kl, r in results.items():
+        print(f"{'kl ' + str(kl):<10} " + " ".join(f"{r[b]:>14.2f}" for b in BACKENDS) + f" {r['trl']:>8.2f}")
+    for b, (total, profile) in profiles.items():
+        print(f"\nwhere a suite step's time goes (rollout_backend={b}, kl {args.kl[-1]}, {args.steps} steps, "
+              f"{total:.1f} s wall):")
+        for k, v in profile.items():
+            print(f"  {k:<55} {v:6.2f} s  {100 * v / total:5.1f}%")
+    return [row(f"GRPO steps/s vs TRL GRPOTrainer (rollout_backend={b}, kl {kl})", r[b], r["trl"], 1.5)
+            for kl, r in results.items() for b in BACKENDS]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kl", type=float, nargs="+", default=[0.0, 0.01], help="KL coefficients to measure")
+    return ap
 
 
 if __name__ == "__main__":
-    main()
+    from benchlib import bench_main
+
+    bench_main(parser(), measure, QUICK)

@@ -7,7 +7,7 @@ therefore compute per batch are the same and only the replay machinery differs: 
 weighted index draws and the concatenated dataset). Runs alternate (none, replay, none, ...); the median
 steady-state steps/s is compared. Target: replay >= 0.95x none.
 
-    python scripts/bench_replay.py [--steps 300] [--warmup 30] [--repeats 3] [--fraction 0.25]
+    python scripts/bench_replay.py [--quick] [--steps 300] [--warmup 30] [--repeats 3] [--fraction 0.25]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from cl.schedule import LRSchedule
 from replay.mixing import ExperienceReplay
 from tasks.registry import build_task
 
-from benchlib import suite_steps_per_second  # scripts/benchlib.py (this directory is on sys.path)
+from benchlib import bench_main, row, suite_steps_per_second  # scripts/benchlib.py (this directory is on sys.path)
 
 warnings.filterwarnings("ignore")
 transformers.utils.logging.disable_progress_bar()
@@ -46,14 +46,20 @@ def run(model, loader, steps: int, warmup: int) -> float:
     return suite_steps_per_second(module, loader, steps, warmup, gradient_clip_val=1.0)
 
 
-def main() -> None:
+QUICK = ["--steps", "60", "--warmup", "10", "--repeats", "1"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fraction", type=float, default=0.25)
-    args = ap.parse_args()
+    return ap
+
+
+def measure(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         build_tiny_llama(d, seed=0)
         base, tok = load_model_and_tokenizer(d)
@@ -79,8 +85,8 @@ def main() -> None:
           f"({args.warmup} warm-up), median of {args.repeats}")
     print(f"no replay   {n:7.1f} steps/s")
     print(f"{args.fraction:.0%} replay  {m:7.1f} steps/s")
-    print(f"ratio replay/none = {m / n:.3f}  (target >= 0.95: {'met' if m / n >= 0.95 else 'NOT met'})")
+    return [row(f"SFT steps/s: {args.fraction:.0%} experience replay vs none", m, n, 0.95)]
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(parser(), measure, QUICK)

@@ -16,6 +16,7 @@ Targets (CPU, fp32): SFT at >= 60% of the matmul peak for the 5M model; evaluati
 <= 1.5x its share at 2 tasks.
 
     python scripts/bench_scale.py                      # CPU, fp32, everything (~10 min on 2 cores)
+    python scripts/bench_scale.py --quick              # 1M and 5M, a few steps, streams of 2 and 8 tasks
     python scripts/bench_scale.py --precision bf16-mixed --parts sft,grpo
     python scripts/bench_scale.py --device cuda --precision bf16-mixed --sizes qwen0.5b --parts sft,grpo
 """
@@ -48,7 +49,7 @@ from cl.tokenizer import build_char_tokenizer  # noqa: E402
 from tasks.registry import build_task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import suite_steps_per_second  # noqa: E402
+from benchlib import bench_main, row, suite_steps_per_second  # noqa: E402
 
 warnings.filterwarnings("ignore")
 transformers.utils.logging.disable_progress_bar()
@@ -232,7 +233,10 @@ def bench_stream(n_tasks: int, cap_boundary: bool, steps: int, root: Path) -> di
 
 
 # -- main -----------------------------------------------------------------------------------------------
-def main() -> None:
+QUICK = ["--sizes", "1m,5m", "--steps", "4", "--warmup", "1", "--stream-lengths", "2,8", "--stream-steps", "10"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
@@ -248,7 +252,10 @@ def main() -> None:
     ap.add_argument("--stream-lengths", default="2,20")
     ap.add_argument("--stream-steps", type=int, default=20)
     ap.add_argument("--json", type=Path, help="also write the rows here")
-    args = ap.parse_args()
+    return ap
+
+
+def measure(args) -> list[dict]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU")
     parts = set(args.parts.split(","))
@@ -290,7 +297,25 @@ def main() -> None:
     print("\n" + table(rows, lengths if "stream" in parts else []))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    return summary_rows(rows, lengths if "stream" in parts else [], args.precision)
 
+
+def summary_rows(rows: list[dict], lengths: list[int], precision: str) -> list[dict]:
+    """The benchmark table's lines: MFU per size (target at 5M) and the evaluation share's growth."""
+    out = []
+    peak = next(r["flops"] for r in rows if r["part"] == "peak")
+    for r in rows:
+        if r["part"] in ("sft", "grpo"):
+            target = 0.60 if r["part"] == "sft" and r["size"] == "5m" and precision == "32-true" else None
+            out.append(row(f"{r['part'].upper()} {r['size']} ({precision}): model GFLOP/s vs matmul peak (MFU)",
+                           r["flops"] / 1e9, peak / 1e9, target))
+    for cap in (True, False):
+        st = {r["tasks"]: r for r in rows if r["part"] == "stream" and r["boundary_cap"] == cap}
+        if len(lengths) >= 2 and lengths[0] in st and lengths[-1] in st:
+            a, b = st[lengths[0]]["eval_share"], st[lengths[-1]]["eval_share"]
+            out.append(row(f"evaluation share, {lengths[-1]} vs {lengths[0]} tasks (boundary cap "
+                           f"{'on' if cap else 'off'})", b, a, 1.5, lower_is_better=True))
+    return out
 
 def table(rows: list[dict], lengths: list[int]) -> str:
     lines = ["| part | size | params | tokens/s | GFLOP/s | MFU |", "|---|---|---|---|---|---|"]
@@ -313,4 +338,4 @@ def table(rows: list[dict], lengths: list[int]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(parser(), measure, QUICK)

@@ -4,7 +4,7 @@ Same model initialisation, same batches (same sampler seed), same optimizer, sch
 clipping, in one process; runs alternate (plain, suite, plain, suite, ...) and the median steady-state
 throughput (steps after a warm-up) of each is compared. Target: suite >= 0.90x plain.
 
-    python scripts/bench_sft.py [--steps 300] [--warmup 30] [--batch-size 16] [--repeats 3]
+    python scripts/bench_sft.py [--quick] [--steps 300] [--warmup 30] [--batch-size 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from cl.run import task_loader
 from cl.schedule import LRSchedule
 from tasks.registry import build_task
 
-from benchlib import suite_steps_per_second  # scripts/benchlib.py (this directory is on sys.path)
+from benchlib import bench_main, row, suite_steps_per_second  # scripts/benchlib.py (this directory is on sys.path)
 
 warnings.filterwarnings("ignore")
 transformers.utils.logging.disable_progress_bar()
@@ -60,13 +60,19 @@ def suite(model, loader, lr, schedule, steps, warmup) -> float:
     return suite_steps_per_second(module, loader, steps, warmup, gradient_clip_val=1.0)
 
 
-def main() -> None:
+QUICK = ["--steps", "60", "--warmup", "10", "--repeats", "1"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    return ap
+
+
+def measure(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         build_tiny_llama(d, seed=0)
         base, tok = load_model_and_tokenizer(d)
@@ -88,8 +94,8 @@ def main() -> None:
           f"({args.warmup} warm-up), median of {args.repeats}")
     print(f"plain loop  {p:7.1f} steps/s  ({p * args.batch_size * tokens:,.0f} tokens/s)")
     print(f"suite       {s:7.1f} steps/s  ({s * args.batch_size * tokens:,.0f} tokens/s)")
-    print(f"ratio suite/plain = {s / p:.3f}  (target >= 0.90: {'met' if s / p >= 0.90 else 'NOT met'})")
+    return [row(f"SFT steps/s: suite vs a plain PyTorch loop (batch {args.batch_size})", s, p, 0.90)]
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(parser(), measure, QUICK)

@@ -5,6 +5,7 @@ threads each job ran with, and whether every job's accuracy matrices are identic
 
     python scripts/bench_sweep.py                 # 4 seeds, 2 jobs at once
     python scripts/bench_sweep.py --seeds 4 --jobs 2 [overrides...]
+    python scripts/bench_sweep.py --quick         # 2 seeds, 40 steps per task
 
 The base stage is built (or found in the cache) before either sweep is timed.
 """
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import row  # scripts/benchlib.py (this directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,12 +42,18 @@ def results(out: Path) -> dict[int, dict]:
     return {r["config"]["seed"]: r for r in runs if r.get("status") == "completed"}
 
 
-def main() -> None:
+QUICK = ["--seeds", "2", "stream.steps_per_task=40"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job")
-    args = ap.parse_args()
+    return ap
+
+
+def measure(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print("[bench] base stage (built or found in the cache) ...", flush=True)
@@ -64,7 +73,15 @@ def main() -> None:
     print(f"jobs/hour: basic {3600 * args.seeds / basic:.0f}, parallel {3600 * args.seeds / par:.0f}: "
           f"{ratio:.2f}x (target >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})")
     print(f"identical accuracy matrices per job: {'yes' if same else 'NO'}")
+    if not same:
+        raise SystemExit("error: the two launchers gave different accuracy matrices")
+    label = " ".join(args.overrides) or "default experiment"
+    return [row(f"sweep jobs/hour: cl_parallel ({args.jobs} at once) vs basic launcher, {args.seeds} seeds of "
+                f"the {label} (identical matrices)", 3600 * args.seeds / par, 3600 * args.seeds / basic, 1.5)]
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchlib import bench_main
+
+    bench_main(parser(), measure, QUICK)

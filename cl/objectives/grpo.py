@@ -69,7 +69,8 @@ class GRPOObjective(Component):
         reward_scale: rewards are multiplied by this (verifier scores are in [0, 1]). A task's
             ``reward`` (e.g. worked-steps prompts: 0.9 accuracy + 0.1 format) replaces its verifier as
             the reward; ``pass_rate`` always counts verifier passes.
-        rollout_backend: ``hf`` (transformers ``generate`` on the training model) or ``vllm`` (a colocated
+        rollout_backend: ``hf`` (transformers ``generate`` on the training model), ``hf_fast`` (a minimal
+            decode loop on the training model, same tokens; not under FSDP) or ``vllm`` (a colocated
             vLLM engine, weights synced before each rollout; ``cl.rollouts``).
         vllm: the vLLM engine's settings (``cl.rollouts.VLLMRollouts``).
     """
@@ -99,6 +100,9 @@ class GRPOObjective(Component):
         from cl.rollouts import BACKENDS, RolloutBackendError, VLLMRollouts
 
         c.choice(f"{at}.rollout_backend", BACKENDS)
+        if c.get(f"{at}.rollout_backend") == "hf_fast" and is_fsdp(dict(c.get("trainer") or {})):
+            c.add(f"{at}.rollout_backend", "hf_fast cannot step sharded ranks in lockstep under trainer=fsdp; "
+                                               "use rollout_backend=hf")
         if c.get(f"{at}.rollout_backend") == "vllm":
             c.number(f"{at}.vllm.gpu_memory_utilization", lo=0.0, hi=1.0, strict_lo=True)
             if c.get(f"{at}.vllm.importance_sampling") is not None:
