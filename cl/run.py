@@ -201,12 +201,15 @@ def check_inputs(cfg: DictConfig, run_dir: Path) -> dict:
 def set_threads(threads: int | None, hydra_cfg=None) -> int:
     """Set this process's torch compute threads: ``threads``, or, when null, the machine's cores shared
     evenly among the jobs a parallel launcher runs at once (``hydra/launcher=cl_parallel``: cores //
-    n_jobs), else torch's default (all cores). Jobs x threads <= cores keeps parallel jobs from fighting
-    over cores, which slows each of them far more than the shared load explains. Returns the count."""
+    n_jobs; ``hydra/launcher=cl_ray``: the CPUs each Ray task holds), else torch's default (all cores).
+    Jobs x threads <= cores keeps parallel jobs from fighting over cores, which slows each of them far
+    more than the shared load explains. Returns the count."""
     if threads is None:
         n_jobs = None
         try:
-            n_jobs = (hydra_cfg or HydraConfig.get()).launcher.get("n_jobs")
+            launcher = (hydra_cfg or HydraConfig.get()).launcher
+            n_jobs = launcher.get("n_jobs")
+            threads = (launcher.get("ray") or {}).get("remote", {}).get("num_cpus")
         except (ValueError, AttributeError):  # no Hydra context (tests, scripts)
             pass
         cores = os.cpu_count() or 1

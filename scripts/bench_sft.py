@@ -60,7 +60,7 @@ def suite(model, loader, lr, schedule, steps, warmup) -> float:
     return suite_steps_per_second(module, loader, steps, warmup, gradient_clip_val=1.0)
 
 
-QUICK = ["--steps", "60", "--warmup", "10", "--repeats", "1"]
+QUICK = ["--steps", "100", "--warmup", "20", "--repeats", "3"]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -163,3 +163,43 @@ def test_a_parallel_sweep_gives_each_job_the_basic_launchers_results(tmp_path, c
     for seed in (0, 1):
         assert res["basic"][seed]["acc_matrix"] == res["parallel"][seed]["acc_matrix"]
         assert res["parallel"][seed]["provenance"]["machine"]["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_ray_launcher_preset_composes_and_gives_each_job_its_cpus_as_threads():
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from cl.run import CONF_DIR, set_threads
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=cl_ray", "hydra.launcher.ray.remote.num_cpus=1"])
+    assert cfg.hydra.launcher._target_.endswith("RayLauncher")
+    assert cfg.hydra.launcher.ray.init.address is None and cfg.hydra.launcher.ray.remote.max_calls == 1
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(None, cfg.hydra) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_ray_sweep_runs_on_a_local_ray_instance(tmp_path, cache_dir):
+    """Two smoke jobs as Ray tasks on a local instance started by the launcher: both complete, land where
+    the sweep's subdirectory names say, and ran with the CPUs their task held as torch threads."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "cl.run", "-m", "experiment=smoke", "seed=0,1", "stream.steps_per_task=2",
+                           "eval.every_n_steps=null", "shift=none", f"cache_dir={cache_dir}", "logger=none",
+                           "hydra/launcher=cl_ray", "hydra.launcher.ray.init.num_cpus=2",
+                           f"hydra.sweep.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
+    names = sorted(p.parent.name for p in tmp_path.glob("*/results.json"))  # the sweep's own subdir names
+    assert len(names) == 2 and "seed=0" in names[0] and "seed=1" in names[1]
+    assert sorted(r["config"]["seed"] for r in runs) == [0, 1] and all(r["status"] == "completed" for r in runs)
+    assert all(r["provenance"]["machine"]["torch_threads"] == 1 for r in runs)
