@@ -1,53 +1,84 @@
-"""Reproduce the RFT-CPT comparison (Lai et al. 2025) at toy scale, plus a fair learning-rate sweep.
+"""Reproduce the RFT-CPT comparison (Lai et al. 2025) at toy scale: does RL fine-tuning forget less than
+SFT, once both have learned as much?
 
-Part 1, the paper's protocol: SFT, GRPO, GRPO without KL, RIF-GRPO and multi-task joint GRPO (the upper bound)
-on the default stream at one shared learning rate, over seeds, each as a Hydra multirun
-(``python -m cl.run -m experiment=rft_cpt_<arm> seed=0,1,2``). Budgets are matched in prompts: every
-arm takes the same optimizer steps x prompts per task; GRPO additionally samples G completions per
-prompt (reported as generated tokens). Printed: avg_acc, forgetting, bwt, new_acc, general_retention,
-mean +- 95% CI over seeds.
+Every arm is a Hydra multirun over seeds on the default stream (3 tasks), resumable (complete jobs are
+skipped when the script runs again). Parts (``--parts``):
 
-Part 2, the fair protocol: SFT and GRPO at several learning rates each, and the Pareto frontiers of
-new-task accuracy against forgetting and against general retention (an earlier prototype of this suite found the
-paper's gap at a shared lr but not with per-paradigm tuned lrs).
+- ``front`` (``lr_front`` + ``matched_gain``): SFT and GRPO at >= 5 learning rates each (``--sft-lrs``,
+  ``--grpo-lrs``); each paradigm's front of forgetting and of general retention against new-task gain, and
+  the **matched-gain table**: both paradigms read off their fronts at >= 3 equal gains (inside the range
+  both fronts cover), with their paired difference, bootstrap intervals over seeds and a verdict no
+  stronger than the multiplicity-adjusted interval (``analysis.fronts``). Each front's best learning rate
+  (mean avg_acc) is reported with whether it is interior to its grid.
+- ``ratio`` (``paper_lr_ratio``): the paper's SFT:GRPO learning-rate ratio, 10:1 (its SFT configs train at
+  1e-5 and its GRPO config at 1e-6), and schedule shape (cosine to 0, 10% warm-up), scaled to this world:
+  SFT takes the largest learning rate of its front that keeps general skills (mean general retention >=
+  -0.05: it learns the stream without collapsing them), GRPO a tenth of it.
+- ``shared`` (``shared_lr``): one learning rate for every arm (``optimizer.lr``, 1e-4): SFT, GRPO, GRPO
+  without KL, RIF-GRPO.
+- ``compute`` (``compute_matched``): GRPO given SFT's wall-clock: its steps per task scaled by the ratio of
+  the two paradigms' measured training seconds at their best front learning rates (wall-clock on this
+  machine, not FLOPs), against SFT at its best learning rate.
+- ``joint``: multi-task joint SFT and joint GRPO (upper bounds) at the best front learning rates, with the
+  budget multiplied (x1, x3, x10) until new-task accuracy is clearly above the base model's (the lower end
+  of the 95% interval of the gain above 0.02); the table says which budget that took.
+- ``reasoning``: GRPO with worked-steps prompts vs answer-only prompts from ``base=tiny_reasoning``.
 
-Part 3, the reasoning ablation: GRPO with worked-steps prompts (``stream=reasoning``: column-by-column
-working, then the answer) vs answer-only prompts on the same problems, both from ``base=tiny_reasoning``
-(pretrained on both formats), same steps x prompts. The paper found reasoning is not the main reason RFT
-forgets less; here it also changes how much there is to learn (the working makes the task easier).
+Seeds vary everything random by default (``--vary all``): seed s trains from base model s
+(``base.init_seed``, built once and cached), draws task data s (``data.seed``) and evaluation subset s
+(``eval.subset_seed``), and orders and samples training with s; paired comparisons pair runs by seed.
+``--vary training`` keeps one base, data and evaluation subset (only order and sampling vary: intervals are
+then conditional on that base); ``--quick`` uses it so no new base is built.
 
-Resumable: jobs whose results.json is complete are skipped when the script runs again.
-
-    python scripts/reproduce_rft_cpt.py --quick          # toy budget, minutes (base stage cached)
-    python scripts/reproduce_rft_cpt.py                  # full: 3 seeds everywhere, default budget
+    python scripts/reproduce_rft_cpt.py --quick          # front + ratio + compute, toy budget, ~15 min
+    python scripts/reproduce_rft_cpt.py                  # everything, 5 seeds, bases varied (hours on 2 cores)
+    python scripts/reproduce_rft_cpt.py --real           # the papers' hyperparameters on a real model (GPU)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
+
 from analysis.aggregate import (  # noqa: E402
-    completed_results, mark_failed, markdown_table, write_report, summarise,
+    as_table, completed_results, mark_failed, markdown_table, mean_ci, summarise, write_report,
 )
-from analysis.plots import plot_pareto  # noqa: E402
+from analysis.fronts import (  # noqa: E402
+    gain_levels, interior_best, matched_gain, plot_fronts, task_gain, verdict,
+)
+from analysis.tables import REAL as TABLES_REAL  # noqa: E402
 from analysis.sweep import QUICK as SWEEP_QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grpo_nokl",
-        "RIF-GRPO": "rft_cpt_rif_grpo", "joint GRPO (MTL)": "rft_cpt_joint"}
+        "RIF-GRPO": "rft_cpt_rif_grpo"}
+JOINT_ARMS = {"joint SFT (MTL)": "rft_cpt_joint_sft", "joint GRPO (MTL)": "rft_cpt_joint"}
 REASONING_ARMS = {"GRPO with reasoning": "rft_cpt_grpo_reasoning", "GRPO without reasoning": "rft_cpt_grpo_noreasoning"}
 RL_ARMS = {"rft_cpt_grpo", "rft_cpt_grpo_nokl", "rft_cpt_rif_grpo", "rft_cpt_joint", *REASONING_ARMS.values()}
+PARADIGMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo"}
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forward_kl_sampled_mean",
            "kl_base_general_final"]
+FRONT_METRICS = {"forgetting": True, "general_retention": False}  # metric -> lower is better
+PARTS = ("front", "ratio", "shared", "compute", "joint", "reasoning")
+SFT_LRS = "1e-5,3e-5,1e-4,3e-4,1e-3"
+GRPO_LRS = "3e-6,1e-5,3e-5,1e-4,3e-4,1e-3"
 QUICK = list(SWEEP_QUICK)
 # --quick (too short for GRPO to learn much) also screens fewer instances for RIF (its arm only: the others
 # have no rif.filter node to set)
 QUICK_RIF = ["rif.filter.max_instances=256"]
+VARY_ALL = ["base.init_seed=${seed}", "data.seed=${seed}", "eval.subset_seed=${seed}"]
+# --real: the papers' hyperparameters per paradigm (SFT: LLaMA-Factory lr 1e-5, cosine, 10% warm-up; GRPO:
+# EasyR1 lr 1e-6, G = 8, rollouts long enough for the task) on a real instruct model, no base stage
+REAL = [*TABLES_REAL, "train.decay=cosine", "train.min_lr_ratio=0.0", "train.warmup_steps=15"]
+REAL_PARADIGM = {"rft_cpt_sft": ["optimizer.lr=1e-5"],
+                 "rft_cpt_grpo": ["optimizer.lr=1e-6", "objective.group_size=8", "objective.max_new_tokens=64"]}
 
 
 def arm_overrides(exp: str, quick: bool) -> list[str]:
@@ -55,50 +86,265 @@ def arm_overrides(exp: str, quick: bool) -> list[str]:
     return QUICK_RIF if quick and exp == "rft_cpt_rif_grpo" else []
 
 
+def ratio_overrides(sft_lr: float, steps: int) -> dict[str, list[str]]:
+    """``paper_lr_ratio``: SFT at ``sft_lr``, GRPO at a tenth of it, both cosine to 0 with 10% warm-up."""
+    sched = ["train.decay=cosine", "train.min_lr_ratio=0.0", f"train.warmup_steps={max(1, round(0.1 * steps))}"]
+    return {"rft_cpt_sft": [f"optimizer.lr={sft_lr:g}", *sched], "rft_cpt_grpo": [f"optimizer.lr={sft_lr / 10:g}", *sched]}
+
+
+def compute_overrides(grpo_lr: float, steps: int, seconds_ratio: float) -> list[str]:
+    """``compute_matched``: GRPO's steps per task scaled by SFT seconds / GRPO seconds (>= 1 step)."""
+    return [f"optimizer.lr={grpo_lr:g}", f"stream.steps_per_task={max(1, round(steps * seconds_ratio))}"]
+
+
+def joint_overrides(lr: float, steps: int, mult: int) -> list[str]:
+    return [f"optimizer.lr={lr:g}", f"stream.steps_per_task={steps * mult}"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true",
+                    help="toy budget: 40 steps per task, G=4, boundary-only eval, one base (--vary training), "
+                         "3 seeds on the fronts, parts front,ratio,compute")
+    ap.add_argument("--real", action="store_true",
+                    help="the papers' hyperparameters per paradigm on model=qwen2_5_1_5b_instruct (needs a GPU "
+                         "and the model; add model=... to choose another)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per point (default 5; --quick: 3)")
+    ap.add_argument("--vary", choices=["all", "training"], default=None,
+                    help="what a seed changes (default all; --quick: training)")
     ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once (hydra/launcher=cl_parallel)")
-    ap.add_argument("--lrs", default="3e-5,1e-4,3e-4", help="learning rates of the fair sweep")
-    ap.add_argument("--sweep-seeds", type=int, default=None, help="seeds per lr (default: 1 quick, 3 full)")
-    ap.add_argument("--out", default=None, help="output root (default: results/rft_cpt[_quick])")
-    ap.add_argument("--parts", default=None,
-                    help="comma-separated subset of paper,sweep,reasoning (default: all; with --quick paper,sweep, "
-                         "since the reasoning ablation needs its own base stage, about 15 minutes on 2 cores)")
+    ap.add_argument("--sft-lrs", default=SFT_LRS, help="SFT learning rates of the front")
+    ap.add_argument("--grpo-lrs", default=GRPO_LRS, help="GRPO learning rates of the front")
+    ap.add_argument("--levels", type=int, default=3, help="gain levels of the matched-gain table")
+    ap.add_argument("--out", default=None, help="output root (default: results/rft_cpt[_quick|_real])")
+    ap.add_argument("--parts", default=None, help=f"comma-separated subset of {', '.join(PARTS)} "
+                                                  "(default: all; --quick: front,ratio,compute)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
-    root = Path(args.out or f"results/rft_cpt{'_quick' if args.quick else ''}")
-    extra = (QUICK if args.quick else []) + parallel_overrides(args.jobs) + args.overrides
-    seeds = list(range(args.seeds))
-    sweep_seeds = list(range(args.sweep_seeds or (1 if args.quick else 3)))
-    lrs = [x.strip() for x in args.lrs.split(",") if x.strip()]
+    mode = "_quick" if args.quick else "_real" if args.real else ""
+    root = Path(args.out or f"results/rft_cpt{mode}").resolve()
+    seeds = list(range(args.seeds or (3 if args.quick else 5)))
+    vary = args.vary or ("training" if args.quick or args.real else "all")
+    steps = 40 if args.quick else 150
+    extra = ((QUICK if args.quick else []) + (REAL if args.real else []) + (VARY_ALL if vary == "all" else [])
+             + parallel_overrides(args.jobs) + args.overrides)
+    parts = [p.strip() for p in (args.parts or ("front,ratio,compute" if args.quick else ",".join(PARTS))).split(",")
+             if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise SystemExit(f"error: --parts: unknown {', '.join(bad)}; allowed: {', '.join(PARTS)}")
+    ctx = Ctx(root, seeds, extra, QUICK_RL if args.quick else [], steps, args.quick, args.real)
     t0 = time.perf_counter()
-
-    parts_arg = args.parts or ("paper,sweep" if args.quick else "paper,sweep,reasoning")
-    parts = {x.strip() for x in parts_arg.split(",") if x.strip()}
-    if args.quick and args.parts is None:
-        print("(--quick skips the reasoning ablation; add --parts paper,sweep,reasoning to include it)", flush=True)
-    if parts - {"paper", "sweep", "reasoning"}:
-        raise SystemExit(f"error: --parts: unknown {sorted(parts - {'paper', 'sweep', 'reasoning'})}; "
-                         "allowed: paper, sweep, reasoning")
-    rl_extra = QUICK_RL if args.quick else []
-    lines = ["# RFT-CPT at toy scale", ""]
-    if "paper" in parts:
-        lines += part_paper(root, seeds, extra, rl_extra)
-    if "sweep" in parts:
-        lines += part_sweep(root, lrs, sweep_seeds, extra, rl_extra)
+    lines = ["# RFT-CPT at toy scale" if not args.real else "# RFT-CPT on a real model", "",
+             f"Seeds per point: {len(seeds)}; a seed varies {'the base model, the task data, the evaluation subset and ' if vary == 'all' else ''}"
+             f"the training order and sampling{'' if vary == 'all' else ' (one base model, data draw and evaluation subset: intervals are conditional on them)'}. "
+             f"{steps} optimizer steps per task unless a table says otherwise.", ""]
+    front = None
+    if "front" in parts or any(p in parts for p in ("ratio", "compute", "joint")):
+        front = part_front(ctx, parse_lrs(args.sft_lrs), parse_lrs(args.grpo_lrs), args.levels)
+        if "front" in parts:
+            lines += front["lines"]
+    if "ratio" in parts:
+        lines += part_ratio(ctx, front)
+    if "shared" in parts:
+        lines += part_shared(ctx)
+    if "compute" in parts:
+        lines += part_compute(ctx, front)
+    if "joint" in parts:
+        lines += part_joint(ctx, front)
     if "reasoning" in parts:
-        lines += part_reasoning(root, seeds, extra, rl_extra)
+        lines += part_reasoning(ctx)
     write_report(root, lines)
     print("\n" + "\n".join(lines))
     print(f"\nwritten: {root / 'table.md'} ({time.perf_counter() - t0:.0f} s)")
 
 
-def _compute_rows(root: Path, arms: dict[str, str]) -> list[str]:
+class Ctx:
+    def __init__(self, root, seeds, extra, rl_extra, steps, quick, real):
+        self.root, self.seeds, self.extra, self.rl_extra = root, seeds, extra, rl_extra
+        self.steps, self.quick, self.real = steps, quick, real
+
+    def sweep(self, out: Path, exp: str, overrides: list[str], seeds: list[int] | None = None) -> list[dict]:
+        run_sweep(out, exp, seeds or self.seeds,
+                  [*self.extra, *(self.rl_extra if exp in RL_ARMS else []), *arm_overrides(exp, self.quick),
+                   *(REAL_PARADIGM.get(exp, []) if self.real else []), *overrides])
+        runs = completed_results(out)
+        if not runs:
+            raise SystemExit(f"error: no job of {out} completed (see its jobs/*/run.log)")
+        return runs
+
+
+def parse_lrs(text: str) -> list[float]:
+    lrs = sorted({float(x) for x in text.split(",") if x.strip()})
+    if len(lrs) < 2:
+        raise SystemExit("error: a front needs at least 2 learning rates")
+    return lrs
+
+
+def _by_seed(runs: list[dict]) -> dict[int, dict]:
+    return {r["config"]["seed"]: r for r in runs}
+
+
+def part_front(ctx: Ctx, sft_lrs: list[float], grpo_lrs: list[float], n_levels: int) -> dict:
+    print("Front: SFT and GRPO over learning rates", flush=True)
+    runs: dict[str, dict[float, dict[int, dict]]] = {}
+    for paradigm, exp in PARADIGMS.items():
+        runs[paradigm] = {}
+        for lr in (sft_lrs if paradigm == "SFT" else grpo_lrs):
+            out = ctx.root / "lr_front" / f"{exp}_lr{lr:g}"
+            runs[paradigm][lr] = _by_seed(ctx.sweep(out, exp, [f"optimizer.lr={lr:g}"]))
+    base = [r["base_acc"] for by_lr in runs.values() for by_seed in by_lr.values() for r in by_seed.values()]
+    lines = ["## lr_front: each paradigm over learning rates", ""]
+    rows = {}
+    for paradigm, by_lr in runs.items():
+        for lr, by_seed in by_lr.items():
+            rs = list(by_seed.values())
+            for r in rs:
+                r["metrics"]["gain"] = task_gain(r)
+            rows[mark_failed(f"{paradigm} lr={lr:g}", ctx.root / "lr_front" / f"{PARADIGMS[paradigm]}_lr{lr:g}")] = \
+                summarise(rs, ["gain", "new_acc", "forgetting", "general_retention", "avg_acc"])
+    lines += [markdown_table(rows, ["gain", "new_acc", "forgetting", "general_retention", "avg_acc"]), ""]
+    best = {}
+    for paradigm, by_lr in runs.items():
+        lr, interior = interior_best(by_lr)
+        best[paradigm] = lr
+        lines.append(f"- {paradigm}: best mean avg_acc at lr {lr:g}, "
+                     + ("interior to the grid." if interior else "**at an end of the grid**: extend the grid to "
+                        "see the front's turn."))
+    lines += [f"- The base model's accuracy on the stream's tasks: {np.mean(base, axis=0).round(3).tolist()} "
+              "(gain is measured from it).", ""]
+    levels = gain_levels(runs, n_levels)
+    for metric in FRONT_METRICS:
+        p = plot_fronts(runs, metric, levels, ctx.root / f"front_{metric}.png")
+        lines.append(f"![{metric} against gain]({p.name})")
+    lines.append("")
+    lines += ["## matched_gain: forgetting and general retention at equal new-task gain", ""]
+    if not levels:
+        ranges = {p: (min(task_gain(r) for s in by_lr.values() for r in s.values()),
+                      max(task_gain(r) for s in by_lr.values() for r in s.values())) for p, by_lr in runs.items()}
+        lines += ["The fronts' gain ranges do not overlap, so no gain is reached by both: "
+                  + ", ".join(f"{p} {lo:+.3f} to {hi:+.3f}" for p, (lo, hi) in ranges.items())
+                  + ". No matched comparison is possible on these grids.", ""]
+    else:
+        table_rows = matched_gain(runs, list(FRONT_METRICS), levels)
+        lines += [matched_table(table_rows), "",
+                  f"Estimates read off each front (per-lr means over {len(ctx.seeds)} seeds, linear between learning "
+                  f"rates); [95% interval] from 2000 paired bootstrap draws over seeds; the verdict uses the "
+                  f"Bonferroni-adjusted interval over the {table_rows[0]['tests']} differences read at once "
+                  "(shown as adj.). Coverage: share of draws in which the gain lay inside both fronts.", ""]
+        (ctx.root / "matched_gain.json").write_text(json.dumps(table_rows, indent=1))
+    points = [{"paradigm": p, "lr": lr, "seed": s, "gain": task_gain(r),
+               **{m: r["metrics"].get(m) for m in ("new_acc", "forgetting", "general_retention", "avg_acc",
+                                                   "train_seconds")}}
+              for p, by_lr in runs.items() for lr, by_seed in by_lr.items() for s, r in by_seed.items()]
+    (ctx.root / "points.json").write_text(json.dumps(points, indent=1))
+    return {"runs": runs, "best": best, "lines": lines}
+
+
+def matched_table(rows: list[dict]):
     import pandas as pd
 
-    from analysis.aggregate import as_table
+    recs = []
+    for metric, lower in FRONT_METRICS.items():
+        levels = sorted({r["gain"] for r in rows if r["metric"] == metric})
+        for level in levels:
+            at = {r["who"]: r for r in rows if r["metric"] == metric and r["gain"] == level}
+            cell = lambda r: "-" if math.isnan(r["estimate"]) else (  # noqa: E731
+                f"{r['estimate']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]")
+            diff = next(r for w, r in at.items() if " - " in w)
+            recs.append({"metric": metric, "gain": f"{level:+.3f}",
+                         **{w: cell(r) for w, r in at.items() if " - " not in w},
+                         f"{diff['who']}": cell(diff),
+                         "adj.": f"[{diff['lo_adj']:+.3f}, {diff['hi_adj']:+.3f}]",
+                         "coverage": f"{diff['coverage']:.0%}", "verdict": verdict(diff, lower)})
+    return as_table(pd.DataFrame(recs))
+
+
+def _pick_sft_lr(front: dict | None) -> float:
+    """The largest SFT learning rate on the front whose mean general retention is >= -0.05 (1e-4 if none)."""
+    if not front:
+        return 1e-4
+    ok = [lr for lr, by_seed in front["runs"]["SFT"].items()
+          if mean_ci([r["metrics"]["general_retention"] for r in by_seed.values()])[0] >= -0.05]
+    return max(ok) if ok else min(front["runs"]["SFT"])
+
+
+def part_ratio(ctx: Ctx, front: dict | None) -> list[str]:
+    sft_lr = 1e-5 if ctx.real else _pick_sft_lr(front)
+    print(f"\npaper_lr_ratio: SFT lr {sft_lr:g}, GRPO lr {sft_lr / 10:g}, cosine, 10% warm-up", flush=True)
+    rows = {}
+    for (paradigm, exp), ov in zip(PARADIGMS.items(), ratio_overrides(sft_lr, ctx.steps).values()):
+        out = ctx.root / "paper_lr_ratio" / exp
+        rs = ctx.sweep(out, exp, ov)
+        for r in rs:
+            r["metrics"]["gain"] = task_gain(r)
+        rows[mark_failed(f"{paradigm} lr={ov[0].split('=')[1]}", out)] = summarise(rs, ["gain", *METRICS])
+    return [f"## paper_lr_ratio: SFT lr {sft_lr:g} : GRPO lr {sft_lr / 10:g} (the paper's 10:1), cosine to 0, "
+            "10% warm-up", "",
+            f"SFT's learning rate: {'the papers' if ctx.real else 'the largest on its front that keeps general skills (mean general retention >= -0.05)'}.",
+            "", markdown_table(rows, ["gain", *METRICS]), "", *_compute_rows(ctx.root / "paper_lr_ratio", PARADIGMS), ""]
+
+
+def part_shared(ctx: Ctx) -> list[str]:
+    print("\nshared_lr: every arm at optimizer.lr (1e-4)", flush=True)
+    rows = {}
+    for label, exp in ARMS.items():
+        out = ctx.root / "shared_lr" / exp
+        rs = ctx.sweep(out, exp, [])
+        for r in rs:
+            r["metrics"]["gain"] = task_gain(r)
+        rows[mark_failed(label, out)] = summarise(rs, ["gain", *METRICS])
+    return ["## shared_lr: one learning rate for every arm", "", markdown_table(rows, ["gain", *METRICS]), "",
+            *_compute_rows(ctx.root / "shared_lr", ARMS), ""]
+
+
+def _seconds(by_seed: dict[int, dict]) -> float:
+    return float(np.mean([r["metrics"]["train_seconds"] for r in by_seed.values()]))
+
+
+def part_compute(ctx: Ctx, front: dict) -> list[str]:
+    sft_lr, grpo_lr = front["best"]["SFT"], front["best"]["GRPO"]
+    s_sft, s_grpo = _seconds(front["runs"]["SFT"][sft_lr]), _seconds(front["runs"]["GRPO"][grpo_lr])
+    ratio = s_sft / s_grpo
+    ov = compute_overrides(grpo_lr, ctx.steps, ratio)
+    print(f"\ncompute_matched: GRPO at lr {grpo_lr:g} with {ov[1]} (SFT {s_sft:.1f} s vs GRPO {s_grpo:.1f} s)", flush=True)
+    out = ctx.root / "compute_matched" / "rft_cpt_grpo"
+    rs = ctx.sweep(out, "rft_cpt_grpo", ov)
+    sft = list(front["runs"]["SFT"][sft_lr].values())
+    for r in [*rs, *sft]:
+        r["metrics"]["gain"] = task_gain(r)
+    ms = ["gain", "new_acc", "forgetting", "general_retention", "avg_acc", "train_seconds"]
+    rows = {f"SFT lr={sft_lr:g}, {ctx.steps} steps/task": summarise(sft, ms),
+            mark_failed(f"GRPO lr={grpo_lr:g}, {ov[1].split('=')[1]} steps/task", out): summarise(rs, ms)}
+    return ["## compute_matched: GRPO given SFT's wall-clock", "",
+            f"Wall-clock on this machine (not FLOPs): SFT trained {s_sft:.1f} s and GRPO {s_grpo:.1f} s per run at "
+            f"{ctx.steps} steps per task at their best front learning rates, so GRPO gets {ratio:.2f}x the steps.",
+            "", markdown_table(rows, ms), ""]
+
+
+def part_joint(ctx: Ctx, front: dict) -> list[str]:
+    print("\njoint upper bounds (budget raised until they learn)", flush=True)
+    rows, notes = {}, []
+    for (label, exp), paradigm in zip(JOINT_ARMS.items(), PARADIGMS):
+        lr = front["best"][paradigm]
+        for mult in (1, 3, 10):
+            out = ctx.root / "joint" / f"{exp}_x{mult}"
+            rs = ctx.sweep(out, exp, joint_overrides(lr, ctx.steps, mult))
+            gains = [task_gain(r) for r in rs]
+            mean, _, ci = mean_ci(gains)
+            for r in rs:
+                r["metrics"]["gain"] = task_gain(r)
+            rows[mark_failed(f"{label} lr={lr:g} x{mult} budget", out)] = summarise(rs, ["gain", *METRICS])
+            if not math.isnan(ci) and mean - ci > 0.02:
+                notes.append(f"- {label} learns (gain {mean:+.3f} ± {ci:.3f}) at x{mult} the sequential budget.")
+                break
+        else:
+            notes.append(f"- {label} did not learn clearly even at x10 the sequential budget.")
+    return ["## Joint multi-task upper bounds", "", markdown_table(rows, ["gain", *METRICS]), "", *notes, ""]
+
+
+def _compute_rows(root: Path, arms: dict[str, str]) -> list[str]:
+    import pandas as pd
 
     rows = []
     for label, exp in arms.items():
@@ -112,56 +358,17 @@ def _compute_rows(root: Path, arms: dict[str, str]) -> list[str]:
     return [as_table(pd.DataFrame(rows, columns=cols).astype(str))]
 
 
-def part_paper(root: Path, seeds: list[int], extra: list[str], rl_extra: list[str]) -> list[str]:
-    print("Part 1: the paper's protocol (shared learning rate)", flush=True)
-    for label, exp in ARMS.items():
-        run_sweep(root / "paper" / exp, exp, seeds, extra + (rl_extra if exp in RL_ARMS else [])
-                  + arm_overrides(exp, bool(rl_extra)))
-    rows = {mark_failed(label, root / "paper" / exp): summarise(completed_results(root / "paper" / exp), METRICS)
-            for label, exp in ARMS.items()}
-    return ["## The paper's protocol (shared lr)", "", markdown_table(rows, METRICS), "",
-            *_compute_rows(root / "paper", ARMS), ""]
-
-
-def part_sweep(root: Path, lrs: list[str], sweep_seeds: list[int], extra: list[str], rl_extra: list[str]) -> list[str]:
-    print("\nPart 2: learning-rate sweep per paradigm", flush=True)
-    points = []
-    for paradigm, exp in (("SFT", "rft_cpt_sft"), ("GRPO", "rft_cpt_grpo")):
-        for lr in lrs:
-            out = root / "lr_sweep" / f"{exp}_lr{lr}"
-            run_sweep(out, exp, sweep_seeds, [*extra, *(rl_extra if exp in RL_ARMS else []), f"optimizer.lr={lr}"])
-            for r in completed_results(out):
-                points.append({"paradigm": paradigm, "lr": lr, **{m: r["metrics"][m] for m in
-                                                                   ("new_acc", "forgetting", "general_retention", "avg_acc")}})
-    sweep_rows = {}
-    for paradigm, exp in (("SFT", "rft_cpt_sft"), ("GRPO", "rft_cpt_grpo")):
-        for lr in lrs:
-            point = root / "lr_sweep" / f"{exp}_lr{lr}"
-            sweep_rows[mark_failed(f"{paradigm} lr={lr}", point)] = summarise(completed_results(point),
-                                                          ["new_acc", "forgetting", "general_retention", "avg_acc"])
-    sweep_table = markdown_table(sweep_rows, ["new_acc", "forgetting", "general_retention", "avg_acc"])
-    p1 = plot_pareto(points, root / "pareto_forgetting.png", x="forgetting", y="new_acc", x_better="low",
-                     title="new-task accuracy vs forgetting (mean ± std over seeds)")
-    p2 = plot_pareto(points, root / "pareto_general.png", x="general_retention", y="new_acc", x_better="high",
-                     title="new-task accuracy vs general retention")
-
-    (root / "points.json").write_text(json.dumps(points, indent=1))
-    print(f"plots: {p1}, {p2}", flush=True)
-    return ["## Learning-rate sweep", "", sweep_table, "", f"![forgetting]({p1.name})", f"![general]({p2.name})", ""]
-
-
-def part_reasoning(root: Path, seeds: list[int], extra: list[str], rl_extra: list[str]) -> list[str]:
-    print("\nPart 3: reasoning ablation (worked-steps vs answer-only prompts, base=tiny_reasoning)", flush=True)
-    for label, exp in REASONING_ARMS.items():
-        run_sweep(root / "reasoning" / exp, exp, seeds, extra + rl_extra)
+def part_reasoning(ctx: Ctx) -> list[str]:
+    print("\nreasoning ablation (worked-steps vs answer-only prompts, base=tiny_reasoning)", flush=True)
     rows = {}
     for label, exp in REASONING_ARMS.items():
-        runs = completed_results(root / "reasoning" / exp)
+        out = ctx.root / "reasoning" / exp
+        runs = ctx.sweep(out, exp, [])
         for r in runs:  # the two formats start from different base accuracies on the same problems
             r["metrics"]["base_avg"] = sum(r["base_acc"]) / len(r["base_acc"])
-        rows[mark_failed(label, root / "reasoning" / exp)] = summarise(runs, METRICS + ["base_avg"])
+        rows[mark_failed(label, out)] = summarise(runs, METRICS + ["base_avg"])
     return ["## Reasoning ablation (GRPO, base=tiny_reasoning)", "", markdown_table(rows, METRICS + ["base_avg"]),
-            "", *_compute_rows(root / "reasoning", REASONING_ARMS), ""]
+            "", *_compute_rows(ctx.root / "reasoning", REASONING_ARMS), ""]
 
 
 if __name__ == "__main__":

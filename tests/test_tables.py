@@ -193,6 +193,50 @@ def test_sweep_summary_names_refused_jobs_and_leaves_their_old_results_out(table
     assert f"REFUSED {dirs[0]}: holds a completed run" in text
 
 
+def test_every_rft_cpt_arm_composes_quick_full_varied_and_real():
+    """The front, ratio, compute-matched and joint arms with the overrides the script builds for them, under
+    --quick, the full default (seeds vary base, data and evaluation subset) and --real."""
+    from omegaconf import OmegaConf
+
+    from analysis.sweep import QUICK_RL
+    from cl.validate import validate_config
+    from tests.conftest import compose_cfg
+
+    rft = _script("reproduce_rft_cpt")
+    arms = []
+    for exp in rft.PARADIGMS.values():
+        arms += [(exp, [f"optimizer.lr={lr:g}"]) for lr in rft.parse_lrs(rft.SFT_LRS if exp == "rft_cpt_sft" else rft.GRPO_LRS)]
+    arms += list(rft.ratio_overrides(3e-4, 40).items())
+    arms.append(("rft_cpt_grpo", rft.compute_overrides(1e-4, 40, 0.3)))
+    arms += [(exp, rft.joint_overrides(1e-4, 40, 3)) for exp in rft.JOINT_ARMS.values()]
+    assert len(rft.parse_lrs(rft.SFT_LRS)) >= 5 and len(rft.parse_lrs(rft.GRPO_LRS)) >= 5
+    for exp, ov in arms:
+        rl = QUICK_RL if exp in rft.RL_ARMS else []
+        for mode in ([*rft.QUICK, *rl], rft.VARY_ALL, [*rft.REAL, *rft.REAL_PARADIGM.get(exp, [])]):
+            cfg = OmegaConf.to_container(compose_cfg(f"experiment={exp}", "seed=3", *mode, *ov), resolve=True)
+            validate_config(cfg)
+            if mode is rft.VARY_ALL:  # one seed moves the base model, the data and the evaluation subset
+                assert cfg["base"]["init_seed"] == cfg["data"]["seed"] == cfg["eval"]["subset_seed"] == 3
+    assert rft.ratio_overrides(3e-4, 40)["rft_cpt_grpo"][0] == "optimizer.lr=3e-05"  # 10:1
+    assert rft.compute_overrides(1e-4, 40, 0.3)[1] == "stream.steps_per_task=12"
+
+
+def test_rft_cpt_real_arm_starts_on_a_tiny_random_qwen2(tiny_qwen, tmp_path):
+    """--real's overrides on a tiny random model of the real model's architecture (CPU, one step per task)."""
+    from cl.run import run
+    from tests.conftest import compose_cfg
+
+    rft = _script("reproduce_rft_cpt")
+    for exp in rft.PARADIGMS.values():
+        cfg = compose_cfg(f"experiment={exp}", *rft.REAL, *rft.REAL_PARADIGM[exp], f"model.name_or_path={tiny_qwen}",
+                          "trainer=cpu", "stream.steps_per_task=1", "stream.batch_size=2", "objective.max_new_tokens=4"
+                          if exp == "rft_cpt_grpo" else "stream.batch_size=2", "eval.every_n_steps=null",
+                          "eval.n_per_task=4", "logger=none", "shift=none", "train.warmup_steps=0")
+        res = run(cfg, tmp_path / exp)
+        assert res["status"] == "completed", res.get("error")
+        assert res["config"]["optimizer"]["lr"] == (1e-5 if exp == "rft_cpt_sft" else 1e-6)
+
+
 def test_every_point_of_the_other_table_scripts_composes_and_validates_quick_and_full():
     from omegaconf import OmegaConf
 
@@ -202,7 +246,7 @@ def test_every_point_of_the_other_table_scripts_composes_and_validates_quick_and
 
     configs = []
     rft = _script("reproduce_rft_cpt")
-    for exp in {**rft.ARMS, **rft.REASONING_ARMS}.values():
+    for exp in {**rft.ARMS, **rft.JOINT_ARMS, **rft.REASONING_ARMS}.values():
         rl = QUICK_RL if exp in rft.RL_ARMS else []
         configs += [[f"experiment={exp}"], [f"experiment={exp}", *rft.QUICK, *rl, *rft.arm_overrides(exp, True)]]
     runs, _ = _script("reproduce_replay").points({"gere", "fraction", "schedule", "regularizers"})

@@ -1,0 +1,184 @@
+"""Comparing paradigms at equal learning: learning-rate fronts and forgetting at matched new-task gain.
+
+A paradigm that learns less also forgets less, so "which forgets less" is only meaningful at the same
+amount learned (RL's Razor compares forgetting at matched new-task performance). Each paradigm is run at
+several learning rates (its *front*); each run's **new-task gain** is how far training on each task moved
+its accuracy above the base model's, averaged over the stream's tasks:
+
+    gain = mean_k (A[k, k] - base_acc[k])
+
+(``A[k, k]``: accuracy on task k right after training it; ``base_acc[k]``: the untouched base model's).
+A front is the per-learning-rate means (over seeds) of (gain, metric), sorted by gain and joined by straight
+lines; a metric **at matched gain** g is read off that line by linear interpolation, and is undefined
+outside the front's gain range (no extrapolation).
+
+Intervals come from a paired bootstrap over seeds: one draw resamples seed indices with replacement, the
+same indices for every paradigm and learning rate (a seed fixes the base model, data and evaluation subset
+when the sweep varies them, and the training order), recomputes every front and reads every paradigm at
+every level. The difference between two paradigms at a level is computed inside each draw, so its interval
+is that of the paired difference. A draw in which a level falls outside a front does not count for that
+level; the share of draws that did is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+Runs = Mapping[str, Mapping[float, Mapping[int, dict]]]  # paradigm -> lr -> seed -> results.json
+
+
+def task_gain(result: dict) -> float:
+    """Mean over the stream's tasks of (accuracy right after training the task - the base model's)."""
+    acc, base = result["acc_matrix"], result["base_acc"]
+    if len(acc) != len(base):
+        raise ValueError(f"acc_matrix has {len(acc)} rows for {len(base)} base accuracies")
+    return float(np.mean([acc[k][k] - base[k] for k in range(len(base))]))
+
+
+def run_value(result: dict, metric: str) -> float:
+    """``gain`` or a metric of ``results.json``'s ``metrics`` (null: NaN)."""
+    if metric == "gain":
+        return task_gain(result)
+    v = result["metrics"].get(metric)
+    return float("nan") if v is None else float(v)
+
+
+def front_points(runs: Mapping[float, Mapping[int, dict]], metric: str,
+                 seeds: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Per learning rate, the mean gain and mean ``metric`` over ``seeds`` (a multiset: bootstrap draws
+    repeat seeds; default every seed). Sorted by gain. Learning rates without any of the seeds are left out."""
+    pts = []
+    for lr, by_seed in runs.items():
+        chosen = [by_seed[s] for s in (seeds if seeds is not None else sorted(by_seed)) if s in by_seed]
+        if not chosen:
+            continue
+        g = np.mean([task_gain(r) for r in chosen])
+        m = np.nanmean([run_value(r, metric) for r in chosen]) if any(
+            not math.isnan(run_value(r, metric)) for r in chosen) else float("nan")
+        pts.append((g, m, lr))
+    pts.sort()
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts]), [p[2] for p in pts]
+
+
+def at_gain(gains: np.ndarray, values: np.ndarray, level: float) -> float:
+    """The front's ``values`` at gain ``level`` by linear interpolation; NaN outside its gain range."""
+    ok = ~np.isnan(values)
+    gains, values = gains[ok], values[ok]
+    if len(gains) == 0 or level < gains[0] or level > gains[-1]:
+        return float("nan")
+    return float(np.interp(level, gains, values))
+
+
+def gain_levels(runs: Runs, n: int = 3) -> list[float]:
+    """``n`` gain levels spread inside the range every paradigm's front covers (at 1/(n+1) ... n/(n+1) of
+    it); empty when the fronts' gain ranges do not overlap."""
+    lo, hi = -math.inf, math.inf
+    for by_lr in runs.values():
+        g, _, _ = front_points(by_lr, "gain")
+        if len(g) == 0:
+            return []
+        lo, hi = max(lo, g[0]), min(hi, g[-1])
+    if not lo < hi:
+        return []
+    return [float(lo + (hi - lo) * (i + 1) / (n + 1)) for i in range(n)]
+
+
+def matched_gain(runs: Runs, metrics: Sequence[str], levels: Sequence[float], n_boot: int = 2000,
+                 seed: int = 0, alpha: float = 0.05) -> list[dict]:
+    """Every paradigm's ``metrics`` at each gain level, and every pair's difference, with paired bootstrap
+    intervals over seeds.
+
+    Returns one row per (metric, level, paradigm or "A - B" pair): ``estimate`` (from all seeds), ``lo``/
+    ``hi`` (the ``1 - alpha`` percentile interval), ``lo_adj``/``hi_adj`` (Bonferroni over every pair
+    difference in the table: ``1 - alpha / m``), ``coverage`` (share of draws in which the level was inside
+    the front(s)), and ``n_seeds``.
+    """
+    paradigms = list(runs)
+    seeds = sorted({s for by_lr in runs.values() for by_seed in by_lr.values() for s in by_seed})
+    if not seeds:
+        raise ValueError("no completed runs")
+    pairs = [(a, b) for i, a in enumerate(paradigms) for b in paradigms[i + 1:]]
+    m_tests = max(1, len(pairs) * len(metrics) * len(levels))
+    rng = np.random.default_rng(seed)
+    draws = [list(rng.choice(seeds, size=len(seeds), replace=True)) for _ in range(n_boot)]
+
+    def read(sample: Sequence[int] | None) -> dict:
+        out = {}
+        for metric in metrics:
+            for p in paradigms:
+                g, v, _ = front_points(runs[p], metric, sample)
+                for level in levels:
+                    out[(metric, level, p)] = at_gain(g, v, level)
+            for a, b in pairs:
+                for level in levels:
+                    out[(metric, level, f"{a} - {b}")] = out[(metric, level, a)] - out[(metric, level, b)]
+        return out
+
+    point = read(None)
+    boot = [read(s) for s in draws]
+    rows = []
+    for key, est in point.items():
+        metric, level, who = key
+        vals = np.array([b[key] for b in boot])
+        vals = vals[~np.isnan(vals)]
+        adj = alpha / m_tests if " - " in who else alpha
+        q = (lambda a: np.percentile(vals, [100 * a / 2, 100 * (1 - a / 2)])) if len(vals) else (
+            lambda a: (float("nan"), float("nan")))
+        lo, hi = q(alpha)
+        lo_adj, hi_adj = q(adj)
+        rows.append({"metric": metric, "gain": level, "who": who, "estimate": est, "lo": float(lo), "hi": float(hi),
+                     "lo_adj": float(lo_adj), "hi_adj": float(hi_adj), "coverage": len(vals) / n_boot,
+                     "n_seeds": len(seeds), "tests": m_tests})
+    return rows
+
+
+def verdict(row: dict, lower_is_better: bool) -> str:
+    """A pair difference's reading, no stronger than its multiplicity-adjusted interval."""
+    a, b = row["who"].split(" - ")
+    if row["coverage"] < 0.95:
+        return f"inconclusive (level inside both fronts in only {row['coverage']:.0%} of draws)"
+    lo, hi = row["lo_adj"], row["hi_adj"]
+    if math.isnan(lo) or (lo <= 0 <= hi):
+        return "no difference resolved"
+    first_better = (hi < 0) if lower_is_better else (lo > 0)
+    return f"{a if first_better else b} better"
+
+
+def interior_best(runs: Mapping[float, Mapping[int, dict]], metric: str = "avg_acc") -> tuple[float, bool]:
+    """The learning rate with the best mean ``metric`` and whether it is interior to the grid (not its
+    smallest or largest learning rate): a best point at an end means the grid should be extended."""
+    means = {lr: np.nanmean([run_value(r, metric) for r in by_seed.values()]) for lr, by_seed in runs.items() if by_seed}
+    lrs = sorted(means)
+    best = max(lrs, key=lambda lr: means[lr])
+    return best, 0 < lrs.index(best) < len(lrs) - 1
+
+
+def plot_fronts(runs: Runs, metric: str, levels: Sequence[float], path, title: str | None = None):
+    """Each paradigm's front (mean gain vs mean ``metric`` per learning rate, lr labels, seed spread as
+    error bars), with the matched-gain levels as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for p, by_lr in runs.items():
+        g, v, lrs = front_points(by_lr, metric)
+        gs = [np.std([task_gain(r) for r in by_lr[lr].values()]) for lr in lrs]
+        vs = [np.nanstd([run_value(r, metric) for r in by_lr[lr].values()]) for lr in lrs]
+        ax.errorbar(g, v, xerr=gs, yerr=vs, marker="o", capsize=3, label=p)
+        for x, y, lr in zip(g, v, lrs):
+            ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for level in levels:
+        ax.axvline(level, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("new-task gain over the base model (mean over tasks)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} against new-task gain, one point per learning rate")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,89 @@
+"""Matched-gain comparison: fronts, interpolation, paired bootstrap intervals, verdicts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from analysis.fronts import (at_gain, front_points, gain_levels, interior_best, matched_gain, task_gain,
+                             verdict)
+
+
+def _run(gain: float, forgetting: float, avg: float = 0.5, base=(0.5, 0.4, 0.2)) -> dict:
+    k = len(base)
+    acc = [[0.0] * k for _ in range(k)]
+    for i, b in enumerate(base):
+        acc[i][i] = b + gain
+    return {"acc_matrix": acc, "base_acc": list(base), "metrics": {"forgetting": forgetting, "avg_acc": avg}}
+
+
+def test_task_gain_is_the_mean_diagonal_rise_over_the_base():
+    r = {"acc_matrix": [[0.7, 0.1], [0.2, 0.5]], "base_acc": [0.5, 0.4], "metrics": {}}
+    assert task_gain(r) == pytest.approx(((0.7 - 0.5) + (0.5 - 0.4)) / 2)
+
+
+def test_at_gain_interpolates_inside_the_front_and_refuses_to_extrapolate():
+    g, v = np.array([0.1, 0.3]), np.array([1.0, 3.0])
+    assert at_gain(g, v, 0.2) == pytest.approx(2.0)
+    assert math.isnan(at_gain(g, v, 0.05)) and math.isnan(at_gain(g, v, 0.31))
+
+
+def _two_paradigms(noise: float = 0.01, seeds=range(6)):
+    rng = np.random.default_rng(1)
+    runs = {"SFT": {}, "GRPO": {}}
+    for lr, gain in ((1e-5, 0.1), (1e-4, 0.2), (1e-3, 0.3)):
+        runs["SFT"][lr] = {s: _run(gain + rng.normal(0, noise), 2 * gain + rng.normal(0, noise)) for s in seeds}
+    for lr, gain in ((1e-6, 0.05), (1e-5, 0.15), (1e-4, 0.25), (1e-3, 0.35)):
+        runs["GRPO"][lr] = {s: _run(gain + rng.normal(0, noise), gain + rng.normal(0, noise)) for s in seeds}
+    return runs
+
+
+def test_matched_gain_reads_each_front_at_the_same_gain_with_paired_intervals():
+    runs = _two_paradigms()
+    levels = gain_levels(runs)
+    # overlap of SFT [~0.1, ~0.3] and GRPO [~0.05, ~0.35] is SFT's range: levels inside it, interior
+    assert len(levels) == 3 and 0.1 < levels[0] < levels[1] < levels[2] < 0.3
+    rows = matched_gain(runs, ["forgetting"], levels, n_boot=400)
+    by = {(r["who"], round(r["gain"], 6)): r for r in rows}
+    for level in levels:
+        sft, grpo = by[("SFT", round(level, 6))], by[("GRPO", round(level, 6))]
+        diff = by[("SFT - GRPO", round(level, 6))]
+        assert sft["estimate"] == pytest.approx(2 * level, abs=0.03)  # SFT: forgetting = 2 gain
+        assert grpo["estimate"] == pytest.approx(level, abs=0.03)  # GRPO: forgetting = gain
+        assert diff["estimate"] == pytest.approx(sft["estimate"] - grpo["estimate"])
+        assert diff["lo"] <= diff["estimate"] <= diff["hi"] and diff["lo_adj"] <= diff["lo"]
+        assert diff["lo_adj"] > 0 and diff["coverage"] > 0.95  # resolved: SFT forgets more at equal gain
+        assert verdict(diff, lower_is_better=True) == "GRPO better"
+        assert diff["tests"] == 3 and diff["n_seeds"] == 6
+
+
+def test_matched_gain_no_difference_when_the_fronts_coincide_and_none_without_overlap():
+    runs = _two_paradigms(noise=0.05)
+    for lr in runs["GRPO"]:  # GRPO now forgets like SFT: forgetting = 2 gain
+        for r in runs["GRPO"][lr].values():
+            r["metrics"]["forgetting"] = 2 * task_gain(r)
+    for lr in runs["SFT"]:
+        for r in runs["SFT"][lr].values():
+            r["metrics"]["forgetting"] = 2 * task_gain(r)
+    rows = matched_gain(runs, ["forgetting"], gain_levels(runs), n_boot=300)
+    diffs = [r for r in rows if r["who"] == "SFT - GRPO"]
+    assert all(abs(r["estimate"]) < 0.05 for r in diffs)
+    assert all(verdict(r, True) in ("no difference resolved",) or r["coverage"] < 0.95 for r in diffs)
+    far = {"A": {1e-4: {0: _run(0.1, 0.1)}, 1e-3: {0: _run(0.2, 0.2)}},
+           "B": {1e-4: {0: _run(0.3, 0.1)}, 1e-3: {0: _run(0.4, 0.2)}}}
+    assert gain_levels(far) == []
+
+
+def test_front_points_average_the_chosen_seeds_with_repeats():
+    by_lr = {1e-4: {0: _run(0.1, 0.2), 1: _run(0.3, 0.4)}}
+    g, v, lrs = front_points(by_lr, "forgetting", [0, 0, 1])  # a bootstrap draw repeats seed 0
+    assert lrs == [1e-4] and g[0] == pytest.approx((0.1 + 0.1 + 0.3) / 3) and v[0] == pytest.approx((0.2 + 0.2 + 0.4) / 3)
+
+
+def test_interior_best_flags_a_best_point_at_the_end_of_the_grid():
+    grid = {lr: {0: _run(0.1, 0.1, avg=a)} for lr, a in ((1e-5, 0.3), (1e-4, 0.5), (1e-3, 0.4))}
+    assert interior_best(grid) == (1e-4, True)
+    grid[1e-3][0]["metrics"]["avg_acc"] = 0.9
+    assert interior_best(grid) == (1e-3, False)
