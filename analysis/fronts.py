@@ -8,9 +8,15 @@ its accuracy above the base model's, averaged over the stream's tasks:
     gain = mean_k (A[k, k] - base_acc[k])
 
 (``A[k, k]``: accuracy on task k right after training it; ``base_acc[k]``: the untouched base model's).
-A front is the per-learning-rate means (over seeds) of (gain, metric), sorted by gain and joined by straight
-lines; a metric **at matched gain** g is read off that line by linear interpolation, and is undefined
-outside the front's gain range (no extrapolation).
+A front is the per-learning-rate means (over seeds) of (gain, metric) on its **rising branch**: the
+learning rates from the smallest up to the one with the largest mean gain. Past that peak a larger
+learning rate learns less and forgets more (training destabilises: dominated points), and keeping those
+points would fold the curve back over gains it already covers. The branch's points, sorted by gain and
+joined by straight lines, are the front; a metric **at matched gain** g is read off that line by linear
+interpolation, and is undefined outside the front's gain range (no extrapolation).
+
+Only seeds completed in every (paradigm, learning rate) cell are used, so every point of every front
+averages the same seeds (a seed whose run failed at one learning rate would otherwise bias that point).
 
 Intervals come from a paired bootstrap over seeds: one draw resamples seed indices with replacement, the
 same indices for every paradigm and learning rate (a seed fixes the base model, data and evaluation subset
@@ -18,6 +24,13 @@ when the sweep varies them, and the training order), recomputes every front and 
 every level. The difference between two paradigms at a level is computed inside each draw, so its interval
 is that of the paired difference. A draw in which a level falls outside a front does not count for that
 level; the share of draws that did is reported.
+
+With a handful of seeds a percentile bootstrap cannot resolve small tail probabilities (if every seed's
+difference has the same sign, every draw's does), so the **verdict** is not read off the bootstrap: each
+seed's own fronts give a per-seed difference at the level, and a paired t-test of their mean
+(``scipy.stats.ttest_1samp``) gives a p-value, Bonferroni-adjusted over every difference in the table.
+The exact sign-flip p-value (all 2^n sign patterns, no normality assumed) is reported beside it; with n
+seeds it cannot go below 2^(1-n), so a verdict that only the t-test supports says so.
 """
 
 from __future__ import annotations
@@ -46,21 +59,51 @@ def run_value(result: dict, metric: str) -> float:
     return float("nan") if v is None else float(v)
 
 
-def front_points(runs: Mapping[float, Mapping[int, dict]], metric: str,
-                 seeds: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def front_points(runs: Mapping[float, Mapping[int, dict]], metric: str, seeds: Sequence[int] | None = None,
+                 rising: bool = True) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Per learning rate, the mean gain and mean ``metric`` over ``seeds`` (a multiset: bootstrap draws
-    repeat seeds; default every seed). Sorted by gain. Learning rates without any of the seeds are left out."""
+    repeat seeds; default every seed), both over the same runs: a run whose ``metric`` is null counts in
+    neither. With ``rising`` only the rising branch (learning rates up to the one with the largest mean
+    gain). Sorted by gain. Learning rates without any usable run are left out."""
     pts = []
     for lr, by_seed in runs.items():
         chosen = [by_seed[s] for s in (seeds if seeds is not None else sorted(by_seed)) if s in by_seed]
+        chosen = [r for r in chosen if not math.isnan(run_value(r, metric))]
         if not chosen:
             continue
-        g = np.mean([task_gain(r) for r in chosen])
-        m = np.nanmean([run_value(r, metric) for r in chosen]) if any(
-            not math.isnan(run_value(r, metric)) for r in chosen) else float("nan")
-        pts.append((g, m, lr))
+        pts.append((float(np.mean([task_gain(r) for r in chosen])),
+                    float(np.mean([run_value(r, metric) for r in chosen])), lr))
+    if rising and pts:
+        pts.sort(key=lambda p: p[2])  # by learning rate: keep up to the largest gain
+        peak = max(range(len(pts)), key=lambda i: pts[i][0])
+        pts = pts[: peak + 1]
     pts.sort()
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts]), [p[2] for p in pts]
+
+
+def common_seeds(runs: Runs) -> list[int]:
+    """Seeds completed in every (paradigm, learning rate) cell."""
+    cells = [set(by_seed) for by_lr in runs.values() for by_seed in by_lr.values()]
+    return sorted(set.intersection(*cells)) if cells else []
+
+
+def restrict(runs: Runs, seeds: Sequence[int]) -> dict:
+    """``runs`` with only ``seeds`` in every cell."""
+    keep = set(seeds)
+    return {p: {lr: {s: r for s, r in by_seed.items() if s in keep} for lr, by_seed in by_lr.items()}
+            for p, by_lr in runs.items()}
+
+
+def sign_flip_p(diffs: Sequence[float]) -> float:
+    """Two-sided exact p-value of a zero mean of paired differences: the share of the 2^n sign patterns
+    whose |mean| is at least the observed one (the observed pattern included)."""
+    d = np.asarray([x for x in diffs if not math.isnan(x)], dtype=float)
+    n = len(d)
+    if n == 0:
+        return float("nan")
+    signs = np.array(np.meshgrid(*[[1.0, -1.0]] * n)).reshape(n, -1).T  # [2^n, n]
+    means = np.abs((signs * d).mean(axis=1))
+    return float(np.mean(means >= abs(d.mean()) - 1e-12))
 
 
 def at_gain(gains: np.ndarray, values: np.ndarray, level: float) -> float:
@@ -73,8 +116,8 @@ def at_gain(gains: np.ndarray, values: np.ndarray, level: float) -> float:
 
 
 def gain_levels(runs: Runs, n: int = 3) -> list[float]:
-    """``n`` gain levels spread inside the range every paradigm's front covers (at 1/(n+1) ... n/(n+1) of
-    it); empty when the fronts' gain ranges do not overlap."""
+    """``n`` gain levels spread inside the range every paradigm's front (rising branch) covers (at 1/(n+1)
+    ... n/(n+1) of it); empty when the fronts' gain ranges do not overlap."""
     lo, hi = -math.inf, math.inf
     for by_lr in runs.values():
         g, _, _ = front_points(by_lr, "gain")
@@ -97,9 +140,10 @@ def matched_gain(runs: Runs, metrics: Sequence[str], levels: Sequence[float], n_
     the front(s)), and ``n_seeds``.
     """
     paradigms = list(runs)
-    seeds = sorted({s for by_lr in runs.values() for by_seed in by_lr.values() for s in by_seed})
+    seeds = common_seeds(runs)
     if not seeds:
-        raise ValueError("no completed runs")
+        raise ValueError("no seed completed in every (paradigm, learning rate) cell")
+    runs = restrict(runs, seeds)
     pairs = [(a, b) for i, a in enumerate(paradigms) for b in paradigms[i + 1:]]
     m_tests = max(1, len(pairs) * len(metrics) * len(levels))
     rng = np.random.default_rng(seed)
@@ -129,22 +173,56 @@ def matched_gain(runs: Runs, metrics: Sequence[str], levels: Sequence[float], n_
             lambda a: (float("nan"), float("nan")))
         lo, hi = q(alpha)
         lo_adj, hi_adj = q(adj)
-        rows.append({"metric": metric, "gain": level, "who": who, "estimate": est, "lo": float(lo), "hi": float(hi),
-                     "lo_adj": float(lo_adj), "hi_adj": float(hi_adj), "coverage": len(vals) / n_boot,
-                     "n_seeds": len(seeds), "tests": m_tests})
+        row = {"metric": metric, "gain": level, "who": who, "estimate": est, "lo": float(lo), "hi": float(hi),
+               "lo_adj": float(lo_adj), "hi_adj": float(hi_adj), "coverage": len(vals) / n_boot,
+               "n_seeds": len(seeds), "tests": m_tests}
+        if " - " in who:  # the per-seed paired differences and their exact sign-flip test
+            a, b = who.split(" - ")
+            per_seed = {}
+            for s in seeds:
+                one = {p: {lr: {s: by_seed[s]} for lr, by_seed in runs[p].items()} for p in (a, b)}
+                va = at_gain(*front_points(one[a], metric)[:2], level)
+                vb = at_gain(*front_points(one[b], metric)[:2], level)
+                per_seed[s] = va - vb
+            valid = [d for d in per_seed.values() if not math.isnan(d)]
+            p_t = paired_t_p(valid)
+            row.update({"per_seed": per_seed, "n_valid": len(valid), "p": p_t,
+                        "p_adj": min(1.0, p_t * m_tests) if not math.isnan(p_t) else float("nan"),
+                        "p_exact": sign_flip_p(valid),
+                        "p_exact_adj": min(1.0, sign_flip_p(valid) * m_tests) if valid else float("nan"),
+                        "alpha": alpha})
+        rows.append(row)
     return rows
 
 
+def paired_t_p(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of a paired t-test that the per-seed differences have mean 0 (NaN below 2 seeds;
+    0 when every difference is the same non-zero value)."""
+    from scipy import stats
+
+    d = np.asarray([x for x in diffs if not math.isnan(x)], dtype=float)
+    if len(d) < 2:
+        return float("nan")
+    if np.ptp(d) == 0:
+        return 0.0 if d[0] != 0 else 1.0
+    return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
 def verdict(row: dict, lower_is_better: bool) -> str:
-    """A pair difference's reading, no stronger than its multiplicity-adjusted interval."""
+    """A pair difference's reading from the paired t-test on per-seed differences, Bonferroni-adjusted
+    over the table, with whether the distribution-free sign-flip test agrees."""
     a, b = row["who"].split(" - ")
-    if row["coverage"] < 0.95:
-        return f"inconclusive (level inside both fronts in only {row['coverage']:.0%} of draws)"
-    lo, hi = row["lo_adj"], row["hi_adj"]
-    if math.isnan(lo) or (lo <= 0 <= hi):
-        return "no difference resolved"
-    first_better = (hi < 0) if lower_is_better else (lo > 0)
-    return f"{a if first_better else b} better"
+    n = row.get("n_valid", 0)
+    if n < 2:
+        return f"inconclusive (the gain lies inside the fronts of {n} seed(s) only)"
+    if not row["p_adj"] <= row["alpha"]:
+        return f"no difference resolved (adjusted p {row['p_adj']:.2f}, {n} seeds)"
+    mean = float(np.mean([d for d in row["per_seed"].values() if not math.isnan(d)]))
+    first_better = (mean < 0) if lower_is_better else (mean > 0)
+    exact = ("; the sign-flip test agrees" if row["p_exact_adj"] <= row["alpha"] else
+             f"; t-test only: the sign-flip test cannot go below p {min(1.0, 2.0 ** (1 - n) * row['tests']):.2f} "
+             f"adjusted with {n} seeds")
+    return f"{a if first_better else b} better (adjusted p {row['p_adj']:.3f}, {n} seeds{exact})"
 
 
 def interior_best(runs: Mapping[float, Mapping[int, dict]], metric: str = "avg_acc") -> tuple[float, bool]:
@@ -166,10 +244,17 @@ def plot_fronts(runs: Runs, metric: str, levels: Sequence[float], path, title: s
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for p, by_lr in runs.items():
-        g, v, lrs = front_points(by_lr, metric)
+        g, v, lrs = front_points(by_lr, metric, rising=False)  # every point, the dominated ones hollow
+        on = set(front_points(by_lr, metric)[2])
         gs = [np.std([task_gain(r) for r in by_lr[lr].values()]) for lr in lrs]
         vs = [np.nanstd([run_value(r, metric) for r in by_lr[lr].values()]) for lr in lrs]
-        ax.errorbar(g, v, xerr=gs, yerr=vs, marker="o", capsize=3, label=p)
+        line = ax.errorbar([x for x, lr in zip(g, lrs) if lr in on], [y for y, lr in zip(v, lrs) if lr in on],
+                           xerr=[e for e, lr in zip(gs, lrs) if lr in on], yerr=[e for e, lr in zip(vs, lrs) if lr in on],
+                           marker="o", capsize=3, label=f"{p} (front)")
+        off = [i for i, lr in enumerate(lrs) if lr not in on]
+        if off:
+            ax.scatter([g[i] for i in off], [v[i] for i in off], facecolors="none",
+                       edgecolors=line[0].get_color(), label=f"{p} past its peak gain")
         for x, y, lr in zip(g, v, lrs):
             ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for level in levels:

@@ -46,12 +46,13 @@ def wandb_overrides(table: str, point: str) -> list[str]:
 
 
 def run_points(root: Path, table: str, points: dict[str, Point], seeds: Sequence[int], quick: bool,
-               extra: Sequence[str] = ()) -> list[dict]:
-    """Run every point's missing seeds (resumable); returns the jobs that failed in this invocation."""
+               extra: Sequence[str] = (), real: bool = False) -> list[dict]:
+    """Run every point's missing seeds (resumable); returns the jobs that failed in this invocation. With
+    ``real`` each point also gets its paradigm's papers' hyperparameters (a point's own overrides win)."""
     failed = []
     for name, p in points.items():
-        ov = [*(QUICK if quick else []), *extra,
-              *(QUICK_RL if quick and p.paradigm == "grpo" else []), *p.overrides, *wandb_overrides(table, name)]
+        ov = [*(QUICK if quick else []), *(QUICK_RL if quick and p.paradigm == "grpo" else []),
+              *real_overrides(real, p.paradigm), *p.overrides, *wandb_overrides(table, name), *extra]
         failed += run_sweep(root / name, p.experiment, list(seeds), ov)
     return failed
 
@@ -118,8 +119,21 @@ def write_table(root: Path, title: str, points: dict[str, Point], metrics: Seque
 
 # -- the command line every table script shares --------------------------------------------------------------
 # real models on GPUs: the same table with Qwen2.5-1.5B-Instruct (hub id or a local copy; chat template on),
-# no embedded base stage, bf16 on one GPU (add trainer=ddp for all GPUs of a node)
+# no embedded base stage, bf16 on one GPU (add trainer=ddp for all GPUs of a node), and the papers'
+# hyperparameters per paradigm (RFT-CPT's code: SFT through LLaMA-Factory at lr 1e-5, cosine, 10% warm-up;
+# GRPO through EasyR1 at lr 1e-6, G = 8, rollouts long enough for the task's answers)
 REAL = ["model=qwen2_5_1_5b_instruct", "base=none", "trainer=gpu"]
+REAL_SCHEDULE = ["train.decay=cosine", "train.min_lr_ratio=0.0", "train.warmup_steps=15"]  # 10% of 150 steps/task
+REAL_PARADIGM = {"sft": ["optimizer.lr=1e-5"],
+                 "grpo": ["optimizer.lr=1e-6", "objective.group_size=8", "objective.max_new_tokens=64"]}
+
+
+def real_overrides(real: bool, paradigm: str, schedule: bool = True) -> list[str]:
+    """A point's --real hyperparameters for its paradigm: the schedule (unless the point compares schedules
+    itself: ``schedule=False``) and the paradigm's lr and rollout settings; none without --real."""
+    if not real:
+        return []
+    return [*(REAL_SCHEDULE if schedule else []), *REAL_PARADIGM.get(paradigm, [])]
 
 
 def parse_args(description: str, default_out: str, paradigms: str = "sft,grpo"):
@@ -129,7 +143,9 @@ def parse_args(description: str, default_out: str, paradigms: str = "sft,grpo"):
     ap.add_argument("--quick", action="store_true", help="toy budget (40 steps per task, G=4): minutes on a laptop")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--paradigms", default=paradigms, help="comma list of sft, grpo")
-    ap.add_argument("--real", action="store_true", help="real model preset: " + " ".join(REAL))
+    ap.add_argument("--real", action="store_true", help="real model and the papers' hyperparameters: " + " ".join(REAL)
+                    + " " + " ".join(REAL_SCHEDULE) + "; SFT " + " ".join(REAL_PARADIGM["sft"]) + "; GRPO "
+                    + " ".join(REAL_PARADIGM["grpo"]) + " (a point's own settings and extra overrides win)")
     ap.add_argument("--out", type=Path, default=None, help=f"output root (default: {default_out}[_quick|_real])")
     ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once on this machine (hydra/launcher="
                     "cl_parallel; each gets cores / jobs threads; needs the [parallel] extra)")
@@ -138,7 +154,7 @@ def parse_args(description: str, default_out: str, paradigms: str = "sft,grpo"):
     args.paradigms = [p.strip() for p in args.paradigms.split(",") if p.strip()]
     if not args.paradigms or set(args.paradigms) - {"sft", "grpo"}:
         raise SystemExit(f"error: --paradigms: allowed sft, grpo; got {args.paradigms}")
-    suffix = "_real" if args.real else ("_quick" if args.quick else "")
+    suffix = ("_real" if args.real else "") + ("_quick" if args.quick else "")
     args.out = args.out or Path(f"{default_out}{suffix}")
     args.extra = (REAL if args.real else []) + parallel_overrides(args.jobs) + list(args.overrides)
     return args

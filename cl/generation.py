@@ -71,12 +71,22 @@ def generate_ids(
 
 def _forward_keywords(model: torch.nn.Module) -> tuple[str, bool]:
     """The KV-cache keyword of the model's forward (``cache`` in transformers >= 5.x, ``past_key_values``
-    before) and whether it takes ``logits_to_keep``. PEFT wrappers are looked through."""
+    before) and whether it takes ``logits_to_keep`` and ``position_ids``. PEFT wrappers are looked through."""
     import inspect
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(inner.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params, "position_ids" in params
+
+
+# generation-config settings that make generate add a logits processor or change decoding; decode_ids applies
+# none of them, so a model whose config sets one (to other than transformers' default) is refused
+_PROCESSOR_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "encoder_repetition_penalty",
+                       "encoder_no_repeat_ngram_size", "suppress_tokens", "begin_suppress_tokens",
+                       "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "min_length", "min_p",
+                       "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "renormalize_logits",
+                       "remove_invalid_values", "exponential_decay_length_penalty", "guidance_scale",
+                       "watermarking_config", "cache_implementation", "num_beams", "penalty_alpha")
 
 
 @torch.no_grad()
@@ -106,22 +116,22 @@ def decode_ids(
     up to the matrix-product blocking of a smaller batch (last-bit differences at most), so the sampling
     distribution is the same.
 
-    Generation-config processors other than ``min_new_tokens`` (repetition penalty, bad words, ...) are
-    not applied: ``ValueError`` if the model's generation config sets one.
+    Generation-config processors other than ``min_new_tokens`` (repetition penalty, bad words, min-p, ...)
+    are not applied: ``ValueError`` if the model's generation config sets one. Models whose cache holds
+    linear-attention states prefill every copy (their states are not repeated). On Apple MPS ``generate``
+    defers its stop check by one step, so its draws there can differ from these after the first batch.
     """
     from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
     from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 
-    gc = model.generation_config
-    extra = [k for k, neutral in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0), ("bad_words_ids", None),
-                                  ("encoder_repetition_penalty", 1.0), ("suppress_tokens", None),
-                                  ("begin_suppress_tokens", None), ("forced_bos_token_id", None),
-                                  ("forced_eos_token_id", None), ("sequence_bias", None))
-             if getattr(gc, k, neutral) not in (neutral, None, [])]
+    from transformers import GenerationConfig
+
+    gc, neutral = model.generation_config, GenerationConfig()
+    extra = [k for k in _PROCESSOR_SETTINGS if getattr(gc, k, None) != getattr(neutral, k, None)]
     if extra:
         raise ValueError(f"rollout_backend=hf_fast does not apply the model's generation-config setting(s) "
                          f"{', '.join(extra)}; use rollout_backend=hf")
-    cache_kw, keep_kw = _forward_keywords(model)
+    cache_kw, keep_kw, pos_kw = _forward_keywords(model)
     keep = {"logits_to_keep": 1} if keep_kw else {}
     device = next(model.parameters()).device
     n = num_return_sequences
@@ -134,15 +144,19 @@ def decode_ids(
             length = ids0.size(1)
             procs = LogitsProcessorList()
             if gc.min_new_tokens:
-                procs.append(MinNewTokensLengthLogitsProcessor(length, gc.min_new_tokens, fmt.eos_id))
+                procs.append(MinNewTokensLengthLogitsProcessor(length, gc.min_new_tokens, fmt.eos_id, device=device))
             if do_sample and temperature != 1.0:
                 procs.append(TemperatureLogitsWarper(temperature))
             if do_sample and top_p < 1.0:
                 procs.append(TopPLogitsWarper(top_p))
             cache = DynamicCache(config=getattr(model, "config", None))
-            logits = model(input_ids=ids0, attention_mask=mask0, position_ids=pos0, use_cache=True,
-                           **{cache_kw: cache}, **keep).logits[:, -1].to(copy=True, dtype=torch.float32)
-            if n > 1:
+            share = n > 1 and not any(getattr(cache, "is_linear", None) or [])  # linear-attention states do not repeat
+            first_ids, first_mask, first_pos = (ids0, mask0, pos0) if share or n == 1 else (
+                ids0.repeat_interleave(n, 0), mask0.repeat_interleave(n, 0), pos0.repeat_interleave(n, 0))
+            logits = model(input_ids=first_ids, attention_mask=first_mask, use_cache=True, **{cache_kw: cache}, **keep,
+                           **({"position_ids": first_pos} if pos_kw else {})
+                           ).logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+            if share:
                 cache.batch_repeat_interleave(n)
                 logits = logits.repeat_interleave(n, 0)
             seq, mask = ids0.repeat_interleave(n, 0), mask0.repeat_interleave(n, 0)
@@ -161,8 +175,9 @@ def decode_ids(
                     break
                 mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=-1)
                 pos = pos + 1
-                logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                               **{cache_kw: cache}, **keep).logits[:, -1].to(copy=True, dtype=torch.float32)
+                logits = model(input_ids=nxt[:, None], attention_mask=mask, use_cache=True, **{cache_kw: cache}, **keep,
+                               **({"position_ids": pos} if pos_kw else {})
+                               ).logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
             for row in seq[:, length:].tolist():
                 if fmt.eos_id in row:
                     row = row[: row.index(fmt.eos_id) + 1]

@@ -209,7 +209,8 @@ def set_threads(threads: int | None, hydra_cfg=None) -> int:
         try:
             launcher = (hydra_cfg or HydraConfig.get()).launcher
             n_jobs = launcher.get("n_jobs")
-            threads = (launcher.get("ray") or {}).get("remote", {}).get("num_cpus")
+            cpus = (launcher.get("ray") or {}).get("remote", {}).get("num_cpus")
+            threads = max(1, int(cpus)) if cpus else None  # a fractional CPU share: one thread
         except (ValueError, AttributeError):  # no Hydra context (tests, scripts)
             pass
         cores = os.cpu_count() or 1

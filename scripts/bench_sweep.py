@@ -42,18 +42,21 @@ def results(out: Path) -> dict[int, dict]:
     return {r["config"]["seed"]: r for r in runs if r.get("status") == "completed"}
 
 
-QUICK = ["--seeds", "2", "stream.steps_per_task=40"]
+QUICK = ["--seeds", "2", "--steps-per-task", "40"]
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--steps-per-task", type=int, default=None, help="stream.steps_per_task of every job")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job")
     return ap
 
 
 def measure(args) -> list[dict]:
+    if args.steps_per_task is not None:
+        args.overrides = [f"stream.steps_per_task={args.steps_per_task}", *args.overrides]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print("[bench] base stage (built or found in the cache) ...", flush=True)

@@ -26,6 +26,7 @@ from analysis.aggregate import (  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.aggregate import as_table  # noqa: E402
+from analysis.tables import REAL, real_overrides  # noqa: E402
 from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "new_acc", "general_retention"]
@@ -38,14 +39,16 @@ GRPO_ARMS = {"full": [], "LoRA": ["adapter=lora"], "MoRA": ["adapter=mora"]}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
+    ap.add_argument("--real", action="store_true", help="real model and the papers' hyperparameters per paradigm "
+                    "(analysis.tables.REAL, REAL_PARADIGM; needs a GPU and the model)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once (hydra/launcher=cl_parallel)")
     ap.add_argument("--paradigms", default="sft,grpo")
     ap.add_argument("--out", default=None, help="output root (default: results/adapters[_quick])")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
-    root = Path(args.out or f"results/adapters{'_quick' if args.quick else ''}")
-    extra = (QUICK if args.quick else []) + parallel_overrides(args.jobs) + args.overrides
+    root = Path(args.out or f"results/adapters{'_real' if args.real else ''}{'_quick' if args.quick else ''}")
+    extra = (QUICK if args.quick else []) + (REAL if args.real else []) + parallel_overrides(args.jobs)
     seeds = list(range(args.seeds))
     paradigms = [p.strip() for p in args.paradigms.split(",") if p.strip()]
     t0 = time.perf_counter()
@@ -56,7 +59,8 @@ def main() -> None:
         rows, extra_cols = {}, []
         for label, ov in arms.items():
             out = root / f"{paradigm}_{label.replace(' ', '_').replace('-', '_').lower()}"
-            run_sweep(out, None, seeds, [*extra, *rl, f"objective={paradigm}", *ov])
+            run_sweep(out, None, seeds, [*extra, *rl, f"objective={paradigm}", *real_overrides(args.real, paradigm), *ov,
+                                         *args.overrides])
             runs = completed_results(out)
             rows[mark_failed(label, out)] = summarise(runs, METRICS)
             trainable = runs[0]["metrics"]["compute"]["trainable_parameters_per_task"][0] if runs else None

@@ -25,6 +25,7 @@ from analysis.aggregate import (  # noqa: E402
     completed_results, mark_failed, markdown_table, write_report, summarise,
 )
 from analysis.plots import plot_pareto  # noqa: E402
+from analysis.tables import REAL, real_overrides  # noqa: E402
 from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "new_acc", "general_retention"]
@@ -45,6 +46,8 @@ def points(paradigms: list[str]) -> dict[str, tuple[str, str, str, list[str]]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
+    ap.add_argument("--real", action="store_true", help="real model and the papers' hyperparameters per paradigm "
+                    "(analysis.tables.REAL, REAL_PARADIGM; needs a GPU and the model)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once (hydra/launcher=cl_parallel)")
     ap.add_argument("--paradigms", default="sft,grpo")
@@ -54,13 +57,14 @@ def main() -> None:
     paradigms = [p.strip() for p in args.paradigms.split(",") if p.strip()]
     if set(paradigms) - {"sft", "grpo"}:
         raise SystemExit(f"error: --paradigms: allowed sft, grpo; got {paradigms}")
-    root = Path(args.out or f"results/averaging{'_quick' if args.quick else ''}")
-    extra = (QUICK if args.quick else []) + parallel_overrides(args.jobs) + args.overrides
+    root = Path(args.out or f"results/averaging{'_real' if args.real else ''}{'_quick' if args.quick else ''}")
+    extra = (QUICK if args.quick else []) + (REAL if args.real else []) + parallel_overrides(args.jobs)
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     todo = points(paradigms)
     for name, (p, _, exp, ov) in todo.items():
-        run_sweep(root / name, exp, seeds, [*extra, *(QUICK_RL if args.quick and p == "grpo" else []), *ov])
+        run_sweep(root / name, exp, seeds, [*extra, *(QUICK_RL if args.quick and p == "grpo" else []),
+                                            *real_overrides(args.real, p), *ov, *args.overrides])
     rows, pts = {}, []
     for name, (p, setting, _, _) in todo.items():
         runs = completed_results(root / name)

@@ -42,7 +42,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], "results/ctbench")
     t0 = time.perf_counter()
     pts = points(args.paradigms)
-    run_points(args.out, "ctbench", pts, range(args.seeds), args.quick, [*args.extra, "shift=none"])
+    run_points(args.out, "ctbench", pts, range(args.seeds), args.quick, [*args.extra, "shift=none"], real=args.real)
     md, _ = write_table(args.out, "MLLM-CTBench-style methods x paradigms (toy scale)", pts, METRICS)
     print("\n" + md + f"\n\nwritten: {args.out}/table.md, table.tex, runs.csv ({time.perf_counter() - t0:.0f} s)")
 

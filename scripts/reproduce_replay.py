@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from analysis.aggregate import (  # noqa: E402
     completed_results, mark_failed, markdown_table, write_report, mean_ci, summarise,
 )
+from analysis.tables import REAL, real_overrides  # noqa: E402
 from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention"]
@@ -117,9 +118,14 @@ def plot_fraction(root: Path, path: Path) -> Path | None:
     return path
 
 
+SCHEDULE_EXPERIMENTS = {"lr_infinite", "lr_rewarm"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
+    ap.add_argument("--real", action="store_true", help="real model and the papers' hyperparameters per paradigm "
+                    "(analysis.tables.REAL, REAL_PARADIGM; needs a GPU and the model)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once (hydra/launcher=cl_parallel)")
     ap.add_argument("--parts", default="gere,fraction,schedule,regularizers",
@@ -132,8 +138,8 @@ def main() -> None:
     allowed = {"gere", "fraction", "schedule", "regularizers"}
     if parts - allowed:
         raise SystemExit(f"error: --parts: unknown {sorted(parts - allowed)}; allowed: {', '.join(sorted(allowed))}")
-    root = Path(args.out or f"results/replay{'_quick' if args.quick else ''}")
-    extra = (QUICK if args.quick else []) + parallel_overrides(args.jobs) + args.overrides
+    root = Path(args.out or f"results/replay{'_real' if args.real else ''}{'_quick' if args.quick else ''}")
+    extra = (QUICK if args.quick else []) + (REAL if args.real else []) + parallel_overrides(args.jobs)
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     fp = tuple(p.strip() for p in args.fraction_paradigms.split(",") if p.strip())
@@ -142,7 +148,9 @@ def main() -> None:
     todo, tables = points(parts, fp)
     for name, (exp, ov) in todo.items():
         rl = QUICK_RL if args.quick and "objective=grpo" in ov else []
-        run_sweep(root / name, exp, seeds, [*extra, *rl, *ov])
+        real = real_overrides(args.real, "grpo" if "objective=grpo" in ov else "sft",
+                              schedule=exp not in SCHEDULE_EXPERIMENTS)  # those arms compare schedules
+        run_sweep(root / name, exp, seeds, [*extra, *rl, *real, *ov, *args.overrides])
     lines = ["# Replay at toy scale (default stream)", ""]
     titles = {"gere": "(a) GeRe replay losses, SFT", "fraction": "(b) experience-replay fraction, SFT and GRPO",
               "schedule": "(c) past-task schedule at 25% replay, SFT, task-balanced buffer",

@@ -30,7 +30,8 @@ Seeds vary everything random by default (``--vary all``): seed s trains from bas
 ``--vary training`` keeps one base, data and evaluation subset (only order and sampling vary: intervals are
 then conditional on that base); ``--quick`` uses it so no new base is built.
 
-    python scripts/reproduce_rft_cpt.py --quick          # front + ratio + compute, toy budget, ~15 min
+    python scripts/reproduce_rft_cpt.py --quick          # fronts + matched-gain table, toy budget, ~14 min
+    python scripts/reproduce_rft_cpt.py --quick --parts front,ratio,compute   # + 10:1 ratio, compute-matched
     python scripts/reproduce_rft_cpt.py                  # everything, 5 seeds, bases varied (hours on 2 cores)
     python scripts/reproduce_rft_cpt.py --real           # the papers' hyperparameters on a real model (GPU)
 """
@@ -54,7 +55,7 @@ from analysis.aggregate import (  # noqa: E402
 from analysis.fronts import (  # noqa: E402
     gain_levels, interior_best, matched_gain, plot_fronts, task_gain, verdict,
 )
-from analysis.tables import REAL as TABLES_REAL  # noqa: E402
+from analysis.tables import REAL as TABLES_REAL, real_overrides  # noqa: E402
 from analysis.sweep import QUICK as SWEEP_QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grpo_nokl",
@@ -67,18 +68,28 @@ METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forw
            "kl_base_general_final"]
 FRONT_METRICS = {"forgetting": True, "general_retention": False}  # metric -> lower is better
 PARTS = ("front", "ratio", "shared", "compute", "joint", "reasoning")
-SFT_LRS = "1e-5,3e-5,1e-4,3e-4,1e-3"
+SFT_LRS = "1e-6,3e-6,1e-5,3e-5,1e-4,3e-4,1e-3"  # low enough to reach GRPO's (smaller) gains
 GRPO_LRS = "3e-6,1e-5,3e-5,1e-4,3e-4,1e-3"
+QUICK_SFT_LRS = "1e-6,3e-6,1e-5,3e-5,1e-4,3e-4"
+QUICK_GRPO_LRS = "1e-5,3e-5,1e-4,3e-4,1e-3"
 QUICK = list(SWEEP_QUICK)
 # --quick (too short for GRPO to learn much) also screens fewer instances for RIF (its arm only: the others
 # have no rif.filter node to set)
 QUICK_RIF = ["rif.filter.max_instances=256"]
 VARY_ALL = ["base.init_seed=${seed}", "data.seed=${seed}", "eval.subset_seed=${seed}"]
-# --real: the papers' hyperparameters per paradigm (SFT: LLaMA-Factory lr 1e-5, cosine, 10% warm-up; GRPO:
-# EasyR1 lr 1e-6, G = 8, rollouts long enough for the task) on a real instruct model, no base stage
-REAL = [*TABLES_REAL, "train.decay=cosine", "train.min_lr_ratio=0.0", "train.warmup_steps=15"]
-REAL_PARADIGM = {"rft_cpt_sft": ["optimizer.lr=1e-5"],
-                 "rft_cpt_grpo": ["optimizer.lr=1e-6", "objective.group_size=8", "objective.max_new_tokens=64"]}
+VARY_ALL_REAL = VARY_ALL[1:]  # a real model has no base stage to re-initialise
+# --real: a real instruct model, no base stage, and the papers' hyperparameters per paradigm (SFT: LLaMA-
+# Factory lr 1e-5, cosine, 10% warm-up; GRPO: EasyR1 lr 1e-6, G = 8, rollouts long enough for the task)
+REAL = [*TABLES_REAL, "train.decay=cosine", "train.min_lr_ratio=0.0"]
+
+
+def paradigm_of(exp: str) -> str:
+    return "grpo" if exp in RL_ARMS else "sft"
+
+
+def real_arm(exp: str, steps: int) -> list[str]:
+    """--real's per-arm settings: the paradigm's lr and rollouts, warm-up 10% of the steps per task."""
+    return [*real_overrides(True, paradigm_of(exp), schedule=False), f"train.warmup_steps={max(1, round(0.1 * steps))}"]
 
 
 def arm_overrides(exp: str, quick: bool) -> list[str]:
@@ -105,35 +116,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="toy budget: 40 steps per task, G=4, boundary-only eval, one base (--vary training), "
-                         "3 seeds on the fronts, parts front,ratio,compute")
+                         "3 seeds, the fronts and the matched-gain table only (~14 minutes on 2 cores)")
     ap.add_argument("--real", action="store_true",
                     help="the papers' hyperparameters per paradigm on model=qwen2_5_1_5b_instruct (needs a GPU "
                          "and the model; add model=... to choose another)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per point (default 5; --quick: 3)")
     ap.add_argument("--vary", choices=["all", "training"], default=None,
-                    help="what a seed changes (default all; --quick: training)")
+                    help="what a seed changes (default all; --quick: training; --real: all but the base, which "
+                         "a real model does not have)")
     ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once (hydra/launcher=cl_parallel)")
-    ap.add_argument("--sft-lrs", default=SFT_LRS, help="SFT learning rates of the front")
-    ap.add_argument("--grpo-lrs", default=GRPO_LRS, help="GRPO learning rates of the front")
+    ap.add_argument("--sft-lrs", default=None, help=f"SFT learning rates of the front (default {SFT_LRS}; "
+                                                    f"--quick: {QUICK_SFT_LRS})")
+    ap.add_argument("--grpo-lrs", default=None, help=f"GRPO learning rates of the front (default {GRPO_LRS}; "
+                                                     f"--quick: {QUICK_GRPO_LRS})")
     ap.add_argument("--levels", type=int, default=3, help="gain levels of the matched-gain table")
     ap.add_argument("--out", default=None, help="output root (default: results/rft_cpt[_quick|_real])")
     ap.add_argument("--parts", default=None, help=f"comma-separated subset of {', '.join(PARTS)} "
-                                                  "(default: all; --quick: front,ratio,compute)")
+                                                  "(default: all; --quick: front)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
-    mode = "_quick" if args.quick else "_real" if args.real else ""
-    root = Path(args.out or f"results/rft_cpt{mode}").resolve()
     seeds = list(range(args.seeds or (3 if args.quick else 5)))
-    vary = args.vary or ("training" if args.quick or args.real else "all")
-    steps = 40 if args.quick else 150
-    extra = ((QUICK if args.quick else []) + (REAL if args.real else []) + (VARY_ALL if vary == "all" else [])
-             + parallel_overrides(args.jobs) + args.overrides)
-    parts = [p.strip() for p in (args.parts or ("front,ratio,compute" if args.quick else ",".join(PARTS))).split(",")
-             if p.strip()]
+    vary = args.vary or ("training" if args.quick else "all")
+    default_vary = "training" if args.quick else "all"
+    mode = ("_real" if args.real else "") + ("_quick" if args.quick else "") + (
+        f"_vary-{vary}" if vary != default_vary else "")  # a different protocol never reuses another's runs
+    root = Path(args.out or f"results/rft_cpt{mode}").resolve()
+    vary_ov = (VARY_ALL_REAL if args.real else VARY_ALL) if vary == "all" else []
+    extra = ((QUICK if args.quick else []) + (REAL if args.real else []) + vary_ov + parallel_overrides(args.jobs))
+    from cl.run import compose_config
+
+    steps = int(compose_config(*[o for o in extra if not o.startswith("hydra")], *args.overrides).stream.steps_per_task)
+    parts = [p.strip() for p in (args.parts or ("front" if args.quick else ",".join(PARTS))).split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise SystemExit(f"error: --parts: unknown {', '.join(bad)}; allowed: {', '.join(PARTS)}")
-    ctx = Ctx(root, seeds, extra, QUICK_RL if args.quick else [], steps, args.quick, args.real)
+    ctx = Ctx(root, seeds, extra, QUICK_RL if args.quick else [], steps, args.quick, args.real, args.overrides)
     t0 = time.perf_counter()
     lines = ["# RFT-CPT at toy scale" if not args.real else "# RFT-CPT on a real model", "",
              f"Seeds per point: {len(seeds)}; a seed varies {'the base model, the task data, the evaluation subset and ' if vary == 'all' else ''}"
@@ -141,7 +158,8 @@ def main() -> None:
              f"{steps} optimizer steps per task unless a table says otherwise.", ""]
     front = None
     if "front" in parts or any(p in parts for p in ("ratio", "compute", "joint")):
-        front = part_front(ctx, parse_lrs(args.sft_lrs), parse_lrs(args.grpo_lrs), args.levels)
+        front = part_front(ctx, parse_lrs(args.sft_lrs or (QUICK_SFT_LRS if args.quick else SFT_LRS)),
+                           parse_lrs(args.grpo_lrs or (QUICK_GRPO_LRS if args.quick else GRPO_LRS)), args.levels)
         if "front" in parts:
             lines += front["lines"]
     if "ratio" in parts:
@@ -154,23 +172,28 @@ def main() -> None:
         lines += part_joint(ctx, front)
     if "reasoning" in parts:
         lines += part_reasoning(ctx)
+    if ctx.failed:
+        lines += ["", f"Points with no completed job: {', '.join(ctx.failed)}."]
     write_report(root, lines)
     print("\n" + "\n".join(lines))
     print(f"\nwritten: {root / 'table.md'} ({time.perf_counter() - t0:.0f} s)")
 
 
 class Ctx:
-    def __init__(self, root, seeds, extra, rl_extra, steps, quick, real):
+    def __init__(self, root, seeds, extra, rl_extra, steps, quick, real, user):
         self.root, self.seeds, self.extra, self.rl_extra = root, seeds, extra, rl_extra
-        self.steps, self.quick, self.real = steps, quick, real
+        self.steps, self.quick, self.real, self.user = steps, quick, real, list(user)
+        self.failed: list[str] = []
 
     def sweep(self, out: Path, exp: str, overrides: list[str], seeds: list[int] | None = None) -> list[dict]:
+        """Run the point (the user's overrides last: they win); its completed runs (none: noted, not fatal)."""
         run_sweep(out, exp, seeds or self.seeds,
                   [*self.extra, *(self.rl_extra if exp in RL_ARMS else []), *arm_overrides(exp, self.quick),
-                   *(REAL_PARADIGM.get(exp, []) if self.real else []), *overrides])
+                   *(real_arm(exp, self.steps) if self.real else []), *overrides, *self.user])
         runs = completed_results(out)
         if not runs:
-            raise SystemExit(f"error: no job of {out} completed (see its jobs/*/run.log)")
+            print(f"    warning: no job of {out.name} completed (see {out}/jobs/*/run.log)", flush=True)
+            self.failed.append(out.name)
         return runs
 
 
@@ -188,11 +211,18 @@ def _by_seed(runs: list[dict]) -> dict[int, dict]:
 def part_front(ctx: Ctx, sft_lrs: list[float], grpo_lrs: list[float], n_levels: int) -> dict:
     print("Front: SFT and GRPO over learning rates", flush=True)
     runs: dict[str, dict[float, dict[int, dict]]] = {}
+    failed = []
     for paradigm, exp in PARADIGMS.items():
         runs[paradigm] = {}
         for lr in (sft_lrs if paradigm == "SFT" else grpo_lrs):
             out = ctx.root / "lr_front" / f"{exp}_lr{lr:g}"
-            runs[paradigm][lr] = _by_seed(ctx.sweep(out, exp, [f"optimizer.lr={lr:g}"]))
+            got = _by_seed(ctx.sweep(out, exp, [f"optimizer.lr={lr:g}"]))
+            if got:
+                runs[paradigm][lr] = got
+            else:
+                failed.append(f"{paradigm} lr {lr:g}")
+        if len(runs[paradigm]) < 2:
+            raise SystemExit(f"error: fewer than 2 learning rates of {paradigm} completed: no front")
     base = [r["base_acc"] for by_lr in runs.values() for by_seed in by_lr.values() for r in by_seed.values()]
     lines = ["## lr_front: each paradigm over learning rates", ""]
     rows = {}
@@ -212,7 +242,10 @@ def part_front(ctx: Ctx, sft_lrs: list[float], grpo_lrs: list[float], n_levels: 
                      + ("interior to the grid." if interior else "**at an end of the grid**: extend the grid to "
                         "see the front's turn."))
     lines += [f"- The base model's accuracy on the stream's tasks: {np.mean(base, axis=0).round(3).tolist()} "
-              "(gain is measured from it).", ""]
+              "(gain is measured from it; mean over the bases of the seeds)."]
+    if failed:
+        lines.append(f"- No run completed at: {', '.join(failed)} (left out of the fronts).")
+    lines.append("")
     levels = gain_levels(runs, n_levels)
     for metric in FRONT_METRICS:
         p = plot_fronts(runs, metric, levels, ctx.root / f"front_{metric}.png")
@@ -227,11 +260,14 @@ def part_front(ctx: Ctx, sft_lrs: list[float], grpo_lrs: list[float], n_levels: 
                   + ". No matched comparison is possible on these grids.", ""]
     else:
         table_rows = matched_gain(runs, list(FRONT_METRICS), levels)
+        n = table_rows[0]["n_seeds"]
         lines += [matched_table(table_rows), "",
-                  f"Estimates read off each front (per-lr means over {len(ctx.seeds)} seeds, linear between learning "
-                  f"rates); [95% interval] from 2000 paired bootstrap draws over seeds; the verdict uses the "
-                  f"Bonferroni-adjusted interval over the {table_rows[0]['tests']} differences read at once "
-                  "(shown as adj.). Coverage: share of draws in which the gain lay inside both fronts.", ""]
+                  f"Estimates read off each front (per-lr means over the {n} seeds complete at every learning rate, "
+                  "linear between learning rates); [95% interval] from 2000 paired bootstrap draws over seeds "
+                  "(coverage: share of draws in which the gain lay inside both fronts). The verdict is a paired "
+                  "t-test on each seed's own difference at that gain (n: seeds whose fronts reach it), Bonferroni-"
+                  f"adjusted over the {table_rows[0]['tests']} differences read at once (p adj.); p exact adj.: "
+                  "the distribution-free sign-flip test, which cannot go below 2^(1-n) before adjustment.", ""]
         (ctx.root / "matched_gain.json").write_text(json.dumps(table_rows, indent=1))
     points = [{"paradigm": p, "lr": lr, "seed": s, "gain": task_gain(r),
                **{m: r["metrics"].get(m) for m in ("new_acc", "forgetting", "general_retention", "avg_acc",
@@ -254,14 +290,15 @@ def matched_table(rows: list[dict]):
             diff = next(r for w, r in at.items() if " - " in w)
             recs.append({"metric": metric, "gain": f"{level:+.3f}",
                          **{w: cell(r) for w, r in at.items() if " - " not in w},
-                         f"{diff['who']}": cell(diff),
-                         "adj.": f"[{diff['lo_adj']:+.3f}, {diff['hi_adj']:+.3f}]",
-                         "coverage": f"{diff['coverage']:.0%}", "verdict": verdict(diff, lower)})
+                         f"{diff['who']}": cell(diff), "coverage": f"{diff['coverage']:.0%}", "n": diff["n_valid"],
+                         "p adj.": f"{diff['p_adj']:.3f}", "p exact adj.": f"{diff['p_exact_adj']:.3f}",
+                         "verdict": verdict(diff, lower)})
     return as_table(pd.DataFrame(recs))
 
 
 def _pick_sft_lr(front: dict | None) -> float:
-    """The largest SFT learning rate on the front whose mean general retention is >= -0.05 (1e-4 if none)."""
+    """The largest SFT learning rate on the front whose mean general retention is >= -0.05 (the smallest
+    front learning rate if none is; 1e-4 without a front)."""
     if not front:
         return 1e-4
     ok = [lr for lr, by_seed in front["runs"]["SFT"].items()
@@ -272,9 +309,10 @@ def _pick_sft_lr(front: dict | None) -> float:
 def part_ratio(ctx: Ctx, front: dict | None) -> list[str]:
     sft_lr = 1e-5 if ctx.real else _pick_sft_lr(front)
     print(f"\npaper_lr_ratio: SFT lr {sft_lr:g}, GRPO lr {sft_lr / 10:g}, cosine, 10% warm-up", flush=True)
-    rows = {}
+    rows, dirs = {}, {}
     for (paradigm, exp), ov in zip(PARADIGMS.items(), ratio_overrides(sft_lr, ctx.steps).values()):
-        out = ctx.root / "paper_lr_ratio" / exp
+        dirs[paradigm] = f"{exp}_lr{ov[0].split('=')[1]}"
+        out = ctx.root / "paper_lr_ratio" / dirs[paradigm]
         rs = ctx.sweep(out, exp, ov)
         for r in rs:
             r["metrics"]["gain"] = task_gain(r)
@@ -282,19 +320,20 @@ def part_ratio(ctx: Ctx, front: dict | None) -> list[str]:
     return [f"## paper_lr_ratio: SFT lr {sft_lr:g} : GRPO lr {sft_lr / 10:g} (the paper's 10:1), cosine to 0, "
             "10% warm-up", "",
             f"SFT's learning rate: {'the papers' if ctx.real else 'the largest on its front that keeps general skills (mean general retention >= -0.05)'}.",
-            "", markdown_table(rows, ["gain", *METRICS]), "", *_compute_rows(ctx.root / "paper_lr_ratio", PARADIGMS), ""]
+            "", markdown_table(rows, ["gain", *METRICS]), "", *_compute_rows(ctx.root / "paper_lr_ratio", dirs), ""]
 
 
 def part_shared(ctx: Ctx) -> list[str]:
-    print("\nshared_lr: every arm at optimizer.lr (1e-4)", flush=True)
+    lr = 1e-5 if ctx.real else 1e-4
+    print(f"\nshared_lr: every arm at lr {lr:g}", flush=True)
     rows = {}
     for label, exp in ARMS.items():
         out = ctx.root / "shared_lr" / exp
-        rs = ctx.sweep(out, exp, [])
+        rs = ctx.sweep(out, exp, [f"optimizer.lr={lr:g}"])
         for r in rs:
             r["metrics"]["gain"] = task_gain(r)
         rows[mark_failed(label, out)] = summarise(rs, ["gain", *METRICS])
-    return ["## shared_lr: one learning rate for every arm", "", markdown_table(rows, ["gain", *METRICS]), "",
+    return [f"## shared_lr: one learning rate ({lr:g}) for every arm", "", markdown_table(rows, ["gain", *METRICS]), "",
             *_compute_rows(ctx.root / "shared_lr", ARMS), ""]
 
 
@@ -308,7 +347,7 @@ def part_compute(ctx: Ctx, front: dict) -> list[str]:
     ratio = s_sft / s_grpo
     ov = compute_overrides(grpo_lr, ctx.steps, ratio)
     print(f"\ncompute_matched: GRPO at lr {grpo_lr:g} with {ov[1]} (SFT {s_sft:.1f} s vs GRPO {s_grpo:.1f} s)", flush=True)
-    out = ctx.root / "compute_matched" / "rft_cpt_grpo"
+    out = ctx.root / "compute_matched" / f"rft_cpt_grpo_lr{grpo_lr:g}_{ov[1].split('=')[1]}steps"
     rs = ctx.sweep(out, "rft_cpt_grpo", ov)
     sft = list(front["runs"]["SFT"][sft_lr].values())
     for r in [*rs, *sft]:
@@ -328,9 +367,11 @@ def part_joint(ctx: Ctx, front: dict) -> list[str]:
     for (label, exp), paradigm in zip(JOINT_ARMS.items(), PARADIGMS):
         lr = front["best"][paradigm]
         for mult in (1, 3, 10):
-            out = ctx.root / "joint" / f"{exp}_x{mult}"
+            out = ctx.root / "joint" / f"{exp}_lr{lr:g}_x{mult}"
             rs = ctx.sweep(out, exp, joint_overrides(lr, ctx.steps, mult))
             gains = [task_gain(r) for r in rs]
+            if not gains:
+                continue
             mean, _, ci = mean_ci(gains)
             for r in rs:
                 r["metrics"]["gain"] = task_gain(r)

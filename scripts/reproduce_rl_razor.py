@@ -43,7 +43,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], "results/rl_razor")
     t0 = time.perf_counter()
     pts = points(args.paradigms)
-    run_points(args.out, "rl_razor", pts, range(args.seeds), args.quick, args.extra)
+    run_points(args.out, "rl_razor", pts, range(args.seeds), args.quick, args.extra, real=args.real)
     _, df = write_table(args.out, "RL's Razor: forgetting vs forward KL (toy scale)", pts, METRICS)
     done = df[df["status"] == "completed"].dropna(subset=[KL, "forgetting"])
     scatter = [{"label": r["label"].split(" lr")[0] + f" lr {r['lr']}", "forward_kl": r[KL],

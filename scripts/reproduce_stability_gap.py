@@ -41,7 +41,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], "results/stability_gap", paradigms="sft")
     t0 = time.perf_counter()
     pts = points(args.paradigms, 5 if args.quick else 10)
-    run_points(args.out, "stability_gap", pts, range(args.seeds), args.quick, args.extra)
+    run_points(args.out, "stability_gap", pts, range(args.seeds), args.quick, args.extra, real=args.real)
     groups, ends = {}, []
     for name, p in pts.items():
         runs = completed_results(args.out / name)

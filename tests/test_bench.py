@@ -20,7 +20,7 @@ TINY = {
     "grpo": ["--steps", "3", "--warmup", "1", "--repeats", "1", "--kl", "0.01"],
     "eval": ["--n", "10", "--repeats", "1", "--skip-run", "experiment=smoke"],
     "scale": ["--sizes", "1m", "--steps", "2", "--warmup", "1", "--stream-lengths", "2,3", "--stream-steps", "3"],
-    "sweep": ["--seeds", "2", "experiment=smoke", "stream.steps_per_task=3", "eval.every_n_steps=null"],
+    "sweep": ["--quick", "--steps-per-task", "3", "experiment=smoke", "eval.every_n_steps=null"],  # --quick + overrides
 }
 
 

@@ -55,8 +55,11 @@ def test_matched_gain_reads_each_front_at_the_same_gain_with_paired_intervals():
         assert diff["estimate"] == pytest.approx(sft["estimate"] - grpo["estimate"])
         assert diff["lo"] <= diff["estimate"] <= diff["hi"] and diff["lo_adj"] <= diff["lo"]
         assert diff["lo_adj"] > 0 and diff["coverage"] > 0.95  # resolved: SFT forgets more at equal gain
-        assert verdict(diff, lower_is_better=True) == "GRPO better"
-        assert diff["tests"] == 3 and diff["n_seeds"] == 6
+        assert verdict(diff, lower_is_better=True).startswith("GRPO better (adjusted p")
+        assert diff["tests"] == 3 and diff["n_seeds"] == 6 and diff["n_valid"] == 6
+        # every seed's own difference points the same way: the exact test sits at its floor 2^(1-6) x 3 tests
+        assert diff["p_exact_adj"] == pytest.approx(3 * 2 ** -5)
+        assert "t-test only" in verdict(diff, lower_is_better=True)
 
 
 def test_matched_gain_no_difference_when_the_fronts_coincide_and_none_without_overlap():
@@ -70,10 +73,32 @@ def test_matched_gain_no_difference_when_the_fronts_coincide_and_none_without_ov
     rows = matched_gain(runs, ["forgetting"], gain_levels(runs), n_boot=300)
     diffs = [r for r in rows if r["who"] == "SFT - GRPO"]
     assert all(abs(r["estimate"]) < 0.05 for r in diffs)
-    assert all(verdict(r, True) in ("no difference resolved",) or r["coverage"] < 0.95 for r in diffs)
+    assert all(verdict(r, True).startswith("no difference resolved") for r in diffs)
     far = {"A": {1e-4: {0: _run(0.1, 0.1)}, 1e-3: {0: _run(0.2, 0.2)}},
            "B": {1e-4: {0: _run(0.3, 0.1)}, 1e-3: {0: _run(0.4, 0.2)}}}
     assert gain_levels(far) == []
+
+
+def test_matched_gain_uses_only_seeds_complete_in_every_cell_and_skips_null_metrics():
+    runs = _two_paradigms(seeds=range(4))
+    del runs["SFT"][1e-4][3]  # seed 3 failed at one learning rate: left out everywhere
+    rows = matched_gain(runs, ["forgetting"], gain_levels(runs), n_boot=50)
+    assert {r["n_seeds"] for r in rows} == {3}
+    by_lr = {1e-4: {0: _run(0.1, 0.2), 1: _run(0.3, 0.4)}}
+    by_lr[1e-4][1]["metrics"]["forgetting"] = None  # a null metric drops the run from both means
+    g, v, _ = front_points(by_lr, "forgetting")
+    assert g[0] == pytest.approx(0.1) and v[0] == pytest.approx(0.2)
+
+
+def test_exact_sign_flip_and_paired_t_p_values():
+    from analysis.fronts import paired_t_p, sign_flip_p
+
+    assert sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)  # all positive: the two extreme patterns of 8
+    assert sign_flip_p([1.0, -1.0]) == pytest.approx(1.0)
+    from scipy import stats
+
+    d = [0.3, 0.1, 0.2, 0.25, -0.05]
+    assert paired_t_p(d) == pytest.approx(stats.ttest_rel(np.array(d) + 1.0, np.ones(5)).pvalue)
 
 
 def test_front_points_average_the_chosen_seeds_with_repeats():
@@ -87,3 +112,12 @@ def test_interior_best_flags_a_best_point_at_the_end_of_the_grid():
     assert interior_best(grid) == (1e-4, True)
     grid[1e-3][0]["metrics"]["avg_acc"] = 0.9
     assert interior_best(grid) == (1e-3, False)
+
+
+def test_the_front_is_the_rising_branch_up_to_the_peak_gain():
+    by_lr = {1e-5: {0: _run(0.05, 0.01)}, 1e-4: {0: _run(0.2, 0.1)}, 1e-3: {0: _run(0.1, 0.5)}}  # 1e-3 past the peak
+    g, v, lrs = front_points(by_lr, "forgetting")
+    assert lrs == [1e-5, 1e-4] and g.tolist() == pytest.approx([0.05, 0.2])
+    assert front_points(by_lr, "forgetting", rising=False)[2] == [1e-5, 1e-3, 1e-4]  # sorted by gain
+    # a matched reading at gain 0.1 uses the rising branch (interpolated 0.01 -> 0.1), not the collapsed 1e-3 point
+    assert at_gain(g, v, 0.1) == pytest.approx(0.01 + (0.1 - 0.05) / 0.15 * 0.09)

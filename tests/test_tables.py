@@ -149,7 +149,7 @@ def test_every_table_point_is_a_valid_config(script, n_points):
     from omegaconf import OmegaConf
 
     from analysis.sweep import QUICK, QUICK_RL
-    from analysis.tables import REAL, wandb_overrides
+    from analysis.tables import REAL, real_overrides, wandb_overrides
     from cl.validate import validate_config
     from tests.conftest import compose_cfg
 
@@ -157,7 +157,7 @@ def test_every_table_point_is_a_valid_config(script, n_points):
     pts = mod.points(["sft", "grpo"], 5) if script.endswith("gap") else mod.points(["sft", "grpo"])
     assert len(pts) == n_points
     for name, p in pts.items():
-        for extra in ([], QUICK + (QUICK_RL if p.paradigm == "grpo" else []), REAL):
+        for extra in ([], QUICK + (QUICK_RL if p.paradigm == "grpo" else []), REAL + real_overrides(True, p.paradigm)):
             ov = [*([f"experiment={p.experiment}"] if p.experiment else []), *extra, *p.overrides,
                   *wandb_overrides(script, name)]
             cfg = OmegaConf.to_container(compose_cfg(*ov), resolve=True)
@@ -209,10 +209,13 @@ def test_every_rft_cpt_arm_composes_quick_full_varied_and_real():
     arms += list(rft.ratio_overrides(3e-4, 40).items())
     arms.append(("rft_cpt_grpo", rft.compute_overrides(1e-4, 40, 0.3)))
     arms += [(exp, rft.joint_overrides(1e-4, 40, 3)) for exp in rft.JOINT_ARMS.values()]
-    assert len(rft.parse_lrs(rft.SFT_LRS)) >= 5 and len(rft.parse_lrs(rft.GRPO_LRS)) >= 5
+    arms += [(exp, ["optimizer.lr=1e-4"]) for exp in rft.ARMS.values()]  # shared_lr
+    assert rft.paradigm_of("rft_cpt_rif_grpo") == "grpo" and "objective.group_size=8" in rft.real_arm("rft_cpt_joint", 150)
+    for grid in (rft.SFT_LRS, rft.GRPO_LRS, rft.QUICK_SFT_LRS, rft.QUICK_GRPO_LRS):
+        assert len(rft.parse_lrs(grid)) >= 5
     for exp, ov in arms:
         rl = QUICK_RL if exp in rft.RL_ARMS else []
-        for mode in ([*rft.QUICK, *rl], rft.VARY_ALL, [*rft.REAL, *rft.REAL_PARADIGM.get(exp, [])]):
+        for mode in ([*rft.QUICK, *rl], rft.VARY_ALL, [*rft.REAL, *rft.VARY_ALL_REAL, *rft.real_arm(exp, 150)]):
             cfg = OmegaConf.to_container(compose_cfg(f"experiment={exp}", "seed=3", *mode, *ov), resolve=True)
             validate_config(cfg)
             if mode is rft.VARY_ALL:  # one seed moves the base model, the data and the evaluation subset
@@ -228,7 +231,7 @@ def test_rft_cpt_real_arm_starts_on_a_tiny_random_qwen2(tiny_qwen, tmp_path):
 
     rft = _script("reproduce_rft_cpt")
     for exp in rft.PARADIGMS.values():
-        cfg = compose_cfg(f"experiment={exp}", *rft.REAL, *rft.REAL_PARADIGM[exp], f"model.name_or_path={tiny_qwen}",
+        cfg = compose_cfg(f"experiment={exp}", *rft.REAL, *rft.real_arm(exp, 1), f"model.name_or_path={tiny_qwen}",
                           "trainer=cpu", "stream.steps_per_task=1", "stream.batch_size=2", "objective.max_new_tokens=4"
                           if exp == "rft_cpt_grpo" else "stream.batch_size=2", "eval.every_n_steps=null",
                           "eval.n_per_task=4", "logger=none", "shift=none", "train.warmup_steps=0")
@@ -257,5 +260,13 @@ def test_every_point_of_the_other_table_scripts_composes_and_validates_quick_and
     for p, _, exp, ov in _script("reproduce_averaging").points(["sft", "grpo"]).values():
         configs.append([*([f"experiment={exp}"] if exp else []), *QUICK, *ov])
     assert len(configs) > 40
+    from analysis.sweep import QUICK as Q
+    from analysis.tables import REAL, real_overrides
+
     for overrides in configs:
         validate_config(OmegaConf.to_container(compose_cfg(*overrides), resolve=True))
+        if overrides[:1] != ["experiment=rft_cpt_grpo_reasoning"]:  # --real: the full (non-quick) point on the real model
+            full = [o for o in overrides if o not in Q and o not in QUICK_RL]
+            paradigm = "grpo" if any("grpo" in o for o in full) else "sft"
+            validate_config(OmegaConf.to_container(compose_cfg(*REAL, *real_overrides(True, paradigm), *full),
+                                                   resolve=True))
