@@ -237,7 +237,7 @@ def test_vllm_backend_refused_with_a_reason_where_it_cannot_run():
         VLLMRollouts(importance_sampling="clip")
     assert VLLMRollouts(importance_sampling="none").correction is None
     cfg = OmegaConf.to_container(compose_cfg("objective=grpo", "objective.rollout_backend=sglang"), resolve=True)
-    with pytest.raises(ConfigError, match="objective.rollout_backend: 'sglang' is not one of hf, vllm"):
+    with pytest.raises(ConfigError, match="objective.rollout_backend: 'sglang' is not one of hf, hf_fast, vllm"):
         validate_config(cfg)
     assert HFRollouts().name == "hf"
 
