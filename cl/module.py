@@ -40,8 +40,11 @@ class ContinualLM(pl.LightningModule):
         schedule: LRSchedule = LRSchedule(),
         reset_optimizer_per_task: bool = True,
         loss_components: Iterable[Component] = (),
+        compile_train: bool = False,
     ):
         super().__init__()
+        self.compile_train = compile_train  # train.compile: training forwards through torch.compile
+        self._compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (model, its compiled wrapper)
         self.model = model
         self.objective = objective
         self.make_optimizer = optimizer
@@ -61,6 +64,17 @@ class ContinualLM(pl.LightningModule):
         self.trainable_per_task: list[int] = []
         self.sharding = None  # cl.fsdp.Sharding under trainer=fsdp: each fit trains a sharded copy
         self._carried_optim: dict | None = None  # sharded runs: the optimizer state carried to the next task
+
+    def forward_train(self, **inputs):
+        """The model's forward for a training step (objectives call this, not ``self.model``): through
+        ``torch.compile`` (dynamic shapes, the same parameters) when ``train.compile``, else the model itself.
+        The compiled wrapper is rebuilt when ``self.model`` is replaced (an adapter per task). Evaluation and
+        generation always run the model eagerly."""
+        if not self.compile_train:
+            return self.model(**inputs)
+        if self._compiled is None or self._compiled[0] is not self.model:
+            self._compiled = (self.model, torch.compile(self.model, dynamic=True))
+        return self._compiled[1](**inputs)
 
     @property
     def global_iter(self) -> int:

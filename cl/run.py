@@ -331,7 +331,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
             LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction,
                        cfg.train.get("const_ratio", 0.5), cfg.train.get("cooldown_steps", 0)),
             reset_optimizer_per_task=cfg.train.reset_optimizer_per_task,
-            loss_components=components,
+            loss_components=components, compile_train=bool(cfg.train.get("compile", False)),
         )
         module.nonfinite = cfg.train.get("nonfinite", "stop")
         if is_fsdp(tcfg):  # each fit trains a sharded copy; the whole model between fits (cl.fsdp)

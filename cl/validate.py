@@ -101,6 +101,8 @@ def validate_config(cfg: Mapping) -> None:
         c.integer("train.cooldown_steps", minimum=0)
     if not isinstance(_get(cfg, "train.reset_optimizer_per_task"), bool):
         c.add("train.reset_optimizer_per_task", "must be true or false")
+    if not isinstance(_get(cfg, "train.compile"), bool):
+        c.add("train.compile", "must be true or false")
 
     c.integer("threads", minimum=1, optional=True)
     c.choice("eval.method", METHODS)
@@ -262,6 +264,9 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
 
         if not hasattr(fsdp, "fully_shard"):
             c.add("trainer.strategy", f"fsdp2 needs torch >= 2.6 (FSDP2's fully_shard), this is {torch.__version__}")
+        if _get(cfg, "train.compile") is True:
+            c.add("train.compile", "torch.compile of the sharded training copy is not supported under trainer=fsdp; "
+                                   "use train.compile=false or trainer=ddp")
         if _get(cfg, "adapter.name") == "reglora":  # its penalty reads parameters inside the training step
             c.add("adapter.name", "adapter.name=reglora reads or writes parameters inside the training step, where "
                                   "trainer=fsdp holds only shards; use trainer=ddp for it")

@@ -155,14 +155,16 @@ def timed_fit(module, loader, steps: int, warmup: int, device: str, precision: s
     return 1.0 / suite_steps_per_second(module, loader, steps, warmup, sync=sync, **trainer_kwargs(device, precision))
 
 
-def bench_sft(size: str, device: str, precision: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def bench_sft(size: str, device: str, precision: str, batch: int, seq: int, steps: int, warmup: int,
+              compile_train: bool = False) -> dict:
     model, tok = build_model(size, seq, device)
     data = RandomSequences(model.config.vocab_size if size.startswith("qwen") else len(tok), seq, batch * steps)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
-    module = ContinualLM(model, SFTObjective(), partial(torch.optim.AdamW, lr=1e-4), LRSchedule(warmup_steps=0))
+    module = ContinualLM(model, SFTObjective(), partial(torch.optim.AdamW, lr=1e-4), LRSchedule(warmup_steps=0),
+                         compile_train=compile_train)
     sec = timed_fit(module, loader, steps, warmup, device, precision)
     tokens = batch * seq / sec
-    return {"part": "sft", "size": size, "params": count_parameters(model), "tokens_per_s": tokens,
+    return {"part": "sft_compiled" if compile_train else "sft", "size": size, "params": count_parameters(model), "tokens_per_s": tokens,
             "step_s": sec, "flops": tokens * train_flops_per_token(model, seq)}
 
 
@@ -251,6 +253,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--stream-lengths", default="2,20")
     ap.add_argument("--stream-steps", type=int, default=20)
+    ap.add_argument("--compile", action="store_true", help="also SFT with train.compile (torch.compile; the "
+                    "warm-up steps absorb the compilation)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     return ap
 
@@ -277,6 +281,12 @@ def measure(args) -> list[dict]:
             rows.append(r)
             print(f"SFT  {size:>8} {r['params'] / 1e6:8.2f}M params  {r['tokens_per_s']:12,.0f} tokens/s  "
                   f"{r['flops'] / 1e9:9.1f} GFLOP/s  MFU {r['mfu']:6.1%}", flush=True)
+            if args.compile:
+                c = bench_sft(size, args.device, args.precision, args.batch_size, args.seq_len, total, args.warmup, True)
+                c["mfu"], c["eager_tokens_per_s"] = c["flops"] / peak, r["tokens_per_s"]
+                rows.append(c)
+                print(f"SFT  {size:>8} compiled: {c['tokens_per_s']:12,.0f} tokens/s = "
+                      f"{c['tokens_per_s'] / r['tokens_per_s']:.2f}x eager", flush=True)
         if "grpo" in parts:
             r = bench_grpo(size, args.device, args.precision, args.prompts, args.group, args.new_tokens,
                            max(4, total // 2), min(args.warmup, 2))
@@ -309,6 +319,9 @@ def summary_rows(rows: list[dict], lengths: list[int], precision: str) -> list[d
             target = 0.60 if r["part"] == "sft" and r["size"] == "5m" and precision == "32-true" else None
             out.append(row(f"{r['part'].upper()} {r['size']} ({precision}): model GFLOP/s vs matmul peak (MFU)",
                            r["flops"] / 1e9, peak / 1e9, target))
+        if r["part"] == "sft_compiled":
+            out.append(row(f"SFT {r['size']} ({precision}): tokens/s with train.compile vs eager",
+                           r["tokens_per_s"], r["eager_tokens_per_s"], None))
     for cap in (True, False):
         st = {r["tasks"]: r for r in rows if r["part"] == "stream" and r["boundary_cap"] == cap}
         if len(lengths) >= 2 and lengths[0] in st and lengths[-1] in st:
@@ -320,7 +333,7 @@ def summary_rows(rows: list[dict], lengths: list[int], precision: str) -> list[d
 def table(rows: list[dict], lengths: list[int]) -> str:
     lines = ["| part | size | params | tokens/s | GFLOP/s | MFU |", "|---|---|---|---|---|---|"]
     for r in rows:
-        if r["part"] in ("sft", "grpo"):
+        if r["part"] in ("sft", "sft_compiled", "grpo"):
             lines.append(f"| {r['part']} | {r['size']} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | "
                          f"{r['flops'] / 1e9:,.1f} | {r['mfu']:.1%} |")
     sft5 = [r for r in rows if r["part"] == "sft" and r["size"] == "5m"]

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cl.dist import ShardBatches, global_rank, stream_device, world_size
 from tests.conftest import ROOT, compose_cfg
@@ -203,3 +204,34 @@ def test_a_ray_sweep_runs_on_a_local_ray_instance(tmp_path, cache_dir):
     assert len(names) == 2 and "seed=0" in names[0] and "seed=1" in names[1]
     assert sorted(r["config"]["seed"] for r in runs) == [0, 1] and all(r["status"] == "completed" for r in runs)
     assert all(r["provenance"]["machine"]["torch_threads"] == 1 for r in runs)
+
+
+def test_train_compile_gives_the_eager_loss_and_gradients_and_is_refused_under_fsdp(tiny_model_dir):
+    """train.compile: the training forward through torch.compile (same parameters) matches the eager one
+    on a batch; evaluation stays eager (model untouched); FSDP refuses it with one line."""
+    from functools import partial
+
+    from cl.core.data import SFTCollator
+    from cl.model import load_model_and_tokenizer
+    from cl.module import ContinualLM
+    from cl.objectives.sft import SFTObjective
+    from cl.validate import ConfigError, validate_config
+    from tests.conftest import compose_cfg
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    batch = SFTCollator(tok.pad_token_id)([([5, 6, 7, 8], [9, 10]), ([5, 6], [11, 12, 13])])
+    losses, grads = [], []
+    for compiled in (False, True):
+        module = ContinualLM(model, SFTObjective(), partial(torch.optim.AdamW, lr=1e-4), compile_train=compiled)
+        model.zero_grad(set_to_none=True)
+        loss, _ = module.objective.step(module, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert (module._compiled is not None) == compiled and type(module.model) is type(model)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="train.compile"):
+        validate_config(OmegaConf.to_container(compose_cfg("trainer=fsdp_cpu", "train.compile=true"), resolve=True))
+    with pytest.raises(ConfigError, match="train.compile: must be true or false"):
+        validate_config(OmegaConf.to_container(compose_cfg("train.compile=3"), resolve=True))

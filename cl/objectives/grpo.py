@@ -42,9 +42,10 @@ class Rollout:
     is_ratio: torch.Tensor | None = None  # [B, L-1] or [B, 1] sampler correction (vLLM rollouts), else None
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float = 1.0) -> torch.Tensor:
-    """[B, L-1] log-prob of each next token (logits divided by the sampling temperature, as TRL/verl do)."""
+    """[B, L-1] log-prob of each next token (logits divided by the sampling temperature, as TRL/verl do);
+    ``model``: a causal LM or any callable with its forward's signature (``ContinualLM.forward_train``)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -289,7 +290,7 @@ class GRPOObjective(Component):
         if ro.input_ids.size(0) == 0:  # every group dropped by dynamic sampling
             zero = sum(p.sum() for p in module.model.parameters() if p.requires_grad) * 0.0
             return zero, dict(ro.logs)
-        logp = token_logprobs(module.model, ro.input_ids, ro.attention_mask, self.temperature)
+        logp = token_logprobs(module.forward_train, ro.input_ids, ro.attention_mask, self.temperature)
         old = ro.old_logp if ro.old_logp is not None else logp.detach()
         loss, stats = grpo_loss(logp, old, ro.advantages, ro.completion_mask, self.eps_low, self.eps_high,
                                 self.kl_coef, ro.ref_logp, self.loss_agg, self.max_new_tokens, ro.is_ratio)

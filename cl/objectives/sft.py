@@ -17,6 +17,6 @@ class SFTObjective:
         return SFTCollator(pad_id)
 
     def step(self, module, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = module.forward_train(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = answer_cross_entropy(logits, batch["labels"])
         return loss, {"loss": loss.detach()}
