@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from cl.core.data import PromptFormat, PromptRowsCollator
 from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, group_advantages, grpo_loss, sampler_correction
+from cl.objectives.sft import training_forward
 from cl.rollouts import make_backend
 from tasks.base import Task
 from cl.core.components import Component
@@ -290,7 +291,7 @@ class GRPOObjective(Component):
         if ro.input_ids.size(0) == 0:  # every group dropped by dynamic sampling
             zero = sum(p.sum() for p in module.model.parameters() if p.requires_grad) * 0.0
             return zero, dict(ro.logs)
-        logp = token_logprobs(module.forward_train, ro.input_ids, ro.attention_mask, self.temperature)
+        logp = token_logprobs(training_forward(module), ro.input_ids, ro.attention_mask, self.temperature)
         old = ro.old_logp if ro.old_logp is not None else logp.detach()
         loss, stats = grpo_loss(logp, old, ro.advantages, ro.completion_mask, self.eps_low, self.eps_high,
                                 self.kl_coef, ro.ref_logp, self.loss_agg, self.max_new_tokens, ro.is_ratio)

@@ -8,6 +8,12 @@ from cl.core.data import SFTCollator
 from cl.core.losses import answer_cross_entropy  # noqa: F401  (also its public name here)
 
 
+def training_forward(module):
+    """What a training step calls for the model's forward: ``module.forward_train`` (``ContinualLM``: compiled
+    under ``train.compile``) or, for any other holder of a ``model``, the model itself."""
+    return getattr(module, "forward_train", None) or module.model
+
+
 class SFTObjective:
     """Teacher forcing on reference answers."""
 
@@ -17,6 +23,6 @@ class SFTObjective:
         return SFTCollator(pad_id)
 
     def step(self, module, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = module.forward_train(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = training_forward(module)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = answer_cross_entropy(logits, batch["labels"])
         return loss, {"loss": loss.detach()}
