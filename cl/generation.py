@@ -26,6 +26,11 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+def cut_after_eos(rows: list[list[int]], eos_id: int) -> list[list[int]]:
+    """Each completion up to and including its first end-of-sequence token (whole if it has none)."""
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
 @torch.no_grad()
 def generate_ids(
     model: torch.nn.Module,
@@ -62,10 +67,7 @@ def generate_ids(
                 eos_token_id=fmt.eos_id,
                 **sampling,
             )
-            for row in seqs[:, batch["input_ids"].size(1) :].tolist():
-                if fmt.eos_id in row:
-                    row = row[: row.index(fmt.eos_id) + 1]
-                out.append(row)
+            out += cut_after_eos(seqs[:, batch["input_ids"].size(1) :].tolist(), fmt.eos_id)
     return out
 
 
@@ -178,8 +180,5 @@ def decode_ids(
                 logits = model(input_ids=nxt[:, None], attention_mask=mask, use_cache=True, **{cache_kw: cache}, **keep,
                                **({"position_ids": pos} if pos_kw else {})
                                ).logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
-            for row in seq[:, length:].tolist():
-                if fmt.eos_id in row:
-                    row = row[: row.index(fmt.eos_id) + 1]
-                out.append(row)
+            out += cut_after_eos(seq[:, length:].tolist(), fmt.eos_id)
     return out

@@ -80,6 +80,7 @@ class HFRollouts:
 
     name = "hf"
     correction = None  # samples come from the model being trained: on-policy
+    sample = staticmethod(generate_ids)  # how completions are drawn (hf_fast: decode_ids, same signature)
 
     def mark_stale(self) -> None:
         pass
@@ -87,8 +88,8 @@ class HFRollouts:
     def generate(self, module, prompts: list[list[int]], fmt: PromptFormat, n: int, max_new_tokens: int,
                  temperature: float, top_p: float) -> tuple[list[list[int]], None]:
         """``n`` completions per prompt (prompt-major), and no sampler log-probs."""
-        return generate_ids(module.model, prompts, fmt, max_new_tokens=max_new_tokens, do_sample=True,
-                            temperature=temperature, top_p=top_p, num_return_sequences=n), None
+        return self.sample(module.model, prompts, fmt, max_new_tokens=max_new_tokens, do_sample=True,
+                           temperature=temperature, top_p=top_p, num_return_sequences=n), None
 
 
 class HFFastRollouts(HFRollouts):
@@ -96,11 +97,7 @@ class HFFastRollouts(HFRollouts):
     RNG, through a minimal decode loop (one prefill per distinct prompt, its cache repeated for the group)."""
 
     name = "hf_fast"
-
-    def generate(self, module, prompts: list[list[int]], fmt: PromptFormat, n: int, max_new_tokens: int,
-                 temperature: float, top_p: float) -> tuple[list[list[int]], None]:
-        return decode_ids(module.model, prompts, fmt, max_new_tokens=max_new_tokens, do_sample=True,
-                          temperature=temperature, top_p=top_p, num_return_sequences=n), None
+    sample = staticmethod(decode_ids)
 
 
 def vllm_weights(model: nn.Module):

@@ -102,10 +102,9 @@ def trl_run(model, tok, task, kl: float, steps: int, warmup: int, out: str) -> f
 def _instrument(obj: GRPOObjective, profile: dict) -> None:
     """Wrap the rollout (generation + scoring + reference forward) and time it against the whole step."""
     import cl.objectives.grpo as grpo_mod
-    import cl.rollouts as rollouts_mod  # where rollouts call generate_ids / decode_ids
 
-    name = "decode_ids" if obj.rollouts.name == "hf_fast" else "generate_ids"
-    gen, tl = getattr(rollouts_mod, name), grpo_mod.token_logprobs
+    backend = obj.rollouts  # its ``sample`` function draws the completions (generate_ids / decode_ids)
+    gen, tl = backend.sample, grpo_mod.token_logprobs
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -115,11 +114,11 @@ def _instrument(obj: GRPOObjective, profile: dict) -> None:
             return r
         return wrapper
 
-    setattr(rollouts_mod, name, timed(f"generation ({name})", gen))
+    backend.sample = timed(f"generation ({gen.__name__})", gen)  # this instance only
     grpo_mod.token_logprobs = timed("logprob forwards (policy + reference)", tl)
     step = obj.step
     obj.step = timed(STEP, step)
-    profile["_restore"] = lambda: (setattr(rollouts_mod, name, gen), setattr(grpo_mod, "token_logprobs", tl))
+    profile["_restore"] = lambda: (delattr(backend, "sample"), setattr(grpo_mod, "token_logprobs", tl))
 
 
 QUICK = ["--steps", "5", "--warmup", "2", "--repeats", "1", "--kl", "0.01"]
