@@ -150,7 +150,7 @@ def stability_gaps(curves: Iterable[dict], tasks: Sequence[str], ends: Sequence[
 
 
 def curve_metrics(curves: Iterable[dict], tasks: Sequence[str], ends: Sequence[int],
-                  windows: Sequence[int] = (50, 150)) -> dict:
+                  windows: Sequence[int]) -> dict:
     """All curve metrics of one run, as stored in ``results.json["metrics"]``; ``wf_<w>``/``wp_<w>`` for
     each window ``w`` in training iterations (``eval.windows``)."""
     curves = list(curves)

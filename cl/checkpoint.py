@@ -47,6 +47,17 @@ POSITION = "position.json"  # where in the stream a checkpoint stands, readable 
 VOLATILE_KEYS = ("resume", "checkpoint", "logger", "cache_dir", "hydra", "train.nonfinite")
 
 
+# what a resume on another number of ranks may change (same strategy, same global batch: cl.dist)
+RANK_COUNT_KEYS = ("trainer.devices", "trainer.num_nodes")
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from (incompatible config, unsupported component)."""
 
@@ -153,11 +164,13 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- files ------------------------------------------------------------------------------------------------
-def save(run_dir: Path, model: nn.Module | None, state: dict, keep_prev: bool = False) -> Path:
+def save(run_dir: Path, model: nn.Module | None, state: dict, keep_prev: bool = False,
+         extra: dict[str, Path] | None = None) -> Path:
     """Write a checkpoint atomically; returns its directory. ``model=None`` writes no weights (ranks > 0 of a
     distributed run: rank 0's checkpoint at the same position holds them). ``keep_prev`` keeps the one
     before it as ``prev`` (distributed runs: a job killed between two ranks' writes resumes from one all
-    ranks have)."""
+    ranks have). ``extra``: finished directories moved into the checkpoint under the given names before
+    it is renamed into place (the FSDP optimizer shards)."""
     from safetensors.torch import save_model
 
     root = Path(run_dir) / CKPT_DIR
@@ -170,7 +183,10 @@ def save(run_dir: Path, model: nn.Module | None, state: dict, keep_prev: bool = 
     torch.save(state, tmp / "state.pt")
     with open(tmp / "state.pt", "rb+") as f:
         os.fsync(f.fileno())
-    (tmp / POSITION).write_text(json.dumps({k: state.get(k) for k in ("task_idx", "step_in_task", "global_iter")}))
+    for name, d in (extra or {}).items():
+        os.replace(d, tmp / name)
+    (tmp / POSITION).write_text(json.dumps({k: state.get(k) for k in ("task_idx", "step_in_task", "global_iter",
+                                                                        "world")}))
     last, prev = root / "last", root / "prev"
     if last.exists():
         _retire(prev)
@@ -203,15 +219,17 @@ def latest(run_dir: Path) -> Path | None:
     return None
 
 
-def positions(run_dir: Path) -> dict[tuple[int, int], Path]:
-    """``(task_idx, step_in_task) -> checkpoint directory`` for the complete checkpoints in ``run_dir``."""
+def positions(run_dir: Path, with_world: bool = False) -> dict:
+    """``(task_idx, step_in_task) -> checkpoint directory`` for the complete checkpoints in ``run_dir``
+    (``with_world``: ``-> (directory, ranks it was written by)``; None for checkpoints that do not say)."""
     out = {}
     for name in ("prev", "last"):
         d = Path(run_dir) / CKPT_DIR / name
         if (d / "state.pt").is_file() and (d / POSITION).is_file():  # complete: renamed into place last
             try:
                 pos = json.loads((d / POSITION).read_text())
-                out[(int(pos["task_idx"]), int(pos["step_in_task"]))] = d
+                key = (int(pos["task_idx"]), int(pos["step_in_task"]))
+                out[key] = (d, pos.get("world")) if with_world else d
             except (ValueError, KeyError, TypeError):
                 continue
     return out
@@ -233,15 +251,24 @@ def rank0_weights(ckpt: Path) -> Path:
 
 def latest_common(run_dir: Path, rank: int, world: int) -> Path | None:
     """This rank's newest checkpoint at a position every rank of the run has (one process: its newest;
-    distributed runs: rank 0 in ``RUN_DIR``, rank r in ``RUN_DIR/.rank<r>``). A job killed between two ranks' writes leaves them
-    one checkpoint apart; every rank computes the same answer from the same files, so all resume in step
-    (or all start over)."""
+    distributed runs: rank 0 in ``RUN_DIR``, rank r in ``RUN_DIR/.rank<r>``). A job killed between two ranks'
+    writes leaves them one checkpoint apart; every rank computes the same answer from the same files, so all
+    resume in step (or all start over).
+
+    A checkpoint written by another number of ranks (``position.json``'s ``world``) is resumed from rank 0's
+    copy on every rank: it holds the weights, the optimizer state in a form any rank count can load
+    (``cl.fsdp``; replicated under DDP) and the replicated component state; the other ranks' copies then
+    matter no longer."""
     root = Path(run_dir) if rank == 0 else Path(run_dir).parent
     per_rank = [positions(root if r == 0 else root / f".rank{r}") for r in range(world)]
-    if world > 1:  # the other ranks' weights are rank 0's
-        per_rank[0] = {k: d for k, d in per_rank[0].items() if (d / "model.safetensors").is_file()}
-    common = set.intersection(*(set(p) for p in per_rank))
-    return per_rank[rank][max(common)] if common else None
+    valid = {}
+    for pos, (d, written_by) in positions(root, with_world=True).items():
+        if written_by is not None and int(written_by) != world:  # another rank count: rank 0's copy for all
+            if (d / "model.safetensors").is_file():
+                valid[pos] = d
+        elif world == 1 or ((d / "model.safetensors").is_file() and all(pos in p for p in per_rank)):
+            valid[pos] = per_rank[rank][pos]  # the other ranks' weights are rank 0's
+    return valid[max(valid)] if valid else None
 
 
 def load_state(ckpt: Path) -> dict:
@@ -281,8 +308,8 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return out
 
 
-def check_compatible(saved_cfg: dict, current_cfg: dict, ckpt: Path) -> None:
-    diffs = config_differences(saved_cfg, current_cfg)
+def check_compatible(saved_cfg: dict, current_cfg: dict, ckpt: Path, ignore: tuple[str, ...] = ()) -> None:
+    diffs = [d for d in config_differences(saved_cfg, current_cfg) if not d.startswith(tuple(k + " " for k in ignore))]
     if diffs:
         raise CheckpointError(f"{ckpt}: checkpoint from an incompatible config: {'; '.join(diffs[:5])}"
                               + (f" (+{len(diffs) - 5} more)" if len(diffs) > 5 else "")
@@ -302,13 +329,17 @@ class Checkpointer:
         keep_prev: keep the previous checkpoint too (distributed runs, see ``latest_common``).
         write_weights: False for ranks > 0 of a distributed run (the weights are replicated; rank 0 writes
             them, ``rank0_weights`` finds them).
+        world: the number of ranks (recorded in each checkpoint; resuming on another number is allowed for
+            the distributed strategies, see ``latest_common``).
+        shared_dir: rank 0's run directory (where every rank writes the FSDP optimizer shards).
     """
 
     def __init__(self, run_dir: Path, module, components, evaluator, config: dict, every_n_steps: int = 0,
-                 keep_prev: bool = False, write_weights: bool = True):
+                 keep_prev: bool = False, write_weights: bool = True, world: int = 1, shared_dir: Path | None = None):
         self.run_dir, self.module, self.components, self.evaluator = Path(run_dir), module, list(components), evaluator
         self.config, self.every_n_steps, self.keep_prev = config, every_n_steps, keep_prev
-        self.write_weights = write_weights
+        self.write_weights, self.world = write_weights, world
+        self.shared_dir = Path(shared_dir) if shared_dir is not None else self.run_dir
         self.seconds = 0.0
 
     def callbacks(self, res, phase) -> list[pl.Callback]:
@@ -322,11 +353,19 @@ class Checkpointer:
 
         t0 = time.perf_counter()
         ev = self.evaluator
+        shards = None
+        if getattr(self.module, "sharded", False) and step_in_task > 0:  # FSDP: every rank writes its shard
+            shards = self.shared_dir / CKPT_DIR / "tmp-optimizer-shards"
+            if self.write_weights:  # rank 0 clears what a killed save left, before any rank writes
+                shutil.rmtree(shards, ignore_errors=True)
+            _barrier()
+            shards.mkdir(parents=True, exist_ok=True)
+        optim = self.module.optim_state(step_in_task > 0, shards) if shards else self.module.optim_state(step_in_task > 0)
         state = {
             "version": 1, "config": self.config, "task_idx": task_idx, "step_in_task": step_in_task,
-            "global_iter": self.module.global_iter,
+            "global_iter": self.module.global_iter, "world": self.world,
             "module": {"trainable_per_task": list(self.module.trainable_per_task),
-                       "skipped_steps": self.module.skipped_steps, **self.module.optim_state(step_in_task > 0)},
+                       "skipped_steps": self.module.skipped_steps, **optim},
             "result": capture(dataclasses.asdict(res)),
             "evaluator": {"seconds": ev.seconds, "points": ev.points, "old_task_acc": ev.old_task_acc,
                           "curves_bytes": ev.curves_path.stat().st_size if ev.curves_path.exists() else 0},
@@ -335,7 +374,10 @@ class Checkpointer:
             "rng": rng_state(),
         }
         model = self.module.whole_model()  # under FSDP a collective: every rank gathers, rank 0 writes
-        path = save(self.run_dir, model if self.write_weights else None, state, keep_prev=self.keep_prev)
+        from cl.fsdp import SHARDS
+
+        extra = {SHARDS: shards} if shards is not None and self.write_weights else None  # rank 0's checkpoint holds them
+        path = save(self.run_dir, model if self.write_weights else None, state, keep_prev=self.keep_prev, extra=extra)
         self.seconds += time.perf_counter() - t0
         return path
 
@@ -343,18 +385,33 @@ class Checkpointer:
         """Restore the module, components, evaluator and RNGs from ``ckpt``; returns the loop state for
         ``run_stream(resume=...)``. Call after everything is built, just before the stream starts."""
         state = load_state(ckpt)
-        check_compatible(state["config"], self.config, ckpt)
+        written_by = state.get("world", self.world)
+        check_compatible(state["config"], self.config, ckpt,
+                         ignore=RANK_COUNT_KEYS if written_by != self.world else ())
+        if written_by != self.world:
+            print(f"[resume] the checkpoint was written by {written_by} rank(s), this run has {self.world}: every "
+                  "rank continues from rank 0's state, the optimizer state resharded (the batches are split anew, "
+                  "so the result equals an uninterrupted run's only up to floating-point reduction order)", flush=True)
         m = self.module
-        load_model_weights(rank0_weights(ckpt), m.model)
+        weights = rank0_weights(ckpt)
+        load_model_weights(weights, m.model)
         load_component_states(self.components, state["components"], m.model)
         m.global_iter_offset = state["global_iter"]
         m.trainable_per_task = list(state["module"]["trainable_per_task"])
         m.skipped_steps = state["module"]["skipped_steps"]
-        m.resume_optim = {"optimizer": state["module"]["optimizer"], "scheduler": state["module"]["scheduler"]}
+        optim = state["module"]["optimizer"]
+        sharded = isinstance(optim, dict) and "shards" in optim  # cl.fsdp.save_optimizer_shards
+        m.resume_optim = {"optimizer": None if sharded else optim, "scheduler": state["module"]["scheduler"],
+                          "shards_dir": weights / optim["shards"] if sharded else None}
         ev = self.evaluator
         ev.seconds, ev.points, ev.old_task_acc = (state["evaluator"][k] for k in ("seconds", "points", "old_task_acc"))
+        n_bytes = state["evaluator"]["curves_bytes"]
+        owner = Path(ckpt).parent.parent  # the run directory that wrote the checkpoint
+        if owner.resolve() != self.run_dir.resolve():  # a rank the checkpoint's run did not have: rank 0's curves
+            with open(owner / ev.curves_path.name, "rb") as src:
+                ev.curves_path.write_bytes(src.read(n_bytes))
         with open(ev.curves_path, "ab") as f:  # drop the lines written after the checkpoint
-            f.truncate(state["evaluator"]["curves_bytes"])
+            f.truncate(n_bytes)
         set_rng_state(state["rng"])
         m.resume_rng = state["rng"]  # again when the fit starts: distributed strategies re-seed in their setup
         return state

@@ -117,9 +117,31 @@ def preset_files(conf_dir: str | Path):
                 yield group, f.stem, data["_target_"]
 
 
-def register_schemas(conf_dir: str | Path) -> None:
+def searchpath_dirs(argv) -> list[Path]:
+    """The local directories a command line adds with ``hydra.searchpath=[file://...]`` (Hydra's own
+    override parser): their method files get schemas like the project's. ``pkg://`` entries are left to
+    Hydra (their files name their schema themselves, or have none)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    wanted = [a for a in argv if a.lstrip("+~").startswith("hydra.searchpath=")]
+    if not wanted:
+        return []
+    out = []
+    for override in OverridesParser.create().parse_overrides([w.lstrip("~") for w in wanted]):
+        value = override.value()
+        for entry in value if isinstance(value, list) else [value]:
+            entry = str(entry)
+            if entry.startswith("file://"):
+                entry = entry[len("file://"):]
+            if "://" not in entry and Path(entry).is_dir():
+                out.append(Path(entry))
+    return out
+
+
+def register_schemas(conf_dir: str | Path, *extra_dirs: str | Path) -> None:
     """Store ``schema/<group>/<name>`` in Hydra's ConfigStore for every method file, ``schema/adapter/<name>``
-    for every adapter, ``schema/base/recipe`` (the base stage's settings: :class:`cl.base_stage.BaseRecipe`) and
+    for every adapter, ``schema/eval/settings`` and ``schema/train/settings`` (:class:`cl.evaluation.EvalSettings`,
+    :class:`cl.schedule.TrainSettings`), ``schema/base/recipe`` (the base stage's settings: :class:`cl.base_stage.BaseRecipe`) and
     ``schema/model/tiny_arch`` (the embedded model's shape: :func:`cl.model.build_tiny_llama`) (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
@@ -129,13 +151,19 @@ def register_schemas(conf_dir: str | Path) -> None:
     from cl.model import build_tiny_llama
 
     cs.store(group="schema/base", name="recipe", node=dataclass_schema(BaseRecipe, kind="pretrain"))
+    from cl.evaluation import EvalSettings
+    from cl.schedule import TrainSettings
+
+    cs.store(group="schema/eval", name="settings", node=dataclass_schema(EvalSettings))
+    cs.store(group="schema/train", name="settings", node=dataclass_schema(TrainSettings))
     cs.store(group="schema/model", name="tiny_arch", node=schema_for(build_tiny_llama, None))
     from cl.adapters import adapter_classes
 
     for name, cls in adapter_classes().items():  # adapter.name picks the class; its settings sit under adapter
         cs.store(group="schema/adapter", name=name, node=schema_for(cls, None, name=name))
-    for group, name, target in preset_files(conf_dir):
-        cs.store(group=f"schema/{group}", name=name, node=schema_for(locate(target), target))
+    for d in (conf_dir, *extra_dirs):  # a method file in a searchpath directory: the same schema
+        for group, name, target in preset_files(d):
+            cs.store(group=f"schema/{group}", name=name, node=schema_for(locate(target), target))
 
 
 def configured(cfg: Mapping) -> list[tuple[str, Mapping]]:

@@ -10,7 +10,7 @@ and scored by the verifier.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -70,6 +70,37 @@ def teacher_forced_correct(
     return out
 
 
+@dataclass
+class EvalSettings:
+    """``eval.*``: how the stream is evaluated. The one place these defaults are written (``conf/eval``
+    presets set only what differs).
+
+    Attributes:
+        method: ``auto`` (one teacher-forced pass for exact-match tasks, generation otherwise),
+            ``teacher_forced`` or ``generate``.
+        n_per_task: items in each task's fixed, seeded evaluation subset.
+        subset_seed: the seed of those subsets.
+        every_n_steps: also evaluate every n optimizer steps inside a task (None: boundaries only).
+        max_samples_per_point: cap on the items scored at an inner point, over all tasks (None: no cap).
+        max_samples_per_boundary: the same cap at task boundaries (None: the full subsets; long streams
+            set it).
+        batch_size: evaluation batch size.
+        windows: windowed forgetting/plasticity ``wf_<w>``/``wp_<w>``, ``w`` in training iterations (null
+            when no two evaluation points are within ``w``: keep ``w >= every_n_steps``).
+        max_new_tokens: generation budget beyond the longest reference answer.
+    """
+
+    method: str = "auto"
+    n_per_task: int = 200
+    subset_seed: int = 0
+    every_n_steps: int | None = 50
+    max_samples_per_point: int | None = 280
+    max_samples_per_boundary: int | None = None
+    batch_size: int = 256
+    windows: list[int] = field(default_factory=lambda: [50, 150])
+    max_new_tokens: int = 8
+
+
 class Scorer:
     """Accuracy of a model on an :class:`EvalSet`, by the cheapest exact method.
 
@@ -80,7 +111,8 @@ class Scorer:
         batch_size: evaluation batch size.
     """
 
-    def __init__(self, fmt: PromptFormat, method: str = "auto", max_new_tokens: int = 8, batch_size: int = 256):
+    def __init__(self, fmt: PromptFormat, method: str = EvalSettings.method,
+                 max_new_tokens: int = EvalSettings.max_new_tokens, batch_size: int = EvalSettings.batch_size):
         if method not in METHODS:
             raise ValueError(f"eval.method: '{method}' is not one of {', '.join(METHODS)}")
         self.fmt, self.method, self.max_new_tokens, self.batch_size = fmt, method, max_new_tokens, batch_size

@@ -15,8 +15,14 @@ trains a *sharded copy* of the model and hands the whole weights back when it en
 - Forward passes inside a fit (in-task evaluation points, GRPO rollouts) go through FSDP2's hooks, which
   gather each layer's weights on use; generation passes ``synced_gpus`` so ranks whose completions end at
   different lengths keep stepping together.
-- Checkpoints inside a task hold each rank's own shard of the optimizer state (``to_local``; restored
-  onto the same mesh by ``from_local``) and the whole weights, gathered for the save.
+- Optimizer state goes through ``torch.distributed.checkpoint``, keyed by parameter name, so it fits any
+  number of ranks: a checkpoint inside a task has every rank write its shard into one directory
+  (``dcp.save``; rank 0's checkpoint holds it), a resumed fit reads the shards it needs (``dcp.load``,
+  resharded when the rank count changed). An optimizer carried across tasks
+  (``train.reset_optimizer_per_task=false``) is gathered whole onto rank 0's CPU at the end of a fit and
+  broadcast back into the next fit's shards (the state ``get_optimizer_state_dict``/
+  ``set_optimizer_state_dict`` give with ``full_state_dict``), which is also what a boundary checkpoint
+  keeps. The weights are gathered whole for every checkpoint.
 
 Components that read or write parameters inside the training step (L2/EWC anchors, RegLoRA, EMA,
 Reptile, k-FPF) would see shards; ``cl.validate`` refuses them under this strategy with the reason.
@@ -126,36 +132,60 @@ def local_fraction(model: nn.Module) -> float:
     return local / max(1, sum(p.numel() for p in params))
 
 
-def local_optimizer_state(state: dict) -> dict:
-    """An optimizer ``state_dict`` with every sharded tensor replaced by this rank's shard (plain tensors:
-    what ``torch.load(weights_only=True)`` reads back)."""
-    from torch.distributed.tensor import DTensor
+def _resharded(model: nn.Module) -> nn.Module:
+    """``model`` with every FSDP unit's parameters back in their sharded form: a forward outside backward
+    (an evaluation point, a rollout) leaves the root unit's parameters gathered, and the optimizer's
+    parameters are the sharded ones, which the state-dict helpers look up by name."""
+    from torch.distributed.fsdp import FSDPModule
 
-    out = {k: v for k, v in state.items() if k != "state"}
-    out["state"] = {i: {k: (v.to_local().clone() if isinstance(v, DTensor) else v) for k, v in s.items()}
-                    for i, s in state["state"].items()}
-    return out
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model
 
 
-def sharded_optimizer_state(state: dict, params: list[nn.Parameter]) -> dict:
-    """The inverse of ``local_optimizer_state`` for this rank's sharded ``params`` (same mesh and world
-    size as when it was saved; a shard that does not fit raises)."""
-    from torch.distributed.tensor import DTensor
+SHARDS = "optim"  # a mid-task checkpoint's optimizer shards: a torch.distributed.checkpoint directory
 
-    by_index = dict(enumerate(params))
-    out = {k: v for k, v in state.items() if k != "state"}
-    out["state"] = {}
-    for i, s in state["state"].items():
-        p = by_index[int(i)]
-        conv = {}
-        for k, v in s.items():
-            if isinstance(p, DTensor) and torch.is_tensor(v) and not isinstance(v, DTensor) and v.dim() > 0:
-                if v.shape != p.to_local().shape:
-                    raise ValueError(f"optimizer state {k} of parameter {i}: shard {tuple(v.shape)} does not fit "
-                                     f"{tuple(p.to_local().shape)} (saved under another world size?)")
-                v = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
-                                       shape=p.shape, stride=p.stride())
-            conv[k] = v
-        out["state"][i] = conv
-    return out
 
+def save_optimizer_shards(model: nn.Module, optimizer, path) -> dict:
+    """Every rank writes its shard of the optimizer state into ``path`` with ``torch.distributed.checkpoint``
+    (a collective: it returns once rank 0 has written the metadata after every rank's data). The state is
+    keyed by parameter name (``get_optimizer_state_dict``), so it can be loaded onto any number of ranks.
+    Returns what the checkpoint's ``state.pt`` keeps in place of the state: ``{"shards": SHARDS}``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(_resharded(model), optimizer)}, checkpoint_id=str(path))
+    return {"shards": SHARDS}
+
+
+def load_optimizer_shards(model: nn.Module, optimizer, path) -> None:
+    """Load a ``save_optimizer_shards`` directory into this fit's sharded ``optimizer`` (a collective),
+    resharding it when the run now has another number of ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(_resharded(model), optimizer)}  # this mesh's layout (initialises the state)
+    dcp.load(state, checkpoint_id=str(path))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def full_optimizer_state(model: nn.Module, optimizer) -> dict:
+    """The whole optimizer state keyed by parameter name, gathered onto rank 0's CPU (a collective; the
+    other ranks get an empty dict): what an optimizer carried from one fit to the next, and a task-boundary
+    checkpoint, keep. Wrapped as ``{"full_on_rank0": ...}`` so every rank sees the same structure."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"full_on_rank0": get_optimizer_state_dict(_resharded(model), optimizer, options=opts)}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    """Load a ``full_optimizer_state`` into this fit's sharded ``optimizer``: rank 0 broadcasts it, each
+    rank keeps its shard (a collective; any number of ranks)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    full = state["full_on_rank0"] if dist.get_rank() == 0 else {}
+    set_optimizer_state_dict(_resharded(model), optimizer, full,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

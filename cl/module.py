@@ -15,7 +15,7 @@ import torch
 
 from cl.core.components import Component
 from cl.objectives import Objective
-from cl.schedule import LRSchedule
+from cl.schedule import LRSchedule, TrainSettings
 
 
 class ContinualLM(pl.LightningModule):
@@ -38,9 +38,9 @@ class ContinualLM(pl.LightningModule):
         objective: Objective,
         optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
         schedule: LRSchedule = LRSchedule(),
-        reset_optimizer_per_task: bool = True,
+        reset_optimizer_per_task: bool = TrainSettings.reset_optimizer_per_task,
         loss_components: Iterable[Component] = (),
-        compile_train: bool = False,
+        compile_train: bool = TrainSettings.compile,
     ):
         super().__init__()
         self.compile_train = compile_train  # train.compile: training forwards through torch.compile
@@ -55,7 +55,7 @@ class ContinualLM(pl.LightningModule):
         self.task_idx = 0
         self.task_start_iter = 0  # global_iter when the current task began
         self.task_steps: int | None = None  # optimizer steps of the current task (the LR schedule's length)
-        self.nonfinite = "stop"  # stop | skip: what a non-finite loss does
+        self.nonfinite = TrainSettings.nonfinite  # stop | skip: what a non-finite loss does
         self.skipped_steps = 0
         self.resume_optim: dict | None = None  # optimizer/scheduler states to load in configure_optimizers
         self.resume_rng: dict | None = None  # RNG states to restore when the resumed fit starts
@@ -90,18 +90,23 @@ class ContinualLM(pl.LightningModule):
         self.task_idx, self.task_steps = task_idx, steps
         self.task_start_iter = self.global_iter_offset if start_iter is None else start_iter
 
-    def optim_state(self, mid_task: bool) -> dict:
+    def optim_state(self, mid_task: bool, shards_dir=None) -> dict:
         """What a checkpoint needs to rebuild the optimizer: its state when it outlives this point (always
         mid-task, across tasks only without a per-task reset) and, mid-task, the LR scheduler's. Sharded
-        runs store this rank's shard of it (``cl.fsdp.local_optimizer_state``)."""
+        runs (``trainer=fsdp``) write the state mid-task as shards into ``shards_dir`` (a collective,
+        ``cl.fsdp.save_optimizer_shards``) and keep a marker; across tasks the carried state is the whole
+        one on rank 0 (``cl.fsdp.full_optimizer_state``)."""
         if self.sharding is not None and not mid_task:
             return {"optimizer": None if self.reset_optimizer_per_task else self._carried_optim, "scheduler": None}
         keep_opt = self._optimizer is not None and (mid_task or not self.reset_optimizer_per_task)
-        state = self._optimizer.state_dict() if keep_opt else None
-        if state is not None and self.sharding is not None:
-            from cl.fsdp import local_optimizer_state
+        if keep_opt and self.sharded:
+            from cl.fsdp import save_optimizer_shards
 
-            state = local_optimizer_state(state)
+            if shards_dir is None:
+                raise ValueError("a sharded optimizer state is written by the checkpointer (shards_dir)")
+            state = save_optimizer_shards(self.model, self._optimizer, shards_dir)
+        else:
+            state = self._optimizer.state_dict() if keep_opt else None
         return {"optimizer": state,
                 "scheduler": self._scheduler.state_dict() if mid_task and self._scheduler is not None else None}
 
@@ -134,10 +139,10 @@ class ContinualLM(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.sharded:
-            from cl.fsdp import local_optimizer_state
+            from cl.fsdp import full_optimizer_state
 
             if not self.reset_optimizer_per_task and self._optimizer is not None:
-                self._carried_optim = local_optimizer_state(self._optimizer.state_dict())
+                self._carried_optim = full_optimizer_state(self.model, self._optimizer)
             self.sharding.gather(self.model)
             self.model = self.sharding.release()
             self._optimizer = self._scheduler = None  # they hold the shards
@@ -178,21 +183,25 @@ class ContinualLM(pl.LightningModule):
         resume, self.resume_optim = self.resume_optim or {}, None
         if self.reset_optimizer_per_task or self._optimizer is None:
             self._optimizer = self.make_optimizer(params)
-        if self.sharding is not None:  # the shards of a carried or checkpointed state, onto this fit's copy
+        if self.sharding is not None:  # a carried or checkpointed state, into this fit's shards (cl.fsdp)
+            from cl.fsdp import load_full_optimizer_state, load_optimizer_shards
+
             carried, self._carried_optim = self._carried_optim, None
             state = resume.get("optimizer") or (None if self.reset_optimizer_per_task else carried)
-            if state is not None:
-                from cl.fsdp import sharded_optimizer_state
-
-                resume = {**resume, "optimizer": sharded_optimizer_state(
-                    state, [p for g in self._optimizer.param_groups for p in g["params"]])}
+            if resume.get("shards_dir") is not None:
+                load_optimizer_shards(self.model, self._optimizer, resume["shards_dir"])
+            elif state is not None:
+                load_full_optimizer_state(self.model, self._optimizer, state)
+            resume = {**resume, "optimizer": None}
         if resume.get("optimizer") is not None:  # before the scheduler, which sets initial_lr only if absent
             self._optimizer.load_state_dict(resume["optimizer"])
         total = self.task_steps or (int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, self.schedule.lr_lambda(total, self.task_idx))
         if resume.get("scheduler") is not None:  # mid-task: continue the schedule where it stopped
             scheduler.load_state_dict(resume["scheduler"])
-            for group, lr in zip(self._optimizer.param_groups, scheduler.get_last_lr()):
-                group["lr"] = lr
+            # initial_lr too: a state loaded by name (cl.fsdp) fills only the keys a fresh optimizer has, and
+            # an optimizer carried to the next task starts its schedule from initial_lr
+            for group, lr, base in zip(self._optimizer.param_groups, scheduler.get_last_lr(), scheduler.base_lrs):
+                group["lr"], group["initial_lr"] = lr, base
         self._scheduler = scheduler
         return {"optimizer": self._optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

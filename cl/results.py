@@ -130,10 +130,18 @@ def _data_files(resolved: dict) -> dict[str, str]:
 
 
 def _result_config(resolved: dict) -> dict:
-    """``resolved`` without the keys in ``NOT_RESULT_KEYS``."""
+    """``resolved`` without the keys in ``NOT_RESULT_KEYS``, and without the rank count under a distributed
+    strategy (every rank count trains on the same global batches, ``cl.dist``; an interrupted job may resume
+    on another number of ranks, ``cl.checkpoint.latest_common``)."""
     import copy
 
+    from cl.dist import DDP_STRATEGIES
+
     out = copy.deepcopy(resolved)
+    trainer = out.get("trainer")
+    if isinstance(trainer, dict) and str(trainer.get("strategy", "auto")).startswith(DDP_STRATEGIES):
+        trainer.pop("devices", None)
+        trainer.pop("num_nodes", None)
     for key in NOT_RESULT_KEYS:
         *parents, last = key.split(".")
         d = out

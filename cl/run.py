@@ -45,7 +45,7 @@ from cl.module import ContinualLM
 from cl.runlog import RunLog
 from cl.results import (fingerprint_diff, format_matrix, format_metrics, input_fingerprint, provenance,
                         write_json_atomic)
-from cl.schedule import LRSchedule
+from cl.schedule import TrainSettings
 from cl.tracking import make_logger
 from cl.validate import ConfigError, validate_config
 from cl.tokenizer import build_char_tokenizer
@@ -313,7 +313,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
             [EvalSet.build(t, fmt, cfg.eval.n_per_task, cfg.eval.subset_seed) for t in general],
             curves_path, log=logger.log if logger else None,
             max_samples_per_point=cfg.eval.max_samples_per_point,
-            max_samples_per_boundary=cfg.eval.get("max_samples_per_boundary"),
+            max_samples_per_boundary=cfg.eval.max_samples_per_boundary,
             autocast=torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") else None,
         )
         adapter = make_adapter(OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else {},
@@ -326,14 +326,13 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
             model = c.setup(model)
         device = stream_device(tcfg)
         model.to(device)
+        train = TrainSettings(**OmegaConf.to_container(cfg.train, resolve=True))
         module = ContinualLM(
-            model, objective, instantiate(cfg.optimizer),
-            LRSchedule(cfg.train.warmup_steps, cfg.train.decay, cfg.train.min_lr_ratio, cfg.train.decay_fraction,
-                       cfg.train.get("const_ratio", 0.5), cfg.train.get("cooldown_steps", 0)),
-            reset_optimizer_per_task=cfg.train.reset_optimizer_per_task,
-            loss_components=components, compile_train=bool(cfg.train.get("compile", False)),
+            model, objective, instantiate(cfg.optimizer), train.schedule(),
+            reset_optimizer_per_task=train.reset_optimizer_per_task,
+            loss_components=components, compile_train=train.compile,
         )
-        module.nonfinite = cfg.train.get("nonfinite", "stop")
+        module.nonfinite = train.nonfinite
         if is_fsdp(tcfg):  # each fit trains a sharded copy; the whole model between fits (cl.fsdp)
             module.sharding = Sharding()
         replay = next((m for c in components if (m := c.batch_mixer()) is not None), None)
@@ -344,7 +343,8 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
             log.warning("checkpoints off: %s change(s) the model's structure per task and cannot be restored; "
                         "an interrupted run starts over", ", ".join(fixed))
         checkpointer = Checkpointer(run_dir, module, components, evaluator, resolved, ck.every_n_steps,
-                                    keep_prev=world > 1, write_weights=rank == 0) if ck.enabled and not fixed else None
+                                    keep_prev=world > 1, write_weights=rank == 0, world=world,
+                                    shared_dir=run_dir if rank == 0 else run_dir.parent) if ck.enabled and not fixed else None
         resume = None
         if ckpt is not None and checkpointer is not None:
             resume = checkpointer.load(ckpt)
@@ -530,7 +530,9 @@ def save_hydra_files(cfg: DictConfig, hc, run_dir: Path) -> None:
 
 OmegaConf.register_new_resolver("cl_key", run_key, replace=True)  # hydra.run.dir / hydra.sweep.subdir
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: works for `cl-run` as well
-methods.register_schemas(CONF_DIR)  # conf/<group>/<method>.yaml take their types and defaults from the classes
+# conf/<group>/<method>.yaml take their types and defaults from the classes; so do method files in the
+# directories a command line adds with hydra.searchpath
+methods.register_schemas(CONF_DIR, *methods.searchpath_dirs(sys.argv[1:]))
 
 
 def compose_config(*overrides: str) -> DictConfig:

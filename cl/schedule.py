@@ -13,7 +13,7 @@ trajectory instead, which a single stream cannot).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 DECAYS = ("constant", "linear", "cosine", "infinite")
@@ -80,3 +80,24 @@ class LRSchedule:
             return c
 
         return fn
+
+
+@dataclass(frozen=True)
+class TrainSettings(LRSchedule):
+    """``train.*``: the per-task learning-rate schedule (the fields of :class:`LRSchedule`) and how each task
+    trains. The one place these defaults are written (the config's ``train`` node takes them from here).
+
+    Attributes:
+        reset_optimizer_per_task: a fresh optimizer state at every task start (false: carried over).
+        nonfinite: what a NaN/inf loss or reward does: ``stop`` (failed results, last checkpoint kept) or
+            ``skip`` (the batch is counted and skipped, no update).
+        compile: training forwards through ``torch.compile`` (dynamic shapes); evaluation and generation
+            stay eager.
+    """
+
+    reset_optimizer_per_task: bool = True
+    nonfinite: str = "stop"
+    compile: bool = False
+
+    def schedule(self) -> LRSchedule:
+        return LRSchedule(**{f.name: getattr(self, f.name) for f in fields(LRSchedule)})

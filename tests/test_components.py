@@ -111,7 +111,10 @@ def test_a_composed_method_carries_its_constructors_defaults():
 @pytest.mark.parametrize("override, key", [("regularizer.ewc.coef=abc", "regularizer.ewc.coef"),
                                            ("regularizer.ewc.typo=1", "regularizer.ewc.typo"),
                                            ("base.steps=abc", "base.steps"), ("base.typo=1", "base.typo"),
-                                           ("adapter.r=abc", "adapter.r"), ("adapter.typo=1", "adapter.typo")])
+                                           ("adapter.r=abc", "adapter.r"), ("adapter.typo=1", "adapter.typo"),
+                                           ("train.warmup_steps=abc", "train.warmup_steps"),
+                                           ("train.typo=1", "train.typo"),
+                                           ("eval.n_per_task=abc", "eval.n_per_task"), ("eval.typo=1", "eval.typo")])
 def test_a_wrong_type_or_an_unknown_key_fails_at_composition_naming_the_key(override, key):
     from hydra.errors import ConfigCompositionException
 
@@ -148,3 +151,49 @@ def test_hooks_default_to_no_ops_and_state_round_trips_through_ckpt_attrs():
     d = Counter()
     d.load_state_dict(c.state_dict())
     assert d.record() == {"n": 1}
+
+
+def test_train_and_eval_settings_have_one_default_each():
+    """``train.*`` and ``eval.*`` take their types and defaults from TrainSettings / EvalSettings; the config
+    files set only what differs, and the classes that use the settings name the same defaults."""
+    from cl.evaluation import EvalSettings, Scorer
+    from cl.module import ContinualLM
+    from cl.schedule import TrainSettings
+
+    cfg = OmegaConf.to_container(compose_cfg(), resolve=True)
+    train, ev = dataclasses.asdict(TrainSettings()), dataclasses.asdict(EvalSettings())
+    assert set(cfg["train"]) == set(train) and set(cfg["eval"]) == set(ev)
+    assert {k: v for k, v in cfg["eval"].items() if v != ev[k]} == {}
+    assert {k: v for k, v in cfg["train"].items() if v != train[k]} == {"warmup_steps": 10}
+    top = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())
+    assert set(top["train"]) == {"warmup_steps"}  # written once: what differs from TrainSettings
+    assert set(yaml.safe_load((ROOT / "conf" / "eval" / "default.yaml").read_text())) == {"defaults"}
+    scorer = inspect.signature(Scorer.__init__).parameters
+    assert all(scorer[k].default == ev[k] for k in ("method", "max_new_tokens", "batch_size"))
+    module = inspect.signature(ContinualLM.__init__).parameters
+    assert module["reset_optimizer_per_task"].default == train["reset_optimizer_per_task"]
+    assert module["compile_train"].default == train["compile"]
+    for experiment in ("lr_infinite", "smoke"):  # presets still reach the fields
+        composed = OmegaConf.to_container(compose_cfg(f"experiment={experiment}"), resolve=True)
+        TrainSettings(**composed["train"])
+        EvalSettings(**composed["eval"])
+
+
+def test_a_method_file_in_a_searchpath_directory_gets_its_schema(tmp_path):
+    """A method file kept outside the project (``hydra.searchpath=[file://DIR]``) takes its types and defaults
+    from its class like the project's own files: defaults filled in, a wrong type fails naming the key."""
+    from tests.conftest import run_cli
+
+    (tmp_path / "regularizer").mkdir()
+    (tmp_path / "regularizer" / "ewc_strong.yaml").write_text(
+        "# @package regularizer.ewc_strong\ndefaults:\n  - /schema/regularizer/ewc_strong@_here_\n  - _self_\n"
+        "_target_: replay.regularizers.EWC\ncoef: 1000.0\n")
+    args = (f"hydra.searchpath=[file://{tmp_path}]", "regularizer=ewc_strong")
+    proc = run_cli("--cfg", "job", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    node = yaml.safe_load(proc.stdout)["regularizer"]["ewc_strong"]
+    from replay.regularizers import EWC
+
+    assert node["coef"] == 1000.0 and node["gamma"] == inspect.signature(EWC.__init__).parameters["gamma"].default
+    proc = run_cli("--cfg", "job", *args, "regularizer.ewc_strong.coef=abc")
+    assert proc.returncode != 0 and "regularizer.ewc_strong.coef" in proc.stderr

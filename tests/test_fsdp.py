@@ -140,3 +140,119 @@ def test_fsdp_presets_compose():
     cpu, gpu = (dict(compose_cfg(f"trainer={t}").trainer) for t in ("fsdp_cpu", "fsdp"))
     assert is_fsdp(cpu) and is_fsdp(gpu) and world_size(cpu) == 2
     assert gpu["precision"] == "bf16-mixed" and gpu["accelerator"] == "gpu"
+
+
+def _optimizer_worker(rank, world, tmp, mode):
+    """One rank: a 3-layer model sharded over ``world`` ranks with FSDP2; ``mode`` "save" trains it 3 AdamW
+    steps and writes the optimizer state both ways (shards, and whole on rank 0) plus the whole state for
+    comparison; "load_shards"/"load_full" loads one of them into a fresh optimizer and writes the whole
+    state it now holds."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from cl import fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg-{mode}-{world}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(torch.nn.Linear(6, 6) for _ in range(3)))
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        if mode == "save":
+            for step in range(3):
+                model(torch.full((4, 6), 0.1 * (step + 1))).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+            fsdp.save_optimizer_shards(model, opt, f"{tmp}/shards")
+            full = fsdp.full_optimizer_state(model, opt)
+            if rank == 0:
+                torch.save(full, f"{tmp}/full.pt")
+        elif mode == "load_shards":
+            fsdp.load_optimizer_shards(model, opt, f"{tmp}/shards")
+        else:
+            fsdp.load_full_optimizer_state(model, opt, torch.load(f"{tmp}/full.pt", weights_only=True)
+                                           if rank == 0 else {"full_on_rank0": {}})
+        whole = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save(whole, f"{tmp}/{mode}-{world}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_optimizer_state_loads_onto_another_number_of_ranks(tmp_path, monkeypatch):
+    """The optimizer state a 2-rank FSDP run writes (shards through torch.distributed.checkpoint, or whole on
+    rank 0) loads onto 1 and 3 ranks and gives back exactly the same whole state (every parameter's step,
+    exp_avg, exp_avg_sq), where the shards no longer line up with the saved ones."""
+    import torch
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.spawn(_optimizer_worker, args=(2, str(tmp_path), "save"), nprocs=2)
+    saved = torch.load(tmp_path / "save-2.pt", weights_only=True)
+    assert len(saved["state"]) == 6 and all(float(s["step"]) == 3 for s in saved["state"].values())
+    assert any(float(s["exp_avg"].abs().max()) > 0 for s in saved["state"].values())
+    for world in (1, 3):
+        for mode in ("load_shards", "load_full"):
+            mp.spawn(_optimizer_worker, args=(world, str(tmp_path), mode), nprocs=world)
+            got = torch.load(tmp_path / f"{mode}-{world}.pt", weights_only=True)
+            assert got["state"].keys() == saved["state"].keys(), (mode, world)
+            for name, s in saved["state"].items():
+                for k, v in s.items():
+                    assert torch.equal(got["state"][name][k], v), (mode, world, name, k)
+
+
+def _run_until_checkpoint(args, run_dir, after: tuple[int, int], timeout: float = 600):
+    """Start (or resume) the run, SIGKILL its whole process group once rank 0 holds a checkpoint inside a
+    task at a position past ``after``; returns that position."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "cl.run", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            env=resume_check.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        inside = [p for p in ck.positions(run_dir) if p > after and p[1] != 0]
+        if inside:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return max(inside)
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"no checkpoint inside a task past {after} (exit {proc.returncode})")
+
+
+def test_fsdp_run_resumes_on_another_number_of_ranks(tmp_path, cache_dir, monkeypatch):
+    """A 2-rank FSDP run (optimizer carried across tasks) killed inside a task, resumed on 1 rank, killed
+    again inside a task, resumed on 2 ranks to the end: it completes with the uninterrupted 2-rank run's
+    final weights within 1e-4 and its matrices within 0.06 (the FSDP-vs-single-process tolerances above).
+    The optimizer state crosses both changes through torch.distributed.checkpoint (shards mid-task)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ("experiment=smoke", "save_final_model=true", "checkpoint.every_n_steps=5",
+            "train.reset_optimizer_per_task=false", "trainer=fsdp_cpu")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = run_cli(*args, f"hydra.run.dir={whole}", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    first = _run_until_checkpoint(args, resumed, after=(-1, -1))
+    assert (ck.positions(resumed)[first] / "optim" / ".metadata").is_file()  # the shards, in rank 0's checkpoint
+    second = _run_until_checkpoint((*args, "trainer.devices=1"), resumed, after=first)
+    proc = run_cli(*args, f"hydra.run.dir={resumed}", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "written by 1 rank(s), this run has 2" in proc.stdout, proc.stdout[-2000:]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (whole, resumed))
+    assert b["status"] == "completed" and b["metrics"]["compute"]["optimizer_steps"] == 60, (first, second)
+    for key in ("acc_matrix", "general_matrix"):
+        for ra, rb in zip(a[key], b[key], strict=True):
+            assert all(abs(x - y) <= 0.06 for x, y in zip(ra, rb, strict=True)), (key, a[key], b[key])
+    wa, wb = _weights(whole), _weights(resumed)
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert diff <= 1e-4, (diff, first, second)
+    curves = (resumed / ".rank1" / "curves.jsonl").read_text()
+    assert curves == (resumed / "curves.jsonl").read_text()  # rank 1 took rank 0's curves where it had none
