@@ -4,8 +4,9 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/last`` holding
 
 - ``model.safetensors``: the stream's model (base + adapters) as safetensors;
 - ``state.pt``: everything else as plain containers and tensors, loaded with ``torch.load(weights_only=True)``:
-  the loop position (task, step inside the task, global iteration), the optimizer and LR-scheduler
-  states, the accuracy matrices so far, the evaluator's counters and the byte length of ``curves.jsonl``,
+  the loop position (task, step inside the task, global iteration) and the number of ranks that wrote
+  it, the optimizer and LR-scheduler states (under FSDP a marker for ``optim/``, below), the accuracy
+  matrices so far, the evaluator's counters and the byte length of ``curves.jsonl``,
   every component's state (replay buffers, anchors, teachers, averaging snapshots, GRPO reference),
   the RNG states of torch, numpy and Python, and the resolved config it was written under.
 
@@ -13,9 +14,11 @@ Writes are atomic: the new checkpoint is written to a temporary directory, the o
 ``prev``, the new one to ``last``, then ``prev`` is removed (renamed away first, so that no half-deleted
 directory is ever left under either name). A crash at any point leaves ``last`` or ``prev`` complete;
 ``latest`` picks whichever exists. ``position.json`` says where in the stream a
-checkpoint stands. Under a distributed strategy every rank writes its own state (``RUN_DIR/.rank<r>``; its
-shard of the optimizer state under FSDP), rank 0 alone the weights, and each keeps ``prev`` as well;
-``latest_common`` resumes all ranks from the newest position they all have.
+checkpoint stands. Under a distributed strategy every rank writes its own state (``RUN_DIR/.rank<r>``), rank
+0 alone the weights, and each keeps ``prev`` as well; under FSDP every rank writes its shard of the
+optimizer state into rank 0's checkpoint (``optim/``, ``torch.distributed.checkpoint``: ``cl.fsdp``).
+``latest_common`` resumes all ranks from the newest position they all have, or, for a checkpoint written
+by another number of ranks, every rank from rank 0's copy.
 
 Components hold their state in ``state_dict()``/``load_state_dict()`` (``cl.core.components``: by
 default the attributes named in ``ckpt_attrs``); a component whose state cannot be captured sets
@@ -56,6 +59,9 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+VERSION = 2  # 2: the ranks that wrote it; FSDP optimizer state by parameter name (torch.distributed.checkpoint)
 
 
 class CheckpointError(ValueError):
@@ -159,8 +165,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a requeued job may see fewer GPUs than the writer
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -260,22 +267,25 @@ def latest_common(run_dir: Path, rank: int, world: int) -> Path | None:
     (``cl.fsdp``; replicated under DDP) and the replicated component state; the other ranks' copies then
     matter no longer."""
     root = Path(run_dir) if rank == 0 else Path(run_dir).parent
-    per_rank = [positions(root if r == 0 else root / f".rank{r}") for r in range(world)]
+    per_rank = [positions(root if r == 0 else root / f".rank{r}", with_world=True) for r in range(world)]
+    same = lambda written_by: written_by is None or int(written_by) == world  # noqa: E731 (None: before ranks were recorded)
     valid = {}
-    for pos, (d, written_by) in positions(root, with_world=True).items():
-        if written_by is not None and int(written_by) != world:  # another rank count: rank 0's copy for all
+    for pos, (d, written_by) in per_rank[0].items():
+        if not same(written_by):  # another rank count: rank 0's copy for all
             if (d / "model.safetensors").is_file():
                 valid[pos] = d
-        elif world == 1 or ((d / "model.safetensors").is_file() and all(pos in p for p in per_rank)):
-            valid[pos] = per_rank[rank][pos]  # the other ranks' weights are rank 0's
+        elif world == 1 or ((d / "model.safetensors").is_file()  # the other ranks' weights are rank 0's
+                            and all(pos in p and same(p[pos][1]) for p in per_rank)):
+            valid[pos] = per_rank[rank][pos][0]
     return valid[max(valid)] if valid else None
 
 
-def load_state(ckpt: Path) -> dict:
+def load_state(ckpt: Path, device: torch.device | None = None) -> dict:
+    """``state.pt`` of ``ckpt``, its tensors on ``device`` (the resuming rank's; None: where they were saved
+    from, or the CPU without a GPU)."""
     try:
-        # tensors return to the device they were saved from (a GPU run resumes on the GPU)
-        return torch.load(Path(ckpt) / "state.pt", map_location=None if torch.cuda.is_available() else "cpu",
-                          weights_only=True)
+        where = device if device is not None else (None if torch.cuda.is_available() else "cpu")
+        return torch.load(Path(ckpt) / "state.pt", map_location=where, weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise CheckpointError(f"{Path(ckpt) / 'state.pt'}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
 
@@ -341,6 +351,9 @@ class Checkpointer:
         self.write_weights, self.world = write_weights, world
         self.shared_dir = Path(shared_dir) if shared_dir is not None else self.run_dir
         self.seconds = 0.0
+        for d in (self.run_dir / CKPT_DIR).glob("*"):  # what a killed save left (the lock: no writer now;
+            if d.name.startswith(("tmp-", "retired-")):  # FSDP shards are written only inside a save)
+                shutil.rmtree(d, ignore_errors=True)
 
     def callbacks(self, res, phase) -> list[pl.Callback]:
         if not self.every_n_steps:
@@ -362,7 +375,7 @@ class Checkpointer:
             shards.mkdir(parents=True, exist_ok=True)
         optim = self.module.optim_state(step_in_task > 0, shards) if shards else self.module.optim_state(step_in_task > 0)
         state = {
-            "version": 1, "config": self.config, "task_idx": task_idx, "step_in_task": step_in_task,
+            "version": VERSION, "config": self.config, "task_idx": task_idx, "step_in_task": step_in_task,
             "global_iter": self.module.global_iter, "world": self.world,
             "module": {"trainable_per_task": list(self.module.trainable_per_task),
                        "skipped_steps": self.module.skipped_steps, **optim},
@@ -384,7 +397,11 @@ class Checkpointer:
     def load(self, ckpt: Path) -> dict:
         """Restore the module, components, evaluator and RNGs from ``ckpt``; returns the loop state for
         ``run_stream(resume=...)``. Call after everything is built, just before the stream starts."""
-        state = load_state(ckpt)
+        m = self.module
+        state = load_state(ckpt, next(m.model.parameters()).device)  # rank 0's copy goes to this rank's device
+        if state.get("version") != VERSION:
+            raise CheckpointError(f"{ckpt}: written in checkpoint format {state.get('version')}, this code reads "
+                                  f"{VERSION}; rerun with resume=never to start over")
         written_by = state.get("world", self.world)
         check_compatible(state["config"], self.config, ckpt,
                          ignore=RANK_COUNT_KEYS if written_by != self.world else ())
@@ -392,10 +409,12 @@ class Checkpointer:
             print(f"[resume] the checkpoint was written by {written_by} rank(s), this run has {self.world}: every "
                   "rank continues from rank 0's state, the optimizer state resharded (the batches are split anew, "
                   "so the result equals an uninterrupted run's only up to floating-point reduction order)", flush=True)
-        m = self.module
         weights = rank0_weights(ckpt)
         load_model_weights(weights, m.model)
         load_component_states(self.components, state["components"], m.model)
+        if written_by != self.world:
+            for c in self.components:
+                c.on_rank_count_change()
         m.global_iter_offset = state["global_iter"]
         m.trainable_per_task = list(state["module"]["trainable_per_task"])
         m.skipped_steps = state["module"]["skipped_steps"]

@@ -123,7 +123,7 @@ def searchpath_dirs(argv) -> list[Path]:
     Hydra (their files name their schema themselves, or have none)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    wanted = [a for a in argv if a.lstrip("+~").startswith("hydra.searchpath=")]
+    wanted = [a for a in argv if a.lstrip("+~").startswith("hydra.searchpath=")][:1]  # Hydra reads the first
     if not wanted:
         return []
     out = []
@@ -161,9 +161,12 @@ def register_schemas(conf_dir: str | Path, *extra_dirs: str | Path) -> None:
 
     for name, cls in adapter_classes().items():  # adapter.name picks the class; its settings sit under adapter
         cs.store(group="schema/adapter", name=name, node=schema_for(cls, None, name=name))
-    for d in (conf_dir, *extra_dirs):  # a method file in a searchpath directory: the same schema
-        for group, name, target in preset_files(d):
-            cs.store(group=f"schema/{group}", name=name, node=schema_for(locate(target), target))
+    own = set()
+    for d in (conf_dir, *extra_dirs):  # a method file in a searchpath directory: the same schema (the project's
+        for group, name, target in preset_files(d):  # file wins a name both have, as it does in Hydra's search)
+            if (group, name) not in own:
+                own.add((group, name))
+                cs.store(group=f"schema/{group}", name=name, node=schema_for(locate(target), target))
 
 
 def configured(cfg: Mapping) -> list[tuple[str, Mapping]]:

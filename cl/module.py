@@ -181,8 +181,10 @@ class ContinualLM(pl.LightningModule):
         if len(self.trainable_per_task) <= self.task_idx:  # once per task (a resumed task has it already)
             self.trainable_per_task.append(sum(p.numel() for p in {id(p): p for p in params}.values()))
         resume, self.resume_optim = self.resume_optim or {}, None
+        base_lrs = None
         if self.reset_optimizer_per_task or self._optimizer is None:
             self._optimizer = self.make_optimizer(params)
+            base_lrs = [g["lr"] for g in self._optimizer.param_groups]  # the configured lrs: the schedule's base
         if self.sharding is not None:  # a carried or checkpointed state, into this fit's shards (cl.fsdp)
             from cl.fsdp import load_full_optimizer_state, load_optimizer_shards
 
@@ -195,13 +197,15 @@ class ContinualLM(pl.LightningModule):
             resume = {**resume, "optimizer": None}
         if resume.get("optimizer") is not None:  # before the scheduler, which sets initial_lr only if absent
             self._optimizer.load_state_dict(resume["optimizer"])
+        if base_lrs is not None:  # a loaded state's lr is where its schedule stood; the schedule starts from the
+            # configured lr on every rank (a state loaded by name, cl.fsdp, brings initial_lr to rank 0 only)
+            for group, base in zip(self._optimizer.param_groups, base_lrs):
+                group["initial_lr"] = base
         total = self.task_steps or (int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, self.schedule.lr_lambda(total, self.task_idx))
         if resume.get("scheduler") is not None:  # mid-task: continue the schedule where it stopped
             scheduler.load_state_dict(resume["scheduler"])
-            # initial_lr too: a state loaded by name (cl.fsdp) fills only the keys a fresh optimizer has, and
-            # an optimizer carried to the next task starts its schedule from initial_lr
-            for group, lr, base in zip(self._optimizer.param_groups, scheduler.get_last_lr(), scheduler.base_lrs):
-                group["lr"], group["initial_lr"] = lr, base
+            for group, lr in zip(self._optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
         self._scheduler = scheduler
         return {"optimizer": self._optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

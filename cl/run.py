@@ -178,7 +178,7 @@ def check_inputs(cfg: DictConfig, run_dir: Path) -> dict:
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     fp = input_fingerprint(resolved, base_id(resolved))
-    if cfg.get("resume", "auto") != "auto":
+    if cfg.resume != "auto":
         return fp
     try:
         old = json.loads((Path(run_dir) / "results.json").read_text())
@@ -231,7 +231,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg=None) -> dict:
     (:func:`check_inputs`); a completed run with the same inputs is returned as it is (``resume=auto``).
     Otherwise ``.hydra/`` is written (``hydra_cfg``: the job's Hydra config) and everything the run prints
     goes to ``run_dir/run.log`` as well."""
-    set_threads(cfg.get("threads"), hydra_cfg)
+    set_threads(cfg.threads, hydra_cfg)
     rank = global_rank(OmegaConf.to_container(cfg.trainer, resolve=True))
     if rank > 0:
         run_dir = run_dir / f".rank{rank}"
@@ -243,7 +243,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg=None) -> dict:
     with RunLock(run_dir):  # its lock file goes with it: a refused rerun leaves the directory as it was
         fingerprint = check_inputs(cfg, run_dir)
         results_path = run_dir / "results.json"
-        if cfg.get("resume", "auto") == "auto" and (done := _completed(results_path)) is not None:
+        if cfg.resume == "auto" and (done := _completed(results_path)) is not None:
             print(f"[run] already completed: {results_path} (resume=never runs it again)", flush=True)
             return done
         if hydra_cfg is not None and rank == 0:
@@ -263,7 +263,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
     results_path, curves_path = run_dir / "results.json", run_dir / "curves.jsonl"
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     rank, world = global_rank(tcfg), world_size(tcfg)
-    mode = cfg.get("resume", "auto")
+    mode = cfg.resume
     # the newest checkpoint position every rank has (one process: its newest checkpoint)
     ckpt = latest_common(run_dir, rank, world) if mode == "auto" else None
     if ckpt is None:
@@ -296,8 +296,8 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
     try:
         model, tokenizer, base_info = prepare_model(cfg, run_dir, by_name)
         # W&B starts after the (cached) base stage so its service does not compete with pretraining.
-        logger = make_logger(cfg.logger.kind, str(run_dir), project=cfg.logger.get("project", "cl-suite"),
-                             mode=cfg.logger.get("mode", "offline"), name=run_dir.name,
+        logger = make_logger(cfg.logger.kind, str(run_dir), project=cfg.logger.get("project"),
+                             mode=cfg.logger.get("mode"), name=run_dir.name,
                              group=cfg.logger.get("group"), tags=cfg.logger.get("tags"), config=resolved,
                              job_type=cfg.logger.get("job_type"),
                              run_id=wandb_run_id(run_dir, resuming=ckpt is not None) if cfg.logger.kind == "wandb" else None)
@@ -453,7 +453,7 @@ def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEva
 
 
 def collect_metrics(res: StreamResult, curves: list[dict], evaluator: ContinualEvaluator, components: list,
-                    results: dict, windows: tuple[int, ...] = (50, 150)) -> dict:
+                    results: dict, windows: tuple[int, ...]) -> dict:
     """Matrix and curve metrics, the components' records (into ``results``) and the evaluation cost."""
     metrics = matrix_metrics(res.acc_matrix, res.base_acc, res.general_matrix, res.general_base)
     metrics.update(curve_metrics(curves, res.tasks, res.task_end_iters, windows))

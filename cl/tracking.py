@@ -100,7 +100,7 @@ class SafeWandbLogger(WandbLogger):
                 self._break("finish", e)
 
 
-def make_logger(kind: str, save_dir: str, project: str, mode: str = "offline", name: str | None = None,
+def make_logger(kind: str, save_dir: str, project: str | None, mode: str | None, name: str | None = None,
                 group: str | None = None, tags: list[str] | None = None, config: dict | None = None,
                 run_id: str | None = None, job_type: str | None = None):
     """Build the run's logger: ``SafeWandbLogger`` for ``kind='wandb'``, ``None`` for ``kind='none'``."""

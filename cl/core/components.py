@@ -19,7 +19,9 @@ the run built them, and never asks what class a component is:
 State: ``state_dict()`` returns what a checkpoint must hold (by default the attributes named in
 ``ckpt_attrs``) and ``load_state_dict(state)`` puts it back; the checkpoint converts the values to plain
 containers and tensors and back (``cl.checkpoint``). A component whose state cannot be captured sets
-``ckpt_attrs = None``: a run with it writes no checkpoints.
+``ckpt_attrs = None``: a run with it writes no checkpoints. A run resumed on another number of ranks
+gives every rank rank 0's state and then calls ``on_rank_count_change()``, where a component drops state
+that belongs to one rank's share of the batch.
 
 Every hook has a no-op default, so a method implements only what it needs. Nothing here imports the engine.
 """
@@ -87,6 +89,11 @@ class Component:
     def on_resume(self, ctx: TaskContext) -> None:
         """Instead of ``on_task_start`` when a run resumes inside task ``ctx.task_idx`` (the state that
         ``on_task_start`` built came with the checkpoint)."""
+
+    def on_rank_count_change(self) -> None:
+        """After ``load_state_dict`` when a run resumes on another number of ranks (``cl.checkpoint``): every
+        rank got rank 0's state; drop what belongs to one rank's share of the batch (e.g. GRPO's reused
+        rollout of its prompts)."""
 
     def prepare_data(self, ctx: TaskContext, task):
         return task

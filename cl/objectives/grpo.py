@@ -175,6 +175,9 @@ class GRPOObjective(Component):
     def _snapshot(self, model: torch.nn.Module) -> None:
         self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def on_rank_count_change(self) -> None:
+        self._rollout, self._uses = None, 0  # rank 0's prompts' completions: each rank samples its own anew
+
     def on_task_start(self, ctx) -> None:
         self._rollout, self._uses = None, 0
         self.rollouts.mark_stale()  # boundary hooks (averaging, merges) changed the weights
