@@ -99,10 +99,6 @@ def validate_config(cfg: Mapping) -> None:
     if _get(cfg, "train.decay") == "infinite":
         c.number("train.const_ratio", lo=0.0, hi=1.0)
         c.integer("train.cooldown_steps", minimum=0)
-    if not isinstance(_get(cfg, "train.reset_optimizer_per_task"), bool):
-        c.add("train.reset_optimizer_per_task", "must be true or false")
-    if not isinstance(_get(cfg, "train.compile"), bool):
-        c.add("train.compile", "must be true or false")
 
     c.integer("threads", minimum=1, optional=True)
     c.choice("eval.method", METHODS)
