@@ -8,7 +8,7 @@ A user task is described by a mapping in the stream config::
       eval: data/qa_eval.jsonl          # optional; otherwise ``eval_fraction`` of train is held out
       prompt_column: question
       answer_column: answer
-      verifier: exact                   # exact | numeric | regex | function
+      verifier: exact                   # exact | numeric | regex | function | rouge_l | sari | edit_sim | math
       pattern: null                     # for regex
       function: null                    # for function: "package.module:function"
       final_pattern: null               # regex whose group 1 is the final answer inside the reference answer
