@@ -141,7 +141,7 @@ def searchpath_dirs(argv) -> list[Path]:
 def register_schemas(conf_dir: str | Path, *extra_dirs: str | Path) -> None:
     """Store ``schema/<group>/<name>`` in Hydra's ConfigStore for every method file, ``schema/adapter/<name>``
     for every adapter, ``schema/eval/settings`` and ``schema/train/settings`` (:class:`cl.evaluation.EvalSettings`,
-    :class:`cl.schedule.TrainSettings`), ``schema/base/recipe`` (the base stage's settings: :class:`cl.base_stage.BaseRecipe`) and
+    :class:`cl.schedule.TrainSettings`), ``schema/general_eval/lm_eval`` (:class:`cl.harness.HarnessSettings`), ``schema/base/recipe`` (the base stage's settings: :class:`cl.base_stage.BaseRecipe`) and
     ``schema/model/tiny_arch`` (the embedded model's shape: :func:`cl.model.build_tiny_llama`) (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
@@ -156,6 +156,9 @@ def register_schemas(conf_dir: str | Path, *extra_dirs: str | Path) -> None:
 
     cs.store(group="schema/eval", name="settings", node=dataclass_schema(EvalSettings))
     cs.store(group="schema/train", name="settings", node=dataclass_schema(TrainSettings))
+    from cl.harness import HarnessSettings
+
+    cs.store(group="schema/general_eval", name="lm_eval", node=dataclass_schema(HarnessSettings))
     cs.store(group="schema/model", name="tiny_arch", node=schema_for(build_tiny_llama, None))
     from cl.adapters import adapter_classes
 

@@ -38,12 +38,15 @@ class ContinualEvaluator:
             the full subsets that fill the accuracy matrix). Long streams set it so that evaluation
             costs the same at every point, at the price of fewer items per matrix entry.
         autocast: evaluate under ``torch.autocast`` with this dtype (None: the model's own precision).
+        harness: general tasks scored by lm-evaluation-harness (:class:`cl.harness.LmEvalGeneral`), at
+            boundaries (and at inner points with its ``inner_points``); their columns follow ``general``'s.
     """
 
     def __init__(self, scorer: Scorer, stream: list[EvalSet], general: list[EvalSet], curves_path: str | Path,
                  log=None, future_tasks: int = 1, max_samples_per_point: int | None = None,
-                 max_samples_per_boundary: int | None = None, autocast: torch.dtype | None = None):
+                 max_samples_per_boundary: int | None = None, autocast: torch.dtype | None = None, harness=None):
         self.scorer, self.stream, self.general = scorer, stream, general
+        self.harness = harness
         self.curves_path = Path(curves_path)
         self.log = log
         self.future_tasks = future_tasks
@@ -53,6 +56,11 @@ class ContinualEvaluator:
         self.seconds = 0.0
         self.points = 0
         self.old_task_acc: float | None = None
+
+    @property
+    def general_names(self) -> list[str]:
+        """The general matrix's columns: the probes of ``general``, then the harness tasks."""
+        return [es.name for es in self.general] + (list(self.harness.names) if self.harness else [])
 
     def status(self) -> str:
         """Short progress text: the latest mean accuracy on earlier tasks."""
@@ -94,8 +102,20 @@ class ContinualEvaluator:
                     line["acc_at"] = {str(k): sum(scores[:k]) / k for k in prefixes if k < len(scores)}
                 lines.append(line)
                 metrics[f"eval/{kind}/{es.name}"] = acc
-        if result["general"]:
-            metrics["eval/general_mean"] = sum(result["general"].values()) / len(result["general"])
+            if self.harness is not None and (boundary or self.harness.settings.inner_points):
+                point = self.harness.evaluate(model)
+                for name, acc in point.scores.items():
+                    result["general"][name] = acc
+                    line = self._line(global_iter, task_idx, train_task, name, "general", acc, boundary,
+                                      point.items[name])
+                    lines.append({**line, "metric": point.metric[name]})
+                    metrics[f"eval/general/{name}"] = acc
+        probes = [result["general"][es.name] for es in self.general]  # the same columns at every point
+        if probes:
+            metrics["eval/general_mean"] = sum(probes) / len(probes)
+        harness = [acc for name, acc in result["general"].items() if self.harness and name in self.harness.names]
+        if harness:
+            metrics["eval/lm_eval_mean"] = sum(harness) / len(harness)
         seen = [result["stream"][es.name] for es in self.stream[: task_idx + 1] if es.name in result["stream"]]
         if seen:
             metrics["eval/seen_mean"] = sum(seen) / len(seen)

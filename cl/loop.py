@@ -74,10 +74,10 @@ def run_stream(
     """
     names = [t.name for t in stream]
     if resume is None:
-        res = StreamResult(tasks=names, general_tasks=[es.name for es in evaluator.general])
+        res = StreamResult(tasks=names, general_tasks=evaluator.general_names)
         first = evaluator.evaluate(module.model, 0, -1, "base", boundary=True)
         res.base_acc = [first["stream"][n] for n in names]
-        res.general_base = [first["general"][es.name] for es in evaluator.general]
+        res.general_base = [first["general"][name] for name in evaluator.general_names]
         t0, k0 = 0, 0
     else:
         res = StreamResult(**resume["result"])
@@ -124,7 +124,7 @@ def run_stream(
             c.on_task_end(ctx)
         row = evaluator.evaluate(module.model, module.global_iter, t, names[t], boundary=True)
         res.acc_matrix.append([row["stream"][n] for n in names])
-        res.general_matrix.append([row["general"][es.name] for es in evaluator.general])
+        res.general_matrix.append([row["general"][name] for name in evaluator.general_names])
         res.task_end_iters.append(module.global_iter)
         seen = res.acc_matrix[-1][: t + 1]
         print(f"[eval] after task {t + 1}/{len(stream)} {names[t]}: "

@@ -315,6 +315,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
             max_samples_per_point=cfg.eval.max_samples_per_point,
             max_samples_per_boundary=cfg.eval.max_samples_per_boundary,
             autocast=torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") else None,
+            harness=make_harness(cfg.general_eval, tokenizer),
         )
         adapter = make_adapter(OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else {},
                                seed=cfg.seed, evaluator=evaluator)
@@ -432,6 +433,18 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     run_id = secrets.token_hex(4)
     path.write_text(run_id + "\n")
     return run_id
+
+
+def make_harness(node: DictConfig, tokenizer):
+    """The lm-evaluation-harness tasks of ``general_eval=lm_eval`` (None for ``toy``: the probes only)."""
+    if node.kind == "toy":
+        return None
+    from cl.harness import HarnessSettings, LmEvalGeneral
+
+    try:
+        return LmEvalGeneral(HarnessSettings(**OmegaConf.to_container(node, resolve=True)), tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"general_eval: {e}") from None
 
 
 def build_components(cfg: DictConfig, fmt: PromptFormat, evaluator: ContinualEvaluator, objective, logger,

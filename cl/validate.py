@@ -254,6 +254,9 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
         c.add("stream.batch_size", f"must be divisible by the {world} processes of trainer.strategy="
                                    f"{trainer.get('strategy')} (each rank takes an equal share of every batch), got {b}")
     c.choice("trainer.precision", ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
+    if world > 1 and _get(cfg, "general_eval.kind") == "lm_eval":
+        c.add("general_eval", f"general_eval=lm_eval scores in one process; trainer.strategy="
+                              f"{trainer.get('strategy')} runs {world} (use one device, or score saved models)")
     if is_fsdp(dict(trainer)):
         import torch
         import torch.distributed.fsdp as fsdp
