@@ -541,7 +541,18 @@ def save_hydra_files(cfg: DictConfig, hc, run_dir: Path) -> None:
     OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), out / "overrides.yaml")
 
 
+def data_source(data_dir: str | None, relative: str, hub: str | None = None) -> str:
+    """``${cl_data:DIR,REL,HUB}`` in stream presets: ``DIR/REL`` when a local copy's directory is set, else the
+    hub dataset ``HUB`` (a preset without one names a local default directory instead)."""
+    if data_dir:
+        return str(Path(data_dir) / relative)
+    if hub is None:
+        raise ValueError(f"no local directory for {relative}: set stream.data_dir")
+    return hub
+
+
 OmegaConf.register_new_resolver("cl_key", run_key, replace=True)  # hydra.run.dir / hydra.sweep.subdir
+OmegaConf.register_new_resolver("cl_data", data_source, replace=True)  # stream presets: local copy or hub
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: works for `cl-run` as well
 # conf/<group>/<method>.yaml take their types and defaults from the classes; so do method files in the
 # directories a command line adds with hydra.searchpath

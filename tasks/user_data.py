@@ -12,8 +12,11 @@ A user task is described by a mapping in the stream config::
       pattern: null                     # for regex
       function: null                    # for function: "package.module:function"
       final_pattern: null               # regex whose group 1 is the final answer inside the reference answer
-                                        # (e.g. GSM8K's "#### 72"): SFT trains on the whole answer, the
+                                        # (e.g. GSM8K's "#### 72"), or "boxed" (the last \boxed{...}, braces
+                                        # balanced: MATH solutions): SFT trains on the whole answer, the
                                         # verifier and evaluation compare against the extracted final answer
+      prompt_template: null             # e.g. "{prompt}\nPut your final answer within \boxed{}.": the
+                                        # row's prompt replaces "{prompt}" (other braces are literal)
 
 ``train``/``eval`` may name a hub dataset as ``hub:NAME`` or ``hub:NAME@CONFIG`` (e.g. ``hub:openai/gsm8k@main``).
 
@@ -161,13 +164,16 @@ def load_user_task(
     eval_fraction: float = 0.1,
     seed: int = 0,
     final_pattern: str | None = None,
+    prompt_template: str | None = None,
 ) -> Task:
     """Build a :class:`Task` from user data; eval rows are removed from train by prompt."""
     try:
         score = make_verifier(verifier, pattern=pattern, function=function)
-        final_rx = re.compile(final_pattern) if final_pattern else None
+        final_rx = BOXED if final_pattern == "boxed" else re.compile(final_pattern) if final_pattern else None
     except (ValueError, re.error) as e:
         raise DataError(f"task '{name}': {e}") from None
+    if prompt_template is not None and "{prompt}" not in prompt_template:
+        raise DataError(f"task '{name}': prompt_template must contain '{{prompt}}', got {prompt_template!r}")
     train_rows = load_rows(train, prompt_column, answer_column, "train")
     if eval is not None:
         eval_rows = load_rows(eval, prompt_column, answer_column, "test")
@@ -178,6 +184,9 @@ def load_user_task(
         random.Random(f"{seed}/{name}/split").shuffle(rows)
         n_eval = max(1, int(len(rows) * eval_fraction))
         eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
+    if prompt_template is not None:
+        for r in (*train_rows, *eval_rows):
+            r["prompt"] = prompt_template.replace("{prompt}", r["prompt"])
     held_out = {r["prompt"] for r in eval_rows}
     train_rows = [r for r in train_rows if r["prompt"] not in held_out]
     if not train_rows:
@@ -214,9 +223,34 @@ def check_encodable(task: Task, fmt, max_positions: int | None) -> None:
                                 f"{max_positions} (model.max_position_embeddings)")
 
 
-def _add_final(rows: list[dict], rx: "re.Pattern", where: str) -> None:
-    """``row["final"]`` = group 1 (else the match) of ``rx`` in the reference answer, thousands commas removed."""
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, nested braces balanced; None
+    without one (MATH's reference solutions mark their final answer this way)."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start)
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+BOXED = "boxed"  # final_pattern: the last \boxed{...}
+
+
+def _add_final(rows: list[dict], rx: "re.Pattern | str", where: str) -> None:
+    """``row["final"]`` = group 1 (else the match) of ``rx`` in the reference answer, thousands commas removed
+    (``rx`` = :data:`BOXED`: the last ``\\boxed{}``'s content, as written)."""
     for i, r in enumerate(rows, start=1):
+        if rx == BOXED:
+            final = last_boxed(r["answer"])
+            if final is None:
+                raise DataError(f"{where}: row {i}: no \\boxed{{...}} in the answer {r['answer'][-60:]!r}")
+            r["final"] = final.strip()
+            continue
         m = rx.search(r["answer"])
         if m is None:
             raise DataError(f"{where}: row {i}: final_pattern {rx.pattern!r} does not match the answer {r['answer'][-60:]!r}")
