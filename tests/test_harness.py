@@ -71,22 +71,20 @@ def test_unknown_harness_task_is_one_line():
         LmEvalGeneral(HarnessSettings(tasks=["no_such_task"], include_path=str(FIXTURES)), None)
 
 
-def test_a_run_scores_harness_tasks_as_general_columns_at_every_boundary(tiny_qwen, tmp_path):
-    """`general_eval=lm_eval` on a 2-task stream: the harness task is a general column next to the probe
-    (base row and one row per task), in the curves at the boundaries only, and in general retention."""
+def test_a_run_scores_harness_tasks_as_general_columns_at_every_boundary(cache_dir, tmp_path):
+    """`experiment=smoke general_eval=lm_eval` with the fixture task, offline on the embedded model: the
+    harness task is a general column next to the probes (base row and one row per task), in the curves at
+    the boundaries only, and in general retention."""
     out = tmp_path / "run"
-    proc = run_cli("model=qwen2_5_0_5b_instruct", f"model.name_or_path={tiny_qwen}", "base=none", "logger=none",
-                   "stream.tasks=[sub2,mul21]", "stream.general=[copy6]", "stream.steps_per_task=4",
-                   "stream.batch_size=4", "eval.n_per_task=8", "eval.every_n_steps=2", "data.n_train=50",
-                   "data.n_eval=20", "general_eval=lm_eval", "general_eval.tasks=[toy_choice]",
-                   f"general_eval.include_path={FIXTURES}", "general_eval.limit=6", "optimizer.lr=0.05",
-                   f"hydra.run.dir={out}", timeout=600)
+    proc = run_cli("experiment=smoke", "stream.steps_per_task=4", "eval.every_n_steps=2", "general_eval=lm_eval",
+                   "general_eval.tasks=[toy_choice]", f"general_eval.include_path={FIXTURES}", "general_eval.limit=6",
+                   f"hydra.run.dir={out}", timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "completed"
-    assert res["general_tasks"] == ["copy6", "lm_eval:toy_choice"]
-    assert len(res["general_base"]) == 2 and len(res["general_matrix"]) == 2
-    assert all(len(row) == 2 and all(0.0 <= x <= 1.0 for x in row) for row in res["general_matrix"])
+    assert res["general_tasks"] == ["copy6", "add2", "lm_eval:toy_choice"]
+    assert len(res["general_base"]) == 3 and len(res["general_matrix"]) == 2
+    assert all(len(row) == 3 and all(0.0 <= x <= 1.0 for x in row) for row in res["general_matrix"])
     curves = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
     harness = [c for c in curves if c["eval_task"] == "lm_eval:toy_choice"]
     assert [c["global_iter"] for c in harness] == [0, 4, 8] and all(c["boundary"] for c in harness)
