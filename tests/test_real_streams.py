@@ -85,3 +85,27 @@ def test_a_missing_copy_or_a_schema_typo_fails_in_one_line(tmp_path, monkeypatch
     with pytest.raises(DataError, match=r"row 1 has no column 'problem'"):
         _tasks("stream=math", f"stream.data_dir={FIX / 'math'}", "stream.tasks.1.prompt_column=problem",
                "stream.tasks.0.prompt_column=problem")
+
+
+@pytest.mark.parametrize("exp", ["real_math_sft", "real_math_grpo", "real_trace_sft", "real_trace_grpo"])
+def test_real_presets_compose_and_start_on_a_tiny_model_of_their_architecture(exp, tiny_qwen_bytes, tmp_path):
+    """Each real preset with its own hyperparameters, on a tiny random Qwen2 (byte-level tokenizer) and the
+    fixture copies of its data, on the CPU: one step per task, the HF rollouts instead of vLLM."""
+    from cl.run import run
+
+    data = FIX / ("math" if "math" in exp else "trace")
+    rl = ["objective.max_new_tokens=4", "objective.group_size=2", "objective.rollout_backend=hf"] if "grpo" in exp else []
+    harness = ["general_eval.tasks=[toy_choice]", f"general_eval.include_path={FIX / 'lm_eval'}",
+               "general_eval.limit=3"] if exp == "real_math_sft" else ["general_eval=toy"]
+    cfg = compose_cfg(f"experiment={exp}", f"model.name_or_path={tiny_qwen_bytes}", f"stream.data_dir={data}",
+                      "trainer=cpu", "logger=none", "shift=none", "stream.steps_per_task=1", "stream.batch_size=2",
+                      "train.warmup_steps=0", "eval.n_per_task=2", "eval.every_n_steps=null",
+                      "eval.max_new_tokens=4", *rl, *harness)
+    assert cfg.optimizer.lr == (1e-6 if "grpo" in exp else 1e-5) and cfg.train.decay == "cosine"
+    if "grpo" in exp:
+        assert cfg.objective.kl_coef == 0.01 and cfg.objective.reference == "task_start"
+    res = run(cfg, tmp_path / exp)
+    assert res["status"] == "completed", res.get("status")
+    assert res["tasks"] == (["gsm8k", "math"] if "math" in exp else TRACE_ORDER)
+    if exp == "real_math_sft":
+        assert res["general_tasks"] == ["lm_eval:toy_choice"] and len(res["general_matrix"]) == 2
