@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from cl.core.data import PromptFormat, PromptRowsCollator
 from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, group_advantages, grpo_loss, sampler_correction
+from cl.objectives.length_rewards import LENGTH_REWARDS, grpo_lambda_terms, hapo_terms
 from cl.objectives.sft import training_forward
 from cl.rollouts import make_backend
 from tasks.base import Task
@@ -75,6 +76,11 @@ class GRPOObjective(Component):
             decode loop on the training model, same tokens; not under FSDP) or ``vllm`` (a colocated
             vLLM engine, weights synced before each rollout; ``cl.rollouts``).
         vllm: the vLLM engine's settings (``cl.rollouts.VLLMRollouts``).
+        length_reward: ``none`` | ``grpo_lambda`` | ``hapo``: a length term added to the task reward
+            (:mod:`cl.objectives.length_rewards`; HAPO's per-problem history is checkpointed).
+        length_weight: weight of that term.
+        lambda_fraction: grpo_lambda's share of a batch's groups (those most often correct) that are
+            length-penalised.
     """
 
     name = "grpo"
@@ -96,6 +102,11 @@ class GRPOObjective(Component):
         c.choice(f"{at}.reference", REFERENCES)
         c.choice(f"{at}.loss_agg", AGGREGATIONS)
         c.choice(f"{at}.advantage", ADVANTAGES)
+        from cl.objectives.length_rewards import LENGTH_REWARDS
+
+        c.choice(f"{at}.length_reward", LENGTH_REWARDS)
+        c.number(f"{at}.lambda_fraction", lo=0.0, hi=1.0)
+        c.number(f"{at}.length_weight", lo=0.0)
         if c.get(f"{at}.reference") == "sync":
             c.integer(f"{at}.ref_sync_every", minimum=1)
         from cl.fsdp import is_fsdp
@@ -130,13 +141,18 @@ class GRPOObjective(Component):
                  max_new_tokens: int = 16, eps_low: float = 0.2, eps_high: float = 0.3, kl_coef: float = 0.01,
                  reference: str = "task_start", ref_sync_every: int | None = None, loss_agg: str = "token_mean",
                  advantage: str = "grpo", ppo_epochs: int = 1, dynamic_sampling: bool = False,
-                 reward_scale: float = 1.0, rollout_backend: str = "hf", vllm: dict | None = None):
+                 reward_scale: float = 1.0, rollout_backend: str = "hf", vllm: dict | None = None,
+                 length_reward: str = "none", length_weight: float = 1.0, lambda_fraction: float = 0.5):
         if reference not in REFERENCES:
             raise ValueError(f"objective.reference: '{reference}' is not one of {', '.join(REFERENCES)}")
         if advantage not in ADVANTAGES:
             raise ValueError(f"objective.advantage: '{advantage}' is not one of {', '.join(ADVANTAGES)}")
         if loss_agg not in AGGREGATIONS:
             raise ValueError(f"objective.loss_agg: '{loss_agg}' is not one of {', '.join(AGGREGATIONS)}")
+        if length_reward not in LENGTH_REWARDS:
+            raise ValueError(f"objective.length_reward: '{length_reward}' is not one of {', '.join(LENGTH_REWARDS)}")
+        if not 0.0 <= lambda_fraction <= 1.0:
+            raise ValueError(f"objective.lambda_fraction: must be in [0, 1], got {lambda_fraction}")
         if reference == "sync" and not ref_sync_every:
             raise ValueError("objective.ref_sync_every: needed (>= 1) with reference=sync")
         self.group_size, self.temperature, self.top_p = group_size, temperature, top_p
@@ -145,6 +161,8 @@ class GRPOObjective(Component):
         self.loss_agg, self.advantage, self.ppo_epochs = loss_agg, advantage, ppo_epochs
         self.dynamic_sampling, self.reward_scale = dynamic_sampling, reward_scale
         self.rollouts = make_backend(rollout_backend, dict(vllm or {}))
+        self.length_reward, self.length_weight, self.lambda_fraction = length_reward, length_weight, lambda_fraction
+        self.length_history: dict[str, int] = {}  # hapo: problem -> shortest correct completion so far
         self.fmt: PromptFormat | None = None
         self.tasks: dict[str, Task] = {}
         self.ref_model: torch.nn.Module | None = None
@@ -153,7 +171,7 @@ class GRPOObjective(Component):
         self._steps = 0
         self.tokens_generated = 0
 
-    ckpt_attrs = ("ref_model", "rollout_state", "_uses", "_steps", "tokens_generated")
+    ckpt_attrs = ("ref_model", "rollout_state", "_uses", "_steps", "tokens_generated", "length_history")
 
     @property
     def rollout_state(self) -> dict | None:
@@ -217,6 +235,9 @@ class GRPOObjective(Component):
                                                      self.top_p)
         texts = [fmt.decode(c) for c in comps]
         raw, passed = self._rewards(texts, batch["rows"])
+        length_logs = {}
+        if self.length_reward != "none":
+            raw, length_logs = self._length_shaped(raw, passed, comps, batch["rows"])
         adv = group_advantages(raw, g, self.advantage)
         keep = torch.ones(len(prompts), dtype=torch.bool)
         zero_groups = (raw.view(-1, g).max(-1).values == raw.view(-1, g).min(-1).values)
@@ -226,7 +247,7 @@ class GRPOObjective(Component):
         plen = [len(p) for i, p in enumerate(prompts) if keep[i] for _ in range(g)]
         adv = adv.view(-1, g)[keep].reshape(-1)
         device = next(model.parameters()).device
-        logs = self._logs(raw, passed, comps, batch["rows"], zero_groups)
+        logs = {**self._logs(raw, passed, comps, batch["rows"], zero_groups), **length_logs}
         self.tokens_generated += sum(len(c) for c in comps)
         if not seqs:
             return Rollout(torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long),
@@ -268,6 +289,24 @@ class GRPOObjective(Component):
         logs["sampler_is_weight"] = (per_token * m).sum() / m.sum().clamp(min=1.0)
         logs["sampler_is_zero_frac"] = ((per_token == 0).to(m.dtype) * m).sum() / m.sum().clamp(min=1.0)
         return w
+
+    def _length_shaped(self, raw: torch.Tensor, passed: torch.Tensor, comps: list[list[int]],
+                       rows: list[dict]) -> tuple[torch.Tensor, dict]:
+        """The task rewards plus ``length_weight`` x the length term of ``length_reward``
+        (:mod:`cl.objectives.length_rewards`); logs the mean term and, for grpo_lambda, the share of groups
+        penalised."""
+        g = self.group_size
+        lengths = torch.tensor([len(c) for c in comps]).view(-1, g)
+        correct = (passed >= 1.0).view(-1, g)
+        logs = {}
+        if self.length_reward == "grpo_lambda":
+            terms, chosen = grpo_lambda_terms(lengths, correct, self.lambda_fraction)
+            logs["length_penalised_frac"] = chosen.float().mean()
+        else:
+            keys = [f"{r['task']}\x00{r['prompt']}" for r in rows]
+            terms = hapo_terms(lengths, correct, keys, self.length_history)
+        logs["length_term"] = terms.mean()
+        return raw + self.length_weight * self.reward_scale * terms.reshape(-1), logs
 
     def _logs(self, rewards: torch.Tensor, passed: torch.Tensor, comps: list[list[int]], rows: list[dict],
               zero_groups) -> dict:
