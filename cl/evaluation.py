@@ -88,6 +88,10 @@ class EvalSettings:
         windows: windowed forgetting/plasticity ``wf_<w>``/``wp_<w>``, ``w`` in training iterations (null
             when no two evaluation points are within ``w``: keep ``w >= every_n_steps``).
         max_new_tokens: generation budget beyond the longest reference answer.
+        backend: who generates for generation-scored tasks: ``hf`` (transformers ``generate`` on the
+            training model) or ``vllm`` (a vLLM engine, the GRPO rollouts' own when they use vLLM; weights
+            pushed before each evaluation point; needs vLLM and a GPU). Teacher-forced scoring and the
+            harness probe always run on the training model.
     """
 
     method: str = "auto"
@@ -99,6 +103,7 @@ class EvalSettings:
     batch_size: int = 256
     windows: list[int] = field(default_factory=lambda: [50, 150])
     max_new_tokens: int = 8
+    backend: str = "hf"
 
 
 class Scorer:
@@ -109,13 +114,16 @@ class Scorer:
         method: ``auto`` (teacher-forced where exact, else generate), ``teacher_forced``, ``generate``.
         max_new_tokens: generation budget beyond the longest reference answer.
         batch_size: evaluation batch size.
+        engine: a vLLM engine (``cl.rollouts.VLLMRollouts``) that generates instead of HF ``generate``.
     """
 
     def __init__(self, fmt: PromptFormat, method: str = EvalSettings.method,
-                 max_new_tokens: int = EvalSettings.max_new_tokens, batch_size: int = EvalSettings.batch_size):
+                 max_new_tokens: int = EvalSettings.max_new_tokens, batch_size: int = EvalSettings.batch_size,
+                 engine=None):
         if method not in METHODS:
             raise ValueError(f"eval.method: '{method}' is not one of {', '.join(METHODS)}")
         self.fmt, self.method, self.max_new_tokens, self.batch_size = fmt, method, max_new_tokens, batch_size
+        self.engine = engine
 
     def uses_teacher_forcing(self, es: EvalSet) -> bool:
         if self.method == "teacher_forced" and not es.task.exact_match:
@@ -134,13 +142,12 @@ class Scorer:
 
     def generated_scores(self, model: torch.nn.Module, es: EvalSet) -> list[float]:
         longest = max(len(a) for _, a in es.pairs)
-        ids = generate_ids(
-            model,
-            [p for p, _ in es.pairs],
-            self.fmt,
-            max_new_tokens=longest + self.max_new_tokens,
-            batch_size=self.batch_size,
-        )
+        prompts = [p for p, _ in es.pairs]
+        if self.engine is not None:
+            ids = self.engine.greedy(model, prompts, self.fmt, longest + self.max_new_tokens)
+        else:
+            ids = generate_ids(model, prompts, self.fmt, max_new_tokens=longest + self.max_new_tokens,
+                               batch_size=self.batch_size)
         completions = [self.fmt.decode(x) for x in ids]
         return es.task.score(completions, **es.rows)
 

@@ -177,6 +177,7 @@ class VLLMRollouts:
         self.synced_at = None
 
     def _engine(self, module):
+        """The engine, made on first use from ``module.model``'s ``name_or_path``."""
         if self.llm is None:
             self.check_available()
             from vllm import LLM
@@ -244,6 +245,36 @@ class VLLMRollouts:
                 if self.correction:
                     logps.append(_sampled_logprobs(c, ids))
         return comps, (logps if self.correction else None)
+
+
+    def greedy(self, model, prompts: list[list[int]], fmt: PromptFormat, max_new_tokens: int) -> list[list[int]]:
+        """Greedy completions (``eval.backend=vllm``): the model's current weights are pushed into the engine
+        first (an evaluation point happens between optimizer steps), then one temperature-0 completion
+        per prompt, cut after the first eos as ``generate_ids`` cuts HF's."""
+        from vllm import SamplingParams
+
+        holder = _Holder(model)
+        self.sync(holder)
+        self.synced_at = None  # the rollouts sync again at their next call (cheap next to a rollout batch)
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=[fmt.eos_id])
+        outputs = self._engine(holder).generate([{"prompt_token_ids": list(p)} for p in prompts],
+                                                sampling_params=params, use_tqdm=False)
+        comps = []
+        for out in outputs:
+            ids = list(out.outputs[0].token_ids)
+            if fmt.eos_id in ids:
+                ids = ids[: ids.index(fmt.eos_id) + 1]
+            elif getattr(out.outputs[0], "finish_reason", None) == "stop":
+                ids.append(fmt.eos_id)
+            comps.append(ids)
+        return comps
+
+
+class _Holder:
+    """A bare model in the shape the engine's calls take (the training holder's ``.model``)."""
+
+    def __init__(self, model):
+        self.model = model
 
 
 def _sampled_logprobs(completion, ids: list[int]) -> list[float]:

@@ -306,7 +306,9 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
         fmt = PromptFormat(tokenizer, cfg.model.use_chat_template, cfg.model.get("system_prompt"))
         for task in stream + general:  # user rows the model cannot read as written: refused before training
             check_encodable(task, fmt, getattr(model.config, "max_position_embeddings", None))
-        scorer = Scorer(fmt, cfg.eval.method, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        objective = instantiate(cfg.objective)
+        scorer = Scorer(fmt, cfg.eval.method, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                        engine=eval_engine(cfg.eval.backend, objective))
         evaluator = ContinualEvaluator(
             scorer,
             [EvalSet.build(t, fmt, cfg.eval.n_per_task, cfg.eval.subset_seed) for t in stream],
@@ -319,7 +321,6 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
         )
         adapter = make_adapter(OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else {},
                                seed=cfg.seed, evaluator=evaluator)
-        objective = instantiate(cfg.objective)
         if hasattr(objective, "bind"):  # RL objectives score rollouts with the tasks' verifiers
             objective.bind(fmt, {t.name: t for t in stream})
         components = [adapter] + build_components(cfg, fmt, evaluator, objective, logger, general)
@@ -433,6 +434,17 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     run_id = secrets.token_hex(4)
     path.write_text(run_id + "\n")
     return run_id
+
+
+def eval_engine(backend: str, objective):
+    """The vLLM engine of ``eval.backend=vllm``: the GRPO rollouts' own when they use vLLM (one engine, one
+    copy of the weights on the GPU), else a new one with default settings; None for ``hf``."""
+    if backend != "vllm":
+        return None
+    from cl.rollouts import VLLMRollouts
+
+    own = getattr(objective, "rollouts", None)
+    return own if isinstance(own, VLLMRollouts) else VLLMRollouts()
 
 
 def make_harness(node: DictConfig, tokenizer):

@@ -254,6 +254,15 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
         c.add("stream.batch_size", f"must be divisible by the {world} processes of trainer.strategy="
                                    f"{trainer.get('strategy')} (each rank takes an equal share of every batch), got {b}")
     c.choice("trainer.precision", ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
+    if _get(cfg, "eval.backend") not in ("hf", None):
+        c.choice("eval.backend", ("hf", "vllm"))
+    if _get(cfg, "eval.backend") == "vllm":
+        from cl.rollouts import RolloutBackendError, VLLMRollouts
+
+        try:
+            VLLMRollouts.check_available()
+        except RolloutBackendError as e:
+            c.add("eval.backend", str(e).split(": ", 1)[1].replace("use rollout_backend=hf", "use eval.backend=hf"))
     if world > 1 and _get(cfg, "general_eval.kind") == "lm_eval":
         c.add("general_eval", f"general_eval=lm_eval scores in one process; trainer.strategy="
                               f"{trainer.get('strategy')} runs {world} (use one device, or score saved models)")

@@ -53,13 +53,17 @@ class StandInLLM:
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         outs = []
+        if not isinstance(sampling_params, list):  # one SamplingParams for every prompt, as vLLM allows
+            sampling_params = [sampling_params] * len(prompts)
         for prompt, sp in zip(prompts, sampling_params, strict=True):
             self.requests += 1
             ids = torch.tensor([prompt["prompt_token_ids"]])
+            greedy = sp.temperature == 0.0
+            sampling = {} if greedy else {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": 0}
             with torch.random.fork_rng():
-                torch.manual_seed(sp.seed)
-                out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                       temperature=sp.temperature, top_p=sp.top_p, top_k=0, max_new_tokens=sp.max_tokens,
+                torch.manual_seed(getattr(sp, "seed", 0) or 0)
+                out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
+                                       **sampling, max_new_tokens=sp.max_tokens,
                                        num_return_sequences=sp.n, eos_token_id=sp.stop_token_ids[0],
                                        pad_token_id=sp.stop_token_ids[0], return_dict_in_generate=True,
                                        output_scores=True)
@@ -71,7 +75,7 @@ class StandInLLM:
                 finished = stop in row
                 toks = row[: row.index(stop)] if finished else row
                 lp = None
-                if sp.logprobs is not None:  # the sampled token's log-prob per returned token
+                if getattr(sp, "logprobs", None) is not None:  # the sampled token's log-prob per returned token
                     lp = [{t: SimpleNamespace(logprob=float(logps[r, i, t]) + self.logprob_shift, rank=1)}
                           for i, t in enumerate(toks)]
                 comps.append(SimpleNamespace(token_ids=toks, finish_reason="stop" if finished else "length",
@@ -216,6 +220,57 @@ def test_vllm_rollouts_are_weighted_by_the_trainer_to_sampler_probability_ratio(
     assert abs(float(ro.logs["sampler_logp_diff"]) + shift) < 1e-4
     loss, logs = obj.step(_module(model), batch)
     assert torch.isfinite(loss) and "sampler_is_weight" in logs
+
+
+def test_vllm_evaluation_pushes_the_current_weights_and_scores_as_hf_generate(stand_in_vllm, tiny_model_dir):
+    """eval.backend=vllm: the engine gets the trainer's current weights before an evaluation point and its
+    greedy completions (cut after eos) give the scores HF generate gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cl.core.data import PromptFormat
+    from cl.evaluation import EvalSet, Scorer
+    from tasks.registry import build_task
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fmt = PromptFormat(AutoTokenizer.from_pretrained(tiny_model_dir), False, None)
+    es = EvalSet.build(build_task("add2", n_train=20, n_eval=12, seed=0), fmt, 12, 0)
+    engine = VLLMRollouts()
+    for step in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # training between two points
+        hf = Scorer(fmt, "generate", max_new_tokens=6)
+        via = Scorer(fmt, "generate", max_new_tokens=6, engine=engine)
+        want = generate_ids_for(model, es, fmt, 6)
+        got = engine.greedy(model, [p for p, _ in es.pairs], fmt, max(len(a) for _, a in es.pairs) + 6)
+        assert got == want
+        assert via.scores(model, es) == hf.scores(model, es)
+    llm = stand_in_vllm.instances[0]
+    for name, p in llm.hf.state_dict().items():  # the engine holds the latest weights
+        assert torch.equal(p, model.state_dict()[name]), name
+
+
+def generate_ids_for(model, es, fmt, extra):
+    from cl.generation import generate_ids
+
+    return generate_ids(model, [p for p, _ in es.pairs], fmt, max(len(a) for _, a in es.pairs) + extra)
+
+
+@pytest.mark.skipif(not (vllm_available() and torch.cuda.is_available()), reason="needs vLLM and a CUDA GPU")
+def test_real_vllm_evaluation_gives_hf_generates_greedy_answers(tiny_model_dir):
+    """On a GPU with vLLM: the same greedy completions from the engine as from HF generate (tiny model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cl.core.data import PromptFormat
+    from cl.evaluation import EvalSet
+    from tasks.registry import build_task
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda()
+    fmt = PromptFormat(AutoTokenizer.from_pretrained(tiny_model_dir), False, None)
+    es = EvalSet.build(build_task("add2", n_train=20, n_eval=32, seed=0), fmt, 32, 0)
+    engine = VLLMRollouts(gpu_memory_utilization=0.2, dtype="float32", enforce_eager=True)
+    got = engine.greedy(model, [p for p, _ in es.pairs], fmt, max(len(a) for _, a in es.pairs) + 6)
+    assert got == generate_ids_for(model, es, fmt, 6)
 
 
 def test_vllm_backend_refused_with_a_reason_where_it_cannot_run():
