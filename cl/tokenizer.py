@@ -35,3 +35,23 @@ def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
         padding_side="right",
         model_max_length=512,
     )
+
+
+QWEN_STYLE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges (256 byte tokens + ``<|endoftext|>`` pad, ``<|im_end|>`` eos,
+    ``<|im_start|>``) and a Qwen-style chat template: every UTF-8 text encodes, as with the real Qwen
+    tokenizer, so random stand-ins of real models read real data offline (tests, ``scripts/real_check.py``)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = QWEN_STYLE_TEMPLATE
+    return tok

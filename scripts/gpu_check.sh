@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check of the suite on a GPU machine, in under 8 minutes:
+# One prepared check of the suite on a GPU machine, in under 11 minutes:
 #   1. install (skipped when the suite already imports; offline from wheels in .whl/ when present)
 #   2. the GPU: name, memory, a bf16 matmul
 #   3. experiment=smoke with trainer=gpu (bf16-mixed): base stage + 2-task stream end to end on the GPU, under
@@ -9,6 +9,9 @@
 #      GRPO with rollout_backend=vllm when vLLM is installed (otherwise the step says it is skipped)
 #   4. scripts/bench_scale.py for a ~0.5B-parameter random-weight Qwen2 (Qwen2.5-0.5B's shape): SFT and GRPO
 #      tokens/s and MFU against the bf16 matmul peak measured in the same run
+#   5. scripts/real_check.py: experiment=real_math_grpo (GSM8K -> MATH fixture rows, 512-token rollouts, the
+#      harness probe) on a random Qwen2.5-0.5B-shaped model, with vLLM rollouts and evaluation when installed:
+#      train/eval seconds, the evaluation share and generated tokens/s
 # usage: bash scripts/gpu_check.sh [--dry-run] [OUT_DIR]     (OUT_DIR default: $OUT or ./gpu_check_out)
 set -uo pipefail
 DRY=0
@@ -65,5 +68,8 @@ step resume 80 $PY scripts/resume_check.py "$OUT_DIR/resume" experiment=smoke tr
 step scale_qwen0.5b 160 $PY scripts/bench_scale.py --device cuda --precision bf16-mixed --sizes qwen0.5b \
     --parts sft,grpo --batch-size 16 --seq-len 512 --steps 10 --warmup 3 --prompts 16 --group 8 --new-tokens 64 \
     --json "$OUT_DIR/scale.json"
+VLLM_FLAGS=""
+if [ $DRY = 0 ] && $PY -c "import vllm" 2>/dev/null; then VLLM_FLAGS="--rollouts vllm --eval-backend vllm"; fi
+step real_math 150 $PY scripts/real_check.py --size 0.5b --device cuda --steps 4 $VLLM_FLAGS --out "$OUT_DIR/real"
 [ $DRY = 0 ] && echo "== gpu_check: $([ $STATUS = 0 ] && echo passed || echo FAILED) in $SECONDS s"
 exit $STATUS

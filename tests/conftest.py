@@ -49,10 +49,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-QWEN_STYLE_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from cl.tokenizer import QWEN_STYLE_TEMPLATE  # noqa: E402  (tests import it from here)
 
 
 @pytest.fixture()
@@ -77,16 +74,11 @@ def tiny_qwen(tmp_path):
 def tiny_qwen_bytes(tmp_path):
     """A tiny random Qwen2 with a byte-level tokenizer (every UTF-8 text encodes, as with the real Qwen
     tokenizer: TRACE's Chinese and German rows) and a Qwen-style chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = QWEN_STYLE_TEMPLATE
+    from cl.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

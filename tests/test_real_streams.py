@@ -109,3 +109,19 @@ def test_real_presets_compose_and_start_on_a_tiny_model_of_their_architecture(ex
     assert res["tasks"] == (["gsm8k", "math"] if "math" in exp else TRACE_ORDER)
     if exp == "real_math_sft":
         assert res["general_tasks"] == ["lm_eval:toy_choice"] and len(res["general_matrix"]) == 2
+
+
+def test_real_check_runs_the_math_preset_on_a_random_model_and_reports_speed(tmp_path):
+    """scripts/real_check.py (gpu_check.sh's real-scale step) on the CPU with the tiny shape: the preset runs
+    end to end with the harness probe, and the summary has the numbers it prints."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "scripts/real_check.py", "--size", "tiny", "--device", "cpu", "--steps", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["tokens_generated"] > 0 and s["train_tokens_per_s"] > 0 and 0 < s["eval_time_fraction"] < 1
+    assert s["general_tasks"] == ["lm_eval:toy_choice"] and len(s["acc_matrix"]) == 2
+    assert "train_tokens_per_s:" in proc.stdout

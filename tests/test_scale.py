@@ -92,13 +92,14 @@ def test_gpu_check_plans_the_smoke_runs_and_the_0_5b_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [x for x in proc.stdout.splitlines() if x.startswith("== ")]
     assert [x.split()[1] for x in lines] == ["smoke_sft", "smoke_grpo", "smoke_fsdp", "vllm_rollouts", "resume",
-                                             "scale_qwen0.5b"]
+                                             "scale_qwen0.5b", "real_math"]
     limits = sum(int(x.split("limit ")[1].split("s)")[0]) for x in lines)
-    assert limits <= 8 * 60 - 30, "the check must finish in under 8 minutes"
+    assert limits <= 11 * 60 - 30, "the check must finish in under 11 minutes"
     assert "trainer=gpu" in lines[0] and "objective=grpo" in lines[1]
     assert "trainer=fsdp" in lines[2] and "objective.rollout_backend=vllm" in lines[3]
     assert "resume_check.py" in lines[4] and "trainer=gpu" in lines[4]
     assert "--sizes qwen0.5b" in lines[5] and "--device cuda" in lines[5] and "bf16-mixed" in lines[5]
+    assert "real_check.py --size 0.5b --device cuda" in lines[6]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU guard")
