@@ -39,11 +39,15 @@ def plot_curves(curves: list[dict], tasks: Sequence[str], ends: Sequence[int], p
         if after:
             ax.plot(*zip(*after), "-", color=colors[j], label=t, marker="." if len(after) < 40 else None)
     general = _series(curves, ("general",))
+    harness = {t: s for t, s in general.items() if t.startswith("lm_eval:")}  # boundaries only: own curves
+    general = {t: s for t, s in general.items() if t not in harness}  # the probes, scored at every point
     if general:
         iters = sorted({n for s in general.values() for n, _ in s})
         by = [dict(s) for s in general.values()]
         mean = [np.mean([d[n] for d in by if n in d]) for n in iters]
         ax.plot(iters, mean, color="black", lw=2, label="general (mean)")
+    for t, pts in harness.items():
+        ax.plot(*zip(*pts), color="black", lw=1, ls="--", marker="s", ms=3, label=t)
     for e in ends[:-1]:
         ax.axvline(e, color="gray", lw=0.8, ls=":")
     ax.set_xlabel("global iteration")

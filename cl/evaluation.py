@@ -140,11 +140,11 @@ class Scorer:
                 return [float(c) for c in teacher_forced_correct(model, es.pairs, self.fmt.pad_id, self.batch_size)]
             return self.generated_scores(model, es)
 
-    def generated_scores(self, model: torch.nn.Module, es: EvalSet) -> list[float]:
+    def generated_scores(self, model: torch.nn.Module, es: EvalSet, pushed: bool = False) -> list[float]:
         longest = max(len(a) for _, a in es.pairs)
         prompts = [p for p, _ in es.pairs]
         if self.engine is not None:
-            ids = self.engine.greedy(model, prompts, self.fmt, longest + self.max_new_tokens)
+            ids = self.engine.greedy(model, prompts, self.fmt, longest + self.max_new_tokens, push=not pushed)
         else:
             ids = generate_ids(model, prompts, self.fmt, max_new_tokens=longest + self.max_new_tokens,
                                batch_size=self.batch_size)
@@ -171,9 +171,15 @@ class Scorer:
                 n = len(sets[i])
                 out[i] = [float(c) for c in correct[start:start + n]]
                 start += n
-        for i, es in enumerate(sets):
+        rest = [i for i, es in enumerate(sets) if out[i] is None]
+        if rest and self.engine is not None:
+            self.engine.push(model)  # one weight push per evaluation point, however many sets generate
+            with eval_mode(model):
+                for i in rest:
+                    out[i] = self.generated_scores(model, sets[i], pushed=True)
+        for i in rest:
             if out[i] is None:
-                out[i] = self.scores(model, es)
+                out[i] = self.scores(model, sets[i])
         return out
 
     def accuracies(self, model: torch.nn.Module, sets: list[EvalSet]) -> list[float]:

@@ -35,8 +35,9 @@ class HarnessSettings:
         kind: ``lm_eval``.
         tasks: harness task or group names (``mmlu`` scores as its group's aggregate).
         num_fewshot: few-shot examples per prompt (None: each task's own default, else 0).
-        fewshot_seed: seed of the few-shot draw (fixed: the same prompts at every point).
-        limit: documents per task at every point (the first ``limit`` of its evaluation split; None: all).
+        fewshot_seed: seed of the few-shot draw, restarted at every point (the same prompts every point).
+        limit: documents per task at every point (the first ``limit`` of its evaluation split; None: all). A
+            group applies it to each of its tasks: MMLU's 57 subjects score up to 57 x ``limit``.
         batch_size: the harness's batch size.
         max_length: context length the harness truncates to (None: the model's).
         include_path: a directory of custom task YAMLs (local data: ``dataset_path: json``).
@@ -108,6 +109,8 @@ class LmEvalGeneral:
         from lm_eval.models.huggingface import HFLM
 
         s = self.settings
+        for task in self.loaded["tasks"].values():  # the few-shot draw restarts: the same prompts every point
+            task.set_fewshot_seed(seed=s.fewshot_seed)
         was_training = model.training
         quiet = logging.getLogger("lm_eval")
         level = quiet.level
@@ -129,11 +132,17 @@ class LmEvalGeneral:
                                  f"{', '.join(k for k in res if ',' in k)})")
             name = PREFIX + task
             scores[name], metric[name] = float(res[key]), key
-            n = out.get("n-samples", {}).get(task, {})
-            items[name] = int(n.get("effective", 0)) if n else sum(
-                int(out["n-samples"][sub]["effective"]) for sub in out.get("group_subtasks", {}).get(task, [])
-                if sub in out.get("n-samples", {}))
+            items[name] = _documents(out, task)
         return HarnessPoint(scores, items, metric, out.get("samples", {}))
+
+
+def _documents(out: dict, task: str) -> int:
+    """Documents the harness scored for ``task``: its own count, or the sum over its group's leaf tasks
+    (MMLU: groups of groups)."""
+    n = out.get("n-samples", {}).get(task)
+    if n:
+        return int(n.get("effective", 0))
+    return sum(_documents(out, sub) for sub in out.get("group_subtasks", {}).get(task, []))
 
 
 def _quiet(hflm):

@@ -247,16 +247,24 @@ class VLLMRollouts:
         return comps, (logps if self.correction else None)
 
 
-    def greedy(self, model, prompts: list[list[int]], fmt: PromptFormat, max_new_tokens: int) -> list[list[int]]:
-        """Greedy completions (``eval.backend=vllm``): the model's current weights are pushed into the engine
-        first (an evaluation point happens between optimizer steps), then one temperature-0 completion
-        per prompt, cut after the first eos as ``generate_ids`` cuts HF's."""
+    def push(self, model) -> None:
+        """Push ``model``'s current weights for evaluation (once per evaluation point); the rollouts push
+        again at their next call."""
+        self.sync(_Holder(model))
+        self.synced_at = None
+
+    def greedy(self, model, prompts: list[list[int]], fmt: PromptFormat, max_new_tokens: int,
+               push: bool = True) -> list[list[int]]:
+        """Greedy completions (``eval.backend=vllm``): the model's current weights are pushed first unless
+        ``push`` is False (the caller pushed them for this point), then one temperature-0 completion per
+        prompt that stops only at the run's eos (as ``generate_ids``), cut after it."""
         from vllm import SamplingParams
 
         holder = _Holder(model)
-        self.sync(holder)
-        self.synced_at = None  # the rollouts sync again at their next call (cheap next to a rollout batch)
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=[fmt.eos_id])
+        if push:
+            self.push(model)
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=[fmt.eos_id],
+                                ignore_eos=True)
         outputs = self._engine(holder).generate([{"prompt_token_ids": list(p)} for p in prompts],
                                                 sampling_params=params, use_tqdm=False)
         comps = []

@@ -263,6 +263,14 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
             VLLMRollouts.check_available()
         except RolloutBackendError as e:
             c.add("eval.backend", str(e).split(": ", 1)[1].replace("use rollout_backend=hf", "use eval.backend=hf"))
+    if world > 1 and _get(cfg, "objective.length_reward") not in (None, "none"):
+        c.add("objective.length_reward", f"length rewards keep per-problem records and rank a batch's groups "
+                                         f"in one process; trainer.strategy={trainer.get('strategy')} runs {world}")
+    if _get(cfg, "general_eval.kind") == "lm_eval":
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            c.add("general_eval", 'general_eval=lm_eval needs lm-evaluation-harness: pip install -e ".[real]"')
     if world > 1 and _get(cfg, "general_eval.kind") == "lm_eval":
         c.add("general_eval", f"general_eval=lm_eval scores in one process; trainer.strategy="
                               f"{trainer.get('strategy')} runs {world} (use one device, or score saved models)")

@@ -102,3 +102,25 @@ def test_harness_with_several_processes_is_refused_in_one_line():
     cfg = compose_cfg("general_eval=lm_eval", "trainer=ddp_cpu")
     with pytest.raises(ConfigError, match="general_eval=lm_eval scores in one process"):
         validate_config(OmegaConf.to_container(cfg, resolve=False))
+
+
+def test_few_shot_prompts_are_the_same_at_every_point(tiny_qwen, monkeypatch):
+    """With few-shot examples the harness draws them again at each point; the draw restarts from
+    fewshot_seed every time, so every point scores the same prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cl.harness import HarnessSettings, LmEvalGeneral
+
+    monkeypatch.chdir(ROOT)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    tok = AutoTokenizer.from_pretrained(tiny_qwen)
+    harness = LmEvalGeneral(HarnessSettings(tasks=["toy_choice"], include_path=str(FIXTURES), limit=4,
+                                            num_fewshot=2), tok)
+    contexts = []
+    for _ in range(3):
+        samples = sorted(harness.evaluate(model).samples["toy_choice"], key=lambda s: s["doc_id"])
+        contexts.append([s["arguments"][0][0] for s in samples])
+    assert contexts[0] == contexts[1] == contexts[2]
+    docs = [json.loads(line) for line in (FIXTURES / "toy_choice.jsonl").read_text().splitlines()]
+    assert all(ctx.count("=") == 3 for ctx in contexts[0])  # two solved examples before each question
+    assert [ctx.endswith(d["question"]) for ctx, d in zip(contexts[0], docs)] == [True] * 4

@@ -64,3 +64,14 @@ def test_the_objective_adds_the_term_to_the_task_reward_and_checkpoints_the_hist
     assert "length_history" in GRPOObjective.ckpt_attrs
     with pytest.raises(ValueError, match="length_reward"):
         GRPOObjective(length_reward="short")
+
+
+def test_length_rewards_with_several_processes_are_refused_in_one_line():
+    from omegaconf import OmegaConf
+
+    from cl.validate import ConfigError, validate_config
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("objective=grpo", "objective.length_reward=hapo", "trainer=ddp_cpu")
+    with pytest.raises(ConfigError, match="objective.length_reward: length rewards keep per-problem records"):
+        validate_config(OmegaConf.to_container(cfg, resolve=False))

@@ -248,6 +248,11 @@ def test_vllm_evaluation_pushes_the_current_weights_and_scores_as_hf_generate(st
     llm = stand_in_vllm.instances[0]
     for name, p in llm.hf.state_dict().items():  # the engine holds the latest weights
         assert torch.equal(p, model.state_dict()[name]), name
+    pushes = llm.resets
+    es2 = EvalSet.build(build_task("sub2", n_train=20, n_eval=12, seed=0), fmt, 12, 0)
+    got = via.item_scores(model, [es, es2])  # one evaluation point, two generation-scored sets
+    assert llm.resets == pushes + 1  # one weight push for the point
+    assert got == hf.item_scores(model, [es, es2])
 
 
 def generate_ids_for(model, es, fmt, extra):
