@@ -163,6 +163,7 @@ class GRPOObjective(Component):
         self.rollouts = make_backend(rollout_backend, dict(vllm or {}))
         self.length_reward, self.length_weight, self.lambda_fraction = length_reward, length_weight, lambda_fraction
         self.length_history: dict[str, int] = {}  # hapo: problem -> shortest correct completion so far
+        self.completion_tokens: dict[str, list[int]] = {}  # task -> [completions, tokens] rolled out
         self.fmt: PromptFormat | None = None
         self.tasks: dict[str, Task] = {}
         self.ref_model: torch.nn.Module | None = None
@@ -171,7 +172,8 @@ class GRPOObjective(Component):
         self._steps = 0
         self.tokens_generated = 0
 
-    ckpt_attrs = ("ref_model", "rollout_state", "_uses", "_steps", "tokens_generated", "length_history")
+    ckpt_attrs = ("ref_model", "rollout_state", "_uses", "_steps", "tokens_generated", "length_history",
+                  "completion_tokens")
 
     @property
     def rollout_state(self) -> dict | None:
@@ -249,6 +251,10 @@ class GRPOObjective(Component):
         device = next(model.parameters()).device
         logs = {**self._logs(raw, passed, comps, batch["rows"], zero_groups), **length_logs}
         self.tokens_generated += sum(len(c) for c in comps)
+        for i, row in enumerate(batch["rows"]):
+            seen = self.completion_tokens.setdefault(row["task"], [0, 0])
+            seen[0] += g
+            seen[1] += sum(len(c) for c in comps[i * g:(i + 1) * g])
         if not seqs:
             return Rollout(torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long),
                            torch.zeros(0, 0), adv, None, None, logs)
@@ -289,6 +295,10 @@ class GRPOObjective(Component):
         logs["sampler_is_weight"] = (per_token * m).sum() / m.sum().clamp(min=1.0)
         logs["sampler_is_zero_frac"] = ((per_token == 0).to(m.dtype) * m).sum() / m.sum().clamp(min=1.0)
         return w
+
+    def completion_len_by_task(self) -> dict[str, float]:
+        """Mean completion length (tokens, eos included) of every task's rollouts over the run."""
+        return {t: tokens / n for t, (n, tokens) in self.completion_tokens.items() if n}
 
     def _length_shaped(self, raw: torch.Tensor, passed: torch.Tensor, comps: list[list[int]],
                        rows: list[dict]) -> tuple[torch.Tensor, dict]:
