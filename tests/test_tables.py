@@ -270,3 +270,18 @@ def test_every_point_of_the_other_table_scripts_composes_and_validates_quick_and
             paradigm = "grpo" if any("grpo" in o for o in full) else "sft"
             validate_config(OmegaConf.to_container(compose_cfg(*REAL, *real_overrides(True, paradigm), *full),
                                                    resolve=True))
+
+
+def test_every_reproduction_script_offers_quick_and_real():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    scripts = sorted((ROOT / "scripts").glob("reproduce_*.py"))
+    assert len(scripts) >= 8
+    for script in scripts:
+        proc = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, (script.name, proc.stderr[-500:])
+        assert "--quick" in proc.stdout and "--real" in proc.stdout, script.name
