@@ -21,9 +21,15 @@ def _problems(*overrides):
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "experiment").glob("*.yaml"))
 
 
+MACHINE = ("vLLM is not installed", "needs a CUDA GPU")  # what a preset needs of the machine, not of its values
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_shipped_configs_are_valid(experiment):
-    assert _problems(f"experiment={experiment}") == []
+    problems = _problems(f"experiment={experiment}")
+    assert [p for p in problems if not any(m in p for m in MACHINE)] == []
+    if problems:  # only the real GRPO presets ask for vLLM; their one problem here is this machine's
+        assert experiment.startswith("real_") and all(p.startswith("objective.rollout_backend") for p in problems)
 
 
 def test_default_config_is_valid():
