@@ -102,6 +102,7 @@ class ContinualEvaluator:
                     line["acc_at"] = {str(k): sum(scores[:k]) / k for k in prefixes if k < len(scores)}
                 lines.append(line)
                 metrics[f"eval/{kind}/{es.name}"] = acc
+            point = None
             if self.harness is not None and (boundary or self.harness.settings.inner_points):
                 point = self.harness.evaluate(model)
                 for name, acc in point.scores.items():
@@ -113,9 +114,8 @@ class ContinualEvaluator:
         probes = [result["general"][es.name] for es in self.general]  # the same columns at every point
         if probes:
             metrics["eval/general_mean"] = sum(probes) / len(probes)
-        harness = [acc for name, acc in result["general"].items() if self.harness and name in self.harness.names]
-        if harness:
-            metrics["eval/lm_eval_mean"] = sum(harness) / len(harness)
+        if point is not None and point.scores:
+            metrics["eval/lm_eval_mean"] = sum(point.scores.values()) / len(point.scores)
         seen = [result["stream"][es.name] for es in self.stream[: task_idx + 1] if es.name in result["stream"]]
         if seen:
             metrics["eval/seen_mean"] = sum(seen) / len(seen)

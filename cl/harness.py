@@ -14,6 +14,7 @@ when the run starts.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -145,6 +146,7 @@ def _documents(out: dict, task: str) -> int:
     return sum(_documents(out, sub) for sub in out.get("group_subtasks", {}).get(task, []))
 
 
+@functools.cache
 def _quiet(hflm):
     """The harness's HF wrapper without its per-request progress bars (one set per point would bury the
     run's own progress lines)."""

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from cl.core.data import PromptFormat
-from cl.generation import decode_ids, generate_ids
+from cl.generation import cut_after_eos, decode_ids, generate_ids
 
 BACKENDS = ("hf", "hf_fast", "vllm")
 
@@ -164,13 +164,13 @@ class VLLMRollouts:
         self.syncs = 0
 
     @staticmethod
-    def check_available() -> None:
+    def check_available(key: str = "objective.rollout_backend") -> None:
+        """Raise, naming the setting ``key`` that asked for vLLM, where vLLM or a GPU is missing."""
+        short = key.rpartition(".")[2] if key == "objective.rollout_backend" else key
         if not vllm_available():
-            raise RolloutBackendError("objective.rollout_backend=vllm: vLLM is not installed (pip install vllm); "
-                                      "use rollout_backend=hf")
+            raise RolloutBackendError(f"{key}=vllm: vLLM is not installed (pip install vllm); use {short}=hf")
         if not torch.cuda.is_available():
-            raise RolloutBackendError("objective.rollout_backend=vllm: needs a CUDA GPU (none visible); "
-                                      "use rollout_backend=hf")
+            raise RolloutBackendError(f"{key}=vllm: needs a CUDA GPU (none visible); use {short}=hf")
 
     def mark_stale(self) -> None:
         """The weights changed outside an optimizer step (a task boundary): sync at the next rollout."""
@@ -236,16 +236,11 @@ class VLLMRollouts:
             if len(out.outputs) != n:
                 raise RolloutBackendError(f"vLLM returned {len(out.outputs)} completions for a prompt, expected {n}")
             for c in out.outputs:
-                ids = list(c.token_ids)
-                if fmt.eos_id in ids:
-                    ids = ids[: ids.index(fmt.eos_id) + 1]
-                elif getattr(c, "finish_reason", None) == "stop":  # stopped on eos without returning it
-                    ids.append(fmt.eos_id)
+                ids = _completion_ids(c, fmt.eos_id)
                 comps.append(ids)
                 if self.correction:
                     logps.append(_sampled_logprobs(c, ids))
         return comps, (logps if self.correction else None)
-
 
     def push(self, model) -> None:
         """Push ``model``'s current weights for evaluation (once per evaluation point); the rollouts push
@@ -267,15 +262,7 @@ class VLLMRollouts:
                                 ignore_eos=True)
         outputs = self._engine(holder).generate([{"prompt_token_ids": list(p)} for p in prompts],
                                                 sampling_params=params, use_tqdm=False)
-        comps = []
-        for out in outputs:
-            ids = list(out.outputs[0].token_ids)
-            if fmt.eos_id in ids:
-                ids = ids[: ids.index(fmt.eos_id) + 1]
-            elif getattr(out.outputs[0], "finish_reason", None) == "stop":
-                ids.append(fmt.eos_id)
-            comps.append(ids)
-        return comps
+        return [_completion_ids(out.outputs[0], fmt.eos_id) for out in outputs]
 
 
 class _Holder:
@@ -283,6 +270,15 @@ class _Holder:
 
     def __init__(self, model):
         self.model = model
+
+
+def _completion_ids(completion, eos_id: int) -> list[int]:
+    """A vLLM completion's tokens cut after the first eos (``cut_after_eos``), with the eos put back where
+    the engine stopped on it without returning it."""
+    ids = cut_after_eos([list(completion.token_ids)], eos_id)[0]
+    if eos_id not in ids and getattr(completion, "finish_reason", None) == "stop":
+        ids.append(eos_id)
+    return ids
 
 
 def _sampled_logprobs(completion, ids: list[int]) -> list[float]:

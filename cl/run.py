@@ -383,15 +383,14 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
             "optimizer_steps": module.global_iter,
             "examples_seen": module.global_iter * cfg.stream.batch_size,
             "tokens_generated": getattr(objective, "tokens_generated", 0),
-            **({"completion_len_by_task": objective.completion_len_by_task()}
-               if hasattr(objective, "completion_len_by_task") else {}),
             "trainable_parameters_per_task": module.trainable_per_task,
             "train_steps_per_second": module.global_iter / max(1e-9, res.train_seconds),
             "skipped_nonfinite_steps": module.skipped_steps,
         }
-        by_task = metrics["compute"].get("completion_len_by_task")
-        if by_task:  # RL runs: the mean over tasks of their rollouts' mean completion length (tokens)
-            metrics["completion_len"] = sum(by_task.values()) / len(by_task)
+        if hasattr(objective, "completion_len_by_task"):  # RL runs: rollouts' mean completion length (tokens)
+            by_task = metrics["compute"]["completion_len_by_task"] = objective.completion_len_by_task()
+            if by_task:
+                metrics["completion_len"] = sum(by_task.values()) / len(by_task)
         if checkpointer is not None:
             metrics["compute"]["checkpoint_seconds"] = checkpointer.seconds
         if resume is not None:

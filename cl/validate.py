@@ -260,9 +260,9 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
         from cl.rollouts import RolloutBackendError, VLLMRollouts
 
         try:
-            VLLMRollouts.check_available()
+            VLLMRollouts.check_available("eval.backend")
         except RolloutBackendError as e:
-            c.add("eval.backend", str(e).split(": ", 1)[1].replace("use rollout_backend=hf", "use eval.backend=hf"))
+            c.add("eval.backend", str(e).split(": ", 1)[1])
     if world > 1 and _get(cfg, "objective.length_reward") not in (None, "none"):
         c.add("objective.length_reward", f"length rewards keep per-problem records and rank a batch's groups "
                                          f"in one process; trainer.strategy={trainer.get('strategy')} runs {world}")
