@@ -50,8 +50,23 @@ class AdapterError(ValueError):
     """An adapter setting that does not fit the model; the message is one line naming the setting."""
 
 
+# the vision encoder of a vision-language model (LLaVA: vision_tower, Qwen2-VL: visual): adapters act on the
+# language model (and the projector, when target_modules name its layers), never on the image encoder
+VISION_ENCODER = re.compile(r"(^|\.)(vision_tower|visual|vision_model)\.")
+
+
+def in_scope(name: str) -> bool:
+    """Whether an adapter may wrap the module named ``name`` (it is not inside a vision encoder)."""
+    return VISION_ENCODER.search(name) is None
+
+
+def peft_targets(targets: list[str]):
+    """``target_modules`` for peft: the names themselves, as a pattern that leaves vision encoders out."""
+    return rf"^(?!(.*\.)?(vision_tower|visual|vision_model)\.).*\.({'|'.join(map(re.escape, targets))})$"
+
+
 def _linear_names(model: nn.Module) -> set[str]:
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and in_scope(n)}
 
 
 def check_targets(model: nn.Module, targets) -> None:
@@ -150,8 +165,8 @@ class LoRA(Component):
     def config(self):
         from peft import LoraConfig
 
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.targets,
-                          bias="none")
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=peft_targets(self.targets), bias="none")
 
     @property
     def scale(self) -> float:
@@ -394,7 +409,7 @@ class MoRA(Component):
             p.requires_grad_(False)
         for name, mod in list(model.named_modules()):
             for child_name, child in list(mod.named_children()):
-                if isinstance(child, nn.Linear) and child_name in self.targets:
+                if isinstance(child, nn.Linear) and child_name in self.targets and in_scope(f"{name}.{child_name}"):
                     setattr(mod, child_name, MoRALinear(child, self.scale, self.top_k, self.tau, self.delta))
         return model
 

@@ -28,9 +28,10 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from cl.results import dumps_strict
-from cl.core.data import PromptFormat, SFTCollator, TaskExamples
+from cl.core.data import SFTCollator, TaskExamples
 from cl.evaluation import EvalSet, Scorer, pass_at_k
-from cl.model import build_tiny_llama, load_model_and_tokenizer
+from cl.model import build_tiny, load_model_and_tokenizer
+from cl.vision import make_format
 from cl.module import ContinualLM
 from cl.objectives.sft import SFTObjective
 from cl.trainer import make_trainer
@@ -113,8 +114,12 @@ HEALTH_FIELDS = ("expected", "general_health", "health_band")  # how a base is j
 def base_key(arch: dict, recipe: BaseRecipe, data: dict) -> str:
     """The cache key: a hash of everything that determines the checkpoint (not of the health criteria)."""
     built = {k: v for k, v in asdict(recipe).items() if k not in HEALTH_FIELDS}
-    blob = json.dumps({"arch": arch, "recipe": built, "data": data, "version": BASE_STAGE_VERSION},
-                      sort_keys=True, default=str)
+    key = {"arch": arch, "recipe": built, "data": data, "version": BASE_STAGE_VERSION}
+    if "image_size" in arch:  # a vision-language base: its images come from the visual task drawings
+        from tasks.visual import VERSION
+
+        key["visual_tasks"] = VERSION
+    blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -272,7 +277,7 @@ def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task
     """Train and save the base model in ``out``; returns its report. ``perturb`` > 0 adds Gaussian noise of
     that relative size to the initial weights (``scripts/check_base.py``'s numerics perturbation)."""
     t0 = time.perf_counter()
-    build_tiny_llama(out, seed=recipe.init_seed, **arch)
+    build_tiny(out, seed=recipe.init_seed, **arch)
     model, tokenizer = load_model_and_tokenizer(out)
     if perturb > 0:
         gen = torch.Generator().manual_seed(10_007 + recipe.init_seed)
@@ -280,7 +285,7 @@ def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * perturb * p.abs().mean())
     model.train()
-    fmt = PromptFormat(tokenizer)
+    fmt = make_format(model, tokenizer, path=out)
     pairs, spans, val = [], {}, {}
     for name in recipe.mixture:
         rows = tasks[name].train

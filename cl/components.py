@@ -142,7 +142,9 @@ def register_schemas(conf_dir: str | Path, *extra_dirs: str | Path) -> None:
     """Store ``schema/<group>/<name>`` in Hydra's ConfigStore for every method file, ``schema/adapter/<name>``
     for every adapter, ``schema/eval/settings`` and ``schema/train/settings`` (:class:`cl.evaluation.EvalSettings`,
     :class:`cl.schedule.TrainSettings`), ``schema/general_eval/lm_eval`` (:class:`cl.harness.HarnessSettings`), ``schema/base/recipe`` (the base stage's settings: :class:`cl.base_stage.BaseRecipe`) and
-    ``schema/model/tiny_arch`` (the embedded model's shape: :func:`cl.model.build_tiny_llama`) (idempotent)."""
+    ``schema/model/tiny_arch`` (the embedded model's shape: :func:`cl.model.build_tiny_llama`) and
+    ``schema/model/tiny_vlm_arch`` (the embedded vision-language model's: :func:`cl.vision.build_tiny_llava`)
+    (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     from cl.base_stage import BaseRecipe
@@ -160,6 +162,9 @@ def register_schemas(conf_dir: str | Path, *extra_dirs: str | Path) -> None:
 
     cs.store(group="schema/general_eval", name="lm_eval", node=dataclass_schema(HarnessSettings))
     cs.store(group="schema/model", name="tiny_arch", node=schema_for(build_tiny_llama, None))
+    from cl.vision import build_tiny_llava
+
+    cs.store(group="schema/model", name="tiny_vlm_arch", node=schema_for(build_tiny_llava, None))
     from cl.adapters import adapter_classes
 
     for name, cls in adapter_classes().items():  # adapter.name picks the class; its settings sit under adapter

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cl.core.data import PromptFormat, collate_sft
+from cl.core.data import PromptFormat, collate_sft, model_inputs
 from cl.generation import eval_mode, generate_ids
 from tasks.base import Task
 
@@ -60,9 +60,7 @@ def teacher_forced_correct(
     out: list[bool] = []
     for start in range(0, len(pairs), batch_size):
         batch = collate_sft(pairs[start : start + batch_size], pad_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits
+        logits = model(**model_inputs(batch, device)).logits
         pred = logits[:, :-1].argmax(-1).cpu()
         target = batch["labels"][:, 1:]
         scored = target != -100

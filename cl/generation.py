@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from cl.core.data import PromptFormat, collate_prompts
+from cl.core.data import PromptFormat, collate_prompts, visual_inputs
 from cl.fsdp import synced_generation
 
 
@@ -133,6 +133,10 @@ def decode_ids(
     if extra:
         raise ValueError(f"rollout_backend=hf_fast does not apply the model's generation-config setting(s) "
                          f"{', '.join(extra)}; use rollout_backend=hf")
+    config = getattr(model, "config", None)
+    if getattr(config, "vision_config", None) is not None and getattr(config, "model_type", "") != "llava":
+        raise ValueError(f"rollout_backend=hf_fast decodes text models and LLaVA-style models (1-D positions); "
+                         f"'{config.model_type}' computes its own multimodal positions: use rollout_backend=hf")
     cache_kw, keep_kw, pos_kw = _forward_keywords(model)
     keep = {"logits_to_keep": 1} if keep_kw else {}
     device = next(model.parameters()).device
@@ -140,7 +144,8 @@ def decode_ids(
     out: list[list[int]] = []
     with eval_mode(model):
         for start in range(0, len(prompt_ids), batch_size):  # batches as generate_ids: same RNG draws
-            batch = collate_prompts(prompt_ids[start : start + batch_size], fmt.pad_id)
+            chunk = prompt_ids[start : start + batch_size]
+            batch = collate_prompts(chunk, fmt.pad_id)
             ids0, mask0 = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             pos0 = (mask0.cumsum(-1) - 1).masked_fill(mask0 == 0, 0)
             length = ids0.size(1)
@@ -155,7 +160,9 @@ def decode_ids(
             share = n > 1 and not any(getattr(cache, "is_linear", None) or [])  # linear-attention states do not repeat
             first_ids, first_mask, first_pos = (ids0, mask0, pos0) if share or n == 1 else (
                 ids0.repeat_interleave(n, 0), mask0.repeat_interleave(n, 0), pos0.repeat_interleave(n, 0))
+            images = {k: v.to(device) for k, v in visual_inputs(chunk, 1 if share else n).items()}  # prefill only
             logits = model(input_ids=first_ids, attention_mask=first_mask, use_cache=True, **{cache_kw: cache}, **keep,
+                           **images,
                            **({"position_ids": first_pos} if pos_kw else {})
                            ).logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
             if share:

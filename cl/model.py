@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
+                          LlamaConfig, LlamaForCausalLM)
 
 from cl.tokenizer import build_char_tokenizer
 
@@ -57,7 +58,8 @@ def build_tiny_llama(
 def load_model_and_tokenizer(
     name_or_path: str | Path, trust_remote_code: bool = False, dtype: str = "float32"
 ):
-    """Load ``(model, tokenizer)`` from a local directory or a hub id.
+    """Load ``(model, tokenizer)`` from a local directory or a hub id (a vision-language checkpoint through
+    ``AutoModelForImageTextToText``; its processor: :func:`cl.vision.make_format`).
 
     The tokenizer gets a pad token (eos) when it has none, and the model's generation config is reset
     to a neutral one so that decoding settings come only from this suite's config (a checkpoint's own
@@ -72,9 +74,10 @@ def load_model_and_tokenizer(
     src = str(Path(src).expanduser()) if looks_local else src
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            src, trust_remote_code=trust_remote_code, dtype=DTYPES[dtype]
-        )
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+        # a vision-language checkpoint (LLaVA, Qwen2-VL, ...) loads through the image-text-to-text class
+        auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+        model = auto.from_pretrained(src, trust_remote_code=trust_remote_code, dtype=DTYPES[dtype])
     except OSError as e:
         raise ModelLoadError(f"model.name_or_path: cannot load '{src}': {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
@@ -85,6 +88,16 @@ def load_model_and_tokenizer(
         pad_token_id=tokenizer.pad_token_id,
     )
     return model, tokenizer
+
+
+def build_tiny(out_dir: str | Path, seed: int = 0, **arch) -> Path:
+    """The embedded model of ``arch``: a tiny LLaVA (:func:`cl.vision.build_tiny_llava`) when it has vision
+    settings (``image_size``), else the tiny Llama (:func:`build_tiny_llama`)."""
+    if "image_size" in arch:
+        from cl.vision import build_tiny_llava
+
+        return build_tiny_llava(out_dir, seed=seed, **arch)
+    return build_tiny_llama(out_dir, seed=seed, **arch)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

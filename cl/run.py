@@ -40,7 +40,7 @@ from cl.dist import ShardBatches, global_rank, stream_device, world_size
 from cl.fsdp import Sharding, is_fsdp
 from cl.evaluation import EvalSet, Scorer
 from cl.loop import StreamResult, run_stream
-from cl.model import ModelLoadError, build_tiny_llama, count_parameters, load_model_and_tokenizer
+from cl.model import ModelLoadError, build_tiny, count_parameters, load_model_and_tokenizer
 from cl.module import ContinualLM
 from cl.runlog import RunLog
 from cl.results import (fingerprint_diff, format_matrix, format_metrics, input_fingerprint, provenance,
@@ -49,6 +49,7 @@ from cl.schedule import TrainSettings
 from cl.tracking import make_logger
 from cl.validate import ConfigError, validate_config
 from cl.tokenizer import build_char_tokenizer
+from cl.vision import make_format
 from tasks.base import Task, VerifierError
 from tasks.stream import build_tasks, joint_task
 from tasks.user_data import DataError, check_encodable
@@ -111,7 +112,7 @@ def prepare_model(cfg: DictConfig, run_dir: Path, tasks: dict[str, Task]):
     elif m.name_or_path:
         path = m.name_or_path
     else:
-        path = build_tiny_llama(run_dir / "init_model", seed=cfg.seed, **OmegaConf.to_container(m.arch))
+        path = build_tiny(run_dir / "init_model", seed=cfg.seed, **OmegaConf.to_container(m.arch))
     model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=m.trust_remote_code, dtype=m.dtype)
     model.train()
     info = {"path": str(path), **info, "parameters": count_parameters(model)}
@@ -281,8 +282,9 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
             extra = [n for n in list(cfg.base.general) + list(cfg.base.exposure) if n not in by_name]
             by_name.update({t.name: t for t in build_tasks(extra, d.n_train, d.n_eval, d.seed)})
             # the embedded model's tokenizer is known before its base stage: refuse unreadable user rows now
+            # (the vision model's prompts go through its processor: checked once it is built)
             fmt = PromptFormat(build_char_tokenizer(), cfg.model.use_chat_template, cfg.model.get("system_prompt"))
-            for task in stream + general:
+            for task in stream + general if "image_size" not in cfg.model.arch else []:
                 check_encodable(task, fmt, cfg.model.arch.max_position_embeddings)
     except (ConfigError, DataError) as e:
         results.update(status=f"failed: {type(e).__name__}: {e}".splitlines()[0],
@@ -303,9 +305,10 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
                              run_id=wandb_run_id(run_dir, resuming=ckpt is not None) if cfg.logger.kind == "wandb" else None)
         results["base_model"] = base_info
         pl.seed_everything(cfg.seed, verbose=False)
-        fmt = PromptFormat(tokenizer, cfg.model.use_chat_template, cfg.model.get("system_prompt"))
+        fmt = make_format(model, tokenizer, cfg.model.use_chat_template, cfg.model.get("system_prompt"),
+                          path=base_info["path"])
         for task in stream + general:  # user rows the model cannot read as written: refused before training
-            check_encodable(task, fmt, getattr(model.config, "max_position_embeddings", None))
+            check_encodable(task, fmt, getattr(model.config.get_text_config(), "max_position_embeddings", None))
         objective = instantiate(cfg.objective)
         scorer = Scorer(fmt, cfg.eval.method, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                         engine=eval_engine(cfg.eval.backend, objective))

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cl.core.data import collate_sft
+from cl.core.data import collate_sft, model_inputs
 from cl.evaluation import EvalSet
 from cl.generation import eval_mode, generate_ids
 from cl.core.components import Component
@@ -39,8 +39,7 @@ def _teacher_forced(model: torch.nn.Module, pairs, pad_id: int, batch_size: int)
     with eval_mode(model):
         for start in range(0, len(pairs), batch_size):
             batch = collate_sft(pairs[start : start + batch_size], pad_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+            logits = model(**model_inputs(batch, device)).logits[:, :-1]
             yield logits, batch["labels"][:, 1:].to(device)
 
 
@@ -130,7 +129,7 @@ class DistributionShiftProbe(Component):
         if self.base_ref is None:
             sets = self.general + self.stream
             size = max(len(self._pairs(es)) * max(len(a) for _, a in self._pairs(es)) for es in sets)
-            if size * model.config.vocab_size <= CACHE_LIMIT:
+            if size * model.config.get_text_config().vocab_size <= CACHE_LIMIT:
                 self.base_ref = {es.name: self._ref(model, es) for es in sets}
             else:
                 self.base_ref = {}

@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 
 from cl.core.components import Component
-from cl.core.data import collate_sft
+from cl.core.data import collate_sft, model_inputs
 from cl.core.losses import answer_cross_entropy
 
 
@@ -85,7 +85,7 @@ class AGEM(Component):
         pairs = [self.memory[i] for i in self.rng.sample(range(len(self.memory)), min(self.batch_size, len(self.memory)))]
         device = params[0].device
         b = collate_sft(pairs, self.fmt.pad_id)
-        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        logits = model(**model_inputs(b, device)).logits
         loss = answer_cross_entropy(logits, b["labels"].to(device))
         return list(torch.autograd.grad(loss, params, allow_unused=True))
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cl.core.components import Component
-from cl.core.data import collate_sft
+from cl.core.data import collate_sft, model_inputs
 from cl.core.losses import answer_cross_entropy
 
 
@@ -115,14 +115,14 @@ class DERPlusPlus(Component):
             idx = self._sample()
             pairs = [self.pairs[i] for i in idx]
             b = collate_sft(pairs, self.fmt.pad_id)
-            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            logits = model(**model_inputs(b, device)).logits
             now = torch.cat(self.answer_logits(logits, pairs)).float()
             then = torch.cat([self.logits[i] for i in idx]).to(device, torch.float32)
             mse = F.mse_loss(now, then)
         if self.beta > 0:
             idx = self._sample()
             b = collate_sft([self.pairs[i] for i in idx], self.fmt.pad_id)
-            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            logits = model(**model_inputs(b, device)).logits
             ce = answer_cross_entropy(logits, b["labels"].to(device))
         self.replayed += 1
         return mse, ce
@@ -134,7 +134,7 @@ class DERPlusPlus(Component):
         with torch.no_grad():  # the current batch enters with the logits of the model before this step
             b = collate_sft(pairs, self.fmt.pad_id)
             device = next(model.parameters()).device
-            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            logits = model(**model_inputs(b, device)).logits
         self.add(pairs, self.answer_logits(logits, pairs))
         return self.alpha * mse + self.beta * ce, {"derpp/mse": mse.detach(), "derpp/ce": ce.detach()}
 

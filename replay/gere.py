@@ -36,7 +36,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from cl.core.data import collate_sft
+from cl.core.data import collate_sft, model_inputs
 from cl.core.losses import answer_cross_entropy
 from cl.core.components import Component
 
@@ -122,7 +122,7 @@ class GeneralReplay(Component):
         states, masks = [], []
         for s in range(0, len(self.pairs), batch_size):
             b = collate_sft(self.pairs[s:s + batch_size], self.fmt.pad_id)
-            out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+            out = model(**model_inputs(b, device),
                         output_hidden_states=True)
             h = out.hidden_states[-1].float()
             states.append(F.pad(h, (0, 0, 0, lmax - h.size(1))))
@@ -153,7 +153,7 @@ class GeneralReplay(Component):
         device = next(module.model.parameters()).device
         b = {k: v.to(device) for k, v in b.items()}
         need_h = self.loss in ("l1", "l2", "tm")
-        out = module.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=need_h)
+        out = module.model(**model_inputs(b), output_hidden_states=need_h)
         logs: dict = {}
         if self.loss in ("ce", "tm"):
             ce = answer_cross_entropy(out.logits, b["labels"])

@@ -21,7 +21,7 @@ import torch
 
 from cl.core.steps import EveryNSteps
 
-from cl.core.data import collate_sft
+from cl.core.data import collate_sft, model_inputs
 from cl.core.losses import answer_cross_entropy
 from replay.buffers import make_buffer
 from cl.core.components import Component
@@ -134,7 +134,7 @@ class KFPF(Component):
         try:
             for _ in range(self.steps):
                 b = collate_sft([pairs[self.rng.randrange(len(pairs))] for _ in range(self.batch_size)], self.fmt.pad_id)
-                logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+                logits = model(**model_inputs(b, device)).logits
                 loss = answer_cross_entropy(logits, b["labels"].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -18,7 +18,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from cl.core.data import collate_prompts, collate_sft
+from cl.core.data import collate_prompts, collate_sft, model_inputs
 from cl.core.losses import answer_cross_entropy
 from cl.core.components import Component
 
@@ -86,7 +86,7 @@ class EWC(Component):
         names = list(params)
         for _ in range(self.fisher_batches):
             b = collate_sft([pairs[rng.randrange(len(pairs))] for _ in range(self.batch_size)], self.fmt.pad_id)
-            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            logits = model(**model_inputs(b, device)).logits
             labels = b["labels"].to(device)
             for i in range(labels.size(0)):  # one gradient per row, squared, then averaged over rows
                 grads = torch.autograd.grad(answer_cross_entropy(logits[i:i + 1], labels[i:i + 1]),
@@ -139,14 +139,12 @@ class KLDistill(Component):
 
     def extra_loss(self, module, batch, loss=None):
         device = next(module.model.parameters()).device
-        if "input_ids" in batch:
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-        else:
-            b = collate_prompts(batch["prompt_ids"], self.pad_id)
-            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-        logits = module.model(input_ids=ids, attention_mask=mask).logits
+        inputs = model_inputs(batch if "input_ids" in batch else collate_prompts(batch["prompt_ids"], self.pad_id),
+                              device)
+        mask = inputs["attention_mask"]
+        logits = module.model(**inputs).logits
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=ids, attention_mask=mask).logits
+            t_logits = self.teacher(**inputs).logits
         sel = mask.bool()
         T = self.temperature
         s_logp = F.log_softmax(logits[sel].float() / T, -1)

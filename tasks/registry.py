@@ -1,7 +1,8 @@
 """Named tasks: the names a stream or the general suite may list.
 
 Ten families, each with a default size, and worked-steps variants (suffix ``w``) of add3, sub2 and
-mul21 for the reasoning ablation. A stream entry is either one of these names or a mapping
+mul21 for the reasoning ablation, and six visual families (``v*``, ``tasks/visual.py``) for vision-language
+models. A stream entry is either one of these names or a mapping
 describing user data (see ``tasks/user_data.py``).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from tasks.base import Task
 from tasks.synthetic import (SyntheticFamily, add, add_steps, count, mod, mul, mul_steps, rotate, string_map, sub,
                              sub_steps)
+from tasks.visual import VISUAL_FAMILIES
 
 _FAMILIES: dict[str, SyntheticFamily] = {
     "add2": SyntheticFamily("add", "A2", add(2)),
@@ -28,6 +30,7 @@ _FAMILIES: dict[str, SyntheticFamily] = {
     "add3w": SyntheticFamily("add", "A3w", add(3), worked=add_steps, draws_as="add3"),
     "sub2w": SyntheticFamily("sub", "S2w", sub(2), worked=sub_steps, draws_as="sub2"),
     "mul21w": SyntheticFamily("mul", "Mw", mul(2), worked=mul_steps, draws_as="mul21"),
+    **VISUAL_FAMILIES,
 }
 
 TASK_NAMES: tuple[str, ...] = tuple(_FAMILIES)

@@ -7,6 +7,7 @@ from tasks.registry import TASK_NAMES, build_task
 from tasks.stream import build_tasks, joint_task
 from tasks.user_data import DataError, load_user_task
 from tasks.synthetic import add_steps, mul_steps, sub_steps
+from tasks.visual import VISUAL_FAMILIES
 from tasks.verifiers import (exact_match, make_verifier, numeric_match, regex_match, worked_answer_match,
                              worked_format, worked_reward)
 
@@ -40,7 +41,10 @@ def test_at_least_eight_families():
     assert len(families) >= 8
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+TEXT_TASKS = [n for n in TASK_NAMES if n not in VISUAL_FAMILIES]  # the visual ones: tests/test_vision.py
+
+
+@pytest.mark.parametrize("name", TEXT_TASKS)
 def test_answers_are_correct_and_splits_disjoint_and_deterministic(name):
     t = build_task(name, n_train=300, n_eval=100, seed=7)
     for row in list(t.train) + list(t.eval):

@@ -3,7 +3,8 @@
 A training sequence is ``prompt_ids + answer_ids + [eos]``; the loss sees only the answer and eos
 (labels are -100 on the prompt and on padding). ``prompt_ids`` come either from the raw prompt (with
 the tokenizer's bos, the toy world) or from the tokenizer's chat template (instruct models).
-Training batches are right-padded; generation batches are left-padded.
+Training batches are right-padded; generation batches are left-padded. Prompt ids of vision-language
+models are :class:`VisualIds` (``cl.vision``), whose image tensors every batch carries along.
 """
 
 from __future__ import annotations
@@ -69,6 +70,40 @@ class PromptFormat:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
+class VisualIds(list):
+    """Token ids (a plain ``list[int]`` to every reader) with the image tensors of the images they show in
+    ``visual`` (``{}`` when none). ``ids + other`` keeps ``visual``."""
+
+    def __init__(self, ids=(), visual: dict | None = None):
+        super().__init__(ids)
+        self.visual = visual or {}
+
+    def __add__(self, other):
+        return VisualIds(list.__add__(self, list(other)), self.visual)
+
+
+def visual_inputs(seqs, repeat: int = 1) -> dict[str, torch.Tensor]:
+    """The image tensors of a batch of ids, each key concatenated along dim 0 in row order, every row's tensors
+    ``repeat`` times (a row expanded into ``repeat`` sequences); ``{}`` when no row has an image."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for s in seqs:
+        for k, v in getattr(s, "visual", {}).items():
+            parts.setdefault(k, []).extend([v] * repeat)
+    return {k: torch.cat(v, 0) for k, v in parts.items()}
+
+
+def repeat_rows(seqs, repeat: int):
+    """Each id list ``repeat`` times in a row (GRPO's groups), as the same objects."""
+    return [s for s in seqs for _ in range(repeat)]
+
+
+def model_inputs(batch: dict, device=None) -> dict:
+    """A collated batch's forward inputs: ``input_ids``, ``attention_mask`` and any image tensors (not the
+    labels or other bookkeeping), moved to ``device`` when given."""
+    out = {k: v for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
 class TaskExamples(TorchDataset):
     """Training rows with their token ids: items are ``(prompt_ids, answer_ids, row)`` (row ``None`` when
     no rows are given: SFT needs only the ids)."""
@@ -98,7 +133,8 @@ def collate_sft(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     """Right-pad ``prompt + answer`` sequences.
 
     Returns:
-        ``input_ids`` [B, L], ``attention_mask`` [B, L], ``labels`` [B, L] (-100 outside answers).
+        ``input_ids`` [B, L], ``attention_mask`` [B, L], ``labels`` [B, L] (-100 outside answers), and the
+        prompts' image tensors (:func:`visual_inputs`) when they carry images.
     """
     length = max(len(p) + len(a) for p, a in pairs)
     ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
@@ -109,7 +145,7 @@ def collate_sft(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
         ids[i, :n] = torch.tensor(p + a)
         labels[i, len(p) : n] = torch.tensor(a)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **visual_inputs([p for p, _ in pairs])}
 
 
 class SFTCollator:
@@ -123,11 +159,12 @@ class SFTCollator:
 
 
 def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad prompts for generation: ``input_ids`` [B, L], ``attention_mask`` [B, L]."""
+    """Left-pad prompts for generation: ``input_ids`` [B, L], ``attention_mask`` [B, L] (and the prompts' image
+    tensors, :func:`visual_inputs`)."""
     length = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, length - len(p) :] = torch.tensor(p)
         mask[i, length - len(p) :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": mask, **visual_inputs(prompts)}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cl.core.data import PromptFormat, PromptRowsCollator
+from cl.core.data import PromptFormat, PromptRowsCollator, visual_inputs
 from cl.objectives.grpo_loss import ADVANTAGES, AGGREGATIONS, group_advantages, grpo_loss, sampler_correction
 from cl.objectives.length_rewards import LENGTH_REWARDS, grpo_lambda_terms, hapo_terms
 from cl.objectives.sft import training_forward
@@ -42,13 +42,15 @@ class Rollout:
     ref_logp: torch.Tensor | None  # [B, L-1]
     logs: dict
     is_ratio: torch.Tensor | None = None  # [B, L-1] or [B, 1] sampler correction (vLLM rollouts), else None
+    visual: dict | None = None   # the sequences' image tensors (vision-language models), cl.core.data.visual_inputs
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, visual: dict | None = None) -> torch.Tensor:
     """[B, L-1] log-prob of each next token (logits divided by the sampling temperature, as TRL/verl do);
-    ``model``: a causal LM or any callable with its forward's signature (``ContinualLM.forward_train``)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    ``model``: a causal LM or any callable with its forward's signature (``ContinualLM.forward_train``);
+    ``visual``: the sequences' image tensors for a vision-language model."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **(visual or {})).logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     return torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -267,17 +269,18 @@ class GRPOObjective(Component):
             attn[i, : len(s)] = 1
             cmask[i, pl - 1 : len(s) - 1] = 1.0
         ids, attn, cmask = ids.to(device), attn.to(device), cmask.to(device)
+        visual = {k: v.to(device) for k, v in visual_inputs(seqs).items()} or None
         # a backend returns sampler log-probs exactly when its samples need the correction (vLLM)
-        old = token_logprobs(model, ids, attn, self.temperature) \
+        old = token_logprobs(model, ids, attn, self.temperature, visual) \
             if self.ppo_epochs > 1 or sample_logps is not None else None
-        ref = token_logprobs(self.ref_model, ids, attn, self.temperature) if self.kl_coef else None
+        ref = token_logprobs(self.ref_model, ids, attn, self.temperature, visual) if self.kl_coef else None
         is_ratio = None
         if sample_logps is not None:
             kept = [lp for i in range(len(prompts)) if keep[i] for lp in sample_logps[i * g:(i + 1) * g]]
             is_ratio = self._sampler_weights(old, kept, plen, cmask, logs)
         if self.ppo_epochs == 1:
             old = None  # no update since sampling: the current policy is the old one
-        return Rollout(ids, attn, cmask, adv.to(device), old, ref, logs, is_ratio)
+        return Rollout(ids, attn, cmask, adv.to(device), old, ref, logs, is_ratio, visual)
 
     def _sampler_weights(self, old: torch.Tensor, sample_logps: list[list[float]], plen: list[int],
                          cmask: torch.Tensor, logs: dict) -> torch.Tensor:
@@ -343,7 +346,7 @@ class GRPOObjective(Component):
         if ro.input_ids.size(0) == 0:  # every group dropped by dynamic sampling
             zero = sum(p.sum() for p in module.model.parameters() if p.requires_grad) * 0.0
             return zero, dict(ro.logs)
-        logp = token_logprobs(training_forward(module), ro.input_ids, ro.attention_mask, self.temperature)
+        logp = token_logprobs(training_forward(module), ro.input_ids, ro.attention_mask, self.temperature, ro.visual)
         old = ro.old_logp if ro.old_logp is not None else logp.detach()
         loss, stats = grpo_loss(logp, old, ro.advantages, ro.completion_mask, self.eps_low, self.eps_high,
                                 self.kl_coef, ro.ref_logp, self.loss_agg, self.max_new_tokens, ro.is_ratio)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cl.core.data import SFTCollator
+from cl.core.data import SFTCollator, model_inputs
 from cl.core.losses import answer_cross_entropy  # noqa: F401  (also its public name here)
 
 
@@ -23,6 +23,6 @@ class SFTObjective:
         return SFTCollator(pad_id)
 
     def step(self, module, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = training_forward(module)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = training_forward(module)(**model_inputs(batch)).logits
         loss = answer_cross_entropy(logits, batch["labels"])
         return loss, {"loss": loss.detach()}

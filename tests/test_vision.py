@@ -1,0 +1,212 @@
+"""Vision-language models: the tiny LLaVA, image tags in prompts, the visual task families, and SFT, GRPO,
+generation and adapters on image-carrying batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+TINY_VLM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                max_position_embeddings=64, image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1,
+                vision_heads=2)
+VISUAL = ("vcount", "vread", "vcolor", "vwhere", "vbigger", "vadd")
+
+
+@pytest.fixture(autouse=True)
+def _image_store(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CL_IMAGE_DIR", str(tmp_path_factory.getbasetemp() / "images"))
+
+
+@pytest.fixture()
+def vlm(tmp_path):
+    """(model, fmt) of a random tiny LLaVA loaded through the auto classes, with its processor's format."""
+    from cl.model import build_tiny, load_model_and_tokenizer
+    from cl.vision import make_format
+
+    path = build_tiny(tmp_path / "vlm", seed=0, **TINY_VLM)
+    model, tok = load_model_and_tokenizer(path)
+    return model, make_format(model, tok, path=path)
+
+
+def _task(name="vwhere", n_train=40, n_eval=8):
+    from tasks.registry import build_task
+
+    return build_task(name, n_train, n_eval, seed=0)
+
+
+def test_tiny_vlm_loads_through_the_auto_classes_and_expands_each_image(vlm):
+    from transformers import LlavaForConditionalGeneration
+
+    from cl.vision import VisionFormat
+
+    model, fmt = vlm
+    assert isinstance(model, LlavaForConditionalGeneration) and isinstance(fmt, VisionFormat)
+    row = _task().train[0]
+    (p, a), = fmt.encode([row["prompt"]], [row["answer"]])
+    image_id = model.config.image_token_index
+    assert p.count(image_id) == (32 // 8) ** 2  # one token per patch, the CLS position dropped
+    assert p[0] == fmt.tokenizer.bos_token_id and a[-1] == fmt.eos_id
+    assert "<image:" not in fmt.tokenizer.decode(p)
+    assert p.visual["pixel_values"].shape == (1, 3, 32, 32)
+    assert (p + a).visual is p.visual  # a prompt's sequences carry its pixels
+
+
+def test_visual_families_are_deterministic_disjoint_and_answered():
+    from cl.vision import image_refs, open_image
+
+    for name in VISUAL:
+        a, b = _task(name), _task(name)
+        assert a.train["prompt"] == b.train["prompt"] and a.eval["answer"] == b.eval["answer"]
+        assert not set(a.train["prompt"]) & set(a.eval["prompt"])
+        assert len(set(a.eval["prompt"])) == len(a.eval)
+        row = a.eval[0]
+        assert len(image_refs(row["prompt"])) == 1 and open_image(image_refs(row["prompt"])[0]).size == (32, 32)
+        assert a.score([row["answer"], row["answer"] + "x"], **{k: [row[k]] * 2 for k in row}) == [1.0, 0.0]
+    assert set(_task("vwhere", 60).train["answer"]) == {"left", "right", "above", "below"}
+    assert set(_task("vcount", 60).train["answer"]) == {"1", "2", "3", "4"}
+
+
+def test_visual_answers_match_the_pixels():
+    """The answers read off the drawn pixels: colour of the square, number of red discs (connected regions),
+    the disc's side of the square along the axis of the larger gap, the side of the larger disc."""
+    import numpy as np
+    from scipy import ndimage
+
+    from cl.vision import image_refs, open_image
+    from tasks.visual import COLORS
+
+    def pixels(row):
+        return np.asarray(open_image(image_refs(row["prompt"])[0])).astype(int)
+
+    def mask(px, rgb):
+        return (np.abs(px - np.array(rgb)).sum(-1) == 0)
+
+    for row in _task("vcolor", 30).train:
+        px = pixels(row)
+        assert mask(px, COLORS[row["answer"]]).sum() >= 64 and (px.sum(-1) < 765).sum() == mask(px, COLORS[row["answer"]]).sum()
+    for row in _task("vcount", 30).train:
+        assert ndimage.label(mask(pixels(row), COLORS["red"]))[1] == int(row["answer"])
+    for row in _task("vwhere", 30).train:
+        px = pixels(row)
+        (dy, dx) = np.argwhere(mask(px, COLORS["blue"])).mean(0) - np.argwhere(mask(px, COLORS["green"])).mean(0)
+        want = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("below" if dy > 0 else "above")
+        assert row["answer"] == want
+    for row in _task("vbigger", 30).train:
+        lab, n = ndimage.label(mask(pixels(row), COLORS["purple"]))
+        assert n == 2
+        sizes = sorted(((np.argwhere(lab == k)[:, 1].mean(), (lab == k).sum()) for k in (1, 2)))
+        assert row["answer"] == ("left" if sizes[0][1] > sizes[1][1] else "right")
+
+
+def test_sft_loss_is_the_models_own_loss_on_the_answer_tokens(vlm):
+    from cl.core.data import SFTCollator
+    from cl.objectives.sft import SFTObjective
+
+    model, fmt = vlm
+    rows = _task().train.select(range(6))
+    batch = SFTCollator(fmt.pad_id)([(p, a, None) for p, a in fmt.encode(rows["prompt"], rows["answer"])])
+    assert batch["pixel_values"].shape == (6, 3, 32, 32)
+
+    class Holder:
+        pass
+
+    h = Holder()
+    h.model = model
+    loss, _ = SFTObjective().step(h, batch)
+    own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+    torch.testing.assert_close(loss, own, rtol=1e-5, atol=1e-6)
+    blank = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  pixel_values=torch.zeros_like(batch["pixel_values"]), labels=batch["labels"]).loss
+    assert not torch.isclose(own, blank)  # the pixels reach the loss
+
+
+def test_fast_decoding_gives_generates_greedy_tokens_with_images(vlm):
+    from cl.generation import decode_ids, generate_ids
+
+    model, fmt = vlm
+    rows = _task("vcount").eval
+    prompts = fmt.prompt_ids(rows["prompt"])
+    a = generate_ids(model, prompts, fmt, max_new_tokens=6, batch_size=5)
+    b = decode_ids(model, prompts, fmt, max_new_tokens=6, batch_size=5)
+    assert a == b
+    torch.manual_seed(3)
+    s1 = generate_ids(model, prompts[:3], fmt, 5, do_sample=True, num_return_sequences=4)
+    torch.manual_seed(3)
+    s2 = decode_ids(model, prompts[:3], fmt, 5, do_sample=True, num_return_sequences=4)
+    assert len(s1) == len(s2) == 12
+
+
+def test_grpo_step_on_images_updates_the_policy(vlm):
+    from cl.objectives.grpo import GRPOObjective, token_logprobs
+
+    model, fmt = vlm
+    task = _task("vcolor")
+    obj = GRPOObjective(group_size=4, max_new_tokens=6, kl_coef=0.01, reference="base")
+    obj.bind(fmt, {task.name: task})
+    obj.ref_model = None
+
+    class Ctx:
+        pass
+
+    h = Ctx()
+    h.model = model
+    obj._snapshot(model)
+    rows = [task.train[i] for i in range(4)]
+    batch = obj.collate_fn(fmt.pad_id)([(p, a, r) for (p, a), r in zip(fmt.encode([r["prompt"] for r in rows],
+                                                                                  [r["answer"] for r in rows]), rows)])
+    torch.manual_seed(0)
+    loss, logs = obj.step(h, batch)
+    ro = obj._rollout
+    assert torch.isfinite(loss) and "reward" in logs
+    # every completion is scored with its own prompt's image (each prompt's pixels repeated G times)
+    assert ro.visual["pixel_values"].shape[0] == ro.input_ids.shape[0] == 16
+    assert torch.equal(ro.visual["pixel_values"][4:8], batch["prompt_ids"][1].visual["pixel_values"].expand(4, -1, -1, -1))
+    lp = token_logprobs(model, ro.input_ids, ro.attention_mask, 1.0, ro.visual)
+    torch.testing.assert_close(lp * ro.completion_mask, ro.ref_logp * ro.completion_mask)  # no update yet
+    blind = token_logprobs(model, ro.input_ids, ro.attention_mask, 1.0,
+                           {"pixel_values": torch.zeros_like(ro.visual["pixel_values"])})
+    assert not torch.allclose(lp * ro.completion_mask, blind * ro.completion_mask)
+    (lp * ro.completion_mask).sum().backward()  # the policy gradient reaches the image encoder
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "vision_tower" in n)
+
+
+def test_adapters_wrap_the_language_model_not_the_image_encoder(vlm):
+    from cl.adapters import LoRA
+
+    model, _ = vlm
+    lora = LoRA(r=2, target_modules=["q_proj", "v_proj"]).setup(model)
+    wrapped = [n for n, m in lora.named_modules() if n.endswith(".q_proj") and hasattr(m, "lora_A")]
+    assert wrapped and all("language_model" in n for n in wrapped)
+    assert not any("lora_" in n for n, _ in lora.named_parameters() if "vision_tower" in n)
+
+
+def test_mora_leaves_the_image_encoder_alone(tmp_path):
+    from cl.adapters import MoRA, MoRALinear
+    from cl.model import build_tiny, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(build_tiny(tmp_path / "m", seed=0, **TINY_VLM))
+    MoRA(r=2, target_modules=["q_proj"]).setup(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, MoRALinear)]
+    assert len(names) == TINY_VLM["num_hidden_layers"] and all("language_model" in n for n in names)
+
+
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+def test_vlm_smoke_runs_end_to_end(tmp_path, cache_dir, objective):
+    """`experiment=vlm_smoke` (a short base stage here) writes the full results contract for SFT and GRPO."""
+    out = tmp_path / objective
+    proc = run_cli("experiment=vlm_smoke", f"objective={objective}", "base.steps=80", "base.min_steps=30", "base.anneal_steps=40",
+                   "stream.steps_per_task=4", "eval.n_per_task=12", "eval.every_n_steps=2", f"hydra.run.dir={out}",
+                   timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "completed" and res["tasks"] == ["vread", "vwhere"]
+    assert res["general_tasks"] == ["vcolor", "vcount"]
+    assert len(res["acc_matrix"]) == 2 and len(res["general_matrix"]) == 2
+    for key in ("avg_acc", "forgetting", "general_retention", "stability_gap"):
+        assert key in res["metrics"]
+    assert (out / "curves.jsonl").read_text().count("\n") > 8
