@@ -172,6 +172,7 @@ def validate_config(cfg: Mapping) -> None:
     _validate_adapter(c, cfg)
     _validate_checkpoint(c, cfg)
     _validate_trainer(c, cfg)
+    _validate_modality(c, cfg)
     c.choice("logger.kind", LOGGER_KINDS)
     if _get(cfg, "logger.kind") == "wandb":
         c.choice("logger.mode", MODES)
@@ -286,6 +287,39 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
         if _get(cfg, "adapter.name") == "reglora":  # its penalty reads parameters inside the training step
             c.add("adapter.name", "adapter.name=reglora reads or writes parameters inside the training step, where "
                                   "trainer=fsdp holds only shards; use trainer=ddp for it")
+
+
+def is_vision_model(cfg: Mapping) -> bool:
+    """A vision-language model: ``model.modality: vision`` (hub presets) or the embedded VLM's ``arch``."""
+    arch = _get(cfg, "model.arch")
+    return _get(cfg, "model.modality") == "vision" or (isinstance(arch, Mapping) and "image_size" in arch)
+
+
+def _validate_modality(c: _Checker, cfg: Mapping) -> None:
+    """What a vision-language model cannot do here, and image tasks on a text model: one line each."""
+    from tasks.visual import VISUAL_FAMILIES
+
+    named = [t for f in ("stream.tasks", "stream.general") for t in (_get(cfg, f) or []) if isinstance(t, str)]
+    if _get(cfg, "base.kind") == "pretrain":
+        named += [t for f in ("base.general", "base.exposure") for t in (_get(cfg, f) or {})]
+    if not is_vision_model(cfg):
+        visual = sorted({t for t in named if t in VISUAL_FAMILIES})
+        if visual:
+            c.add("model", f"the visual tasks {', '.join(visual)} need a vision-language model (model=tiny_vlm, "
+                           f"or a model preset with modality: vision); model={_get(cfg, 'model.name')} reads text only")
+        return
+    if _get(cfg, "objective.rollout_backend") == "vllm":
+        c.add("objective.rollout_backend", "the vLLM rollouts send token ids only, not images; use "
+                                           "rollout_backend=hf or hf_fast with a vision-language model")
+    if _get(cfg, "eval.backend") == "vllm":
+        c.add("eval.backend", "vLLM evaluation sends token ids only, not images; use eval.backend=hf with a "
+                              "vision-language model")
+    if _get(cfg, "general_eval.kind") == "lm_eval":
+        c.add("general_eval", "general_eval=lm_eval scores text-only language models; use general_eval=toy "
+                              "(the visual general tasks) with a vision-language model")
+    if is_fsdp(dict(_get(cfg, "trainer") or {})):
+        c.add("trainer.strategy", "trainer=fsdp shards text decoder layers only; use trainer=ddp (or one device) "
+                                  "with a vision-language model")
 
 
 def _validate_checkpoint(c: _Checker, cfg: Mapping) -> None:

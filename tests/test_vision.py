@@ -210,3 +210,53 @@ def test_vlm_smoke_runs_end_to_end(tmp_path, cache_dir, objective):
     for key in ("avg_acc", "forgetting", "general_retention", "stability_gap"):
         assert key in res["metrics"]
     assert (out / "curves.jsonl").read_text().count("\n") > 8
+
+
+def test_chat_template_puts_the_images_first_in_the_user_turn(vlm):
+    """With use_chat_template the processor's template lays out the turn (LLaVA-1.5's: USER, the image, the
+    text, ASSISTANT); the image still expands to its tokens and its pixels ride along."""
+    from cl.vision import VisionFormat
+
+    model, fmt = vlm
+    proc = fmt.processor
+    proc.chat_template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                          "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+                          "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    chat = VisionFormat(fmt.tokenizer, True, None, processor=proc)
+    row = _task().eval[0]
+    ids = chat.prompt_ids([row["prompt"]])[0]
+    text = fmt.tokenizer.decode([i for i in ids if i != model.config.image_token_index])
+    assert text == "USER: where= ASSISTANT:"
+    assert ids.count(model.config.image_token_index) == 16 and ids.visual["pixel_values"].shape[0] == 1
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["experiment=smoke", "stream.tasks=[vread]"], "model"),
+    (["experiment=vlm_smoke", "objective=grpo", "objective.rollout_backend=vllm"], "objective.rollout_backend"),
+    (["experiment=vlm_smoke", "eval.backend=vllm"], "eval.backend"),
+    (["experiment=vlm_smoke", "general_eval=lm_eval"], "general_eval"),
+    (["experiment=vlm_smoke", "trainer=fsdp_cpu"], "trainer.strategy"),
+])
+def test_what_a_vision_model_cannot_do_is_refused_in_one_line(overrides, field):
+    from omegaconf import OmegaConf
+
+    from cl.validate import ConfigError, validate_config
+    from tests.conftest import compose_cfg
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(OmegaConf.to_container(compose_cfg(*overrides), resolve=True))
+    assert any(p.startswith(field + ":") and ("image" in p or "vision" in p) for p in e.value.problems), \
+        e.value.problems
+
+
+@pytest.mark.parametrize("preset", ["tiny_vlm", "qwen2_5_vl_3b_instruct", "qwen2_5_vl_7b_instruct", "llava_1_5_7b"])
+def test_vision_model_presets_compose_and_validate(preset):
+    from omegaconf import OmegaConf
+
+    from cl.validate import validate_config, is_vision_model
+    from tests.conftest import compose_cfg
+
+    extra = [] if preset == "tiny_vlm" else ["base=none"]
+    cfg = OmegaConf.to_container(compose_cfg(f"model={preset}", *extra, "stream=vision"), resolve=True)
+    validate_config(cfg)
+    assert is_vision_model(cfg)
