@@ -17,6 +17,9 @@ A user task is described by a mapping in the stream config::
                                         # verifier and evaluation compare against the extracted final answer
       prompt_template: null             # e.g. "{prompt}\nPut your final answer within \boxed{}.": the
                                         # row's prompt replaces "{prompt}" (other braces are literal)
+      image_column: null                # image-question-answer data (a vision-language model): the column
+                                        # holding each row's image(s): a file path (relative to the data
+                                        # file), a hub Image feature (decoded PIL or {bytes, path}), or a list
 
 ``train``/``eval`` may name a hub dataset as ``hub:NAME`` or ``hub:NAME@CONFIG`` (e.g. ``hub:openai/gsm8k@main``).
 
@@ -165,8 +168,11 @@ def load_user_task(
     seed: int = 0,
     final_pattern: str | None = None,
     prompt_template: str | None = None,
+    image_column: str | None = None,
 ) -> Task:
-    """Build a :class:`Task` from user data; eval rows are removed from train by prompt."""
+    """Build a :class:`Task` from user data; eval rows are removed from train by prompt. With ``image_column``
+    each row's image(s) lead its prompt as ``<image:REF>`` tags (``cl.vision``): files by path, in-memory
+    images written to the image store."""
     try:
         score = make_verifier(verifier, pattern=pattern, function=function)
         final_rx = BOXED if final_pattern == "boxed" else re.compile(final_pattern) if final_pattern else None
@@ -187,6 +193,10 @@ def load_user_task(
     if prompt_template is not None:
         for r in (*train_rows, *eval_rows):
             r["prompt"] = prompt_template.replace("{prompt}", r["prompt"])
+    if image_column is not None:
+        for source, rows in ((train, train_rows), (eval or train, eval_rows)):
+            for r in rows:
+                r["prompt"] = _image_tags(r, image_column, source) + r["prompt"]
     held_out = {r["prompt"] for r in eval_rows}
     train_rows = [r for r in train_rows if r["prompt"] not in held_out]
     if not train_rows:
@@ -197,6 +207,42 @@ def load_user_task(
         score = _against_final(score)
     return Task.from_rows(name, train_rows, eval_rows, score, exact_match=score is exact_match, family="user",
                           source=train if eval is None else f"{train} / {eval}")
+
+
+def _image_tags(row: dict, column: str, source: str) -> str:
+    """The ``<image:REF>`` tags of a row's image column (removed from the row): paths are resolved against the
+    data file's folder and must exist; decoded images and ``{bytes}`` dicts go to the image store."""
+    from cl.vision import store_image
+
+    where = row.get("row_source", source)
+    value = row.pop(column, None)
+    if value is None:
+        raise DataError(f"{where} has no image in column '{column}'")
+    tags = []
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, dict) and v.get("bytes"):
+            import io
+
+            from PIL import Image
+
+            try:
+                v = Image.open(io.BytesIO(v["bytes"]))
+            except OSError as e:
+                raise DataError(f"{where}: column '{column}' holds bytes that are no image ({e})") from None
+        elif isinstance(v, dict):
+            v = v.get("path")
+        if isinstance(v, str):
+            base = Path(source).parent if not source.startswith("hub:") else Path(".")
+            path = (base / v).expanduser() if not Path(v).is_absolute() else Path(v)
+            if not path.is_file():
+                raise DataError(f"{where}: image file '{v}' (column '{column}') does not exist at {path}")
+            tags.append(f"<image:{path.resolve()}>")
+        elif hasattr(v, "save"):
+            tags.append(store_image(v.convert("RGB")))
+        else:
+            raise DataError(f"{where}: column '{column}' must hold an image path, an image or a list of them, "
+                            f"got {type(v).__name__}")
+    return "".join(tags)
 
 
 def check_encodable(task: Task, fmt, max_positions: int | None) -> None:

@@ -260,3 +260,48 @@ def test_vision_model_presets_compose_and_validate(preset):
     cfg = OmegaConf.to_container(compose_cfg(f"model={preset}", *extra, "stream=vision"), resolve=True)
     validate_config(cfg)
     assert is_vision_model(cfg)
+
+
+def test_image_question_answer_files_load_with_their_images(tmp_path, vlm):
+    """User VQA data: a JSONL file whose image column holds paths relative to it, and a Parquet file written
+    through datasets' Image feature (the hub's layout: bytes in the file); both become image tags whose
+    pixels are the files' own, and a missing image fails in one line naming the row."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from cl.vision import image_refs, open_image
+    from tasks.user_data import DataError, load_user_task
+
+    (tmp_path / "img").mkdir()
+    colours = ["red", "blue", "green", "red"]
+    for i, c in enumerate(colours):
+        Image.new("RGB", (32, 32), c).save(tmp_path / "img" / f"{i}.png")
+    rows = [{"image": f"img/{i}.png", "question": "color=", "answer": c} for i, c in enumerate(colours)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (tmp_path / "eval.jsonl").write_text(json.dumps(rows[3]) + "\n")
+    task = load_user_task("vqa", str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl"),
+                          prompt_column="question", image_column="image")
+    refs = [image_refs(p) for p in task.train["prompt"]]
+    assert all(len(r) == 1 for r in refs) and "image" not in task.train.column_names
+    assert np.asarray(open_image(refs[1][0]))[0, 0].tolist() == [0, 0, 255]
+    model, fmt = vlm
+    (p, a), = fmt.encode([task.eval[0]["prompt"]], [task.eval[0]["answer"]])
+    assert p.visual["pixel_values"].shape == (1, 3, 32, 32) and p.count(model.config.image_token_index) == 16
+
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "img" / f"{i}.png") for i in range(4)],
+                                     "question": ["color="] * 4, "answer": colours}, features=features)
+    ds.to_parquet(tmp_path / "train.parquet")
+    hub_like = load_user_task("vqa2", str(tmp_path / "train.parquet"), prompt_column="question",
+                              image_column="image", eval_fraction=0.25)
+    stored = [open_image(image_refs(p)[0]) for p in hub_like.train["prompt"]]
+    assert {tuple(np.asarray(im)[0, 0]) for im in stored} <= {(255, 0, 0), (0, 0, 255), (0, 128, 0)}
+    assert all(len(image_refs(p)[0]) == 16 for p in hub_like.train["prompt"])  # the file's bytes went to the store
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**rows[0], "image": "img/none.png"}) + "\n" * 1 +
+                                        json.dumps(rows[1]) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1: image file 'img/none.png' .* does not exist"):
+        load_user_task("bad", str(tmp_path / "bad.jsonl"), prompt_column="question", image_column="image",
+                       eval_fraction=0.5)
