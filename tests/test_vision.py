@@ -291,7 +291,8 @@ def test_image_question_answer_files_load_with_their_images(tmp_path, vlm):
 
     features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
                                   "answer": datasets.Value("string")})
-    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "img" / f"{i}.png") for i in range(4)],
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": (tmp_path / "img" / f"{i}.png").read_bytes(), "path": None}
+                                               for i in range(4)],
                                      "question": ["color="] * 4, "answer": colours}, features=features)
     ds.to_parquet(tmp_path / "train.parquet")
     hub_like = load_user_task("vqa2", str(tmp_path / "train.parquet"), prompt_column="question",
