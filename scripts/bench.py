@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from benchlib import rows_markdown  # noqa: E402
 
-BENCHES = ("sft", "replay", "rollouts", "grpo", "eval", "scale", "sweep")
+BENCHES = ("sft", "vlm_sft", "replay", "rollouts", "grpo", "eval", "scale", "sweep")
+VARIANTS = {"vlm_sft": ("sft", ["--vision"])}  # a benchmark run by another script with extra arguments
 
 
 def machine() -> str:
@@ -49,8 +50,9 @@ def machine() -> str:
 def run_one(name: str, quick: bool, extra: list[str]) -> tuple[list[dict], float, str | None]:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "rows.json"
-        cmd = [sys.executable, str(HERE / f"bench_{name}.py"), *(["--quick"] if quick else []), "--rows", str(out),
-               *extra]
+        script, pre = VARIANTS.get(name, (name, []))
+        cmd = [sys.executable, str(HERE / f"bench_{script}.py"), *pre, *(["--quick"] if quick else []), "--rows",
+               str(out), *extra]
         print(f"[bench] {name}: {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=HERE.parent, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

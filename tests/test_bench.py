@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {
     "sft": ["--steps", "6", "--warmup", "2", "--repeats", "1", "--batch-size", "4"],
+    "vlm_sft": ["--vision", "--steps", "6", "--warmup", "2", "--repeats", "1", "--batch-size", "4"],
     "replay": ["--steps", "6", "--warmup", "2", "--repeats", "1", "--batch-size", "4"],
     "rollouts": ["--repeats", "1"],
     "grpo": ["--steps", "3", "--warmup", "1", "--repeats", "1", "--kl", "0.01"],
@@ -38,7 +39,8 @@ def test_each_benchmark_runs_to_the_end_at_a_tiny_size(name, tmp_path, cache_dir
     if name == "grpo":
         pytest.importorskip("trl")
     out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"bench_{name}.py"), *TINY[name], "--rows", str(out)],
+    script = name.removeprefix("vlm_")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"bench_{script}.py"), *TINY[name], "--rows", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
