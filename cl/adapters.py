@@ -62,7 +62,7 @@ def in_scope(name: str) -> bool:
 
 def peft_targets(targets: list[str]):
     """``target_modules`` for peft: the names themselves, as a pattern that leaves vision encoders out."""
-    return rf"^(?!(.*\.)?(vision_tower|visual|vision_model)\.).*\.({'|'.join(map(re.escape, targets))})$"
+    return rf"^(?!(.*\.)?(vision_tower|visual|vision_model)\.)(.*\.)?({'|'.join(map(re.escape, targets))})$"
 
 
 def _linear_names(model: nn.Module) -> set[str]:
@@ -114,11 +114,12 @@ class HalfFineTuning(Component):
         return model
 
     def draw(self, model: nn.Module, task_idx: int) -> list[str]:
-        """Names of the weight matrices frozen for ``task_idx`` (seeded, re-drawn per task)."""
+        """Names of the weight matrices frozen for ``task_idx`` (seeded, re-drawn per task): the language model's
+        layers only (a vision-language model's image encoder trains in full, as under full fine-tuning)."""
         rng = random.Random(f"{self.seed}/hft/{task_idx}")
-        layers = sorted({int(m.group(1)) for n, _ in model.named_parameters() if (m := re.search(r"layers\.(\d+)\.", n))})
+        names = {n: p for n, p in model.named_parameters() if in_scope(n)}
+        layers = sorted({int(m.group(1)) for n in names if (m := re.search(r"layers\.(\d+)\.", n))})
         two_mlp = set(rng.sample(layers, len(layers) // 2))
-        names = dict(model.named_parameters())
         frozen = []
         for layer in layers:
             picks = rng.sample(ATTN, 2) + rng.sample(MLP, 2 if layer in two_mlp else 1)

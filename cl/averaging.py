@@ -37,7 +37,7 @@ import pytorch_lightning as pl
 import torch
 from torch.func import functional_call
 
-from cl.core.data import collate_sft
+from cl.core.data import collate_sft, model_inputs
 from cl.generation import generate_ids
 from cl.core.losses import answer_cross_entropy
 from cl.core.steps import EveryNSteps
@@ -302,8 +302,7 @@ class Averaging(Component):
                       + (1 - (alpha0 if blk[n] is None else alphas[blk[n]])) * end[n] for n in names}
             idx = torch.randint(len(samples), (min(bs, len(samples)),), generator=g).tolist()
             batch = collate_sft([samples[i] for i in idx], self.fmt.pad_id)
-            out = functional_call(model, params, args=(), kwargs={
-                "input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)})
+            out = functional_call(model, params, args=(), kwargs=model_inputs(batch, device))
             loss = answer_cross_entropy(out.logits, batch["labels"].to(device)) + reg * (alphas - alpha0).abs().sum()
             opt.zero_grad()
             loss.backward()

@@ -116,9 +116,11 @@ def base_key(arch: dict, recipe: BaseRecipe, data: dict) -> str:
     built = {k: v for k, v in asdict(recipe).items() if k not in HEALTH_FIELDS}
     key = {"arch": arch, "recipe": built, "data": data, "version": BASE_STAGE_VERSION}
     if "image_size" in arch:  # a vision-language base: its images come from the visual task drawings
+        import PIL
+
         from tasks.visual import VERSION
 
-        key["visual_tasks"] = VERSION
+        key["visual_tasks"] = [VERSION, PIL.__version__]  # the drawings and the font they use
     blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

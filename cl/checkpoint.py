@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from cl.core.components import resumable
+from cl.core.data import VisualIds
 from cl.core.steps import InTaskEveryNSteps
 
 CKPT_DIR = "checkpoints"
@@ -84,6 +85,8 @@ def capture(value):
         return {"__random__": [version, list(internal), gauss]}
     if hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
         return {"__state__": capture(value.state_dict())}
+    if isinstance(value, VisualIds):  # prompt ids with their images: both come back
+        return {"__visual_ids__": [list(value), capture(value.visual)]}
     if isinstance(value, dict):
         return {str(k): capture(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -114,6 +117,8 @@ def restore(current, saved, template: nn.Module | None = None):
         if key == "__state__":
             current.load_state_dict(restore(None, inner, template))
             return current
+        if key == "__visual_ids__":
+            return VisualIds(inner[0], restore(None, inner[1], template))
     if isinstance(saved, dict):
         return {k: restore(current.get(k) if isinstance(current, dict) else None, v, template) for k, v in saved.items()}
     if isinstance(saved, list):

@@ -52,6 +52,8 @@ def generate_ids(
     out: list[list[int]] = []
     device = next(model.parameters()).device
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    if fmt.suppress_ids:
+        sampling["suppress_tokens"] = list(fmt.suppress_ids)
     if synced_generation(model):  # sharded: every rank steps until all ranks' completions have ended
         sampling["synced_gpus"] = True
     with eval_mode(model):
@@ -108,7 +110,8 @@ def decode_ids(
     What ``generate`` does for this case, without its per-step machinery: one prefill, then one
     single-token forward per new token with the left-padded attention mask and position ids extended by
     one; the next-token scores pass through transformers' own logits processors in ``generate``'s order
-    (``min_new_tokens`` from the model's generation config, then temperature and top-p, top-k off), and
+    (``min_new_tokens`` from the model's generation config, the format's suppressed tokens, then temperature
+    and top-p, top-k off), and
     tokens are drawn with ``torch.multinomial`` on their softmax (greedy: argmax); finished rows get the pad
     token; the loop stops when every row has ended. So greedy tokens are those of ``generate``, and a
     sampled run consumes the RNG as ``generate`` does (same draws on the same logits).
@@ -124,7 +127,8 @@ def decode_ids(
     defers its stop check by one step, so its draws there can differ from these after the first batch.
     """
     from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+    from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor,
+                                                        SuppressTokensLogitsProcessor)
 
     from transformers import GenerationConfig
 
@@ -152,6 +156,8 @@ def decode_ids(
             procs = LogitsProcessorList()
             if gc.min_new_tokens:
                 procs.append(MinNewTokensLengthLogitsProcessor(length, gc.min_new_tokens, fmt.eos_id, device=device))
+            if fmt.suppress_ids:  # generate's place for suppress_tokens: before the sampling warpers
+                procs.append(SuppressTokensLogitsProcessor(list(fmt.suppress_ids), device=device))
             if do_sample and temperature != 1.0:
                 procs.append(TemperatureLogitsWarper(temperature))
             if do_sample and top_p < 1.0:

@@ -152,6 +152,17 @@ class ContinualLM(pl.LightningModule):
         self.global_iter_offset += steps_taken
         self.trainer = None
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """Lightning's move, except for RL batches' ``prompt_ids`` and ``rows``: Lightning rebuilds each list it
+        meets, which would strip prompt ids of their images (``cl.core.data.VisualIds``); the objective moves
+        what it builds from them."""
+        if isinstance(batch, dict) and "prompt_ids" in batch:
+            keep = {k: batch[k] for k in ("prompt_ids", "rows") if k in batch}
+            rest = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in keep}, device,
+                                                    dataloader_idx)
+            return {**rest, **keep}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.objective.step(self, batch)
         objective_loss = loss

@@ -47,9 +47,9 @@ from cl.results import (fingerprint_diff, format_matrix, format_metrics, input_f
                         write_json_atomic)
 from cl.schedule import TrainSettings
 from cl.tracking import make_logger
-from cl.validate import ConfigError, validate_config
+from cl.validate import ConfigError, is_vision_model, validate_config
 from cl.tokenizer import build_char_tokenizer
-from cl.vision import make_format
+from cl.vision import is_vision_config, make_format
 from tasks.base import Task, VerifierError
 from tasks.stream import build_tasks, joint_task
 from tasks.user_data import DataError, check_encodable
@@ -305,8 +305,11 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
                              run_id=wandb_run_id(run_dir, resuming=ckpt is not None) if cfg.logger.kind == "wandb" else None)
         results["base_model"] = base_info
         pl.seed_everything(cfg.seed, verbose=False)
+        if is_vision_config(model.config) and not is_vision_model(resolved):
+            raise ConfigError([f"model: {base_info['path']} is a vision-language checkpoint; set model.modality=vision "
+                               "(what such a model cannot do here is then refused)"])
         fmt = make_format(model, tokenizer, cfg.model.use_chat_template, cfg.model.get("system_prompt"),
-                          path=base_info["path"])
+                          path=base_info["path"], trust_remote_code=cfg.model.trust_remote_code)
         for task in stream + general:  # user rows the model cannot read as written: refused before training
             check_encodable(task, fmt, getattr(model.config.get_text_config(), "max_position_embeddings", None))
         objective = instantiate(cfg.objective)

@@ -299,18 +299,22 @@ def _validate_modality(c: _Checker, cfg: Mapping) -> None:
     """What a vision-language model cannot do here, and image tasks on a text model: one line each."""
     from tasks.visual import VISUAL_FAMILIES
 
-    named = [t for f in ("stream.tasks", "stream.general") for t in (_get(cfg, f) or []) if isinstance(t, str)]
+    if _get(cfg, "model.modality") is not None:
+        c.choice("model.modality", ("text", "vision"))
+    entries = [t for f in ("stream.tasks", "stream.general") for t in (_get(cfg, f) or [])]
+    named = [t for t in entries if isinstance(t, str)]
     if _get(cfg, "base.kind") == "pretrain":
         named += [t for f in ("base.general", "base.exposure") for t in (_get(cfg, f) or {})]
     if not is_vision_model(cfg):
-        visual = sorted({t for t in named if t in VISUAL_FAMILIES})
+        visual = sorted({t for t in named if t in VISUAL_FAMILIES} |
+                        {str(t.get("name")) for t in entries if isinstance(t, Mapping) and t.get("image_column")})
         if visual:
             c.add("model", f"the visual tasks {', '.join(visual)} need a vision-language model (model=tiny_vlm, "
                            f"or a model preset with modality: vision); model={_get(cfg, 'model.name')} reads text only")
         return
     if _get(cfg, "objective.rollout_backend") == "vllm":
         c.add("objective.rollout_backend", "the vLLM rollouts send token ids only, not images; use "
-                                           "rollout_backend=hf or hf_fast with a vision-language model")
+                                           "rollout_backend=hf with a vision-language model")
     if _get(cfg, "eval.backend") == "vllm":
         c.add("eval.backend", "vLLM evaluation sends token ids only, not images; use eval.backend=hf with a "
                               "vision-language model")
@@ -320,6 +324,9 @@ def _validate_modality(c: _Checker, cfg: Mapping) -> None:
     if is_fsdp(dict(_get(cfg, "trainer") or {})):
         c.add("trainer.strategy", "trainer=fsdp shards text decoder layers only; use trainer=ddp (or one device) "
                                   "with a vision-language model")
+    if "derpp" in (_get(cfg, "replay") or {}):
+        c.add("replay", "replay=derpp stores SFT examples rebuilt from token tensors, which carry no images; "
+                        "use replay=er with a vision-language model")
 
 
 def _validate_checkpoint(c: _Checker, cfg: Mapping) -> None:

@@ -34,6 +34,8 @@ import torch
 from cl.core.data import PromptFormat, VisualIds
 from cl.tokenizer import build_char_tokenizer
 
+# vision-language models whose positions depend on where the image tokens are (M-RoPE): not supported yet
+MROPE_MODELS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
 IMAGE_TAG = re.compile(r"<image:([^<>]+)>")
 IMAGE_TOKEN = "<image>"
 _HASH = re.compile(r"[0-9a-f]{16}")
@@ -51,12 +53,14 @@ def image_dir() -> Path:
 def store_image(image) -> str:
     """Write a PIL image to the store as PNG (content-addressed: the same pixels, the same file) and return
     its prompt tag ``<image:HASH>``."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    data = buf.getvalue()
-    ref = hashlib.sha256(data).hexdigest()[:16]
+    h = hashlib.sha256(f"{image.mode}/{image.size[0]}x{image.size[1]}/".encode())
+    h.update(image.tobytes())  # the pixels name the file, not the encoder's bytes (zlib versions differ)
+    ref = h.hexdigest()[:16]
     path = image_dir() / f"{ref}.png"
     if not path.exists():
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_bytes(data)
@@ -64,7 +68,7 @@ def store_image(image) -> str:
     return f"<image:{ref}>"
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=1024)
 def open_image(ref: str):
     """The RGB image a tag's ``REF`` names: a store hash or a file path."""
     from PIL import Image
@@ -106,6 +110,19 @@ class VisionFormat(PromptFormat):
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         return [self._one(p) for p in prompts]
 
+    @property
+    def suppress_ids(self) -> tuple[int, ...]:
+        return (self.tokenizer.convert_tokens_to_ids(self.processor.image_token),)
+
+    def check_images(self, ids_list) -> None:
+        """Raise if some prompt ids hold image tokens but no image tensors (they lost them on the way: the model
+        would read the image tokens as plain text, silently)."""
+        image_id = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        for ids in ids_list:
+            if image_id in ids and not getattr(ids, "visual", None):
+                raise RuntimeError("prompt ids with image tokens arrived without their pixel tensors "
+                                   f"({type(ids).__name__}); the batch path dropped them")
+
     @lru_cache(maxsize=16384)  # noqa: B019  (a format lives as long as its run; prompts repeat across epochs)
     def _one(self, prompt: str) -> VisualIds:
         refs = image_refs(prompt)
@@ -128,15 +145,20 @@ def is_vision_config(config) -> bool:
 
 
 def make_format(model_or_path, tokenizer, use_chat_template: bool = False, system_prompt: str | None = None,
-                path: str | Path | None = None) -> PromptFormat:
+                path: str | Path | None = None, trust_remote_code: bool = False) -> PromptFormat:
     """The prompt format for a loaded model: :class:`VisionFormat` with the checkpoint's processor for a
     vision-language model (``path``: where it was loaded from), :class:`PromptFormat` otherwise."""
     config = getattr(model_or_path, "config", None)
     if config is None or not is_vision_config(config):
         return PromptFormat(tokenizer, use_chat_template, system_prompt)
+    if config.model_type in MROPE_MODELS:
+        from cl.model import ModelLoadError
+
+        raise ModelLoadError(f"model: '{config.model_type}' places image tokens with multimodal rotary positions, whose "
+                         "inputs (mm_token_type_ids) this suite does not build yet; LLaVA-style models run")
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(path))
+    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return VisionFormat(processor.tokenizer, use_chat_template, system_prompt, processor=processor)
 
 

@@ -14,6 +14,8 @@ gradient clipping; RL steps are projected against the memory's SFT loss on its r
 
 from __future__ import annotations
 
+import copy
+
 import random
 
 import pytorch_lightning as pl
@@ -75,8 +77,8 @@ class AGEM(Component):
         rows = ctx.task.train.to_list()
         random.Random(f"{self.seed}/{ctx.task.name}/{ctx.task_idx}/agem").shuffle(rows)
         rows = rows[: self.per_task]
-        self.memory += [list(map(list, p)) for p in self.fmt.encode([r["prompt"] for r in rows],
-                                                                    [r["answer"] for r in rows])]
+        self.memory += [list(map(copy.copy, p)) for p in self.fmt.encode([r["prompt"] for r in rows],
+                                                                         [r["answer"] for r in rows])]  # keeps images
 
     def callbacks(self) -> list[pl.Callback]:
         return [_Project(self)]

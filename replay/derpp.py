@@ -23,6 +23,8 @@ paper tunes them per benchmark.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -92,12 +94,12 @@ class DERPlusPlus(Component):
             self.seen += 1
             lg = lg.detach().to("cpu", torch.bfloat16 if self.half_logits else torch.float32, copy=True)  # not a view
             if len(self.pairs) < self.capacity:
-                self.pairs.append([list(pair[0]), list(pair[1])])
+                self.pairs.append([copy.copy(pair[0]), list(pair[1])])  # copy.copy keeps a prompt's images
                 self.logits.append(lg)
             else:
                 j = int(torch.randint(self.seen, (1,), generator=self.gen))
                 if j < self.capacity:
-                    self.pairs[j], self.logits[j] = [list(pair[0]), list(pair[1])], lg
+                    self.pairs[j], self.logits[j] = [copy.copy(pair[0]), list(pair[1])], lg
 
     def _sample(self) -> list[int]:
         n = len(self.pairs)

@@ -167,7 +167,7 @@ class GeneralReplay(Component):
             term = self.weight * ce
         elif self.loss == "kl":
             with torch.no_grad():
-                t_logits = self.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                t_logits = self.teacher(**model_inputs(b)).logits
             sel = b["labels"][:, 1:] != -100
             T = self.temperature
             s_logp = F.log_softmax(out.logits[:, :-1][sel].float() / T, -1)

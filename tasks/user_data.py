@@ -236,6 +236,8 @@ def _image_tags(row: dict, column: str, source: str) -> str:
             path = (base / v).expanduser() if not Path(v).is_absolute() else Path(v)
             if not path.is_file():
                 raise DataError(f"{where}: image file '{v}' (column '{column}') does not exist at {path}")
+            if "<" in str(path) or ">" in str(path):
+                raise DataError(f"{where}: image path {path} contains '<' or '>', which end an image tag; rename it")
             tags.append(f"<image:{path.resolve()}>")
         elif hasattr(v, "save"):
             tags.append(store_image(v.convert("RGB")))

@@ -39,6 +39,12 @@ class PromptFormat:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @property
+    def suppress_ids(self) -> tuple[int, ...]:
+        """Tokens generation never emits (a vision-language model's image token: a sampled one would ask the
+        model for an image that is not there)."""
+        return ()
+
     def prompt_texts(self, prompts: list[str]) -> list[str]:
         if not self.use_chat_template:
             return list(prompts)
@@ -90,11 +96,6 @@ def visual_inputs(seqs, repeat: int = 1) -> dict[str, torch.Tensor]:
         for k, v in getattr(s, "visual", {}).items():
             parts.setdefault(k, []).extend([v] * repeat)
     return {k: torch.cat(v, 0) for k, v in parts.items()}
-
-
-def repeat_rows(seqs, repeat: int):
-    """Each id list ``repeat`` times in a row (GRPO's groups), as the same objects."""
-    return [s for s in seqs for _ in range(repeat)]
 
 
 def model_inputs(batch: dict, device=None) -> dict:

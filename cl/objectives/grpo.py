@@ -235,6 +235,8 @@ class GRPOObjective(Component):
         """Sample G completions per prompt, score them, and compute advantages and reference log-probs."""
         model, fmt, g = module.model, self.fmt, self.group_size
         prompts: list[list[int]] = batch["prompt_ids"]
+        if hasattr(fmt, "check_images"):
+            fmt.check_images(prompts)
         comps, sample_logps = self.rollouts.generate(module, prompts, fmt, g, self.max_new_tokens, self.temperature,
                                                      self.top_p)
         texts = [fmt.decode(c) for c in comps]
