@@ -34,6 +34,11 @@ then conditional on that base); ``--quick`` uses it so no new base is built.
     python scripts/reproduce_rft_cpt.py --quick --parts front,ratio,compute   # + 10:1 ratio, compute-matched
     python scripts/reproduce_rft_cpt.py                  # everything, 5 seeds, bases varied (hours on 2 cores)
     python scripts/reproduce_rft_cpt.py --real           # the papers' hyperparameters on a real model (GPU)
+    python scripts/reproduce_rft_cpt.py --quick --modality vision   # the same protocol in the visual toy world
+
+``--modality vision`` runs every arm on the embedded vision-language model (``model=tiny_vlm``, its base stage
+``base=vlm_smoke``, ``stream=vision``: read a digit, where a disc is, add two drawn digits); its results go
+to their own directory. There is no real-model vision path yet (``--real`` is text only).
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ QUICK = list(SWEEP_QUICK)
 # --quick (too short for GRPO to learn much) also screens fewer instances for RIF (its arm only: the others
 # have no rif.filter node to set)
 QUICK_RIF = ["rif.filter.max_instances=256"]
+VISION = ["model=tiny_vlm", "base=vlm_smoke", "stream=vision"]  # --modality vision
 VARY_ALL = ["base.init_seed=${seed}", "data.seed=${seed}", "eval.subset_seed=${seed}"]
 VARY_ALL_REAL = VARY_ALL[1:]  # a real model has no base stage to re-initialise
 # --real: a real instruct model, no base stage, and the papers' hyperparameters per paradigm (SFT: LLaMA-
@@ -133,16 +139,22 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output root (default: results/rft_cpt[_quick|_real])")
     ap.add_argument("--parts", default=None, help=f"comma-separated subset of {', '.join(PARTS)} "
                                                   "(default: all; --quick: front)")
+    ap.add_argument("--modality", choices=["text", "vision"], default="text",
+                    help="vision: the same protocol on the embedded vision-language model and visual stream")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
+    if args.modality == "vision" and args.real:
+        raise SystemExit("error: --modality vision has no --real path yet (text only)")
     seeds = list(range(args.seeds or (3 if args.quick else 5)))
     vary = args.vary or ("training" if args.quick else "all")
     default_vary = "training" if args.quick else "all"
-    mode = ("_real" if args.real else "") + ("_quick" if args.quick else "") + (
+    mode = ("_vision" if args.modality == "vision" else "") + ("_real" if args.real else "") + (
+        "_quick" if args.quick else "") + (
         f"_vary-{vary}" if vary != default_vary else "")  # a different protocol never reuses another's runs
     root = Path(args.out or f"results/rft_cpt{mode}").resolve()
     vary_ov = (VARY_ALL_REAL if args.real else VARY_ALL) if vary == "all" else []
-    extra = ((QUICK if args.quick else []) + (REAL if args.real else []) + vary_ov + parallel_overrides(args.jobs))
+    extra = ((VISION if args.modality == "vision" else []) + (QUICK if args.quick else []) + (REAL if args.real else [])
+             + vary_ov + parallel_overrides(args.jobs))
     from cl.run import compose_config
 
     steps = int(compose_config(*[o for o in extra if not o.startswith("hydra")], *args.overrides).stream.steps_per_task)
@@ -152,7 +164,9 @@ def main() -> None:
         raise SystemExit(f"error: --parts: unknown {', '.join(bad)}; allowed: {', '.join(PARTS)}")
     ctx = Ctx(root, seeds, extra, QUICK_RL if args.quick else [], steps, args.quick, args.real, args.overrides)
     t0 = time.perf_counter()
-    lines = ["# RFT-CPT at toy scale" if not args.real else "# RFT-CPT on a real model", "",
+    title = "# RFT-CPT on a real model" if args.real else "# RFT-CPT at toy scale" + (
+        " (vision-language: tiny LLaVA, visual stream)" if args.modality == "vision" else "")
+    lines = [title, "",
              f"Seeds per point: {len(seeds)}; a seed varies {'the base model, the task data, the evaluation subset and ' if vary == 'all' else ''}"
              f"the training order and sampling{'' if vary == 'all' else ' (one base model, data draw and evaluation subset: intervals are conditional on them)'}. "
              f"{steps} optimizer steps per task unless a table says otherwise.", ""]
