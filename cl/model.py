@@ -22,18 +22,10 @@ class ModelLoadError(ValueError):
     """The model or tokenizer cannot be loaded; the message names the path or hub id."""
 
 
-def build_tiny_llama(
-    out_dir: str | Path,
-    hidden_size: int = 128,
-    num_hidden_layers: int = 4,
-    num_attention_heads: int = 4,
-    intermediate_size: int = 512,
-    max_position_embeddings: int = 64,
-    seed: int = 0,
-) -> Path:
-    """Write a randomly initialised tiny Llama and the char tokenizer to ``out_dir``; return it."""
-    tokenizer = build_char_tokenizer()
-    config = LlamaConfig(
+def tiny_llama_config(tokenizer, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
+                      intermediate_size: int, max_position_embeddings: int) -> LlamaConfig:
+    """The embedded language model's config for ``tokenizer`` (tied embeddings, full multi-head attention)."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         num_hidden_layers=num_hidden_layers,
@@ -46,6 +38,21 @@ def build_tiny_llama(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_tiny_llama(
+    out_dir: str | Path,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 512,
+    max_position_embeddings: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised tiny Llama and the char tokenizer to ``out_dir``; return it."""
+    tokenizer = build_char_tokenizer()
+    config = tiny_llama_config(tokenizer, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
+                               max_position_embeddings)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

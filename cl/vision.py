@@ -136,9 +136,6 @@ class VisionFormat(PromptFormat):
                                                             "mm_token_type_ids")} if images else {}
         return VisualIds(ids, visual)
 
-    def encode(self, prompts: list[str], answers: list[str]) -> list[tuple[list[int], list[int]]]:
-        return list(zip(self.prompt_ids(prompts), self.answer_ids(answers), strict=True))
-
 
 def is_vision_config(config) -> bool:
     return getattr(config, "vision_config", None) is not None
@@ -179,20 +176,18 @@ def build_tiny_llava(
     """Write a randomly initialised tiny LLaVA (CLIP vision tower, projector, Llama language model), the
     character tokenizer with an ``<image>`` token and its ``LlavaProcessor`` to ``out_dir``; return it. Each
     image becomes ``(image_size / patch_size)^2`` image tokens (the CLS position is dropped)."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    from cl.model import tiny_llama_config
 
     if image_size % patch_size:
         raise ValueError(f"model.arch.image_size {image_size} is not a multiple of patch_size {patch_size}")
     tokenizer = build_char_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads, num_key_value_heads=num_attention_heads,
-        intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+    text = tiny_llama_config(tokenizer, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
+                             max_position_embeddings)
     vision = CLIPVisionConfig(hidden_size=vision_hidden_size, intermediate_size=4 * vision_hidden_size,
                               num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=image_size,
                               patch_size=patch_size, projection_dim=vision_hidden_size)
