@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from cl.core.data import PromptFormat, VisualIds
-from cl.tokenizer import build_char_tokenizer
+from cl.tokenizer import build_byte_tokenizer, build_char_tokenizer
 
 # vision-language models whose positions depend on where the image tokens are (M-RoPE): not supported yet
 MROPE_MODELS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
@@ -171,11 +171,14 @@ def build_tiny_llava(
     vision_hidden_size: int = 64,
     vision_layers: int = 2,
     vision_heads: int = 4,
+    tokenizer: str = "char",
     seed: int = 0,
 ) -> Path:
-    """Write a randomly initialised tiny LLaVA (CLIP vision tower, projector, Llama language model), the
-    character tokenizer with an ``<image>`` token and its ``LlavaProcessor`` to ``out_dir``; return it. Each
-    image becomes ``(image_size / patch_size)^2`` image tokens (the CLS position is dropped)."""
+    """Write a randomly initialised tiny LLaVA (CLIP vision tower, projector, Llama language model), its
+    tokenizer with an ``<image>`` token and its ``LlavaProcessor`` to ``out_dir``; return it. Each image
+    becomes ``(image_size / patch_size)^2`` image tokens (the CLS position is dropped). ``tokenizer``:
+    ``char`` (the toy world's characters) or ``byte`` (byte-level: any text, e.g. real benchmarks' rows on a
+    random model)."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
 
@@ -183,7 +186,9 @@ def build_tiny_llava(
 
     if image_size % patch_size:
         raise ValueError(f"model.arch.image_size {image_size} is not a multiple of patch_size {patch_size}")
-    tokenizer = build_char_tokenizer()
+    if tokenizer not in ("char", "byte"):
+        raise ValueError(f"model.arch.tokenizer must be char or byte, got {tokenizer!r}")
+    tokenizer = build_char_tokenizer() if tokenizer == "char" else build_byte_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     text = tiny_llama_config(tokenizer, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,

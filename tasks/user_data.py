@@ -9,17 +9,31 @@ A user task is described by a mapping in the stream config::
       prompt_column: question
       answer_column: answer
       verifier: exact                   # exact | numeric | regex | function | rouge_l | sari | edit_sim | math
+                                        # | choice | vqa | loose_text | last_number | label (tasks.verifiers)
       pattern: null                     # for regex
       function: null                    # for function: "package.module:function"
+      labels: null                      # for label: the label words, e.g. [hawkish, dovish, neutral]
       final_pattern: null               # regex whose group 1 is the final answer inside the reference answer
                                         # (e.g. GSM8K's "#### 72"), or "boxed" (the last \boxed{...}, braces
                                         # balanced: MATH solutions): SFT trains on the whole answer, the
                                         # verifier and evaluation compare against the extracted final answer
       prompt_template: null             # e.g. "{prompt}\nPut your final answer within \boxed{}.": the
-                                        # row's prompt replaces "{prompt}" (other braces are literal)
+                                        # row's prompt replaces "{prompt}", its options "{choices}", any
+                                        # other column "{column}"; a line whose placeholder is empty is left
+                                        # out; other braces are literal
+      choices_column: null              # multiple choice: the column with the options (a list); they are
+                                        # listed as "A. ..." lines ("{choices}", else after the prompt) and
+                                        # the answer (an index, a letter or the option's text) becomes its
+                                        # letter (verifier: choice)
+      answers_column: null              # several references per row (VQA's 10 human answers): kept as the
+                                        # row's `answers` (verifier: vqa); SFT trains on the most frequent
+      train_split: train                # hub split names
+      eval_split: test
       image_column: null                # image-question-answer data (a vision-language model): the column
                                         # holding each row's image(s): a file path (relative to the data
                                         # file), a hub Image feature (decoded PIL or {bytes, path}), or a list
+      image_dir: null                   # the folder relative image paths start from (default: the file's)
+      missing_image: error              # a row without an image: error | drop | keep (a text-only question)
 
 ``train``/``eval`` may name a hub dataset as ``hub:NAME`` or ``hub:NAME@CONFIG`` (e.g. ``hub:openai/gsm8k@main``).
 
@@ -140,8 +154,10 @@ def _check_rows(rows: list, where: str, prompt_column: str, answer_column: str) 
     return out
 
 
-def load_rows(source: str, prompt_column: str, answer_column: str, split: str = "train") -> list[dict]:
-    """Read and check rows from a local file or ``hub:<name>``; returns rows with prompt/answer columns."""
+def load_rows(source: str, prompt_column: str, answer_column: str, split: str = "train",
+              answers_column: str | None = None) -> list[dict]:
+    """Read and check rows from a local file or ``hub:<name>``; returns rows with prompt/answer columns (with
+    ``answers_column``: the answer is the most frequent of the row's references, ties to the first)."""
     if source.startswith("hub:"):
         import datasets
 
@@ -152,7 +168,58 @@ def load_rows(source: str, prompt_column: str, answer_column: str, split: str = 
             raise DataError(f"{source}: cannot load hub dataset ({type(e).__name__}: {e})") from None
     else:
         rows = _read_rows(Path(source), (prompt_column, answer_column))
+    if answers_column is not None:
+        rows = [_with_majority_answer(r, i, source, answers_column, answer_column) for i, r in enumerate(rows, 1)]
     return _check_rows(rows, source, prompt_column, answer_column)
+
+
+def _with_majority_answer(row, i: int, where: str, column: str, answer_column: str) -> dict:
+    refs = row.get(column) if isinstance(row, dict) else None
+    if not isinstance(refs, (list, tuple)) or not refs or not all(isinstance(a, str) for a in refs):
+        raise DataError(f"{where}: row {i} column '{column}' must be a non-empty list of answer strings, got {refs!r}")
+    refs = list(refs)
+    best = max(refs, key=lambda a: (refs.count(a), -refs.index(a)))
+    return {**row, "answers": refs, answer_column: best}
+
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _as_choice(row: dict, column: str, where: str) -> None:
+    """List a multiple-choice row's options as ``A. ...`` lines (``row["choices"]``) and make its answer the
+    option's letter: the answer may be an index, a letter or the option's text."""
+    options = row.pop(column, None)
+    if not isinstance(options, (list, tuple)) or not options or len(options) > len(LETTERS) \
+            or not all(isinstance(o, str) for o in options):
+        raise DataError(f"{where}: column '{column}' must be a list of 1-26 option strings, got {options!r}")
+    answer = row["answer"].strip()
+    if answer.isdigit() and int(answer) < len(options):
+        letter = LETTERS[int(answer)]
+    elif len(answer) == 1 and answer.upper() in LETTERS[:len(options)]:
+        letter = answer.upper()
+    elif answer in options:
+        letter = LETTERS[options.index(answer)]
+    else:
+        raise DataError(f"{where}: answer {answer!r} is neither an option's index, letter nor text "
+                        f"({len(options)} options)")
+    row["choices"] = "\n".join(f"{LETTERS[k]}. {o}" for k, o in enumerate(options))
+    row["answer"] = letter
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill_template(template: str, row: dict) -> str:
+    """``template`` with ``{column}`` placeholders (``{prompt}``, ``{choices}``, any string column of ``row``)
+    filled in; a line whose placeholders are all empty is left out; other braces stay as written."""
+    lines = []
+    for line in template.split("\n"):
+        names = [n for n in _PLACEHOLDER.findall(line) if isinstance(row.get(n), str)]
+        if names and not any(row[n].strip() for n in names):
+            continue
+        lines.append(_PLACEHOLDER.sub(lambda m: row[m.group(1)] if isinstance(row.get(m.group(1)), str)
+                                      else m.group(0), line))
+    return "\n".join(lines)
 
 
 def load_user_task(
@@ -169,20 +236,30 @@ def load_user_task(
     final_pattern: str | None = None,
     prompt_template: str | None = None,
     image_column: str | None = None,
+    labels: list[str] | None = None,
+    choices_column: str | None = None,
+    answers_column: str | None = None,
+    image_dir: str | None = None,
+    missing_image: str = "error",
+    train_split: str = "train",
+    eval_split: str = "test",
 ) -> Task:
     """Build a :class:`Task` from user data; eval rows are removed from train by prompt. With ``image_column``
     each row's image(s) lead its prompt as ``<image:REF>`` tags (``cl.vision``): files by path, in-memory
     images written to the image store."""
     try:
-        score = make_verifier(verifier, pattern=pattern, function=function)
+        score = make_verifier(verifier, pattern=pattern, function=function,
+                              labels=list(labels) if labels is not None else None)
         final_rx = BOXED if final_pattern == "boxed" else re.compile(final_pattern) if final_pattern else None
     except (ValueError, re.error) as e:
         raise DataError(f"task '{name}': {e}") from None
     if prompt_template is not None and "{prompt}" not in prompt_template:
         raise DataError(f"task '{name}': prompt_template must contain '{{prompt}}', got {prompt_template!r}")
-    train_rows = load_rows(train, prompt_column, answer_column, "train")
+    if missing_image not in ("error", "drop", "keep"):
+        raise DataError(f"task '{name}': missing_image must be error, drop or keep, got {missing_image!r}")
+    train_rows = load_rows(train, prompt_column, answer_column, train_split, answers_column)
     if eval is not None:
-        eval_rows = load_rows(eval, prompt_column, answer_column, "test")
+        eval_rows = load_rows(eval, prompt_column, answer_column, eval_split, answers_column)
     else:
         if not 0.0 < eval_fraction < 1.0:
             raise DataError(f"task '{name}': eval_fraction must be in (0, 1), got {eval_fraction}")
@@ -190,13 +267,27 @@ def load_user_task(
         random.Random(f"{seed}/{name}/split").shuffle(rows)
         n_eval = max(1, int(len(rows) * eval_fraction))
         eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
-    if prompt_template is not None:
+    if image_column is not None and missing_image == "drop":
+        train_rows, eval_rows = ([r for r in rows if r.get(image_column) not in (None, [], "")]
+                                 for rows in (train_rows, eval_rows))
+        if not train_rows or not eval_rows:
+            raise DataError(f"task '{name}': no rows with an image in column '{image_column}'")
+    if choices_column is not None:
         for r in (*train_rows, *eval_rows):
-            r["prompt"] = prompt_template.replace("{prompt}", r["prompt"])
+            _as_choice(r, choices_column, r["row_source"])
+    for r in (*train_rows, *eval_rows):
+        if prompt_template is not None:
+            r["prompt"] = fill_template(prompt_template, r)
+        elif choices_column is not None:
+            r["prompt"] = f"{r['prompt']}\n{r['choices']}"
     if image_column is not None:
         for source, rows in ((train, train_rows), (eval or train, eval_rows)):
             for r in rows:
-                r["prompt"] = _image_tags(r, image_column, source) + r["prompt"]
+                if missing_image == "keep" and r.get(image_column) in (None, [], ""):
+                    r.pop(image_column, None)
+                    continue
+                where = r.get("row_source", source)
+                r["prompt"] = _place_images(r["prompt"], _image_tags(r, image_column, source, image_dir), where)
     held_out = {r["prompt"] for r in eval_rows}
     train_rows = [r for r in train_rows if r["prompt"] not in held_out]
     if not train_rows:
@@ -209,7 +300,21 @@ def load_user_task(
                           source=train if eval is None else f"{train} / {eval}")
 
 
-def _image_tags(row: dict, column: str, source: str) -> str:
+def _place_images(prompt: str, tags: list[str], where: str) -> str:
+    """The prompt with its images: a prompt that marks each image's place with ``<image>`` (LLaVA-style
+    data, Geometry3K) gets the tags there, in order; any other prompt is led by them."""
+    marks = prompt.count("<image>")
+    if marks and marks != len(tags):
+        raise DataError(f"{where}: the prompt marks {marks} image place(s) with <image> but the row has "
+                        f"{len(tags)} image(s)")
+    if marks:
+        for tag in tags:
+            prompt = prompt.replace("<image>", tag, 1)
+        return prompt
+    return "".join(tags) + prompt
+
+
+def _image_tags(row: dict, column: str, source: str, image_dir: str | None = None) -> list[str]:
     """The ``<image:REF>`` tags of a row's image column (removed from the row): paths are resolved against the
     data file's folder and must exist; decoded images and ``{bytes}`` dicts go to the image store."""
     from cl.vision import store_image
@@ -232,7 +337,7 @@ def _image_tags(row: dict, column: str, source: str) -> str:
         elif isinstance(v, dict):
             v = v.get("path")
         if isinstance(v, str):
-            base = Path(source).parent if not source.startswith("hub:") else Path(".")
+            base = Path(image_dir) if image_dir else Path(source).parent if not source.startswith("hub:") else Path(".")
             path = (base / v).expanduser() if not Path(v).is_absolute() else Path(v)
             if not path.is_file():
                 raise DataError(f"{where}: image file '{v}' (column '{column}') does not exist at {path}")
@@ -244,7 +349,7 @@ def _image_tags(row: dict, column: str, source: str) -> str:
         else:
             raise DataError(f"{where}: column '{column}' must hold an image path, an image or a list of them, "
                             f"got {type(v).__name__}")
-    return "".join(tags)
+    return tags
 
 
 def check_encodable(task: Task, fmt, max_positions: int | None) -> None:

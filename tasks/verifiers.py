@@ -8,12 +8,14 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import string
 from functools import partial
 from typing import Callable
 
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
-VERIFIER_KINDS = ("exact", "numeric", "regex", "function", "rouge_l", "sari", "edit_sim", "math")
+VERIFIER_KINDS = ("exact", "numeric", "regex", "function", "rouge_l", "sari", "edit_sim", "math", "choice", "vqa",
+                  "loose_text", "last_number", "label")
 
 
 def exact_match(completions: list[str], answer: list[str], **_) -> list[float]:
@@ -177,7 +179,167 @@ def math_equivalent(completions: list[str], answer: list[str], **_) -> list[floa
     return scores
 
 
-_TEXT_METRICS = {"rouge_l": rouge_l, "sari": sari, "edit_sim": edit_similarity, "math": math_equivalent}
+# Multimodal benchmarks, scored as their papers' evaluation code scores them.
+
+def choice_match(completions: list[str], answer: list[str], **_) -> list[float]:
+    """Multiple choice (ScienceQA as LLaVA and lmms-eval score it): the reference is an option letter; the
+    completion is right when it is that letter (any case) or starts with the upper-case letter and a period
+    (``"B. the moon"``). Anything else, even the option's text, is wrong."""
+    scores = []
+    for c, a in zip(completions, answer, strict=True):
+        pred, target = c.strip(), a.strip().lower()
+        if pred.lower() == target:
+            scores.append(1.0)
+        elif len(pred) >= 2 and pred[0].isupper() and pred[1] == ".":
+            scores.append(float(pred[0].lower() == target))
+        else:
+            scores.append(0.0)
+    return scores
+
+
+# The VQA answer normalisation (the VQA challenge's evaluation, as EvalAI, MMF and lmms-eval apply it to
+# VQAv2, TextVQA and VizWiz): spelled-out numbers to digits, articles dropped, apostrophe-less contractions
+# restored, punctuation removed (or turned into a space between words).
+_VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_ARTICLES = ("a", "an", "the")
+_VQA_CONTRACTIONS = dict(x.split(":") for x in (
+    "aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've "
+    "couldnt've:couldn't've didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've "
+    "hadn'tve:hadn't've hasnt:hasn't havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's "
+    "howd:how'd howll:how'll hows:how's Id've:I'd've I'dve:I'd've Im:I'm Ive:I've isnt:isn't itd:it'd "
+    "itd've:it'd've it'dve:it'd've itll:it'll let's:let's maam:ma'am mightnt:mightn't mightnt've:mightn't've "
+    "mightn'tve:mightn't've mightve:might've mustnt:mustn't mustve:must've neednt:needn't notve:not've "
+    "oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at 'ows'at:'ow's'at 'ow'sat:'ow's'at shant:shan't "
+    "shed've:she'd've she'dve:she'd've she's:she's shouldve:should've shouldnt:shouldn't "
+    "shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd somebodyd've:somebody'd've "
+    "somebody'dve:somebody'd've somebodyll:somebody'll somebodys:somebody's someoned:someone'd "
+    "someoned've:someone'd've someone'dve:someone'd've someonell:someone'll someones:someone's "
+    "somethingd:something'd somethingd've:something'd've something'dve:something'd've somethingll:something'll "
+    "thats:that's thered:there'd thered've:there'd've there'dve:there'd've therere:there're theres:there's "
+    "theyd:they'd theyd've:they'd've they'dve:they'd've theyll:they'll theyre:they're theyve:they've "
+    "twas:'twas wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll "
+    "whatre:what're whats:what's whatve:what've whens:when's whered:where'd wheres:where's whereve:where've "
+    "whod:who'd whod've:who'd've who'dve:who'd've wholl:who'll whos:who's whove:who've whyll:why'll "
+    "whyre:why're whys:why's wont:won't wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've "
+    "wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've "
+    "y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've you'dve:you'd've youll:you'll "
+    "youre:you're youve:you've").split())
+_VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+              "?", "!")
+_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # a period not followed by a digit (the lookbehind is the
+# original's typo, a literal "!<=" lookahead, kept so that scores match the reference implementation)
+_VQA_COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
+
+
+def vqa_normalize(text: str) -> str:
+    """One answer as the VQA evaluation compares it: lower-cased, commas and question marks dropped, "'s"
+    split off, then the punctuation, number, article and contraction rules above (MMF's EvalAI answer
+    processor, which TextVQA's evaluator and lmms-eval use; a test checks it against lmms-eval's copy)."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in _VQA_PUNCT:  # a mark beside a space (or any mark, in a "1,000"-style number) goes; else a space
+        if (p + " " in text or " " + p in text) or _VQA_COMMA_NUMBER.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _VQA_PERIOD.sub("", out, 32)  # at most 32 periods: the reference passes re.UNICODE (32) as count
+    words = []
+    for w in out.split():
+        w = _VQA_NUMBERS.get(w, w)
+        if w not in _VQA_ARTICLES:
+            words.append(_VQA_CONTRACTIONS.get(w, w))
+    return " ".join(words)
+
+
+def vqa_accuracy(completions: list[str], answer: list[str], answers: list | None = None, **_) -> list[float]:
+    """VQA accuracy (TextVQA, VizWiz, VQAv2): with the human answers of a question (``answers``, usually 10),
+    the mean over leaving each one out of ``min(1, #others equal to the completion / 3)``, every string
+    normalised by :func:`vqa_normalize`; with one reference (GQA, or no ``answers`` column) exact match after
+    normalisation."""
+    refs = answers if answers is not None else [[a] for a in answer]
+    scores = []
+    for c, gts in zip(completions, refs, strict=True):
+        pred = vqa_normalize(c)
+        gts = [vqa_normalize(g) for g in (gts if isinstance(gts, (list, tuple)) else [gts])]
+        if len(gts) <= 1:
+            scores.append(float(bool(gts) and pred == gts[0]))
+            continue
+        accs = [min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
+        scores.append(sum(accs) / len(accs))
+    return scores
+
+
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_PUNCT_RUN = re.compile("[%s]" % re.escape(string.punctuation))
+
+
+def strip_think(text: str) -> str:
+    """``text`` without its ``<think>...</think>`` spans."""
+    return _THINK.sub(" ", text or "")
+
+
+def _loose_normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", _PUNCT_RUN.sub(" ", strip_think(text).lower())).strip()
+
+
+def loose_text_match(completions: list[str], answer: list[str], **_) -> list[float]:
+    """MLLM-CTBench's text scoring (art, OCR, science, medical): both sides without ``<think>`` spans,
+    lower-cased, punctuation to spaces; right when the reference is inside the completion, or its first 30
+    characters are, or (a reference longer than 8 characters) ``difflib``'s similarity ratio is >= 0.6."""
+    from difflib import SequenceMatcher
+
+    scores = []
+    for c, a in zip(completions, answer, strict=True):
+        gt, pr = _loose_normalize(a), _loose_normalize(c)
+        ok = bool(gt) and (gt in pr or gt[:30] in pr or (len(gt) > 8 and SequenceMatcher(None, gt, pr).ratio() >= 0.6))
+        scores.append(float(ok))
+    return scores
+
+
+_LAST_NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+def _last_number(text: str) -> float | None:
+    found = _LAST_NUMBER.findall(strip_think(text).replace(",", ""))
+    try:
+        return float(found[-1]) if found else None
+    except ValueError:
+        return None
+
+
+def last_number_match(completions: list[str], answer: list[str], **_) -> list[float]:
+    """MLLM-CTBench's numeric scoring (math, NumGLUE): the last number of the completion and of the reference
+    (``<think>`` spans removed, thousands commas dropped) agree within 1e-3."""
+    scores = []
+    for c, a in zip(completions, answer, strict=True):
+        g, p = _last_number(a), _last_number(c)
+        scores.append(float(g is not None and p is not None and abs(g - p) < 1e-3))
+    return scores
+
+
+def label_match(completions: list[str], answer: list[str], labels: tuple[str, ...], **_) -> list[float]:
+    """Classification by label words (MLLM-CTBench's FOMC: hawkish/dovish/neutral): the label of the
+    reference and of the completion is the first label word in its text after removing ``<think>`` spans;
+    right when they are the same label, case-insensitive. (The benchmark's code takes the reference's label
+    from the whole solution, in set order when it names several; here its final answer decides.)"""
+    labels = tuple(x.lower() for x in labels)
+
+    def first(text: str) -> str | None:
+        hits = [(text.find(x), x) for x in labels if x in text]
+        return min(hits)[1] if hits else None
+
+    scores = []
+    for c, a in zip(completions, answer, strict=True):
+        gold = first(strip_think(a).lower())
+        scores.append(float(gold is not None and first(strip_think(c).lower()) == gold))
+    return scores
+
+
+_TEXT_METRICS = {"rouge_l": rouge_l, "sari": sari, "edit_sim": edit_similarity, "math": math_equivalent,
+                 "choice": choice_match, "vqa": vqa_accuracy, "loose_text": loose_text_match,
+                 "last_number": last_number_match}
 
 
 def import_function(path: str) -> Callable:
@@ -194,9 +356,15 @@ def import_function(path: str) -> Callable:
     return fn
 
 
-def make_verifier(kind: str = "exact", pattern: str | None = None, function: str | None = None) -> Callable:
+def make_verifier(kind: str = "exact", pattern: str | None = None, function: str | None = None,
+                  labels: list[str] | None = None) -> Callable:
     """Build a verifier by name: ``exact``, ``numeric``, ``regex`` (needs ``pattern``), ``function``,
-    ``rouge_l``, ``sari``, ``edit_sim``, ``math``."""
+    ``rouge_l``, ``sari``, ``edit_sim``, ``math``, ``choice``, ``vqa``, ``loose_text``, ``last_number``,
+    ``label`` (needs ``labels``)."""
+    if kind == "label":
+        if not labels or isinstance(labels, str) or not all(isinstance(x, str) and x for x in labels):
+            raise ValueError(f"verifier 'label' needs 'labels': a list of label words, got {labels!r}")
+        return partial(label_match, labels=tuple(labels))
     if kind == "exact":
         return exact_match
     if kind == "numeric":
