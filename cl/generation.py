@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from cl.core.data import PromptFormat, collate_prompts, visual_inputs
+from cl.vision import generation_inputs
 from cl.fsdp import synced_generation
 
 
@@ -59,7 +60,7 @@ def generate_ids(
     with eval_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
             batch = collate_prompts(prompt_ids[start : start + batch_size], fmt.pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = generation_inputs(model, {k: v.to(device) for k, v in batch.items()})
             seqs = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

@@ -89,6 +89,10 @@ def load_model_and_tokenizer(
         raise ModelLoadError(f"model.name_or_path: cannot load '{src}': {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if getattr(config, "vision_config", None) is not None:
+        from cl.vision import add_token_types
+
+        add_token_types(model)  # Qwen2(.5)-VL: the token types its image positions need, on every forward
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -34,8 +34,14 @@ import torch
 from cl.core.data import PromptFormat, VisualIds
 from cl.tokenizer import build_byte_tokenizer, build_char_tokenizer
 
-# vision-language models whose positions depend on where the image tokens are (M-RoPE): not supported yet
-MROPE_MODELS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
+# Qwen2-VL and Qwen2.5-VL: multimodal rotary positions (M-RoPE) from the token types (image tokens 1, text 0),
+# which :func:`add_token_types` derives from the ids for every forward and :func:`generation_inputs` for
+# ``generate``; images are written <|vision_start|><|image_pad|><|vision_end|>
+QWEN_VL_MODELS = ("qwen2_vl", "qwen2_5_vl")
+QWEN_VISION_START, QWEN_IMAGE_PAD, QWEN_VISION_END, QWEN_VIDEO_PAD = \
+    "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"
+# other M-RoPE families: not supported yet
+MROPE_MODELS = ("qwen3_vl", "qwen3_vl_moe", "glm4v")
 IMAGE_TAG = re.compile(r"<image:([^<>]+)>")
 IMAGE_TOKEN = "<image>"
 _HASH = re.compile(r"[0-9a-f]{16}")
@@ -96,10 +102,11 @@ class VisionFormat(PromptFormat):
     """
 
     processor: object = None
+    image_text: str | None = None  # what an image is written as in the text (default: the processor's token)
 
     def _text(self, prompt: str) -> str:
         if not self.use_chat_template:
-            return IMAGE_TAG.sub(self.processor.image_token, prompt)
+            return IMAGE_TAG.sub(lambda _: self.image_text or self.processor.image_token, prompt)
         n = len(image_refs(prompt))
         content = [{"type": "image"}] * n + [{"type": "text", "text": IMAGE_TAG.sub("", prompt)}]
         msgs = ([{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
@@ -151,12 +158,95 @@ def make_format(model_or_path, tokenizer, use_chat_template: bool = False, syste
     if config.model_type in MROPE_MODELS:
         from cl.model import ModelLoadError
 
-        raise ModelLoadError(f"model: '{config.model_type}' places image tokens with multimodal rotary positions, whose "
-                         "inputs (mm_token_type_ids) this suite does not build yet; LLaVA-style models run")
+        raise ModelLoadError(f"model: '{config.model_type}' places image tokens with multimodal rotary positions this "
+                             f"suite builds for {', '.join(QWEN_VL_MODELS)} only; LLaVA-style and Qwen2(.5)-VL models run")
     from transformers import AutoProcessor
 
+    if config.model_type in QWEN_VL_MODELS:
+        try:
+            processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except (ImportError, AttributeError, ValueError):  # its video processor needs torchvision
+            processor = QwenVLImageProcessor.from_pretrained(path)
+        return VisionFormat(processor.tokenizer, use_chat_template, system_prompt, processor=processor,
+                            image_text=QWEN_VISION_START + QWEN_IMAGE_PAD + QWEN_VISION_END)
     processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return VisionFormat(processor.tokenizer, use_chat_template, system_prompt, processor=processor)
+
+
+class QwenVLImageProcessor:
+    """Qwen2-VL's processor for images only, for machines without torchvision (which ``Qwen2VLProcessor``'s
+    video half needs): the checkpoint's tokenizer and its image processor (the PIL backend), each image's
+    ``<|image_pad|>`` repeated once per merged patch (``grid_t * grid_h * grid_w / merge_size^2``), as
+    ``Qwen2VLProcessor`` does; the chat template is the checkpoint's."""
+
+    image_token = QWEN_IMAGE_PAD
+
+    def __init__(self, tokenizer, image_processor, chat_template: str | None = None):
+        self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
+
+    @classmethod
+    def from_pretrained(cls, path):
+        import json
+
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        path = Path(path)
+        template = None
+        if (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+        elif (path / "chat_template.json").exists():
+            template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
+        return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path), template)
+
+    def __call__(self, text: list[str], images=None, return_tensors: str = "pt", add_special_tokens: bool = False):
+        from transformers import BatchFeature
+
+        feats = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
+        grids = iter(feats.get("image_grid_thw", []))
+        merge = self.image_processor.merge_size ** 2
+        expanded = []
+        for t in text:
+            parts = t.split(self.image_token)
+            out = parts[0]
+            for rest in parts[1:]:
+                grid = next(grids, None)
+                if grid is None:
+                    raise ValueError("the text has more image tokens than images")
+                out += self.image_token * (int(grid.prod()) // merge) + rest
+            expanded.append(out)
+        if next(grids, None) is not None:
+            raise ValueError("more images than image tokens in the text")
+        enc = self.tokenizer(expanded, add_special_tokens=add_special_tokens, return_tensors=return_tensors, padding=True)
+        return BatchFeature({**enc, **feats})
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+
+def _token_types(module, args, kwargs):
+    """Forward pre-hook of a Qwen2(.5)-VL model: ``mm_token_type_ids`` (image tokens 1, text 0) from the ids
+    when images are passed without them, so every forward (training, scoring, replay, probes) gets the
+    image tokens' 3-D positions."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is not None and kwargs.get("image_grid_thw") is not None and kwargs.get("mm_token_type_ids") is None:
+        kwargs["mm_token_type_ids"] = (ids == module.config.image_token_id).int()
+    return args, kwargs
+
+
+def add_token_types(model) -> None:
+    """Install :func:`_token_types` on a Qwen2(.5)-VL model's inner model (reached by every forward, also
+    through PEFT wrappers that call the outer ``forward`` directly)."""
+    if getattr(model.config, "model_type", None) in QWEN_VL_MODELS:
+        model.model.register_forward_pre_hook(_token_types, with_kwargs=True)
+
+
+def generation_inputs(model, batch: dict) -> dict:
+    """``batch`` for ``generate``: Qwen2(.5)-VL computes its positions from ``mm_token_type_ids`` before the
+    first forward, so they are added when the batch has images."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in QWEN_VL_MODELS and "image_grid_thw" in batch:
+        return {**batch, "mm_token_type_ids": (batch["input_ids"] == config.image_token_id).int()}
+    return batch
 
 
 def build_tiny_llava(
@@ -172,13 +262,21 @@ def build_tiny_llava(
     vision_layers: int = 2,
     vision_heads: int = 4,
     tokenizer: str = "char",
+    family: str = "llava",
     seed: int = 0,
 ) -> Path:
     """Write a randomly initialised tiny LLaVA (CLIP vision tower, projector, Llama language model), its
     tokenizer with an ``<image>`` token and its ``LlavaProcessor`` to ``out_dir``; return it. Each image
     becomes ``(image_size / patch_size)^2`` image tokens (the CLS position is dropped). ``tokenizer``:
     ``char`` (the toy world's characters) or ``byte`` (byte-level: any text, e.g. real benchmarks' rows on a
-    random model)."""
+    random model). ``family``: ``llava``, or ``qwen2_vl`` / ``qwen2_5_vl`` for a tiny model of that
+    architecture (:func:`build_tiny_qwen_vl`)."""
+    if family in QWEN_VL_MODELS:
+        return build_tiny_qwen_vl(out_dir, family, hidden_size, num_hidden_layers, num_attention_heads,
+                                  intermediate_size, max_position_embeddings, image_size, patch_size,
+                                  vision_hidden_size, vision_layers, vision_heads, tokenizer, seed)
+    if family != "llava":
+        raise ValueError(f"model.arch.family must be llava, {' or '.join(QWEN_VL_MODELS)}, got {family!r}")
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
 
@@ -210,4 +308,58 @@ def build_tiny_llava(
     out = Path(out_dir)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_qwen_vl(out_dir, family: str, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
+                       intermediate_size: int, max_position_embeddings: int, image_size: int, patch_size: int,
+                       vision_hidden_size: int, vision_layers: int, vision_heads: int, tokenizer: str,
+                       seed: int) -> Path:
+    """A randomly initialised tiny Qwen2-VL or Qwen2.5-VL (its vision transformer, patch merger and Qwen2
+    language model with multimodal rotary positions) with the character or byte tokenizer plus Qwen's vision
+    tokens, and Qwen's image processor (PIL backend), written to ``out_dir``. Images are resized to
+    ``image_size`` x ``image_size``: ``(image_size / patch_size)^2 / 4`` image tokens each (2x2 patches merge)."""
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen2VLImageProcessorPil
+
+    if image_size % (2 * patch_size):
+        raise ValueError(f"model.arch.image_size {image_size} is not a multiple of 2 x patch_size {patch_size}")
+    if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
+        raise ValueError("model.arch.hidden_size / num_attention_heads must be an even integer (rotary pairs)")
+    if tokenizer not in ("char", "byte"):
+        raise ValueError(f"model.arch.tokenizer must be char or byte, got {tokenizer!r}")
+    tok = build_char_tokenizer() if tokenizer == "char" else build_byte_tokenizer()
+    specials = [QWEN_VISION_START, QWEN_IMAGE_PAD, QWEN_VISION_END, QWEN_VIDEO_PAD]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    half = hidden_size // num_attention_heads // 2  # rotary frequencies per head, split over (t, h, w)
+    t_part = half // 4
+    section = [t_part, (half - t_part) // 2, half - t_part - (half - t_part) // 2]
+    text = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                num_key_value_heads=num_attention_heads, max_position_embeddings=max_position_embeddings,
+                rope_scaling={"type": "mrope", "mrope_section": section}, tie_word_embeddings=True,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(depth=vision_layers, num_heads=vision_heads, patch_size=patch_size, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    if family == "qwen2_vl":
+        config_cls = Qwen2VLConfig
+        vision = dict(common, embed_dim=vision_hidden_size, hidden_size=hidden_size, mlp_ratio=4)
+    else:
+        config_cls = Qwen2_5_VLConfig
+        vision = dict(common, hidden_size=vision_hidden_size, intermediate_size=4 * vision_hidden_size,
+                      out_hidden_size=hidden_size, window_size=image_size,
+                      fullatt_block_indexes=[vision_layers - 1])
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids[QWEN_IMAGE_PAD],
+                        video_token_id=ids[QWEN_VIDEO_PAD], vision_start_token_id=ids[QWEN_VISION_START],
+                        vision_end_token_id=ids[QWEN_VISION_END], tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config)
+    pixels = image_size * image_size
+    images = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=2,
+                                      temporal_patch_size=2)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    images.save_pretrained(out)
     return out

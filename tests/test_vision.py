@@ -249,7 +249,7 @@ def test_what_a_vision_model_cannot_do_is_refused_in_one_line(overrides, field):
         e.value.problems
 
 
-@pytest.mark.parametrize("preset", ["tiny_vlm", "llava_1_5_7b"])
+@pytest.mark.parametrize("preset", ["tiny_vlm", "llava_1_5_7b", "qwen2_5_vl_3b_instruct", "qwen2_5_vl_7b_instruct"])
 def test_vision_model_presets_compose_and_validate(preset):
     from omegaconf import OmegaConf
 
@@ -389,3 +389,121 @@ def test_generation_never_emits_the_image_token(vlm):
             out = fn(model, prompts, fmt, 6, do_sample=sample, num_return_sequences=2 if sample else 1)
             assert not any(image_id in c for c in out)
     assert generate_ids(model, prompts, fmt, 6) == decode_ids(model, prompts, fmt, 6)
+
+
+# --- Qwen2-VL and Qwen2.5-VL: multimodal rotary positions ---
+
+@pytest.fixture(params=["qwen2_vl", "qwen2_5_vl"])
+def qwen_vlm(request, tmp_path):
+    """(model, fmt) of a random tiny Qwen2-VL / Qwen2.5-VL loaded through the auto classes."""
+    from cl.model import build_tiny, load_model_and_tokenizer
+    from cl.vision import make_format
+
+    arch = dict(TINY_VLM, num_attention_heads=2, max_position_embeddings=128, family=request.param)
+    path = build_tiny(tmp_path / request.param, seed=0, **arch)
+    model, tok = load_model_and_tokenizer(path)
+    return model, make_format(model, tok, path=path)
+
+
+def _explicit_types(model, batch):
+    """The forward inputs with ``mm_token_type_ids`` built as Qwen's processor returns them (1 on image pads)."""
+    from cl.core.data import model_inputs
+
+    inputs = model_inputs(batch)
+    pad = model.config.image_token_id
+    return {**inputs, "mm_token_type_ids": (inputs["input_ids"] == pad).int()}
+
+
+def test_qwen_vl_sft_loss_is_the_models_own_loss_with_3d_positions(qwen_vlm):
+    from cl.core.data import SFTCollator
+    from cl.objectives.sft import SFTObjective
+
+    model, fmt = qwen_vlm
+    rows = _task().train.select(range(4))
+    batch = SFTCollator(fmt.pad_id)([(p, a, None) for p, a in fmt.encode(rows["prompt"], rows["answer"])])
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 4  # 32x32, 8-pixel patches: 4x4, merged to 4 tokens
+    assert (batch["input_ids"] == model.config.image_token_id).sum(1).tolist() == [4] * 4
+
+    class Holder:
+        pass
+
+    h = Holder()
+    h.model = model
+    loss, _ = SFTObjective().step(h, batch)
+    own = model(**_explicit_types(model, batch), labels=batch["labels"]).loss
+    torch.testing.assert_close(loss, own, rtol=1e-5, atol=1e-6)
+    from cl.core.data import model_inputs
+
+    inner = model.model  # without the hook Qwen2-VL refuses images without token types and Qwen2.5-VL
+    hooks = dict(inner._forward_pre_hooks)  # silently gives the image tokens 1-D positions
+    with torch.no_grad():
+        ours = model(**model_inputs(batch)).logits
+    inner._forward_pre_hooks.clear()
+    try:
+        if model.config.model_type == "qwen2_vl":
+            with pytest.raises(ValueError, match="mm_token_type_ids"):
+                model(**model_inputs(batch), labels=batch["labels"])
+        else:  # measured: logits move by ~9e-4 (max |logit| ~0.8); fp32 noise is ~1e-7
+            with torch.no_grad():
+                assert (model(**model_inputs(batch)).logits - ours).abs().max() > 1e-5
+    finally:
+        inner._forward_pre_hooks.update(hooks)
+
+
+def test_qwen_vl_generation_equals_a_full_forward_greedy_loop(qwen_vlm):
+    """Cached ``generate`` (positions from the token types, then the stored offsets) gives the tokens of a
+    greedy loop that recomputes every step from scratch with explicit token types."""
+    from cl.core.data import collate_prompts
+    from cl.generation import generate_ids
+
+    model, fmt = qwen_vlm
+    prompts = fmt.prompt_ids(_task("vcount").eval["prompt"][:3])
+    got = generate_ids(model, prompts, fmt, max_new_tokens=5)
+    for p, g in zip(prompts, got):
+        seq = list(p)
+        want = []
+        for _ in range(5):
+            batch = collate_prompts([type(p)(seq, p.visual)], fmt.pad_id)
+            with torch.no_grad():
+                logits = model(**_explicit_types(model, batch)).logits[0, -1]
+            logits[list(fmt.suppress_ids)] = -float("inf")
+            nxt = int(logits.argmax())
+            want.append(nxt)
+            seq.append(nxt)
+            if nxt == fmt.eos_id:
+                break
+        assert g == want
+
+
+def test_qwen_vl_runs_sft_and_grpo_with_lora_end_to_end(tmp_path):
+    for extra in (["objective=sft", "adapter=mora"], ["objective=grpo", "adapter=lora"]):
+        out = tmp_path / extra[0].split("=")[1]
+        proc = run_cli("experiment=vlm_smoke", "base=none", "model.arch.family=qwen2_5_vl",
+                       "model.arch.max_position_embeddings=128", "stream.steps_per_task=3", "data.n_train=50",
+                       "data.n_eval=20", "eval.n_per_task=10", *extra, f"hydra.run.dir={out}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        res = json.loads((out / "results.json").read_text())
+        assert res["tasks"] == ["vread", "vwhere"] and len(res["acc_matrix"]) == 2
+
+
+def test_processor_without_torchvision_expands_images_like_qwens():
+    """The images-only processor repeats each <|image_pad|> once per merged patch and refuses a count mismatch."""
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    from cl.tokenizer import build_byte_tokenizer
+    from cl.vision import QWEN_IMAGE_PAD, QwenVLImageProcessor
+
+    tok = build_byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [QWEN_IMAGE_PAD]})
+    proc = QwenVLImageProcessor(tok, Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8,
+                                                              merge_size=2, temporal_patch_size=2))
+    ims = [Image.new("RGB", (32, 32)), Image.new("RGB", (64, 32))]
+    out = proc(text=[f"a{QWEN_IMAGE_PAD}b{QWEN_IMAGE_PAD}"], images=ims)
+    grids = out["image_grid_thw"].tolist()
+    assert grids == [[1, 4, 4], [1, 4, 8]]
+    pad = tok.convert_tokens_to_ids(QWEN_IMAGE_PAD)
+    assert int((out["input_ids"] == pad).sum()) == 4 + 8
+    assert out["pixel_values"].shape[0] == 16 + 32
+    with pytest.raises(ValueError, match="more images"):
+        proc(text=[f"a{QWEN_IMAGE_PAD}"], images=ims)
