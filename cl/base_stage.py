@@ -85,7 +85,7 @@ class BaseRecipe:
     gradient_clip_val: float = 1.0
     general: dict[str, float] = field(default_factory=dict)   # general task -> mixture weight
     exposure: dict[str, float] = field(default_factory=dict)  # stream task -> mixture weight
-    cover: tuple[int, ...] | None = None  # exposure rows: only those whose first operand's leading digit is one of these
+    cover: tuple[int, ...] | None = None  # exposure rows: only those whose key (the first operand's leading digit; a visual task's `key`) is one of these
     general_floor: float = 0.25          # a general task's weight: general[task] * max(general_floor, 1 - accuracy)
     general_min: float = 0.99            # stop: every general task >= this on its validation rows...
     cover_min: float | None = 0.8        # ...every stream task >= this on its covered validation rows...
@@ -164,12 +164,20 @@ def _leading_digit(prompt: str) -> int | None:
     return int(body[0]) if body[:1].isdigit() else None
 
 
-def covered_split(scores: list[float], prompts: list[str], cover) -> dict[str, float | None]:
-    """Mean score over the prompts inside (``covered``) and outside (``uncovered``) the covered part of the
-    input space (``None`` for an empty part)."""
+def cover_keys(rows) -> list[int | None]:
+    """Each row's part of the input space: its ``key`` column where the task has one (the visual tasks), else
+    the first operand's leading digit (:func:`_leading_digit`)."""
+    if "key" in rows:
+        return list(rows["key"])
+    return [_leading_digit(p) for p in rows["prompt"]]
+
+
+def covered_split(scores: list[float], keys: list[int | None], cover) -> dict[str, float | None]:
+    """Mean score over the rows inside (``covered``) and outside (``uncovered``) the covered part of the
+    input space (``keys``: :func:`cover_keys`; ``None`` for an empty part)."""
     out = {}
     for part, keep in (("covered", True), ("uncovered", False)):
-        x = [v for v, p in zip(scores, prompts) if (_leading_digit(p) in cover) == keep]
+        x = [v for v, k in zip(scores, keys) if (k in cover) == keep]
         out[part] = sum(x) / len(x) if x else None
     return out
 
@@ -243,7 +251,7 @@ class MixtureController(pl.Callback):
             s = self.scorer.scores(model, self.val[name])
             out[name] = sum(s) / len(s)
             if self.r.cover is not None:
-                for part, acc in covered_split(s, self.val[name].rows["prompt"], self.r.cover).items():
+                for part, acc in covered_split(s, cover_keys(self.val[name].rows), self.r.cover).items():
                     if acc is not None:
                         out[f"{name}:{part}"] = acc
         return out
@@ -296,7 +304,8 @@ def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task
         val[name] = EvalSet(tasks[name], held.to_dict(), fmt.encode(held["prompt"], held["answer"]))
         prompts, answers = rows["prompt"][: len(rows) - n_val], rows["answer"][: len(rows) - n_val]
         if name in recipe.exposure and recipe.cover is not None:  # the covered part of the task's input space
-            keep = [i for i, p in enumerate(prompts) if _leading_digit(p) in recipe.cover]
+            keys = cover_keys(rows[: len(rows) - n_val])
+            keep = [i for i, k in enumerate(keys) if k in recipe.cover]
             prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
         if not prompts:
             raise ValueError(f"base stage: no training rows of '{name}' left (base.cover {recipe.cover}, "
@@ -335,7 +344,7 @@ def _train_base(out: Path, arch: dict, recipe: BaseRecipe, tasks: dict[str, Task
         scores = scorer.scores(model, es)
         report["greedy"][name] = sum(scores) / len(scores)
         if name in recipe.exposure and recipe.cover is not None:  # the covered and uncovered parts separately
-            for part, acc in covered_split(scores, es.rows["prompt"], recipe.cover).items():
+            for part, acc in covered_split(scores, cover_keys(es.rows), recipe.cover).items():
                 report.setdefault(f"greedy_{part}", {})[name] = acc
         if name in recipe.exposure:
             report[f"pass@{recipe.report_pass_k}"][name] = pass_at_k(model, es, fmt, k=recipe.report_pass_k)

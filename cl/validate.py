@@ -161,10 +161,12 @@ def validate_config(cfg: Mapping) -> None:
             c.add("base.min_steps", f"min_steps + anneal_steps ({min_steps} + {anneal}) must be <= base.steps ({steps})")
         if cover is not None:
             for name in _get(cfg, "base.exposure") or {}:
-                if name in TASK_NAMES and build_task(name, 4, 2, 0).train[0]["prompt"].split(":", 1)[-1][:1] \
-                        not in "0123456789":
-                    c.add(f"base.exposure.{name}", "base.cover keeps rows by their first operand's leading digit; "
-                                                   "this task's prompts do not start with one")
+                if name not in TASK_NAMES:
+                    continue
+                row = build_task(name, 4, 2, 0).train[0]
+                if "key" not in row and row["prompt"].split(":", 1)[-1][:1] not in "0123456789":
+                    c.add(f"base.exposure.{name}", "base.cover keeps rows by their first operand's leading digit "
+                                                   "(or a visual task's key); this task's prompts have neither")
     elif not _get(cfg, "model.name_or_path") and not _get(cfg, "model.arch"):
         c.add("model", "base=none needs model.name_or_path (hub id or local directory) or model.arch")
 

@@ -170,14 +170,14 @@ class SyntheticFamily:
                     f"task family '{self.family}' cannot produce {n} rows outside the excluded set; "
                     "lower n_eval/n_train"
                 )
-            body, answer = self.sample(rng)
+            body, answer, *key = self.sample(rng)  # a sampler may add the row's cover key (0-9)
             p = self.prompt(body)
             if p in seen:
                 continue
             if unique:
                 seen.add(p)
             if self.worked is None:
-                rows.append({"prompt": p, "answer": answer})
+                rows.append({"prompt": p, "answer": answer, **({"key": key[0]} if key else {})})
             else:
                 rows.append({"prompt": p, "answer": f"{self.worked(body)}|{answer}", "final": answer})
         return rows

@@ -15,6 +15,11 @@ Families (all ``size`` x ``size`` pixels, white background):
   ``below``, the axis with the larger gap);
 - ``vbigger``: two discs of different radii, side by side -> which is bigger (``left``/``right``);
 - ``vadd``: two digits side by side -> their sum (``"11"``), reading plus arithmetic.
+
+Each row also has a ``key`` (0-9) that names its part of the input space, for a base stage that trains on
+part of it only (``base.cover``): the digit (vread), the left digit (vadd), the disc's horizontal position
+in tenths of the width (vwhere), the number of discs (vcount), the colour's index (vcolor), the left disc's
+radius (vbigger).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ def count_discs(size: int = 32, most: int = 4) -> Callable:
         im, d = _canvas(size)
         for x, y in _free_spots(rng, n, size, 3):
             _disc(d, x, y, 3, COLORS["red"])
-        return im, str(n)
+        return im, str(n), n
     return draw
 
 
@@ -72,7 +77,7 @@ def read_digit(size: int = 32) -> Callable:
         v = rng.randint(0, 9)
         im, d = _canvas(size)
         d.text((rng.randint(0, size - 7), rng.randint(0, size - 12)), str(v), fill="black", font=_font())
-        return im, str(v)
+        return im, str(v), v
     return draw
 
 
@@ -83,7 +88,7 @@ def color_name(size: int = 32) -> Callable:
         x, y = rng.randint(0, size - s), rng.randint(0, size - s)
         im, d = _canvas(size)
         d.rectangle((x, y, x + s - 1, y + s - 1), fill=COLORS[name])
-        return im, name
+        return im, name, sorted(COLORS).index(name)
     return draw
 
 
@@ -98,7 +103,7 @@ def where(size: int = 32) -> Callable:
         _disc(d, cx, cy, 4, COLORS["blue"])
         d.rectangle((sx - 4, sy - 4, sx + 4, sy + 4), fill=COLORS["green"])
         ans = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("below" if dy > 0 else "above")
-        return im, ans
+        return im, ans, cx * 10 // size
     return draw
 
 
@@ -109,7 +114,7 @@ def bigger(size: int = 32) -> Callable:
         q = size // 4
         _disc(d, q, rng.randint(8, size - 9), r1, COLORS["purple"])
         _disc(d, 3 * q, rng.randint(8, size - 9), r2, COLORS["purple"])
-        return im, "left" if r1 > r2 else "right"
+        return im, "left" if r1 > r2 else "right", r1
     return draw
 
 
@@ -120,7 +125,7 @@ def add_digits(size: int = 32) -> Callable:
         half = size // 2
         d.text((rng.randint(0, half - 8), rng.randint(0, size - 12)), str(a), fill="black", font=_font())
         d.text((rng.randint(half + 1, size - 7), rng.randint(0, size - 12)), str(b), fill="black", font=_font())
-        return im, str(a + b)
+        return im, str(a + b), a
     return draw
 
 
@@ -132,8 +137,8 @@ class VisualFamily(SyntheticFamily):
         def sample(rng: random.Random) -> tuple[str, str]:
             from cl.vision import store_image
 
-            im, answer = draw(rng)
-            return store_image(im), answer
+            im, answer, key = draw(rng)
+            return store_image(im), answer, key
 
         super().__init__(family, tag, sample)
 
