@@ -63,7 +63,23 @@ class DataError(ValueError):
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _read_rows(path: Path, text_columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def _undecoded(ds, column: str | None):
+    """``ds`` with its image column (an ``Image`` feature or a list of them) left as ``{bytes, path}``: rows
+    are read without holding every decoded image in memory; each image is decoded once, when it is stored."""
+    import datasets
+
+    feature = ds.features.get(column) if column else None
+    if isinstance(feature, datasets.Image):
+        return ds.cast_column(column, datasets.Image(decode=False))
+    inner = getattr(feature, "feature", None) if feature is not None else None
+    if isinstance(feature, list) and feature and isinstance(feature[0], datasets.Image):
+        return ds.cast_column(column, [datasets.Image(decode=False)])
+    if isinstance(inner, datasets.Image):
+        return ds.cast_column(column, datasets.Sequence(datasets.Image(decode=False)))
+    return ds
+
+
+def _read_rows(path: Path, text_columns: tuple[str, ...] = (), image_column: str | None = None) -> list[dict[str, Any]]:
     """Rows of a local file through ``datasets.load_dataset`` (the loader hub data goes through too), after
     checks that make its failures one line: the file exists, has a known type, is UTF-8 and not empty."""
     import datasets
@@ -90,9 +106,10 @@ def _read_rows(path: Path, text_columns: tuple[str, ...] = ()) -> list[dict[str,
     try:
         ds = datasets.load_dataset(BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
         # prompt and answer are text: a JSON column of numbers would otherwise be typed by its values
-        # (2 and 2.5 in one column become 2.0 and 2.5); read those columns again as strings
+        # (2 and 2.5 in one column become 2.0 and 2.5); read float columns again as strings (integers are
+        # exact, and an integer answer may be a multiple-choice index)
         recast = {c: datasets.Value("string") for c in text_columns if c in ds.column_names
-                  and isinstance(ds.features[c], datasets.Value) and ds.features[c].dtype.startswith(("int", "uint", "float"))}
+                  and isinstance(ds.features[c], datasets.Value) and ds.features[c].dtype.startswith("float")}
         if recast and suffix != ".csv":
             ds = datasets.load_dataset(BUILDERS[suffix], data_files=str(path), split="train",
                                        features=datasets.Features({**ds.features, **recast}))
@@ -101,7 +118,7 @@ def _read_rows(path: Path, text_columns: tuple[str, ...] = ()) -> list[dict[str,
     finally:
         if bars:
             datasets.enable_progress_bars()
-    return ds.to_list()
+    return _undecoded(ds, image_column).to_list()
 
 
 def _why_unreadable(path: Path, suffix: str, error: Exception) -> str:
@@ -143,19 +160,22 @@ def _check_rows(rows: list, where: str, prompt_column: str, answer_column: str) 
                     f"{where}: row {i} has no column '{col}' (columns: {', '.join(map(str, row))})"
                 )
             value = row[col]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and col == answer_column:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = str(value)
             if not isinstance(value, str):
                 raise DataError(f"{where}: row {i} column '{col}' must be a string, got {type(value).__name__}")
             if col == prompt_column and not value:
                 raise DataError(f"{where}: row {i} column '{col}' is empty")
         extra = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
-        out.append({**extra, "prompt": row[prompt_column], "answer": str(row[answer_column]), "row_source": f"{where}: row {i}"})
+        raw = row[answer_column]
+        if isinstance(raw, int) and not isinstance(raw, bool):  # an integer answer (a multiple-choice index)
+            extra["answer_index"] = raw
+        out.append({**extra, "prompt": str(row[prompt_column]), "answer": str(raw), "row_source": f"{where}: row {i}"})
     return out
 
 
 def load_rows(source: str, prompt_column: str, answer_column: str, split: str = "train",
-              answers_column: str | None = None) -> list[dict]:
+              answers_column: str | None = None, image_column: str | None = None) -> list[dict]:
     """Read and check rows from a local file or ``hub:<name>``; returns rows with prompt/answer columns (with
     ``answers_column``: the answer is the most frequent of the row's references, ties to the first)."""
     if source.startswith("hub:"):
@@ -163,11 +183,11 @@ def load_rows(source: str, prompt_column: str, answer_column: str, split: str = 
 
         name, _, config = source[4:].partition("@")
         try:
-            rows = datasets.load_dataset(name, config or None, split=split).to_list()
+            rows = _undecoded(datasets.load_dataset(name, config or None, split=split), image_column).to_list()
         except Exception as e:  # offline, missing, gated...
             raise DataError(f"{source}: cannot load hub dataset ({type(e).__name__}: {e})") from None
     else:
-        rows = _read_rows(Path(source), (prompt_column, answer_column))
+        rows = _read_rows(Path(source), (prompt_column, answer_column), image_column)
     if answers_column is not None:
         rows = [_with_majority_answer(r, i, source, answers_column, answer_column) for i, r in enumerate(rows, 1)]
     return _check_rows(rows, source, prompt_column, answer_column)
@@ -177,8 +197,11 @@ def _with_majority_answer(row, i: int, where: str, column: str, answer_column: s
     refs = row.get(column) if isinstance(row, dict) else None
     if not isinstance(refs, (list, tuple)) or not refs or not all(isinstance(a, str) for a in refs):
         raise DataError(f"{where}: row {i} column '{column}' must be a non-empty list of answer strings, got {refs!r}")
+    from tasks.verifiers import vqa_normalize
+
     refs = list(refs)
-    best = max(refs, key=lambda a: (refs.count(a), -refs.index(a)))
+    norm = [vqa_normalize(a) for a in refs]  # the most frequent answer as the VQA metric compares them
+    best = refs[max(range(len(refs)), key=lambda k: (norm.count(norm[k]), -k))]
     return {**row, "answers": refs, answer_column: best}
 
 
@@ -192,13 +215,15 @@ def _as_choice(row: dict, column: str, where: str) -> None:
     if not isinstance(options, (list, tuple)) or not options or len(options) > len(LETTERS) \
             or not all(isinstance(o, str) for o in options):
         raise DataError(f"{where}: column '{column}' must be a list of 1-26 option strings, got {options!r}")
-    answer = row["answer"].strip()
-    if answer.isdigit() and int(answer) < len(options):
-        letter = LETTERS[int(answer)]
+    answer, index = row["answer"].strip(), row.pop("answer_index", None)
+    if index is not None and 0 <= index < len(options):  # an integer column: the option's index
+        letter = LETTERS[index]
+    elif answer in options:  # the option's text (also when the options are numbers)
+        letter = LETTERS[options.index(answer)]
     elif len(answer) == 1 and answer.upper() in LETTERS[:len(options)]:
         letter = answer.upper()
-    elif answer in options:
-        letter = LETTERS[options.index(answer)]
+    elif answer.isdigit() and int(answer) < len(options):
+        letter = LETTERS[int(answer)]
     else:
         raise DataError(f"{where}: answer {answer!r} is neither an option's index, letter nor text "
                         f"({len(options)} options)")
@@ -212,6 +237,7 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def fill_template(template: str, row: dict) -> str:
     """``template`` with ``{column}`` placeholders (``{prompt}``, ``{choices}``, any string column of ``row``)
     filled in; a line whose placeholders are all empty is left out; other braces stay as written."""
+    row = {k: ("" if v is None else v) for k, v in row.items()}  # a null cell is an empty one
     lines = []
     for line in template.split("\n"):
         names = [n for n in _PLACEHOLDER.findall(line) if isinstance(row.get(n), str)]
@@ -257,9 +283,9 @@ def load_user_task(
         raise DataError(f"task '{name}': prompt_template must contain '{{prompt}}', got {prompt_template!r}")
     if missing_image not in ("error", "drop", "keep"):
         raise DataError(f"task '{name}': missing_image must be error, drop or keep, got {missing_image!r}")
-    train_rows = load_rows(train, prompt_column, answer_column, train_split, answers_column)
+    train_rows = load_rows(train, prompt_column, answer_column, train_split, answers_column, image_column)
     if eval is not None:
-        eval_rows = load_rows(eval, prompt_column, answer_column, eval_split, answers_column)
+        eval_rows = load_rows(eval, prompt_column, answer_column, eval_split, answers_column, image_column)
     else:
         if not 0.0 < eval_fraction < 1.0:
             raise DataError(f"task '{name}': eval_fraction must be in (0, 1), got {eval_fraction}")
@@ -275,6 +301,8 @@ def load_user_task(
     if choices_column is not None:
         for r in (*train_rows, *eval_rows):
             _as_choice(r, choices_column, r["row_source"])
+    if choices_column is not None and prompt_template is not None and "{choices}" not in prompt_template:
+        prompt_template = prompt_template.replace("{prompt}", "{prompt}\n{choices}")  # options after the prompt
     for r in (*train_rows, *eval_rows):
         if prompt_template is not None:
             r["prompt"] = fill_template(prompt_template, r)
@@ -285,6 +313,7 @@ def load_user_task(
             for r in rows:
                 if missing_image == "keep" and r.get(image_column) in (None, [], ""):
                     r.pop(image_column, None)
+                    r["prompt"] = r["prompt"].replace("<image>", "")  # a text-only question: no image places
                     continue
                 where = r.get("row_source", source)
                 r["prompt"] = _place_images(r["prompt"], _image_tags(r, image_column, source, image_dir), where)
@@ -321,8 +350,8 @@ def _image_tags(row: dict, column: str, source: str, image_dir: str | None = Non
 
     where = row.get("row_source", source)
     value = row.pop(column, None)
-    if value is None:
-        raise DataError(f"{where} has no image in column '{column}'")
+    if value is None or value == [] or value == "":
+        raise DataError(f"{where} has no image in column '{column}' (missing_image: drop or keep to allow that)")
     tags = []
     for v in value if isinstance(value, list) else [value]:
         if isinstance(v, dict) and v.get("bytes"):

@@ -182,7 +182,7 @@ def math_equivalent(completions: list[str], answer: list[str], **_) -> list[floa
 # Multimodal benchmarks, scored as their papers' evaluation code scores them.
 
 def choice_match(completions: list[str], answer: list[str], **_) -> list[float]:
-    """Multiple choice (ScienceQA as LLaVA and lmms-eval score it): the reference is an option letter; the
+    """Multiple choice (ScienceQA as lmms-eval scores it for LLaVA): the reference is an option letter; the
     completion is right when it is that letter (any case) or starts with the upper-case letter and a period
     (``"B. the moon"``). Anything else, even the option's text, is wrong."""
     scores = []
@@ -257,14 +257,15 @@ def vqa_accuracy(completions: list[str], answer: list[str], answers: list | None
     """VQA accuracy (TextVQA, VizWiz, VQAv2): with the human answers of a question (``answers``, usually 10),
     the mean over leaving each one out of ``min(1, #others equal to the completion / 3)``, every string
     normalised by :func:`vqa_normalize`; with one reference (GQA, or no ``answers`` column) exact match after
-    normalisation."""
+    normalisation (an answer that normalises to nothing matches nothing). The formula is the benchmarks' for
+    10 answers; with 2-9 references it caps below 1 (three identical references: 2/3)."""
     refs = answers if answers is not None else [[a] for a in answer]
     scores = []
     for c, gts in zip(completions, refs, strict=True):
         pred = vqa_normalize(c)
         gts = [vqa_normalize(g) for g in (gts if isinstance(gts, (list, tuple)) else [gts])]
         if len(gts) <= 1:
-            scores.append(float(bool(gts) and pred == gts[0]))
+            scores.append(float(bool(gts) and gts[0] != "" and pred == gts[0]))
             continue
         accs = [min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
         scores.append(sum(accs) / len(accs))

@@ -113,7 +113,7 @@ def test_rft_cpt_stream_reads_every_datasets_schema(rft_dir):
     assert _score(sqa, ["A", "B. tree"]) == [1.0, 1.0] and _score(sqa, ["B", "tree"]) == [0.0, 0.0]
     tv = tasks["textvqa"]
     assert set(tv.train["answer"]) == {"stop"} and list(tv.eval["answers"][0]) == TEXTVQA_ANSWERS
-    # 6 of the 10 humans wrote "stop" (normalised), 2 "stop sign": their VQA accuracies
+    # 8 of the 10 humans wrote "stop" (normalised), 2 "stop sign": their VQA accuracies
     assert _score(tv, ["stop", "Stop sign", "a stop sign"]) == [1.0, pytest.approx(0.6), pytest.approx(0.6)]
     geo = tasks["geometry"]
     assert all(p.startswith("<image:") and "Find x" in p and "<image>" not in p for p in geo.eval["prompt"])
@@ -183,3 +183,33 @@ def test_streams_run_end_to_end_on_a_random_tiny_vlm(stream, objective, rft_dir,
     names = RFT_CPT_ORDER if stream == "rft_cpt" else list(CTBENCH)
     assert res["tasks"] == names
     assert len(res["acc_matrix"]) == len(names) and all(len(r) == len(names) for r in res["acc_matrix"])
+
+
+def test_choice_answers_templates_and_missing_images(tmp_path):
+    """Integer answers are option indices and digit strings option text; a template without {choices} gets the
+    options after the prompt; a null cell leaves its line out; an empty image list is a missing image; kept
+    text-only rows lose their <image> marks; SFT trains on the most frequent normalised VQA answer."""
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "i.png")
+    rows = [{"q": "How many?", "opts": ["1", "2", "3"], "a": 0, "hint": None, "img": "i.png"},
+            {"q": "<image>How many now?", "opts": ["1", "2", "3"], "a": "3", "hint": "Look.", "img": []}]
+    f, g = tmp_path / "d.jsonl", tmp_path / "train.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    g.write_text(json.dumps({**rows[0], "q": "Count them?"}))
+    t = load_user_task("t", str(g), str(f), prompt_column="q", answer_column="a", choices_column="opts",
+                       prompt_template="Context: {hint}\n{prompt}\nAnswer with the letter.", image_column="img",
+                       missing_image="keep")
+    p0, p1 = t.eval["prompt"]
+    assert p0.endswith("How many?\nA. 1\nB. 2\nC. 3\nAnswer with the letter.") and "Context" not in p0
+    assert p0.startswith("<image:") and p1.startswith("Context: Look.\nHow many now?\nA. 1")
+    assert list(t.eval["answer"]) == ["A", "C"]  # index 0; the option whose text is "3"
+    with pytest.raises(DataError, match="has no image in column 'img'"):
+        load_user_task("t", str(g), str(f), prompt_column="q", answer_column="a", choices_column="opts",
+                       image_column="img")
+    v = tmp_path / "v.jsonl"
+    v.write_text(json.dumps({"q": "Sign?", "answers": ["Stop", "stop.", "STOP", "yield", "yield"]}))
+    w = tmp_path / "w.jsonl"
+    w.write_text(json.dumps({"q": "Sign now?", "answers": ["go"]}))
+    assert load_user_task("v", str(w), str(v), prompt_column="q", answer_column="a", answers_column="answers",
+                          verifier="vqa").eval["answer"] == ["Stop"]

@@ -456,8 +456,15 @@ def test_qwen_vl_generation_equals_a_full_forward_greedy_loop(qwen_vlm):
     from cl.core.data import collate_prompts
     from cl.generation import generate_ids
 
+    from PIL import Image
+
+    from cl.vision import store_image
+
     model, fmt = qwen_vlm
-    prompts = fmt.prompt_ids(_task("vcount").eval["prompt"][:3])
+    wide = store_image(Image.new("RGB", (48, 24), (10, 120, 200)))  # another grid, another prompt length
+    texts = list(_task("vcount").eval["prompt"][:2]) + [f"see {wide}count=", "count="]  # and one text-only
+    prompts = fmt.prompt_ids(texts)
+    assert len({len(p) for p in prompts}) > 1  # left padding in the batch
     got = generate_ids(model, prompts, fmt, max_new_tokens=5)
     for p, g in zip(prompts, got):
         seq = list(p)
@@ -476,9 +483,11 @@ def test_qwen_vl_generation_equals_a_full_forward_greedy_loop(qwen_vlm):
 
 
 def test_qwen_vl_runs_sft_and_grpo_with_lora_end_to_end(tmp_path):
-    for extra in (["objective=sft", "adapter=mora"], ["objective=grpo", "adapter=lora"]):
-        out = tmp_path / extra[0].split("=")[1]
-        proc = run_cli("experiment=vlm_smoke", "base=none", "model.arch.family=qwen2_5_vl",
+    # Qwen2-VL refuses images without token types: these runs pass only if the hook fires through PEFT
+    for family, extra in (("qwen2_vl", ["objective=sft", "adapter=mora"]), ("qwen2_vl", ["objective=grpo", "adapter=lora"]),
+                          ("qwen2_5_vl", ["objective=sft"])):
+        out = tmp_path / f"{family}-{extra[0].split('=')[1]}-{len(extra)}"
+        proc = run_cli("experiment=vlm_smoke", "base=none", f"model.arch.family={family}",
                        "model.arch.max_position_embeddings=128", "stream.steps_per_task=3", "data.n_train=50",
                        "data.n_eval=20", "eval.n_per_task=10", *extra, f"hydra.run.dir={out}")
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -507,3 +516,32 @@ def test_processor_without_torchvision_expands_images_like_qwens():
     assert out["pixel_values"].shape[0] == 16 + 32
     with pytest.raises(ValueError, match="more images"):
         proc(text=[f"a{QWEN_IMAGE_PAD}"], images=ims)
+
+
+def test_visual_rows_carry_the_cover_key_the_base_stage_uses():
+    """Each visual row names its part of the input space (``key``); the base stage trains on covered keys
+    only and reports accuracy on covered and uncovered rows by the same keys."""
+    from cl.base_stage import cover_keys, covered_split
+    from tasks.visual import COLORS
+
+    rows = {n: _task(n, 60, 10).train for n in VISUAL}
+    assert rows["vread"]["key"] == [int(a) for a in rows["vread"]["answer"]]
+    assert rows["vcount"]["key"] == [int(a) for a in rows["vcount"]["answer"]]
+    assert rows["vcolor"]["key"] == [sorted(COLORS).index(a) for a in rows["vcolor"]["answer"]]
+    assert all(0 <= int(a) - k <= 9 for a, k in zip(rows["vadd"]["answer"], rows["vadd"]["key"]))
+    assert set(rows["vwhere"]["key"]) <= set(range(10)) and len(set(rows["vwhere"]["key"])) > 3
+    keys = cover_keys(rows["vread"].to_dict())
+    scores = [1.0 if k < 5 else 0.0 for k in keys]
+    assert covered_split(scores, keys, (0, 1, 2, 3, 4)) == {"covered": 1.0, "uncovered": 0.0}
+    assert cover_keys({"prompt": ["A3:123+456=", "C:abc="]}) == [1, None]  # text tasks: the leading digit
+
+
+def test_vlm_default_composes_and_validates():
+    from omegaconf import OmegaConf
+
+    from cl.validate import validate_config
+    from tests.conftest import compose_cfg
+
+    cfg = OmegaConf.to_container(compose_cfg("experiment=vlm_default"), resolve=True)
+    validate_config(cfg)
+    assert cfg["base"]["cover"] == [0, 1, 2, 3, 4] and cfg["model"]["modality"] == "vision"
