@@ -223,13 +223,18 @@ class QwenVLImageProcessor:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
 
 
+def _image_token_types(ids: torch.Tensor, config) -> torch.Tensor:
+    """Qwen2(.5)-VL's ``mm_token_type_ids``: 1 on image tokens, 0 on text (no video here)."""
+    return (ids == config.image_token_id).int()
+
+
 def _token_types(module, args, kwargs):
     """Forward pre-hook of a Qwen2(.5)-VL model: ``mm_token_type_ids`` (image tokens 1, text 0) from the ids
     when images are passed without them, so every forward (training, scoring, replay, probes) gets the
     image tokens' 3-D positions."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is not None and kwargs.get("image_grid_thw") is not None and kwargs.get("mm_token_type_ids") is None:
-        kwargs["mm_token_type_ids"] = (ids == module.config.image_token_id).int()
+        kwargs["mm_token_type_ids"] = _image_token_types(ids, module.config)
     return args, kwargs
 
 
@@ -245,8 +250,15 @@ def generation_inputs(model, batch: dict) -> dict:
     first forward, so they are added when the batch has images."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) in QWEN_VL_MODELS and "image_grid_thw" in batch:
-        return {**batch, "mm_token_type_ids": (batch["input_ids"] == config.image_token_id).int()}
+        return {**batch, "mm_token_type_ids": _image_token_types(batch["input_ids"], config)}
     return batch
+
+
+def _tiny_tokenizer(kind: str):
+    """The tiny VLMs' tokenizer: ``char`` (the toy world's characters) or ``byte`` (any text)."""
+    if kind not in ("char", "byte"):
+        raise ValueError(f"model.arch.tokenizer must be char or byte, got {kind!r}")
+    return build_char_tokenizer() if kind == "char" else build_byte_tokenizer()
 
 
 def build_tiny_llava(
@@ -284,9 +296,7 @@ def build_tiny_llava(
 
     if image_size % patch_size:
         raise ValueError(f"model.arch.image_size {image_size} is not a multiple of patch_size {patch_size}")
-    if tokenizer not in ("char", "byte"):
-        raise ValueError(f"model.arch.tokenizer must be char or byte, got {tokenizer!r}")
-    tokenizer = build_char_tokenizer() if tokenizer == "char" else build_byte_tokenizer()
+    tokenizer = _tiny_tokenizer(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     text = tiny_llama_config(tokenizer, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
@@ -325,9 +335,7 @@ def build_tiny_qwen_vl(out_dir, family: str, hidden_size: int, num_hidden_layers
         raise ValueError(f"model.arch.image_size {image_size} is not a multiple of 2 x patch_size {patch_size}")
     if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
         raise ValueError("model.arch.hidden_size / num_attention_heads must be an even integer (rotary pairs)")
-    if tokenizer not in ("char", "byte"):
-        raise ValueError(f"model.arch.tokenizer must be char or byte, got {tokenizer!r}")
-    tok = build_char_tokenizer() if tokenizer == "char" else build_byte_tokenizer()
+    tok = _tiny_tokenizer(tokenizer)
     specials = [QWEN_VISION_START, QWEN_IMAGE_PAD, QWEN_VISION_END, QWEN_VIDEO_PAD]
     tok.add_special_tokens({"additional_special_tokens": specials})
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
