@@ -13,6 +13,7 @@ import torch
 
 from cl.core.data import PromptFormat, collate_prompts, visual_inputs
 from cl.vision import generation_inputs
+from cl.fastdecode import kernel_for
 from cl.fsdp import synced_generation
 
 
@@ -105,8 +106,11 @@ def decode_ids(
     top_p: float = 1.0,
     num_return_sequences: int = 1,
     batch_size: int = 256,
+    use_kernel: bool = True,
 ) -> list[list[int]]:
-    """``generate_ids`` as a minimal decode loop over the model's own KV cache (``DynamicCache``).
+    """``generate_ids`` as a minimal decode loop: over ``cl.fastdecode``'s kernel for the Llama family
+    (Llama, Mistral, Qwen2, Qwen3, with plain peft LoRA layers), else over the model's own KV cache
+    (``DynamicCache``; also with ``use_kernel=False``).
 
     What ``generate`` does for this case, without its per-step machinery: one prefill, then one
     single-token forward per new token with the left-padded attention mask and position ids extended by
@@ -127,7 +131,7 @@ def decode_ids(
     linear-attention states prefill every copy (their states are not repeated). On Apple MPS ``generate``
     defers its stop check by one step, so its draws there can differ from these after the first batch.
     """
-    from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
     from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor,
                                                         SuppressTokensLogitsProcessor)
 
@@ -142,8 +146,6 @@ def decode_ids(
     if getattr(config, "vision_config", None) is not None and getattr(config, "model_type", "") != "llava":
         raise ValueError(f"rollout_backend=hf_fast decodes text models and LLaVA-style models (1-D positions); "
                          f"'{config.model_type}' computes its own multimodal positions: use rollout_backend=hf")
-    cache_kw, keep_kw, pos_kw = _forward_keywords(model)
-    keep = {"logits_to_keep": 1} if keep_kw else {}
     device = next(model.parameters()).device
     n = num_return_sequences
     out: list[list[int]] = []
@@ -154,7 +156,7 @@ def decode_ids(
             ids0, mask0 = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             pos0 = (mask0.cumsum(-1) - 1).masked_fill(mask0 == 0, 0)
             length = ids0.size(1)
-            procs = LogitsProcessorList()
+            procs = []
             if gc.min_new_tokens:
                 procs.append(MinNewTokensLengthLogitsProcessor(length, gc.min_new_tokens, fmt.eos_id, device=device))
             if fmt.suppress_ids:  # generate's place for suppress_tokens: before the sampling warpers
@@ -163,23 +165,19 @@ def decode_ids(
                 procs.append(TemperatureLogitsWarper(temperature))
             if do_sample and top_p < 1.0:
                 procs.append(TopPLogitsWarper(top_p))
-            cache = DynamicCache(config=getattr(model, "config", None))
-            share = n > 1 and not any(getattr(cache, "is_linear", None) or [])  # linear-attention states do not repeat
-            first_ids, first_mask, first_pos = (ids0, mask0, pos0) if share or n == 1 else (
-                ids0.repeat_interleave(n, 0), mask0.repeat_interleave(n, 0), pos0.repeat_interleave(n, 0))
-            images = {k: v.to(device) for k, v in visual_inputs(chunk, 1 if share else n).items()}  # prefill only
-            logits = model(input_ids=first_ids, attention_mask=first_mask, use_cache=True, **{cache_kw: cache}, **keep,
-                           **images,
-                           **({"position_ids": first_pos} if pos_kw else {})
-                           ).logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
-            if share:
-                cache.batch_repeat_interleave(n)
-                logits = logits.repeat_interleave(n, 0)
+            kernel = kernel_for(model)[0] if use_kernel else None
+            if kernel is not None and kernel.fits(length + max_new_tokens):
+                logits = kernel.prefill(ids0, mask0, pos0, length + max_new_tokens, repeat=n)
+                step = kernel.step
+            else:
+                logits, step = _hf_prefill(model, chunk, ids0, mask0, pos0, n, device)
             seq, mask = ids0.repeat_interleave(n, 0), mask0.repeat_interleave(n, 0)
             pos = pos0[:, -1:].repeat_interleave(n, 0)
             unfinished = torch.ones(seq.size(0), dtype=torch.long, device=device)
             for t in range(max_new_tokens):
-                scores = procs(seq, logits)
+                scores = logits
+                for proc in procs:  # LogitsProcessorList's order, without its per-call signature inspection
+                    scores = proc(seq, scores)
                 if do_sample:
                     nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
                 else:
@@ -191,8 +189,33 @@ def decode_ids(
                     break
                 mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=-1)
                 pos = pos + 1
-                logits = model(input_ids=nxt[:, None], attention_mask=mask, use_cache=True, **{cache_kw: cache}, **keep,
-                               **({"position_ids": pos} if pos_kw else {})
-                               ).logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+                logits = step(nxt[:, None], mask, pos)
             out += cut_after_eos(seq[:, length:].tolist(), fmt.eos_id)
     return out
+
+
+def _hf_prefill(model, chunk, ids0, mask0, pos0, n: int, device):
+    """The model's own forward over a ``DynamicCache``: the prompts' next-token logits (float32, each row
+    repeated ``n`` times) and the single-token step ``(ids, mask, pos) -> logits``."""
+    from transformers import DynamicCache
+
+    cache_kw, keep_kw, pos_kw = _forward_keywords(model)
+    keep = {"logits_to_keep": 1} if keep_kw else {}
+    cache = DynamicCache(config=getattr(model, "config", None))
+    share = n > 1 and not any(getattr(cache, "is_linear", None) or [])  # linear-attention states do not repeat
+    first_ids, first_mask, first_pos = (ids0, mask0, pos0) if share or n == 1 else (
+        ids0.repeat_interleave(n, 0), mask0.repeat_interleave(n, 0), pos0.repeat_interleave(n, 0))
+    images = {k: v.to(device) for k, v in visual_inputs(chunk, 1 if share else n).items()}  # prefill only
+    logits = model(input_ids=first_ids, attention_mask=first_mask, use_cache=True, **{cache_kw: cache}, **keep,
+                   **images, **({"position_ids": first_pos} if pos_kw else {})
+                   ).logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+    if share:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, 0)
+
+    def step(ids, mask, pos):
+        return model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kw: cache}, **keep,
+                     **({"position_ids": pos} if pos_kw else {})
+                     ).logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+
+    return logits, step

@@ -1,5 +1,6 @@
 """Rollout generation speed: transformers' ``generate`` vs the suite's minimal decode loop
-(``rollout_backend=hf_fast``, ``cl.generation.decode_ids``) at GRPO's shapes, on the default tiny model:
+(``rollout_backend=hf_fast``, ``cl.generation.decode_ids``: the Llama-family kernel of ``cl.fastdecode``,
+and the same loop over the model's own ``DynamicCache``) at GRPO's shapes, on the default tiny model:
 8 prompts x G = 8 completions = 64 sequences, exactly 16 new tokens each (``min_new_tokens``), T = 1.0,
 top-p 0.99. Calls alternate; the median tokens/s of each is compared (target: hf_fast >= 2x generate).
 ``--compile`` also measures the other candidate the design considered: a static KV cache with the
@@ -72,7 +73,8 @@ def measure(args) -> list[dict]:
     prompts = fmt.prompt_ids(list(build_task("add3", 200, 50, 0).train["prompt"][:PROMPTS]))
     kw = dict(max_new_tokens=NEW, do_sample=True, top_p=0.99, num_return_sequences=G)
     fns = {"generate": lambda: generate_ids(model, prompts, fmt, **kw),
-           "hf_fast": lambda: decode_ids(model, prompts, fmt, **kw)}
+           "hf_fast": lambda: decode_ids(model, prompts, fmt, **kw),
+           "hf_fast, cache loop": lambda: decode_ids(model, prompts, fmt, use_kernel=False, **kw)}
     if args.compile:
         t = time.perf_counter()
         step = torch.compile(model.forward, dynamic=False)
@@ -90,9 +92,11 @@ def measure(args) -> list[dict]:
     tokens = PROMPTS * G * NEW
     rate = {k: tokens / statistics.median(v) for k, v in times.items()}
     for k, v in rate.items():
-        print(f"{k:<16} {v:9,.0f} tokens/s  ({1000 * tokens / v:6.1f} ms per rollout batch)")
+        print(f"{k:<20} {v:9,.0f} tokens/s  ({1000 * tokens / v:6.1f} ms per rollout batch)")
     rows = [row(f"rollouts: hf_fast vs generate, tokens/s ({PROMPTS}x{G} seqs x {NEW} tokens)",
-                rate["hf_fast"], rate["generate"], 2.0)]
+                rate["hf_fast"], rate["generate"], 2.0),
+            row("rollouts: hf_fast without the Llama kernel (model's own cache) vs generate, tokens/s",
+                rate["hf_fast, cache loop"], rate["generate"], None)]
     if "static+compile" in rate:
         rows.append(row("rollouts: static cache + torch.compile vs generate, tokens/s", rate["static+compile"],
                         rate["generate"], None))

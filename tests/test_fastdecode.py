@@ -1,0 +1,150 @@
+"""The Llama-family decode kernel (``cl.fastdecode``) against the transformers model it reads: prefill and
+step logits, greedy tokens and sampled tokens, for each family it accepts (grouped-query attention, q/k/v
+biases, q/k norms), through peft LoRA, and its refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cl.core.data import collate_prompts
+
+SIZES = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _model(kind: str, seed: int = 0):
+    import transformers
+
+    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind]
+    extra = {"head_dim": 16} if kind == "qwen3" else {}
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**SIZES, **extra))
+    with torch.no_grad():  # random norms and biases, so a missed one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def _prompts(seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, SIZES["vocab_size"], (int(n),), generator=g).tolist() for n in (5, 9, 3, 9, 7, 6)]
+
+
+def _reference_logits(model, prompts, steps: list[list[int]]):
+    """The model's own next-token logits after the prompts and after each appended column of ``steps``."""
+    b = collate_prompts(prompts, 0)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    out = []
+    for col in [None] + steps:
+        if col is not None:
+            ids = torch.cat([ids, torch.tensor(col)[:, None]], -1)
+            mask = torch.cat([mask, torch.ones(len(col), 1, dtype=mask.dtype)], -1)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        out.append(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+def test_kernel_logits_match_the_model_step_by_step(kind):
+    from cl.fastdecode import kernel_for
+
+    model = _model(kind)
+    prompts = _prompts()
+    steps = [[5 + i + j for i in range(len(prompts))] for j in range(4)]
+    kernel, why = kernel_for(model)
+    assert kernel is not None, why
+    b = collate_prompts(prompts, 0)
+    mask = b["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        ref = _reference_logits(model, prompts, steps)
+        got = [kernel.prefill(b["input_ids"], mask, pos, b["input_ids"].size(1) + len(steps))]
+        p = pos[:, -1:]
+        for col in steps:
+            mask = torch.cat([mask, torch.ones(len(col), 1, dtype=mask.dtype)], -1)
+            p = p + 1
+            got.append(kernel.step(torch.tensor(col)[:, None], mask, p))
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_kernel_decode_gives_generates_greedy_and_sampled_tokens(kind):
+    from cl.generation import decode_ids, generate_ids
+
+    model = _model(kind, seed=3)
+    fmt = _Fmt()
+    prompts = _prompts(4)
+    assert decode_ids(model, prompts, fmt, 10) == generate_ids(model, prompts, fmt, 10)
+    assert decode_ids(model, prompts, fmt, 10) == decode_ids(model, prompts, fmt, 10, use_kernel=False)
+    torch.manual_seed(7)
+    a = generate_ids(model, prompts, fmt, 10, do_sample=True, temperature=0.8, top_p=0.95)
+    torch.manual_seed(7)
+    b = decode_ids(model, prompts, fmt, 10, do_sample=True, temperature=0.8, top_p=0.95)
+    assert a == b
+    # n completions per prompt: the shared prefill draws as the per-copy loop does
+    torch.manual_seed(9)
+    c = decode_ids(model, prompts, fmt, 10, do_sample=True, num_return_sequences=3)
+    torch.manual_seed(9)
+    d = decode_ids(model, prompts, fmt, 10, do_sample=True, num_return_sequences=3, use_kernel=False)
+    assert c == d and len(c) == 3 * len(prompts)
+
+
+class _Fmt:
+    """The slice of ``PromptFormat`` the decoders read."""
+    pad_id, eos_id, suppress_ids = 0, 2, ()
+
+
+def test_kernel_through_peft_lora_matches_the_adapted_model():
+    from peft import LoraConfig, get_peft_model
+
+    from cl.fastdecode import kernel_for
+    from cl.generation import decode_ids, generate_ids
+
+    model = get_peft_model(_model("llama", seed=5), LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "v_proj", "down_proj", "lm_head"]))
+    with torch.no_grad():  # a LoRA that changes the output (peft starts B at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.eval()
+    kernel, why = kernel_for(model)
+    assert kernel is not None, why
+    prompts = _prompts(6)
+    b = collate_prompts(prompts, 0)
+    pos = (b["attention_mask"].cumsum(-1) - 1).masked_fill(b["attention_mask"] == 0, 0)
+    with torch.no_grad():
+        ref = _reference_logits(model, prompts, [])[0]
+        got = kernel.prefill(b["input_ids"], b["attention_mask"], pos, 12)
+        with model.disable_adapter():
+            off_ref = _reference_logits(model, prompts, [])[0]
+            off = kernel_for(model)[0].prefill(b["input_ids"], b["attention_mask"], pos, 12)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(off, off_ref, atol=2e-5, rtol=1e-4)
+    assert (ref - off_ref).abs().max() > 1e-2  # the adapter changes the logits, so both checks mean something
+    assert decode_ids(model, prompts, _Fmt(), 8) == generate_ids(model, prompts, _Fmt(), 8)
+
+
+def test_kernel_refuses_what_it_does_not_reproduce():
+    from peft import LoraConfig, get_peft_model
+
+    from cl.fastdecode import kernel_for
+
+    model = _model("llama")
+    model.train()
+    assert kernel_for(model)[0] is None and "training" in kernel_for(model)[1]
+    dora = get_peft_model(_model("llama"), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).eval()
+    assert kernel_for(dora)[0] is None and "LoRA" in kernel_for(dora)[1]
+    import transformers
+
+    gpt2 = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
+        vocab_size=50, n_embd=32, n_layer=1, n_head=2)).eval()
+    assert kernel_for(gpt2)[0] is None and "gpt2" in kernel_for(gpt2)[1]
+    windowed = _model("mistral")
+    for layer in windowed.model.layers:
+        layer.self_attn.sliding_window = 8
+    kernel = kernel_for(windowed)[0]
+    assert kernel is not None and kernel.fits(8) and not kernel.fits(9)
