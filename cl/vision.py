@@ -42,6 +42,33 @@ QWEN_VISION_START, QWEN_IMAGE_PAD, QWEN_VISION_END, QWEN_VIDEO_PAD = \
     "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"
 # other M-RoPE families: not supported yet
 MROPE_MODELS = ("qwen3_vl", "qwen3_vl_moe", "glm4v")
+
+
+def declared_model_type(model_cfg) -> str | None:
+    """The ``model_type`` a ``model`` config will load, as far as it can be told before loading: the tiny
+    builder's ``arch.family``, a local checkpoint's ``config.json``, a checkpoint in the local hub cache, or
+    a Qwen-VL hub id by its name; ``None`` when unknown."""
+    import json
+    import re
+    from pathlib import Path
+
+    arch, name = model_cfg.get("arch"), model_cfg.get("name_or_path")
+    if name is None:
+        return (arch or {}).get("family") if model_cfg.get("modality") == "vision" else None
+    path = Path(str(name)).expanduser() / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()).get("model_type")
+        except (OSError, ValueError):
+            return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(name), local_files_only=True).model_type
+    except Exception:  # not cached locally: tell the Qwen-VL family from its hub id
+        m = re.search(r"qwen(2\.5|2|3)-vl", str(name).lower())
+        return None if m is None else {"2.5": "qwen2_5_vl", "2": "qwen2_vl", "3": "qwen3_vl"}[m.group(1)]
+
 IMAGE_TAG = re.compile(r"<image:([^<>]+)>")
 IMAGE_TOKEN = "<image>"
 _HASH = re.compile(r"[0-9a-f]{16}")

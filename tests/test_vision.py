@@ -545,3 +545,24 @@ def test_vlm_default_composes_and_validates():
     cfg = OmegaConf.to_container(compose_cfg("experiment=vlm_default"), resolve=True)
     validate_config(cfg)
     assert cfg["base"]["cover"] == [0, 1, 2, 3, 4] and cfg["model"]["modality"] == "vision"
+
+
+def test_hf_fast_is_refused_for_qwen_vl_at_validation(tmp_path):
+    """Multimodal rotary positions are computed by the model, which the decode loop does not reproduce: the
+    refusal comes from validation (tiny builder family, a hub preset, a local checkpoint), not at the first
+    rollout."""
+    import json
+
+    from cl.validate import ConfigError, validate_config
+    from cl.vision import declared_model_type
+    from tests.conftest import compose_cfg
+
+    grpo = ("experiment=vlm_smoke", "objective=grpo", "objective.rollout_backend=hf_fast")
+    validate_config(compose_cfg(*grpo))  # the tiny LLaVA: accepted
+    for extra in (("model.arch.family=qwen2_vl",), ("model=qwen2_5_vl_7b_instruct", "base=none")):
+        with pytest.raises(ConfigError, match="hf_fast decodes text models and LLaVA-style"):
+            validate_config(compose_cfg(*grpo, *extra))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    assert declared_model_type({"name_or_path": str(tmp_path)}) == "qwen3_vl"
+    assert declared_model_type({"name_or_path": "someone/Qwen2-VL-2B-Instruct-finetune"}) == "qwen2_vl"
+    assert declared_model_type({"name_or_path": None, "modality": "text", "arch": {}}) is None
