@@ -3,7 +3,8 @@
 **Images in prompts.** A task row's ``prompt`` names its image(s) inline with ``<image:REF>`` tags, where
 ``REF`` is the 16-hex content hash of a PNG in the image store (``image_dir()``: what the synthetic visual
 tasks and the hub loaders write) or a file path. Rows therefore keep images by reference, in datasets,
-replay buffers and checkpoints alike; pixels are read only when a prompt is tokenized.
+replay buffers and checkpoints alike; pixels are read when a prompt is tokenized and kept in a bounded
+cache (:class:`PixelCache`), read again when a batch needs them after they were dropped.
 
 **Prompt ids with pixels.** :class:`VisionFormat` (a :class:`cl.core.data.PromptFormat`) turns a prompt into
 ids through the model's processor, which expands each image into the model's image tokens, and returns them
@@ -25,8 +26,9 @@ import hashlib
 import io
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -159,6 +161,13 @@ class VisionFormat(PromptFormat):
 
     @lru_cache(maxsize=16384)  # noqa: B019  (a format lives as long as its run; prompts repeat across epochs)
     def _one(self, prompt: str) -> VisualIds:
+        ids, visual = self._process(prompt)
+        if not visual:
+            return VisualIds(ids, {})
+        PIXELS.put((self, prompt), visual)
+        return VisualIds(ids, partial(self._pixels, prompt))
+
+    def _process(self, prompt: str) -> tuple[list[int], dict]:
         refs = image_refs(prompt)
         images = [open_image(r) for r in refs] or None
         out = self.processor(text=[self._text(prompt)], images=images, return_tensors="pt", add_special_tokens=False)
@@ -168,7 +177,52 @@ class VisionFormat(PromptFormat):
             ids = [bos] + ids
         visual = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "token_type_ids",
                                                             "mm_token_type_ids")} if images else {}
-        return VisualIds(ids, visual)
+        return ids, visual
+
+    def _pixels(self, prompt: str) -> dict:
+        """The prompt's image tensors: from the pixel cache, else read and processed again."""
+        visual = PIXELS.get((self, prompt))
+        if visual is None:
+            visual = self._process(prompt)[1]
+            PIXELS.put((self, prompt), visual)
+        return visual
+
+
+class PixelCache:
+    """Processed image tensors by (format, prompt), least recently used dropped beyond a byte budget
+    (``CL_PIXEL_CACHE_MB``, default 2048 MiB): prompt ids hold their images by reference, so the pixels of a
+    dataset of full-size images need not fit in memory at once; the embedded visual world fits whole."""
+
+    def __init__(self, budget_mb: float | None = None):
+        self.budget = int(float(budget_mb if budget_mb is not None else os.environ.get("CL_PIXEL_CACHE_MB", 2048))
+                          * 2**20)
+        self.items: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.misses = 0
+
+    @staticmethod
+    def size(visual: dict) -> int:
+        return sum(v.numel() * v.element_size() for v in visual.values() if isinstance(v, torch.Tensor))
+
+    def get(self, key):
+        visual = self.items.get(key)
+        if visual is None:
+            self.misses += 1
+            return None
+        self.items.move_to_end(key)
+        return visual
+
+    def put(self, key, visual: dict) -> None:
+        if key in self.items:
+            self.bytes -= self.size(self.items.pop(key))
+        self.items[key] = visual
+        self.bytes += self.size(visual)
+        while self.bytes > self.budget and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= self.size(old)
+
+
+PIXELS = PixelCache()
 
 
 def is_vision_config(config) -> bool:

@@ -566,3 +566,33 @@ def test_hf_fast_is_refused_for_qwen_vl_at_validation(tmp_path):
     assert declared_model_type({"name_or_path": str(tmp_path)}) == "qwen3_vl"
     assert declared_model_type({"name_or_path": "someone/Qwen2-VL-2B-Instruct-finetune"}) == "qwen2_vl"
     assert declared_model_type({"name_or_path": None, "modality": "text", "arch": {}}) is None
+
+
+def test_prompt_pixels_come_from_a_bounded_cache_and_are_read_again_when_dropped(vlm, monkeypatch):
+    """Prompt ids hold their images by reference: under a budget that keeps one image, every prompt's
+    tensors still come back (re-read and processed), equal to the first processing; pickling (DataLoader
+    workers) hands over the tensors themselves."""
+    import pickle
+
+    import cl.vision as vision
+    from cl.core.data import visual_inputs
+
+    model, fmt = vlm
+    prompts = list(_task("vread").train["prompt"][:6])
+    full = {p: vision.VisionFormat._process(fmt, p)[1] for p in prompts}
+    small = vision.PixelCache(budget_mb=full[prompts[0]]["pixel_values"].numel() * 4 * 1.5 / 2**20)
+    monkeypatch.setattr(vision, "PIXELS", small)
+    vision.VisionFormat._one.cache_clear()
+    ids = fmt.prompt_ids(prompts)
+    assert len(small.items) == 1 and small.misses == 0
+    for p, row in zip(prompts, ids):
+        torch.testing.assert_close(row.visual["pixel_values"], full[p]["pixel_values"], rtol=0, atol=0)
+    assert small.misses >= len(prompts) - 1 and len(small.items) == 1
+    batch = visual_inputs(ids + [])  # the collators' path: concatenated in row order
+    assert batch["pixel_values"].shape[0] == len(prompts) * full[prompts[0]]["pixel_values"].shape[0]
+    both = ids[0] + [5, 6]
+    torch.testing.assert_close(both.visual["pixel_values"], full[prompts[0]]["pixel_values"])
+    back = pickle.loads(pickle.dumps(ids[1]))
+    assert list(back) == list(ids[1]) and isinstance(back.visual, dict)
+    torch.testing.assert_close(back.visual["pixel_values"], full[prompts[1]]["pixel_values"])
+    vision.VisionFormat._one.cache_clear()

@@ -78,14 +78,23 @@ class PromptFormat:
 
 class VisualIds(list):
     """Token ids (a plain ``list[int]`` to every reader) with the image tensors of the images they show in
-    ``visual`` (``{}`` when none). ``ids + other`` keeps ``visual``."""
+    ``visual`` (``{}`` when none). ``visual`` may be given as a dict or as a zero-argument callable that
+    returns one when read (pixels produced on demand rather than held by every prompt). ``ids + other``
+    keeps ``visual``; pickling and copying hand over the tensors themselves."""
 
-    def __init__(self, ids=(), visual: dict | None = None):
+    def __init__(self, ids=(), visual=None):
         super().__init__(ids)
-        self.visual = visual or {}
+        self._visual = visual or {}
+
+    @property
+    def visual(self) -> dict:
+        return self._visual() if callable(self._visual) else self._visual
 
     def __add__(self, other):
-        return VisualIds(list.__add__(self, list(other)), self.visual)
+        return VisualIds(list.__add__(self, list(other)), self._visual)
+
+    def __reduce__(self):
+        return (VisualIds, (list(self), self.visual))
 
 
 def visual_inputs(seqs, repeat: int = 1) -> dict[str, torch.Tensor]:
