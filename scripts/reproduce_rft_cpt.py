@@ -35,10 +35,14 @@ then conditional on that base); ``--quick`` uses it so no new base is built.
     python scripts/reproduce_rft_cpt.py                  # everything, 5 seeds, bases varied (hours on 2 cores)
     python scripts/reproduce_rft_cpt.py --real           # the papers' hyperparameters on a real model (GPU)
     python scripts/reproduce_rft_cpt.py --quick --modality vision   # the same protocol in the visual toy world
+    python scripts/reproduce_rft_cpt.py --real --modality vision stream.data_dir=DIR   # Qwen2.5-VL-7B (GPUs)
 
-``--modality vision`` runs every arm on the embedded vision-language model (``model=tiny_vlm``, its base stage
-``base=vlm_smoke``, ``stream=vision``: read a digit, where a disc is, add two drawn digits); its results go
-to their own directory. There is no real-model vision path yet (``--real`` is text only).
+``--modality vision`` runs every arm in ``experiment=vlm_default``'s world: the embedded vision-language model
+(``model=tiny_vlm``) after its calibrated base stage (``base=vlm_tiny``), the visual stream read a digit ->
+where a disc is -> which disc is bigger, colour naming and counting as general skills; its results go to
+their own directory. With ``--real`` it runs the paper's own setting: Qwen2.5-VL-7B-Instruct on
+``stream=rft_cpt`` (ScienceQA-IMG -> TextVQA -> VizWiz -> GQA -> Geometry3K -> PathVQA -> CLEVR; pass
+``stream.data_dir=DIR`` with the local copies, see ``conf/stream/rft_cpt.yaml``).
 """
 
 from __future__ import annotations
@@ -81,12 +85,20 @@ QUICK = list(SWEEP_QUICK)
 # --quick (too short for GRPO to learn much) also screens fewer instances for RIF (its arm only: the others
 # have no rif.filter node to set)
 QUICK_RIF = ["rif.filter.max_instances=256"]
-VISION = ["model=tiny_vlm", "base=vlm_smoke", "stream=vision"]  # --modality vision
+# --modality vision: experiment=vlm_default's world (the tiny LLaVA after its calibrated base stage; read a digit ->
+# where a disc is -> which disc is bigger; colour naming and counting as general skills) under every arm
+VISION = ["model=tiny_vlm", "base=vlm_tiny", "stream=vision", "model.arch.hidden_size=64",
+          "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=4", "model.arch.intermediate_size=256",
+          "data.n_train=3000", "data.n_eval=300", "stream.tasks=[vread,vwhere,vbigger]",
+          "stream.general=[vcolor,vcount]", "eval.n_per_task=300"]
 VARY_ALL = ["base.init_seed=${seed}", "data.seed=${seed}", "eval.subset_seed=${seed}"]
 VARY_ALL_REAL = VARY_ALL[1:]  # a real model has no base stage to re-initialise
 # --real: a real instruct model, no base stage, and the papers' hyperparameters per paradigm (SFT: LLaMA-
 # Factory lr 1e-5, cosine, 10% warm-up; GRPO: EasyR1 lr 1e-6, G = 8, rollouts long enough for the task)
 REAL = [*TABLES_REAL, "train.decay=cosine", "train.min_lr_ratio=0.0"]
+# --real --modality vision: the paper's own setting, Qwen2.5-VL-7B-Instruct on its seven-dataset stream
+# (stream.data_dir=DIR holds the local copies; VizWiz, GQA and CLEVR are read from DIR only)
+REAL_VISION = [*(o for o in REAL if not o.startswith("model=")), "model=qwen2_5_vl_7b_instruct", "stream=rft_cpt"]
 
 
 def paradigm_of(exp: str) -> str:
@@ -140,11 +152,10 @@ def main() -> None:
     ap.add_argument("--parts", default=None, help=f"comma-separated subset of {', '.join(PARTS)} "
                                                   "(default: all; --quick: front)")
     ap.add_argument("--modality", choices=["text", "vision"], default="text",
-                    help="vision: the same protocol on the embedded vision-language model and visual stream")
+                    help="vision: the same protocol on experiment=vlm_default's visual world (with --real: "
+                         "Qwen2.5-VL-7B-Instruct on stream=rft_cpt; give stream.data_dir=DIR)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
-    if args.modality == "vision" and args.real:
-        raise SystemExit("error: --modality vision has no --real path yet (text only)")
     seeds = list(range(args.seeds or (3 if args.quick else 5)))
     vary = args.vary or ("training" if args.quick else "all")
     default_vary = "training" if args.quick else "all"
@@ -153,7 +164,9 @@ def main() -> None:
         f"_vary-{vary}" if vary != default_vary else "")  # a different protocol never reuses another's runs
     root = Path(args.out or f"results/rft_cpt{mode}").resolve()
     vary_ov = (VARY_ALL_REAL if args.real else VARY_ALL) if vary == "all" else []
-    extra = ((VISION if args.modality == "vision" else []) + (QUICK if args.quick else []) + (REAL if args.real else [])
+    real = REAL_VISION if args.modality == "vision" else REAL
+    extra = ((VISION if args.modality == "vision" and not args.real else []) + (QUICK if args.quick else [])
+             + (real if args.real else [])
              + vary_ov + parallel_overrides(args.jobs))
     from cl.run import compose_config
 
@@ -164,8 +177,9 @@ def main() -> None:
         raise SystemExit(f"error: --parts: unknown {', '.join(bad)}; allowed: {', '.join(PARTS)}")
     ctx = Ctx(root, seeds, extra, QUICK_RL if args.quick else [], steps, args.quick, args.real, args.overrides)
     t0 = time.perf_counter()
-    title = "# RFT-CPT on a real model" if args.real else "# RFT-CPT at toy scale" + (
-        " (vision-language: tiny LLaVA, visual stream)" if args.modality == "vision" else "")
+    title = ("# RFT-CPT on a real model" + (" (Qwen2.5-VL, the paper's multimodal stream)" if args.modality == "vision"
+                                            else "")) if args.real else "# RFT-CPT at toy scale" + (
+        " (vision-language: tiny LLaVA after base=vlm_tiny, visual stream)" if args.modality == "vision" else "")
     lines = [title, "",
              f"Seeds per point: {len(seeds)}; a seed varies {'the base model, the task data, the evaluation subset and ' if vary == 'all' else ''}"
              f"the training order and sampling{'' if vary == 'all' else ' (one base model, data draw and evaluation subset: intervals are conditional on them)'}. "

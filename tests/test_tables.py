@@ -285,3 +285,53 @@ def test_every_reproduction_script_offers_quick_and_real():
                               timeout=120)
         assert proc.returncode == 0, (script.name, proc.stderr[-500:])
         assert "--quick" in proc.stdout and "--real" in proc.stdout, script.name
+
+
+def test_rft_cpt_vision_arms_run_in_vlm_defaults_world():
+    """--modality vision: every arm composes and validates in experiment=vlm_default's world (same model,
+    base stage and stream), quick and full."""
+    from omegaconf import OmegaConf
+
+    from analysis.sweep import QUICK_RL
+    from cl.validate import validate_config
+    from tests.conftest import compose_cfg
+
+    rft = _script("reproduce_rft_cpt")
+    ref = OmegaConf.to_container(compose_cfg("experiment=vlm_default"), resolve=True)
+    for exp in {**rft.PARADIGMS, **rft.ARMS}.values():
+        for mode in ([*rft.QUICK, *(QUICK_RL if exp in rft.RL_ARMS else [])], rft.VARY_ALL):
+            cfg = OmegaConf.to_container(compose_cfg(f"experiment={exp}", "seed=1", *rft.VISION, *mode), resolve=True)
+            validate_config(cfg)
+            assert cfg["model"]["arch"] == ref["model"]["arch"]
+            assert {k: v for k, v in cfg["base"].items() if k != "init_seed"} == \
+                {k: v for k, v in ref["base"].items() if k != "init_seed"}
+            for key in ("tasks", "general"):
+                assert cfg["stream"][key] == ref["stream"][key], (exp, key)
+            assert cfg["data"]["n_train"] == ref["data"]["n_train"]
+
+
+def test_rft_cpt_real_vision_arms_start_on_a_tiny_random_qwen2_5_vl(tmp_path):
+    """--real --modality vision: Qwen2.5-VL's preset and the paper's stream with the papers' per-paradigm
+    hyperparameters, started on a tiny random Qwen2.5-VL over local copies of the seven datasets (CPU, one
+    step per task; the tiny tokenizer has no chat template, so prompts go without it)."""
+    from cl.run import run
+    from cl.vision import build_tiny_qwen_vl
+    from tests.conftest import compose_cfg
+    from tests.mm_fixtures import write_rft_cpt
+
+    rft = _script("reproduce_rft_cpt")
+    data = write_rft_cpt(tmp_path / "data")
+    model = build_tiny_qwen_vl(tmp_path / "qwen25vl", "qwen2_5_vl", hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=512,
+                               image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
+                               tokenizer="byte", seed=0)
+    for exp in rft.PARADIGMS.values():
+        cfg = compose_cfg(f"experiment={exp}", *rft.REAL_VISION, *rft.real_arm(exp, 1), f"model.name_or_path={model}",
+                          "model.use_chat_template=false", f"stream.data_dir={data}", "trainer=cpu",
+                          "stream.steps_per_task=1", "stream.batch_size=2", "eval.every_n_steps=null",
+                          "eval.n_per_task=2", "logger=none", "shift=none", "train.warmup_steps=0",
+                          *(["objective.group_size=2", "objective.max_new_tokens=4"] if exp == "rft_cpt_grpo" else []))
+        res = run(cfg, tmp_path / exp)
+        assert res["status"] == "completed", res.get("error")
+        assert res["config"]["model"]["name"] == "qwen2_5_vl_7b_instruct" and len(res["tasks"]) == 7
+        assert res["config"]["optimizer"]["lr"] == (1e-5 if exp == "rft_cpt_sft" else 1e-6)
