@@ -37,7 +37,9 @@ def _linear_plan(m: nn.Module):
     if type(m) is not LoraLinear or type(m.base_layer) is not nn.Linear:
         return None
     base = m.base_layer
-    if m.disable_adapters or m.merged:
+    if m.merged:  # the delta is in the base weight; disabled, peft would unmerge it first
+        return None if m.disable_adapters else (base.weight, base.bias, [])
+    if m.disable_adapters:
         return (base.weight, base.bias, [])
     extra = []
     for name in m.active_adapters:
@@ -46,7 +48,7 @@ def _linear_plan(m: nn.Module):
         if name in getattr(m, "lora_variant", {}) or m.use_dora.get(name, False):
             return None
         a, b = m.lora_A[name], m.lora_B[name]
-        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.weight.dtype != base.weight.dtype:
+        if type(a) is not nn.Linear or type(b) is not nn.Linear:
             return None
         extra.append((a.weight, b.weight, b.bias, m.scaling[name]))
     return (base.weight, base.bias, extra)
@@ -55,9 +57,12 @@ def _linear_plan(m: nn.Module):
 def _apply(plan, x: torch.Tensor) -> torch.Tensor:
     w, b, loras = plan
     y = F.linear(x, w, b)
-    for a, bw, bb, scale in loras:
-        y = y + F.linear(F.linear(x, a), bw, bb) * scale
-    return y
+    if not loras:
+        return y
+    dtype = y.dtype
+    for a, bw, bb, scale in loras:  # peft: input cast to the adapter's dtype, sum promoted, result cast back
+        y = y + F.linear(F.linear(x.to(a.dtype), a), bw, bb) * scale
+    return y.to(dtype)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,7 +109,8 @@ def kernel_for(model: nn.Module) -> tuple["LlamaKernel | None", str]:
                [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         plans = [_linear_plan(m) if m is not None else None for m in mods]
         if any(p is None for p in plans):
-            return None, "a projection is neither nn.Linear nor a plain peft LoRA Linear"
+            return None, ("a projection is neither nn.Linear nor a plain peft LoRA Linear (DoRA and other "
+                          "variants, merged-and-disabled adapters and other modules are not reproduced)")
         if not (_is_rms(layer.input_layernorm) and _is_rms(layer.post_attention_layernorm)):
             return None, "layer norm replaced"
         qk = (getattr(att, "q_norm", None), getattr(att, "k_norm", None))
@@ -112,7 +118,8 @@ def kernel_for(model: nn.Module) -> tuple["LlamaKernel | None", str]:
             return None, "q/k norm replaced"
         layers.append(dict(plans=plans, ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm,
                            qk=qk if kind == "qwen3" else None, scaling=att.scaling, head_dim=att.head_dim,
-                           window=getattr(att, "sliding_window", None)))
+                           window=getattr(att, "sliding_window") if hasattr(att, "sliding_window")
+                           else getattr(config, "sliding_window", None)))
     return LlamaKernel(body, head, layers), ""
 
 
@@ -155,7 +162,7 @@ class LlamaKernel:
             groups = q.size(1) // keys.size(1)
             qg = q.view(b, keys.size(1), groups, hd)  # query heads of one key/value head together (GQA)
             scores = torch.matmul(qg, keys.transpose(2, 3)) * spec["scaling"]
-            scores = scores.masked_fill(mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+            scores = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
             att = torch.matmul(scores, values).view(b, q.size(1), 1, hd)
         else:
             gqa = keys.size(1) != q.size(1)
@@ -201,6 +208,6 @@ class LlamaKernel:
     def step(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Next-token logits after appending ``ids`` ``[n, 1]`` at positions ``pos`` ``[n, 1]``; ``mask``: the
         attention mask over every position so far including this one (``[n, filled + 1]``)."""
-        logits = self._run(ids, pos, (mask == 0)[:, None, None, :], self.filled)  # True: masked out
+        logits = self._run(ids, pos, mask.bool()[:, None, None, :], self.filled)  # True: may attend
         self.filled += 1
         return logits

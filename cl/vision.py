@@ -68,8 +68,9 @@ def declared_model_type(model_cfg) -> str | None:
 
         return AutoConfig.from_pretrained(str(name), local_files_only=True).model_type
     except Exception:  # not cached locally: tell the Qwen-VL family from its hub id
-        m = re.search(r"qwen(2\.5|2|3)-vl", str(name).lower())
-        return None if m is None else {"2.5": "qwen2_5_vl", "2": "qwen2_vl", "3": "qwen3_vl"}[m.group(1)]
+        m = re.search(r"qwen(2\.5|2_5|2|3)[-_]vl", str(name).lower())
+        return None if m is None else {"2.5": "qwen2_5_vl", "2_5": "qwen2_5_vl", "2": "qwen2_vl",
+                                       "3": "qwen3_vl"}[m.group(1)]
 
 IMAGE_TAG = re.compile(r"<image:([^<>]+)>")
 IMAGE_TOKEN = "<image>"
@@ -155,7 +156,7 @@ class VisionFormat(PromptFormat):
         would read the image tokens as plain text, silently)."""
         image_id = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
         for ids in ids_list:
-            if image_id in ids and not getattr(ids, "visual", None):
+            if image_id in ids and not (callable(getattr(ids, "_visual", None)) or getattr(ids, "visual", None)):
                 raise RuntimeError("prompt ids with image tokens arrived without their pixel tensors "
                                    f"({type(ids).__name__}); the batch path dropped them")
 

@@ -143,8 +143,62 @@ def test_kernel_refuses_what_it_does_not_reproduce():
     gpt2 = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
         vocab_size=50, n_embd=32, n_layer=1, n_head=2)).eval()
     assert kernel_for(gpt2)[0] is None and "gpt2" in kernel_for(gpt2)[1]
-    windowed = _model("mistral")
-    for layer in windowed.model.layers:
-        layer.self_attn.sliding_window = 8
-    kernel = kernel_for(windowed)[0]
-    assert kernel is not None and kernel.fits(8) and not kernel.fits(9)
+    merged = get_peft_model(_model("llama"), LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    merged.merge_adapter()
+    assert kernel_for(merged)[0] is not None  # merged and active: the base weight holds the delta
+    with merged.disable_adapter():  # peft would unmerge before the base forward
+        assert kernel_for(merged)[0] is None
+
+
+def test_kernel_follows_the_configs_sliding_window():
+    """Mistral's window is a config setting (its attention module has none): a sequence longer than the
+    window is left to the model's own forward, which applies it, so tokens still match generate."""
+    import transformers
+
+    from cl.fastdecode import kernel_for
+    from cl.generation import decode_ids, generate_ids
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(**SIZES, sliding_window=6)).eval()
+    kernel = kernel_for(model)[0]
+    assert kernel is not None and kernel.fits(6) and not kernel.fits(7)
+    prompts = _prompts(8)
+    assert decode_ids(model, prompts, _Fmt(), 6) == generate_ids(model, prompts, _Fmt(), 6)
+
+
+def test_kernel_with_one_token_prompts():
+    from cl.generation import decode_ids, generate_ids
+
+    model = _model("llama", seed=2)
+    prompts = [[5], [7], [9, 4]]
+    assert decode_ids(model, prompts, _Fmt(), 5) == generate_ids(model, prompts, _Fmt(), 5)
+    assert decode_ids(model, prompts[:2], _Fmt(), 5) == generate_ids(model, prompts[:2], _Fmt(), 5)
+
+
+def test_kernel_with_bf16_base_and_fp32_lora_as_peft_stores_them():
+    """peft keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype): the kernel casts as peft's
+    forward does, so its logits are the adapted model's to bf16 rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    from cl.fastdecode import kernel_for
+
+    model = get_peft_model(_model("qwen2", seed=4).to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.eval()
+    assert any(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_A" in n)
+    kernel, why = kernel_for(model)
+    assert kernel is not None, why
+    prompts = _prompts(9)
+    b = collate_prompts(prompts, 0)
+    pos = (b["attention_mask"].cumsum(-1) - 1).masked_fill(b["attention_mask"] == 0, 0)
+    with torch.no_grad():
+        ref = _reference_logits(model, prompts, [])[0]
+        got = kernel.prefill(b["input_ids"], b["attention_mask"], pos, 12)
+        with model.disable_adapter():
+            off = _reference_logits(model, prompts, [])[0]
+    assert (ref - off).abs().max() > 0.1
+    torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)

@@ -565,6 +565,7 @@ def test_hf_fast_is_refused_for_qwen_vl_at_validation(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
     assert declared_model_type({"name_or_path": str(tmp_path)}) == "qwen3_vl"
     assert declared_model_type({"name_or_path": "someone/Qwen2-VL-2B-Instruct-finetune"}) == "qwen2_vl"
+    assert declared_model_type({"name_or_path": "/ckpts/qwen2_5_vl_sft"}) == "qwen2_5_vl"
     assert declared_model_type({"name_or_path": None, "modality": "text", "arch": {}}) is None
 
 
