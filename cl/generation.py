@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from cl.core.data import PromptFormat, collate_prompts, visual_inputs
-from cl.vision import generation_inputs
+from cl.vision import generation_inputs, hf_fast_refusal
 from cl.fastdecode import kernel_for
 from cl.fsdp import synced_generation
 
@@ -143,9 +143,9 @@ def decode_ids(
         raise ValueError(f"rollout_backend=hf_fast does not apply the model's generation-config setting(s) "
                          f"{', '.join(extra)}; use rollout_backend=hf")
     config = getattr(model, "config", None)
-    if getattr(config, "vision_config", None) is not None and getattr(config, "model_type", "") != "llava":
-        raise ValueError(f"rollout_backend=hf_fast decodes text models and LLaVA-style models (1-D positions); "
-                         f"'{config.model_type}' computes its own multimodal positions: use rollout_backend=hf")
+    why = hf_fast_refusal(getattr(config, "model_type", None), vision=getattr(config, "vision_config", None) is not None)
+    if why:
+        raise ValueError(f"rollout_backend={why}")
     device = next(model.parameters()).device
     n = num_return_sequences
     out: list[list[int]] = []

@@ -46,6 +46,15 @@ QWEN_VISION_START, QWEN_IMAGE_PAD, QWEN_VISION_END, QWEN_VIDEO_PAD = \
 MROPE_MODELS = ("qwen3_vl", "qwen3_vl_moe", "glm4v")
 
 
+def hf_fast_refusal(model_type: str | None, vision: bool = False) -> str | None:
+    """Why ``rollout_backend=hf_fast`` cannot decode a model of this type (``None``: it can); ``vision``: the
+    model is known to be a vision-language model (then only LLaVA-style ones pass)."""
+    if model_type in QWEN_VL_MODELS + MROPE_MODELS or (vision and model_type != "llava"):
+        return (f"hf_fast decodes text models and LLaVA-style models (1-D positions); '{model_type}' computes "
+                "its own multimodal positions: use rollout_backend=hf")
+    return None
+
+
 def declared_model_type(model_cfg) -> str | None:
     """The ``model_type`` a ``model`` config will load, as far as it can be told before loading: the tiny
     builder's ``arch.family``, a local checkpoint's ``config.json``, a checkpoint in the local hub cache, or
@@ -156,7 +165,7 @@ class VisionFormat(PromptFormat):
         would read the image tokens as plain text, silently)."""
         image_id = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
         for ids in ids_list:
-            if image_id in ids and not (callable(getattr(ids, "_visual", None)) or getattr(ids, "visual", None)):
+            if image_id in ids and not getattr(ids, "has_images", False):
                 raise RuntimeError("prompt ids with image tokens arrived without their pixel tensors "
                                    f"({type(ids).__name__}); the batch path dropped them")
 

@@ -47,6 +47,30 @@ def _reference_logits(model, prompts, steps: list[list[int]]):
     return out
 
 
+def _lora(model, targets: list[str]):
+    """``model`` under a peft LoRA on ``targets`` whose B is random (peft starts it at zero), in eval mode."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def _kernel_prefill(model, prompts, total: int = 12):
+    """The kernel's next-token logits for left-padded ``prompts`` (asserts the kernel accepts ``model``)."""
+    from cl.fastdecode import kernel_for
+
+    kernel, why = kernel_for(model)
+    assert kernel is not None, why
+    b = collate_prompts(prompts, 0)
+    pos = (b["attention_mask"].cumsum(-1) - 1).masked_fill(b["attention_mask"] == 0, 0)
+    with torch.no_grad():
+        return kernel.prefill(b["input_ids"], b["attention_mask"], pos, total)
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
 def test_kernel_logits_match_the_model_step_by_step(kind):
     from cl.fastdecode import kernel_for
@@ -99,29 +123,16 @@ class _Fmt:
 
 
 def test_kernel_through_peft_lora_matches_the_adapted_model():
-    from peft import LoraConfig, get_peft_model
-
-    from cl.fastdecode import kernel_for
     from cl.generation import decode_ids, generate_ids
 
-    model = get_peft_model(_model("llama", seed=5), LoraConfig(r=4, lora_alpha=8, target_modules=[
-        "q_proj", "v_proj", "down_proj", "lm_head"]))
-    with torch.no_grad():  # a LoRA that changes the output (peft starts B at zero)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    model.eval()
-    kernel, why = kernel_for(model)
-    assert kernel is not None, why
+    model = _lora(_model("llama", seed=5), ["q_proj", "v_proj", "down_proj", "lm_head"])
     prompts = _prompts(6)
-    b = collate_prompts(prompts, 0)
-    pos = (b["attention_mask"].cumsum(-1) - 1).masked_fill(b["attention_mask"] == 0, 0)
+    got = _kernel_prefill(model, prompts)
     with torch.no_grad():
         ref = _reference_logits(model, prompts, [])[0]
-        got = kernel.prefill(b["input_ids"], b["attention_mask"], pos, 12)
         with model.disable_adapter():
             off_ref = _reference_logits(model, prompts, [])[0]
-            off = kernel_for(model)[0].prefill(b["input_ids"], b["attention_mask"], pos, 12)
+            off = _kernel_prefill(model, prompts)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(off, off_ref, atol=2e-5, rtol=1e-4)
     assert (ref - off_ref).abs().max() > 1e-2  # the adapter changes the logits, so both checks mean something
@@ -178,26 +189,12 @@ def test_kernel_with_one_token_prompts():
 def test_kernel_with_bf16_base_and_fp32_lora_as_peft_stores_them():
     """peft keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype): the kernel casts as peft's
     forward does, so its logits are the adapted model's to bf16 rounding."""
-    from peft import LoraConfig, get_peft_model
-
-    from cl.fastdecode import kernel_for
-
-    model = get_peft_model(_model("qwen2", seed=4).to(torch.bfloat16),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    model.eval()
+    model = _lora(_model("qwen2", seed=4).to(torch.bfloat16), ["q_proj", "v_proj", "up_proj"])
     assert any(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_A" in n)
-    kernel, why = kernel_for(model)
-    assert kernel is not None, why
     prompts = _prompts(9)
-    b = collate_prompts(prompts, 0)
-    pos = (b["attention_mask"].cumsum(-1) - 1).masked_fill(b["attention_mask"] == 0, 0)
+    got = _kernel_prefill(model, prompts)
     with torch.no_grad():
         ref = _reference_logits(model, prompts, [])[0]
-        got = kernel.prefill(b["input_ids"], b["attention_mask"], pos, 12)
         with model.disable_adapter():
             off = _reference_logits(model, prompts, [])[0]
     assert (ref - off).abs().max() > 0.1

@@ -90,6 +90,11 @@ class VisualIds(list):
     def visual(self) -> dict:
         return self._visual() if callable(self._visual) else self._visual
 
+    @property
+    def has_images(self) -> bool:
+        """Whether these ids carry image tensors (without producing them when they come on demand)."""
+        return callable(self._visual) or bool(self._visual)
+
     def __add__(self, other):
         return VisualIds(list.__add__(self, list(other)), self._visual)
 

@@ -119,12 +119,11 @@ class GRPOObjective(Component):
             c.add(f"{at}.rollout_backend", "hf_fast cannot step sharded ranks in lockstep under trainer=fsdp; "
                                                "use rollout_backend=hf")
         if c.get(f"{at}.rollout_backend") == "hf_fast":
-            from cl.vision import declared_model_type, QWEN_VL_MODELS, MROPE_MODELS
+            from cl.vision import declared_model_type, hf_fast_refusal
 
-            kind = declared_model_type(c.get("model") or {})
-            if kind in QWEN_VL_MODELS + MROPE_MODELS:
-                c.add(f"{at}.rollout_backend", f"hf_fast decodes text models and LLaVA-style models (1-D positions); "
-                                                   f"'{kind}' computes its own multimodal positions: use rollout_backend=hf")
+            why = hf_fast_refusal(declared_model_type(c.get("model") or {}))
+            if why:
+                c.add(f"{at}.rollout_backend", why)
         if c.get(f"{at}.rollout_backend") == "vllm":
             c.number(f"{at}.vllm.gpu_memory_utilization", lo=0.0, hi=1.0, strict_lo=True)
             if c.get(f"{at}.vllm.importance_sampling") is not None:
