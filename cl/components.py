@@ -141,7 +141,7 @@ def searchpath_dirs(argv) -> list[Path]:
 def register_schemas(conf_dir: str | Path, *extra_dirs: str | Path) -> None:
     """Store ``schema/<group>/<name>`` in Hydra's ConfigStore for every method file, ``schema/adapter/<name>``
     for every adapter, ``schema/eval/settings`` and ``schema/train/settings`` (:class:`cl.evaluation.EvalSettings`,
-    :class:`cl.schedule.TrainSettings`), ``schema/general_eval/lm_eval`` (:class:`cl.harness.HarnessSettings`), ``schema/base/recipe`` (the base stage's settings: :class:`cl.base_stage.BaseRecipe`) and
+    :class:`cl.schedule.TrainSettings`), ``schema/general_eval/lm_eval`` and ``lmms_eval`` (:class:`cl.harness.HarnessSettings`, :class:`cl.harness.LmmsSettings`), ``schema/base/recipe`` (the base stage's settings: :class:`cl.base_stage.BaseRecipe`) and
     ``schema/model/tiny_arch`` (the embedded model's shape: :func:`cl.model.build_tiny_llama`) and
     ``schema/model/tiny_vlm_arch`` (the embedded vision-language model's: :func:`cl.vision.build_tiny_llava`)
     (idempotent)."""
@@ -158,9 +158,10 @@ def register_schemas(conf_dir: str | Path, *extra_dirs: str | Path) -> None:
 
     cs.store(group="schema/eval", name="settings", node=dataclass_schema(EvalSettings))
     cs.store(group="schema/train", name="settings", node=dataclass_schema(TrainSettings))
-    from cl.harness import HarnessSettings
+    from cl.harness import HarnessSettings, LmmsSettings
 
     cs.store(group="schema/general_eval", name="lm_eval", node=dataclass_schema(HarnessSettings))
+    cs.store(group="schema/general_eval", name="lmms_eval", node=dataclass_schema(LmmsSettings))
     cs.store(group="schema/model", name="tiny_arch", node=schema_for(build_tiny_llama, None))
     from cl.vision import build_tiny_llava
 

@@ -38,7 +38,8 @@ class ContinualEvaluator:
             the full subsets that fill the accuracy matrix). Long streams set it so that evaluation
             costs the same at every point, at the price of fewer items per matrix entry.
         autocast: evaluate under ``torch.autocast`` with this dtype (None: the model's own precision).
-        harness: general tasks scored by lm-evaluation-harness (:class:`cl.harness.LmEvalGeneral`), at
+        harness: general tasks scored by lm-evaluation-harness or lmms-eval (:class:`cl.harness.LmEvalGeneral`,
+            :class:`cl.harness.LmmsEvalGeneral`), at
             boundaries (and at inner points with its ``inner_points``); their columns follow ``general``'s.
     """
 
@@ -115,7 +116,7 @@ class ContinualEvaluator:
         if probes:
             metrics["eval/general_mean"] = sum(probes) / len(probes)
         if point is not None and point.scores:
-            metrics["eval/lm_eval_mean"] = sum(point.scores.values()) / len(point.scores)
+            metrics[f"eval/{self.harness.settings.kind}_mean"] = sum(point.scores.values()) / len(point.scores)
         seen = [result["stream"][es.name] for es in self.stream[: task_idx + 1] if es.name in result["stream"]]
         if seen:
             metrics["eval/seen_mean"] = sum(seen) / len(seen)

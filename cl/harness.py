@@ -1,4 +1,5 @@
-"""General capability through lm-evaluation-harness, scored on the model in memory.
+"""General capability through lm-evaluation-harness (text) or lmms-eval (vision-language), scored on the
+model in memory.
 
 ``general_eval=lm_eval`` adds harness tasks (MMLU, ARC, HellaSwag, GSM8K, or custom task YAMLs in
 ``include_path``) to the general suite: at every task boundary (and, with ``inner_points``, at the inner
@@ -6,6 +7,10 @@ evaluation points too) the harness scores the model being trained through its Hu
 (``HFLM(pretrained=<model object>)``), without saving and reloading weights. Each task's score becomes a
 column ``lm_eval:<task>`` of the general matrix, next to the toy probes of ``stream.general``, and feeds
 the curves, the logger, the plots and general retention like them.
+
+``general_eval=lmms_eval`` does the same for a vision-language model with lmms-eval's tasks (MMMU,
+ScienceQA-IMG, ..., or custom task YAMLs): columns ``lmms_eval:<task>``, the model answering through the
+run's own prompt format and greedy decoding (:class:`LmmsEvalGeneral`).
 
 The items are the same at every point: the harness takes the first ``limit`` documents of each task's
 evaluation split, and few-shot examples are drawn with a fixed seed. Tasks and their data are loaded once,
@@ -123,18 +128,25 @@ class LmEvalGeneral:
         finally:
             quiet.setLevel(level)
             model.train(was_training)
-        scores, items, metric = {}, {}, {}
-        for task in s.tasks:
-            res = out["results"][task]
-            key = s.metrics.get(task) or next((k for k in METRIC_ORDER if k in res), None) or next(
-                (k for k, v in res.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))), None)
-            if key is None or key not in res:
-                raise ValueError(f"harness task {task} reports no metric {key or ''} (it reports: "
-                                 f"{', '.join(k for k in res if ',' in k)})")
-            name = PREFIX + task
-            scores[name], metric[name] = float(res[key]), key
-            items[name] = _documents(out, task)
-        return HarnessPoint(scores, items, metric, out.get("samples", {}))
+        return _point(out, s.tasks, s.metrics, PREFIX)
+
+
+def _point(out: dict, tasks: list[str], metrics: dict[str, str], prefix: str) -> HarnessPoint:
+    """A harness's ``evaluate`` output as a :class:`HarnessPoint`: per task the metric ``metrics`` names, else
+    the first of :data:`METRIC_ORDER` it reports, else its first numeric metric (lm-evaluation-harness and
+    lmms-eval report results the same way)."""
+    scores, items, metric = {}, {}, {}
+    for task in tasks:
+        res = out["results"][task]
+        key = metrics.get(task) or next((k for k in METRIC_ORDER if k in res), None) or next(
+            (k for k, v in res.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))), None)
+        if key is None or key not in res:
+            raise ValueError(f"harness task {task} reports no metric {key or ''} (it reports: "
+                             f"{', '.join(k for k in res if ',' in k)})")
+        name = prefix + task
+        scores[name], metric[name] = float(res[key]), key
+        items[name] = _documents(out, task)
+    return HarnessPoint(scores, items, metric, out.get("samples", {}))
 
 
 def _documents(out: dict, task: str) -> int:
@@ -161,3 +173,204 @@ def _quiet(hflm):
             return super().generate_until(requests, disable_tqdm=True)
 
     return QuietHFLM
+
+
+# --- lmms-eval: general multimodal capability (MMMU and the like) of a vision-language model ---
+
+LMMS_PREFIX = "lmms_eval:"
+LMMS_INSTALL = "pip install --no-deps lmms-eval==0.7.3 loguru==0.7.3 tenacity==9.2.1"
+
+
+@dataclass
+class LmmsSettings:
+    """``general_eval.*`` with ``general_eval=lmms_eval`` (conf/general_eval/lmms_eval.yaml).
+
+    Attributes:
+        kind: ``lmms_eval``.
+        tasks: lmms-eval task or group names (``mmmu_val``, ``scienceqa_img``, ...; groups score as their
+            aggregate).
+        limit: documents per task at every point (the first ``limit`` of its evaluation split; None: all).
+        batch_size: prompts per generation batch.
+        include_path: a directory of custom task YAMLs (e.g. local image-question files).
+        metrics: task -> metric key (e.g. ``mmmu_val: mmmu_acc,none``); others take the first of
+            :data:`METRIC_ORDER` the task reports, else its first numeric metric.
+        inner_points: also score at inner evaluation points (default: boundaries only).
+    """
+
+    kind: str = "lmms_eval"
+    tasks: list[str] = field(default_factory=lambda: ["mmmu_val"])
+    limit: int | None = 100
+    batch_size: int = 8
+    include_path: str | None = None
+    metrics: dict[str, str] = field(default_factory=dict)
+    inner_points: bool = False
+
+
+class LmmsEvalGeneral:
+    """lmms-eval tasks loaded once; :meth:`evaluate` scores the vision-language model in memory on them.
+
+    The model answers through the run's own prompt format (:class:`cl.vision.VisionFormat`: the same chat
+    template and image layout as the stream's tasks, images leading the user turn) and its own greedy
+    decoding; each task's own answer extraction and metric score the answers. Requests are answered as
+    lmms-eval's simple models answer them: ``generate_until`` greedily up to the task's ``max_new_tokens``
+    (default 32) and cut at its ``until`` strings (sampling settings of a task are not applied: every point
+    is scored greedily, so points compare); ``loglikelihood`` (multiple-choice tasks) as lmms-eval's HF models
+    answer it: the mean negative log-likelihood per continuation token after the context and images (the
+    task picks the choice with the smallest), with whether every token was the argmax.
+
+    Args:
+        settings: :class:`LmmsSettings`.
+        fmt: the run's :class:`cl.vision.VisionFormat`.
+    """
+
+    def __init__(self, settings: LmmsSettings, fmt):
+        try:
+            from lmms_eval.tasks import TaskManager
+        except ImportError:
+            raise ValueError(f"general_eval=lmms_eval needs lmms-eval: {LMMS_INSTALL}") from None
+        if not hasattr(fmt, "processor"):
+            raise ValueError("general_eval=lmms_eval scores vision-language models; this run's model reads text "
+                             "only (use general_eval=lm_eval)")
+        if not settings.tasks:
+            raise ValueError("general_eval.tasks is empty: name at least one lmms-eval task")
+        self.settings, self.fmt = settings, fmt
+        logging.getLogger("lmms-eval").setLevel(logging.WARNING)
+        _quiet_loguru()
+        manager = TaskManager(verbosity="WARNING", include_path=settings.include_path)
+        unknown = [t for t in settings.tasks if t not in manager.all_tasks]
+        if unknown:
+            where = f" (or in {settings.include_path})" if settings.include_path else ""
+            raise ValueError(f"general_eval.tasks: unknown lmms-eval task(s) {', '.join(unknown)}; "
+                             f"see `lmms-eval --tasks list`{where}")
+        self.loaded = manager.load_task_or_group(list(settings.tasks), "simple")
+        for task in _leaves(self.loaded):
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+        self.names = [LMMS_PREFIX + t for t in settings.tasks]
+
+    def evaluate(self, model: torch.nn.Module) -> HarnessPoint:
+        """Score ``model`` (in memory, as it is now) on every task; restores its train/eval mode."""
+        from lmms_eval.evaluator import evaluate
+
+        s = self.settings
+        was_training = model.training
+        lm = _suite_lmms()(model, self.fmt, s.batch_size)
+        for name, task in _named_leaves(self.loaded):
+            lm.task_dict[name] = task.dataset
+        try:
+            out = evaluate(lm=lm, task_dict=self.loaded, limit=s.limit, bootstrap_iters=0, log_samples=True,
+                           verbosity="ERROR")
+        finally:
+            model.train(was_training)
+        return _point(out, s.tasks, s.metrics, LMMS_PREFIX)
+
+
+def _named_leaves(task_dict: dict):
+    """(name, task) of every leaf task of a (nested) task dict; groups map to dicts or (group, task) pairs."""
+    for name, obj in task_dict.items():
+        if isinstance(obj, dict):
+            yield from _named_leaves(obj)
+        elif isinstance(obj, tuple):
+            if obj[1] is not None:
+                yield name, obj[1]
+        else:
+            yield name, obj
+
+
+def _leaves(task_dict: dict):
+    return [t for _, t in _named_leaves(task_dict)]
+
+
+def _quiet_loguru() -> None:
+    """lmms-eval logs through loguru at INFO on every request batch; keep its warnings and errors only."""
+    import sys
+
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+@functools.cache
+def _suite_lmms():
+    """The lmms-eval model class over a model object and the run's vision format (built on first use: the
+    package is optional)."""
+    from lmms_eval.api.model import lmms
+
+    from cl.core.data import collate_sft, model_inputs
+    from cl.generation import eval_mode, generate_ids
+    from cl.vision import store_image
+
+    class SuiteLMMS(lmms):
+        def __init__(self, model, fmt, batch_size: int):
+            super().__init__()
+            self.model, self.fmt, self.batch_size = model, fmt, batch_size
+
+        def _prompt(self, context: str, doc_to_visual, doc_id, task: str, split: str) -> str:
+            """The suite's prompt string: one ``<image:REF>`` tag per image, then the context."""
+            from PIL import Image
+
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
+            visuals = [v for v in (visuals or []) if v is not None]
+            if any(not isinstance(v, Image.Image) for v in visuals):
+                kinds = sorted({type(v).__name__ for v in visuals if not isinstance(v, Image.Image)})
+                raise ValueError(f"lmms-eval task {task}: only image inputs are supported here, got {', '.join(kinds)}")
+            return "".join(store_image(v.convert("RGB")) for v in visuals) + context.replace("<image>", "")
+
+        def generate_until(self, requests) -> list[str]:
+            args = [r.args for r in requests]
+            prompts = [self._prompt(a[0], a[2], a[3], a[4], a[5]) for a in args]
+            budget = [int(a[1].get("max_new_tokens", 32)) for a in args]
+            out: list[str] = [""] * len(args)
+            for n in sorted(set(budget)):  # one generation call per token budget, in request order within it
+                idx = [i for i, b in enumerate(budget) if b == n]
+                ids = generate_ids(self.model, self.fmt.prompt_ids([prompts[i] for i in idx]), self.fmt,
+                                   max_new_tokens=n, batch_size=self.batch_size)
+                for i, x in zip(idx, ids):
+                    out[i] = _cut(self.fmt.decode(x), args[i][1].get("until"))
+            return out
+
+        @torch.no_grad()
+        def loglikelihood(self, requests) -> list:
+            """Per request: (the mean negative log-likelihood per continuation token given the context and
+            images, whether every continuation token was the argmax). The loss, not the log-likelihood:
+            lmms-eval's models return it and its multiple-choice scoring takes the argmin."""
+            pairs = []
+            for r in requests:
+                context, continuation, doc_to_visual, doc_id, task, split = r.args
+                if callable(continuation):  # output_type loglikelihood passes the task's doc_to_target
+                    continuation = continuation(self.task_dict[task][split][doc_id])
+                prompt = self.fmt.prompt_ids([self._prompt(context, doc_to_visual, doc_id, task, split)])[0]
+                cont = self.fmt.tokenizer(str(continuation), add_special_tokens=False)["input_ids"]
+                pairs.append((prompt, cont))
+            from lmms_eval.api.instance import GenerationResult
+
+            out = []
+            device = next(self.model.parameters()).device
+            with eval_mode(self.model):
+                for start in range(0, len(pairs), self.batch_size):
+                    batch = collate_sft(pairs[start:start + self.batch_size], self.fmt.pad_id)
+                    logits = self.model(**model_inputs(batch, device)).logits[:, :-1].float()
+                    target = batch["labels"][:, 1:].to(device)
+                    scored = target != -100
+                    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+                    greedy = (logits.argmax(-1) == target) | ~scored
+                    nll = -(logp * scored).sum(-1) / scored.sum(-1).clamp(min=1)
+                    out += [(float(x), bool(g)) for x, g in zip(nll.tolist(), greedy.all(-1).tolist())]
+            # lmms-eval 0.7.3's evaluator stores any answer that is neither a string nor a GenerationResult as
+            # its str(), which breaks multiple-choice scoring; a GenerationResult's payload passes unchanged
+            return [GenerationResult(text=x) for x in out]
+
+        def generate_until_multi_round(self, requests):
+            raise NotImplementedError("general_eval=lmms_eval: multi-round tasks are not supported; choose "
+                                      "single-turn tasks")
+
+    return SuiteLMMS
+
+
+def _cut(text: str, until) -> str:
+    """``text`` up to the first of the stop strings ``until`` (a string or a list)."""
+    for stop in [until] if isinstance(until, str) else (until or []):
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text

@@ -323,7 +323,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: dict | None = None) -> dic
             max_samples_per_point=cfg.eval.max_samples_per_point,
             max_samples_per_boundary=cfg.eval.max_samples_per_boundary,
             autocast=torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") else None,
-            harness=make_harness(cfg.general_eval, tokenizer),
+            harness=make_harness(cfg.general_eval, fmt),
         )
         adapter = make_adapter(OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else {},
                                seed=cfg.seed, evaluator=evaluator)
@@ -457,14 +457,18 @@ def eval_engine(backend: str, objective):
     return own if isinstance(own, VLLMRollouts) else VLLMRollouts()
 
 
-def make_harness(node: DictConfig, tokenizer):
-    """The lm-evaluation-harness tasks of ``general_eval=lm_eval`` (None for ``toy``: the probes only)."""
+def make_harness(node: DictConfig, fmt: PromptFormat):
+    """The harness tasks of ``general_eval=lm_eval`` (lm-evaluation-harness) or ``general_eval=lmms_eval``
+    (lmms-eval, vision-language models); None for ``toy`` (the probes only)."""
     if node.kind == "toy":
         return None
-    from cl.harness import HarnessSettings, LmEvalGeneral
+    from cl.harness import HarnessSettings, LmEvalGeneral, LmmsEvalGeneral, LmmsSettings
 
+    settings = OmegaConf.to_container(node, resolve=True)
     try:
-        return LmEvalGeneral(HarnessSettings(**OmegaConf.to_container(node, resolve=True)), tokenizer)
+        if node.kind == "lmms_eval":
+            return LmmsEvalGeneral(LmmsSettings(**settings), fmt)
+        return LmEvalGeneral(HarnessSettings(**settings), fmt.tokenizer)
     except ValueError as e:
         raise ConfigError(f"general_eval: {e}") from None
 

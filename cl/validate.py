@@ -274,8 +274,19 @@ def _validate_trainer(c: _Checker, cfg: Mapping) -> None:
 
         if importlib.util.find_spec("lm_eval") is None:
             c.add("general_eval", 'general_eval=lm_eval needs lm-evaluation-harness: pip install -e ".[real]"')
-    if world > 1 and _get(cfg, "general_eval.kind") == "lm_eval":
-        c.add("general_eval", f"general_eval=lm_eval scores in one process; trainer.strategy="
+    if _get(cfg, "general_eval.kind") == "lmms_eval":
+        import importlib.util
+
+        from cl.harness import LMMS_INSTALL
+
+        if importlib.util.find_spec("lmms_eval") is None:
+            c.add("general_eval", f"general_eval=lmms_eval needs lmms-eval: {LMMS_INSTALL}")
+        if not is_vision_model(cfg):
+            c.add("general_eval", f"general_eval=lmms_eval scores vision-language models; model="
+                                  f"{_get(cfg, 'model.name')} reads text only (use general_eval=lm_eval)")
+    if world > 1 and _get(cfg, "general_eval.kind") in ("lm_eval", "lmms_eval"):
+        kind = _get(cfg, "general_eval.kind")
+        c.add("general_eval", f"general_eval={kind} scores in one process; trainer.strategy="
                               f"{trainer.get('strategy')} runs {world} (use one device, or score saved models)")
     if is_fsdp(dict(trainer)):
         import torch
@@ -321,8 +332,8 @@ def _validate_modality(c: _Checker, cfg: Mapping) -> None:
         c.add("eval.backend", "vLLM evaluation sends token ids only, not images; use eval.backend=hf with a "
                               "vision-language model")
     if _get(cfg, "general_eval.kind") == "lm_eval":
-        c.add("general_eval", "general_eval=lm_eval scores text-only language models; use general_eval=toy "
-                              "(the visual general tasks) with a vision-language model")
+        c.add("general_eval", "general_eval=lm_eval scores text-only language models; use general_eval=lmms_eval "
+                              "(or toy: the visual general tasks) with a vision-language model")
     if is_fsdp(dict(_get(cfg, "trainer") or {})):
         c.add("trainer.strategy", "trainer=fsdp shards text decoder layers only; use trainer=ddp (or one device) "
                                   "with a vision-language model")
