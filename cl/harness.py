@@ -236,7 +236,11 @@ class LmmsEvalGeneral:
         self.settings, self.fmt = settings, fmt
         logging.getLogger("lmms-eval").setLevel(logging.WARNING)
         _quiet_loguru()
-        manager = TaskManager(verbosity="WARNING", include_path=settings.include_path)
+        # custom tasks alone skip indexing lmms-eval's ~2000 own tasks (several seconds)
+        manager = TaskManager(verbosity="WARNING", include_path=settings.include_path,
+                              include_defaults=settings.include_path is None)
+        if any(t not in manager.all_tasks for t in settings.tasks) and settings.include_path is not None:
+            manager = TaskManager(verbosity="WARNING", include_path=settings.include_path)
         unknown = [t for t in settings.tasks if t not in manager.all_tasks]
         if unknown:
             where = f" (or in {settings.include_path})" if settings.include_path else ""
