@@ -187,8 +187,8 @@ class LmmsSettings:
 
     Attributes:
         kind: ``lmms_eval``.
-        tasks: lmms-eval task or group names (``mmmu_val``, ``scienceqa_img``, ...; groups score as their
-            aggregate).
+        tasks: lmms-eval task or group names (``mmmu_val``, ``scienceqa_img``, ...; a group scores as its
+            ``aggregate_metric_list``; groups without one and tags are refused).
         limit: documents per task at every point (the first ``limit`` of its evaluation split; None: all).
         batch_size: prompts per generation batch.
         include_path: a directory of custom task YAMLs (e.g. local image-question files).
@@ -246,14 +246,31 @@ class LmmsEvalGeneral:
             where = f" (or in {settings.include_path})" if settings.include_path else ""
             raise ValueError(f"general_eval.tasks: unknown lmms-eval task(s) {', '.join(unknown)}; "
                              f"see `lmms-eval --tasks list`{where}")
+        tags = [t for t in settings.tasks if t in manager.all_tags]
+        if tags:
+            raise ValueError(f"general_eval.tasks: {', '.join(tags)} tag several tasks and report no score of their "
+                             "own; name the tasks (or a group with an aggregate_metric_list)")
         self.loaded = manager.load_task_or_group(list(settings.tasks), "simple")
-        for task in _leaves(self.loaded):
+        for group in self.loaded:
+            if not isinstance(group, str) and not group.config.get("aggregate_metric_list"):
+                raise ValueError(f"general_eval.tasks: group {group.group_name} reports no aggregate score (no "
+                                 "aggregate_metric_list); name its tasks")
+        for name, task in _named_leaves(self.loaded):
+            kind = task.get_config("output_type")
+            if kind not in ("generate_until", "multiple_choice", "loglikelihood"):
+                raise ValueError(f"lmms-eval task {name}: output_type {kind} is not supported here (single-turn "
+                                 "generate_until, multiple_choice and loglikelihood tasks are)")
+            if "acc_mutual_info" in getattr(task, "_metric_fn_list", {}):
+                raise ValueError(f"lmms-eval task {name}: acc_mutual_info is not supported here")
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
         self.names = [LMMS_PREFIX + t for t in settings.tasks]
 
     def evaluate(self, model: torch.nn.Module) -> HarnessPoint:
         """Score ``model`` (in memory, as it is now) on every task; restores its train/eval mode."""
+        import random
+
+        import numpy as np
         from lmms_eval.evaluator import evaluate
 
         s = self.settings
@@ -261,10 +278,18 @@ class LmmsEvalGeneral:
         lm = _suite_lmms()(model, self.fmt, s.batch_size)
         for name, task in _named_leaves(self.loaded):
             lm.task_dict[name] = task.dataset
+            task.set_fewshot_seed(seed=1234)  # the same few-shot examples at every point
+        # answer parsers draw at random when they find no answer (MMMU's): the same draws at every point, in
+        # document order (one worker), and the run's own random state left as it was
+        states = random.getstate(), np.random.get_state()
+        random.seed(0)
+        np.random.seed(1234)
         try:
             out = evaluate(lm=lm, task_dict=self.loaded, limit=s.limit, bootstrap_iters=0, log_samples=True,
-                           verbosity="ERROR")
+                           verbosity="ERROR", process_docs_parallel=1)
         finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
             model.train(was_training)
         return _point(out, s.tasks, s.metrics, LMMS_PREFIX)
 
@@ -309,6 +334,7 @@ def _suite_lmms():
         def __init__(self, model, fmt, batch_size: int):
             super().__init__()
             self.model, self.fmt, self.batch_size = model, fmt, batch_size
+            self.accelerator = None  # one process: the evaluator need not build an Accelerator every point
 
         def _prompt(self, context: str, doc_to_visual, doc_id, task: str, split: str) -> str:
             """The suite's prompt string: one ``<image:REF>`` tag per image, then the context."""
@@ -354,13 +380,18 @@ def _suite_lmms():
             with eval_mode(self.model):
                 for start in range(0, len(pairs), self.batch_size):
                     batch = collate_sft(pairs[start:start + self.batch_size], self.fmt.pad_id)
-                    logits = self.model(**model_inputs(batch, device)).logits[:, :-1].float()
+                    logits = self.model(**model_inputs(batch, device)).logits[:, :-1]
                     target = batch["labels"][:, 1:].to(device)
-                    scored = target != -100
-                    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-                    greedy = (logits.argmax(-1) == target) | ~scored
-                    nll = -(logp * scored).sum(-1) / scored.sum(-1).clamp(min=1)
-                    out += [(float(x), bool(g)) for x, g in zip(nll.tolist(), greedy.all(-1).tolist())]
+                    rows, cols = (target != -100).nonzero(as_tuple=True)
+                    # the continuation's positions only: [B, L, vocab] in fp32 would not fit for long image prompts
+                    picked = logits[rows, cols].float()
+                    tok = target[rows, cols]
+                    logp = torch.log_softmax(picked, -1).gather(-1, tok[:, None])[:, 0]
+                    n = len(batch["labels"])
+                    count = torch.zeros(n, device=device).index_add_(0, rows, torch.ones_like(logp))
+                    nll = -torch.zeros(n, device=device).index_add_(0, rows, logp) / count.clamp(min=1)
+                    wrong = torch.zeros(n, device=device).index_add_(0, rows, (picked.argmax(-1) != tok).float())
+                    out += [(float(x), bool(w == 0)) for x, w in zip(nll.tolist(), wrong.tolist())]
             # lmms-eval 0.7.3's evaluator stores any answer that is neither a string nor a GenerationResult as
             # its str(), which breaks multiple-choice scoring; a GenerationResult's payload passes unchanged
             return [GenerationResult(text=x) for x in out]

@@ -71,7 +71,7 @@ def test_generation_tasks_are_answered_by_the_runs_own_format_and_decoding(vlm):
         samples = sorted(point.samples["toy_colour"], key=lambda s: s["doc_id"])
         assert [s["doc_id"] for s in samples] == [0, 1, 2, 3]
         prompts = [store_image(_image(d)) + d["question"] for d in docs]
-        ids = generate_ids(model, fmt.prompt_ids(prompts), fmt, max_new_tokens=6)
+        ids = generate_ids(model, fmt.prompt_ids(prompts), fmt, max_new_tokens=6, batch_size=3)  # the harness's batches
         want = [fmt.decode(x).split("\n")[0] for x in ids]
         got = [s["filtered_resps"][0] for s in samples]
         assert got == want
@@ -112,6 +112,30 @@ def test_multiple_choice_uses_the_models_own_loss_on_each_choice(vlm):
         hits.append(float(min(range(3), key=got.__getitem__) == doc["label"]))
         assert s["acc"] == hits[-1]
     assert point.scores["lmms_eval:toy_colour_choice"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_generation_stops_at_the_tasks_stop_strings(vlm):
+    """The task's ``until`` strings cut each answer (the fixture's newline never comes from the tiny model)."""
+    from lmms_eval.api.instance import Instance
+
+    from cl.generation import generate_ids
+    from cl.harness import _suite_lmms
+    from cl.vision import store_image
+
+    model, fmt = vlm
+    docs = _docs()[:2]
+    prompts = [store_image(_image(d)) + d["question"] for d in docs]
+    full = [fmt.decode(x) for x in generate_ids(model, fmt.prompt_ids(prompts), fmt, max_new_tokens=6, batch_size=3)]
+    assert all(len(f) >= 4 for f in full)
+    stops = [f[2:4] for f in full]  # each answer holds its stop string at character 2 (or earlier)
+    lm = _suite_lmms()(model, fmt, 3)
+    lm.task_dict["t"] = {"test": docs}
+    requests = [Instance("generate_until", (d["question"], {"max_new_tokens": 6, "until": [stop]},
+                                            lambda doc: [_image(doc)], i, "t", "test"),
+                         idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1})
+                for i, (d, stop) in enumerate(zip(docs, stops))]
+    got = lm.generate_until(requests)
+    assert got == [f.split(stop, 1)[0] for f, stop in zip(full, stops)] and all(len(g) <= 2 for g in got)
 
 
 def test_unknown_lmms_task_and_a_text_model_are_one_line(vlm, tiny_qwen):
