@@ -306,10 +306,6 @@ def _named_leaves(task_dict: dict):
             yield name, obj
 
 
-def _leaves(task_dict: dict):
-    return [t for _, t in _named_leaves(task_dict)]
-
-
 def _quiet_loguru() -> None:
     """lmms-eval logs through loguru at INFO on every request batch; keep its warnings and errors only."""
     import sys
