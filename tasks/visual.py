@@ -14,12 +14,17 @@ Families (all ``size`` x ``size`` pixels, white background):
 - ``vwhere``: a disc and a square -> where the disc is relative to the square (``left``/``right``/``above``/
   ``below``, the axis with the larger gap);
 - ``vbigger``: two discs of different radii, side by side -> which is bigger (``left``/``right``);
+- ``vshape``: one black outlined disc, square or triangle, or a filled cross, of random size and place ->
+  its name;
 - ``vadd``: two digits side by side -> their sum (``"11"``), reading plus arithmetic.
 
 Each row also has a ``key`` (0-9) that names its part of the input space, for a base stage that trains on
-part of it only (``base.cover``): the digit (vread), the left digit (vadd), the disc's horizontal position
-in tenths of the width (vwhere), the number of discs (vcount), the colour's index (vcolor), the left disc's
-radius (vbigger).
+part of it only (``base.cover``): the digit (vread), the left digit (vadd), the number of discs (vcount),
+the colour's index (vcolor), the disc's horizontal position in tenths of the width (vwhere), the bigger
+disc's horizontal position in tenths of the width (vbigger: 2 left, 7 right), three times the shape's index
+in ``SHAPES`` (vshape: disc 0, square 3, triangle 6, cross 9). The keys of vread, vbigger and vshape name the
+answer, so with ``cover`` 0-4 their uncovered rows need an answer the stage never taught for that question
+and score 0: a level set by data. vwhere's uncovered rows (right half) are reached by transfer only.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Callable
 from tasks.synthetic import SyntheticFamily
 
 # bumped whenever a drawing changes: part of the vision-language base stage's cache key
-VERSION = 1
+VERSION = 2  # 2: vbigger's key names the answer (the bigger disc's side); vshape
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220), "yellow": (230, 200, 20),
           "purple": (140, 40, 170), "orange": (240, 130, 20)}
@@ -114,7 +119,33 @@ def bigger(size: int = 32) -> Callable:
         q = size // 4
         _disc(d, q, rng.randint(8, size - 9), r1, COLORS["purple"])
         _disc(d, 3 * q, rng.randint(8, size - 9), r2, COLORS["purple"])
-        return im, "left" if r1 > r2 else "right", r1
+        return im, "left" if r1 > r2 else "right", (q if r1 > r2 else 3 * q) * 10 // size
+    return draw
+
+
+SHAPES = ("disc", "square", "triangle", "cross")
+
+
+def shape_name(size: int = 32) -> Callable:
+    def draw(rng: random.Random):
+        k = rng.randrange(len(SHAPES))
+        s = rng.randint(10, 16)  # the bounding box's side
+        x, y = rng.randint(0, size - s), rng.randint(0, size - s)
+        im, d = _canvas(size)
+        box = (x, y, x + s - 1, y + s - 1)
+        w = 2  # outlines, so that no shape looks like vcount's discs or vcolor's filled squares
+        if SHAPES[k] == "disc":
+            d.ellipse(box, outline="black", width=w)
+        elif SHAPES[k] == "square":
+            d.rectangle(box, outline="black", width=w)
+        elif SHAPES[k] == "triangle":
+            pts = [(x + (s - 1) // 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)]
+            d.line([*pts, pts[0]], fill="black", width=w)
+        else:
+            t, m = max(2, s // 4), (s - max(2, s // 4)) // 2
+            d.rectangle((x + m, y, x + m + t - 1, y + s - 1), fill="black")
+            d.rectangle((x, y + m, x + s - 1, y + m + t - 1), fill="black")
+        return im, SHAPES[k], 3 * k
     return draw
 
 
@@ -153,4 +184,5 @@ VISUAL_FAMILIES: dict[str, VisualFamily] = {
     "vwhere": VisualFamily("vwhere", "where", where()),
     "vbigger": VisualFamily("vbigger", "bigger", bigger()),
     "vadd": VisualFamily("vadd", "sum", add_digits()),
+    "vshape": VisualFamily("vshape", "shape", shape_name()),
 }

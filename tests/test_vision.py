@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 TINY_VLM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                 max_position_embeddings=64, image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1,
                 vision_heads=2)
-VISUAL = ("vcount", "vread", "vcolor", "vwhere", "vbigger", "vadd")
+VISUAL = ("vcount", "vread", "vcolor", "vwhere", "vbigger", "vadd", "vshape")
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +100,14 @@ def test_visual_answers_match_the_pixels():
         assert n == 2
         sizes = sorted(((np.argwhere(lab == k)[:, 1].mean(), (lab == k).sum()) for k in (1, 2)))
         assert row["answer"] == ("left" if sizes[0][1] > sizes[1][1] else "right")
+    for row in _task("vshape", 60).train:  # the shape from its black pixels' bounding box
+        ys, xs = np.nonzero(pixels(row).sum(-1) == 0)
+        box = pixels(row)[ys.min():ys.max() + 1, xs.min():xs.max() + 1].sum(-1) == 0
+        h, w = box.shape
+        want = ("cross" if box[h // 2, w // 2] and not box[0, 0] else "square" if box[0].all() and box[-1].all()
+                else "triangle" if box[-1].all() else "disc")
+        assert row["answer"] == want, box.astype(int)
+    assert set(_task("vshape", 60).train["answer"]) == {"disc", "square", "triangle", "cross"}
 
 
 def test_sft_loss_is_the_models_own_loss_on_the_answer_tokens(vlm):
@@ -530,6 +538,8 @@ def test_visual_rows_carry_the_cover_key_the_base_stage_uses():
     assert rows["vcolor"]["key"] == [sorted(COLORS).index(a) for a in rows["vcolor"]["answer"]]
     assert all(0 <= int(a) - k <= 9 for a, k in zip(rows["vadd"]["answer"], rows["vadd"]["key"]))
     assert set(rows["vwhere"]["key"]) <= set(range(10)) and len(set(rows["vwhere"]["key"])) > 3
+    assert rows["vbigger"]["key"] == [2 if a == "left" else 7 for a in rows["vbigger"]["answer"]]
+    assert rows["vshape"]["key"] == [3 * ("disc", "square", "triangle", "cross").index(a) for a in rows["vshape"]["answer"]]
     keys = cover_keys(rows["vread"].to_dict())
     scores = [1.0 if k < 5 else 0.0 for k in keys]
     assert covered_split(scores, keys, (0, 1, 2, 3, 4)) == {"covered": 1.0, "uncovered": 0.0}
