@@ -142,7 +142,8 @@ def shape_name(size: int = 32) -> Callable:
             pts = [(x + (s - 1) // 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)]
             d.line([*pts, pts[0]], fill="black", width=w)
         else:
-            t, m = max(2, s // 4), (s - max(2, s // 4)) // 2
+            t = max(2, s // 4)  # bar thickness
+            m = (s - t) // 2
             d.rectangle((x + m, y, x + m + t - 1, y + s - 1), fill="black")
             d.rectangle((x, y + m, x + s - 1, y + m + t - 1), fill="black")
         return im, SHAPES[k], 3 * k
