@@ -103,6 +103,58 @@ def latex(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Seq
     return latex_table(table(root, points, summ, metrics).frame, caption)
 
 
+def paired_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], metrics: Sequence[str],
+                       alpha: float = 0.05) -> pd.DataFrame:
+    """Point ``a`` minus point ``b`` per seed (the same seed means the same data draw and training order, so
+    differences are paired), for every pair and metric: the mean difference with its 95% t interval over the
+    seeds completed in both, the paired t-test p, the same p Bonferroni-adjusted over every row of this
+    family (``tests`` = pairs x metrics), and the exact sign-flip p (distribution-free; with n seeds it cannot
+    go below 2^(1-n))."""
+    from analysis.fronts import paired_t_p, sign_flip_p
+
+    done = df[df["status"] == "completed"] if len(df) else df
+    m_tests = max(1, len(pairs) * len(metrics))
+    rows = []
+    for a, b in pairs:
+        va = done[done["point"] == a].set_index("seed")
+        vb = done[done["point"] == b].set_index("seed")
+        seeds = sorted(set(va.index) & set(vb.index))
+        for metric in metrics:
+            d = [float(va.loc[s, metric]) - float(vb.loc[s, metric]) for s in seeds
+                 if pd.notna(va.loc[s, metric]) and pd.notna(vb.loc[s, metric])]
+            mean, _, ci = mean_ci(d)
+            p = paired_t_p(d)
+            p_exact = sign_flip_p(d) if d else float("nan")
+            rows.append({"a": a, "b": b, "metric": metric, "n": len(d), "diff_mean": mean, "diff_ci95": ci,
+                         "p": p, "p_adj": min(1.0, p * m_tests) if p == p else float("nan"),
+                         "p_exact": p_exact, "p_exact_adj": min(1.0, p_exact * m_tests) if p_exact == p_exact
+                         else float("nan"), "tests": m_tests, "alpha": alpha})
+    return pd.DataFrame(rows)
+
+
+def _p(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"
+
+
+def paired_markdown(diffs: pd.DataFrame, labels: dict[str, str]) -> str:
+    """``paired_differences`` as a Markdown table with a reading per row: a difference counts as resolved
+    only when the Bonferroni-adjusted t-test p is at most alpha (the sign-flip column says whether the
+    distribution-free test could agree at this n)."""
+    lines = ["| a - b | metric | n | mean difference ± 95% CI | p (t) | p adjusted | p sign-flip (adjusted) | reading |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in diffs.to_dict("records"):
+        if r["n"] < 2:
+            reading = "too few seeds"
+        elif r["p_adj"] <= r["alpha"]:
+            reading = f"{'a higher' if r['diff_mean'] > 0 else 'a lower'} (resolved)"
+        else:
+            reading = "not resolved"
+        lines.append(f"| {labels.get(r['a'], r['a'])} - {labels.get(r['b'], r['b'])} | {r['metric']} | {r['n']} | "
+                     f"{format_cell(r['diff_mean'], r['diff_ci95'])} | {_p(r['p'])} | {_p(r['p_adj'])} | "
+                     f"{_p(r['p_exact'])} ({_p(r['p_exact_adj'])}) | {reading} |")
+    return "\n".join(lines)
+
+
 def write_table(root: Path, title: str, points: dict[str, Point], metrics: Sequence[str],
                 notes: Sequence[str] = ()) -> tuple[str, pd.DataFrame]:
     """Write ``table.md`` (with ``notes``: plot links, findings), ``table.tex``, ``runs.csv`` (tidy, one row

@@ -335,3 +335,27 @@ def test_rft_cpt_real_vision_arms_start_on_a_tiny_random_qwen2_5_vl(tmp_path):
         assert res["status"] == "completed", res.get("error")
         assert res["config"]["model"]["name"] == "qwen2_5_vl_7b_instruct" and len(res["tasks"]) == 7
         assert res["config"]["optimizer"]["lr"] == (1e-5 if exp == "rft_cpt_sft" else 1e-6)
+
+
+def test_paired_differences_match_scipys_paired_t_and_pair_by_seed(tmp_path):
+    from scipy import stats
+
+    from analysis.tables import paired_differences, paired_markdown
+
+    a = [(0.2, 0.50), (0.3, 0.40), (0.4, 0.60), (0.1, 0.55)]
+    b = [(0.1, 0.20), (0.1, 0.30), (0.2, 0.10), (0.9, 0.25)]  # seed 3 of b is missing below: pairs use seeds 0-2
+    for s, (avg, fgt) in enumerate(a):
+        _job(tmp_path, "p_a", s, avg=avg, fgt=fgt)
+    for s, (avg, fgt) in enumerate(b[:3]):
+        _job(tmp_path, "p_b", s, avg=avg, fgt=fgt)
+    pts = {"p_a": Point("A"), "p_b": Point("B")}
+    d = paired_differences(tidy(tmp_path, pts), [("p_a", "p_b")], ["forgetting", "avg_acc"])
+    f = d[d["metric"] == "forgetting"].iloc[0]
+    ref = stats.ttest_rel([x[1] for x in a[:3]], [x[1] for x in b[:3]])
+    assert f["n"] == 3 and f["tests"] == 2
+    assert f["diff_mean"] == pytest.approx((0.3 + 0.1 + 0.5) / 3)
+    assert f["p"] == pytest.approx(ref.pvalue) and f["p_adj"] == pytest.approx(min(1.0, 2 * ref.pvalue))
+    assert f["diff_ci95"] == pytest.approx(mean_ci([0.3, 0.1, 0.5])[2])
+    assert f["p_exact"] == pytest.approx(0.25)  # all three differences positive: 2 of 8 sign patterns as extreme
+    md = paired_markdown(d, {"p_a": "A", "p_b": "B"})
+    assert "| A - B | forgetting | 3 |" in md and "not resolved" in md
