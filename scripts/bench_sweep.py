@@ -3,6 +3,12 @@ after another, each with every core) against ``hydra/launcher=cl_parallel`` (``-
 cores / jobs threads). Reports jobs per hour for both, their ratio (target >= 1.5x on 2 cores), the
 threads each job ran with, and whether every job's accuracy matrices are identical under both launchers.
 
+It also measures the ceiling the cores allow: seed 0 run alone with cores / jobs threads. If one job at
+all cores takes t_all and alone at cores / jobs threads takes t_part, ``jobs`` of them at once can at best
+finish ``jobs * t_all / t_part`` times as many jobs per hour as the basic launcher (the jobs share nothing
+else; memory bandwidth and caches only lower it). A job that already uses every core well leaves a parallel
+launcher little to gain.
+
     python scripts/bench_sweep.py                 # 4 seeds, 2 jobs at once
     python scripts/bench_sweep.py --seeds 4 --jobs 2 [overrides...]
     python scripts/bench_sweep.py --quick         # 2 seeds, 40 steps per task
@@ -66,7 +72,12 @@ def measure(args) -> list[dict]:
         par = sweep(tmp / "parallel", args.seeds, [*args.overrides, "hydra/launcher=cl_parallel",
                                                     f"hydra.launcher.n_jobs={args.jobs}"])
         print(f"[bench] cl_parallel ({args.jobs} jobs at once): {args.seeds} jobs in {par:.1f} s", flush=True)
+        cores = os.cpu_count() or 1
+        part_threads = max(1, cores // args.jobs)
+        sweep(tmp / "alone", 1, [*args.overrides, f"threads={part_threads}"])
         a, b = results(tmp / "basic"), results(tmp / "parallel")
+        alone = results(tmp / "alone")[0]["provenance"]["wall_seconds"]
+        full = a[0]["provenance"]["wall_seconds"] if 0 in a else float("nan")
         same = sorted(a) == sorted(b) == list(range(args.seeds)) and all(
             a[s][k] == b[s][k] for s in a for k in ("acc_matrix", "general_matrix", "base_acc"))
         threads = {name: sorted({r["provenance"]["machine"]["torch_threads"] for r in rs.values()})
@@ -75,12 +86,17 @@ def measure(args) -> list[dict]:
     print(f"\nmachine: {os.cpu_count()} cores; threads per job: basic {threads['basic']}, parallel {threads['parallel']}")
     print(f"jobs/hour: basic {3600 * args.seeds / basic:.0f}, parallel {3600 * args.seeds / par:.0f}: "
           f"{ratio:.2f}x (target >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})")
+    ceiling = args.jobs * full / alone
+    print(f"one job alone (seed 0): {full:.1f} s at {threads['basic']} threads, {alone:.1f} s at {part_threads}: "
+          f"ceiling for {args.jobs} at once {ceiling:.2f}x; measured {ratio:.2f}x ({ratio / ceiling:.0%} of it)")
     print(f"identical accuracy matrices per job: {'yes' if same else 'NO'}")
     if not same:
         raise SystemExit("error: the two launchers gave different accuracy matrices")
     label = " ".join(args.overrides) or "default experiment"
     return [row(f"sweep jobs/hour: cl_parallel ({args.jobs} at once) vs basic launcher, {args.seeds} seeds of "
-                f"the {label} (identical matrices)", 3600 * args.seeds / par, 3600 * args.seeds / basic, 1.5)]
+                f"the {label} (identical matrices)", 3600 * args.seeds / par, 3600 * args.seeds / basic, 1.5),
+            row(f"sweep: measured parallel gain vs its ceiling ({args.jobs} x t_all / t_part: seed 0 alone at all "
+                f"cores and at {part_threads} thread(s))", ratio, ceiling, None)]
 
 
 if __name__ == "__main__":
