@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from analysis.aggregate import (  # noqa: E402
     completed_results, mark_failed, markdown_table, write_report, mean_ci, summarise,
 )
-from analysis.tables import REAL, real_overrides  # noqa: E402
+from analysis.tables import (  # noqa: E402
+    REAL, Point, paired_differences, paired_markdown, real_overrides, tidy,
+)
 from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention"]
@@ -121,6 +123,25 @@ def plot_fraction(root: Path, path: Path) -> Path | None:
 SCHEDULE_EXPERIMENTS = {"lr_infinite", "lr_rewarm"}
 
 
+def paired_specs(tables: dict[str, list[str]]) -> dict[str, tuple[list[tuple[str, str]], list[str]]]:
+    """Each part's claim as paired comparisons against its no-mitigation row, same seed: ``{part: (pairs,
+    metrics)}`` (the schedule part compares schedules with each other, against uniform)."""
+    out = {}
+    for part, names in tables.items():
+        if part == "fraction":
+            base = {n.split("_")[0]: n for n in names if n.endswith("_frac0")}
+            pairs = [(n, base[n.split("_")[0]]) for n in names if n not in base.values() and n.split("_")[0] in base]
+            out[part] = (pairs, ["forgetting", "general_retention", "new_acc"])
+        elif part == "regularizers":
+            out[part] = ([(n, "sft_frac0") for n in names if n != "sft_frac0"], ["forgetting", "general_retention"])
+        elif part == "gere":
+            out[part] = ([(n, "sft_frac0") for n in names if n != "sft_frac0"],
+                         ["general_retention", "general_retention_unreplayed"])
+        elif part == "schedule":
+            out[part] = ([(n, names[0]) for n in names[1:]], ["forgetting", "avg_acc"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy budget: 40 steps per task, G=4, boundary-only eval")
@@ -159,6 +180,13 @@ def main() -> None:
         metrics = GERE_METRICS if part == "gere" else METRICS
         rows = {mark_failed(label(n), root / n): summarise(completed_results(root / n), metrics) for n in names}
         lines += [f"## {titles[part]}", "", markdown_table(rows, metrics), ""]
+        pairs, pmetrics = paired_specs({part: names})[part]
+        if pairs:
+            d = paired_differences(tidy(root, {n: Point(label(n)) for n in names}), pairs, pmetrics)
+            d.to_csv(root / f"paired_{part}.csv", index=False)
+            lines += [f"Paired differences over seeds (same seed, same data and order), Bonferroni over the "
+                      f"{len(pairs) * len(pmetrics)} rows of this part:", "",
+                      paired_markdown(d, {n: label(n) for n in names}), ""]
     if "fraction" in parts:
         pic = plot_fraction(root, root / "replay_fraction.png")
         if pic is not None:
