@@ -197,14 +197,14 @@ def matched_gain(runs: Runs, metrics: Sequence[str], levels: Sequence[float], n_
 
 def paired_t_p(diffs: Sequence[float]) -> float:
     """Two-sided p-value of a paired t-test that the per-seed differences have mean 0 (NaN below 2 seeds;
-    0 when every difference is the same non-zero value)."""
+    0 when every difference is the same non-zero value, 1 when every one is 0, both up to rounding)."""
     from scipy import stats
 
     d = np.asarray([x for x in diffs if not math.isnan(x)], dtype=float)
     if len(d) < 2:
         return float("nan")
-    if np.ptp(d) == 0:
-        return 0.0 if d[0] != 0 else 1.0
+    if np.ptp(d) <= 1e-12:  # the same difference on every seed (up to rounding): no spread to test against
+        return 0.0 if abs(d.mean()) > 1e-12 else 1.0
     return float(stats.ttest_1samp(d, 0.0).pvalue)
 
 
