@@ -106,29 +106,48 @@ def latex(root: Path, points: dict[str, Point], summ: pd.DataFrame, metrics: Seq
 def paired_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], metrics: Sequence[str],
                        alpha: float = 0.05) -> pd.DataFrame:
     """Point ``a`` minus point ``b`` per seed (the same seed means the same data draw and training order, so
-    differences are paired), for every pair and metric: the mean difference with its 95% t interval over the
-    seeds completed in both, the paired t-test p, the same p Bonferroni-adjusted over every row of this
-    family (``tests`` = pairs x metrics), and the exact sign-flip p (distribution-free; with n seeds it cannot
-    go below 2^(1-n))."""
+    differences are paired by seed, never by position), for every pair and metric: the mean difference with
+    its 95% t interval over the seeds completed in both (a seed missing the metric in either run drops out
+    of that metric only), the paired t-test p, the same p Bonferroni-adjusted over every row of this family
+    (``tests`` = pairs x metrics), and the exact sign-flip p (distribution-free; with n seeds it cannot go
+    below 2^(1-n)). The same non-zero difference on every seed leaves the t-test undefined: p is NaN and
+    ``constant`` is set. A point with several completed runs of one seed (merged job folders) uses the
+    first by directory name, with a warning; an empty frame gives rows with n = 0."""
+    import warnings
+
     from analysis.fronts import paired_t_p, sign_flip_p
 
-    done = df[df["status"] == "completed"] if len(df) else df
+    cols = {"point", "seed", "status"}
+    done = df[df["status"] == "completed"] if len(df) and cols <= set(df.columns) else pd.DataFrame(columns=[*cols])
+    done = done[done["seed"].notna()]
+
+    def runs(point: str) -> pd.DataFrame:
+        v = done[done["point"] == point]
+        v = v.sort_values("dir") if "dir" in v.columns else v
+        dup = sorted(set(v.loc[v["seed"].duplicated(), "seed"]))
+        if dup:
+            warnings.warn(f"{point}: several completed runs of seed(s) {dup}; the first by directory is used",
+                          stacklevel=3)
+        return v.drop_duplicates("seed").set_index("seed")
+
     m_tests = max(1, len(pairs) * len(metrics))
     rows = []
     for a, b in pairs:
-        va = done[done["point"] == a].set_index("seed")
-        vb = done[done["point"] == b].set_index("seed")
+        va, vb = runs(a), runs(b)
         seeds = sorted(set(va.index) & set(vb.index))
         for metric in metrics:
-            d = [float(va.loc[s, metric]) - float(vb.loc[s, metric]) for s in seeds
-                 if pd.notna(va.loc[s, metric]) and pd.notna(vb.loc[s, metric])]
+            xa = va[metric] if metric in va.columns else pd.Series(dtype=float)
+            xb = vb[metric] if metric in vb.columns else pd.Series(dtype=float)
+            d = [float(xa[s]) - float(xb[s]) for s in seeds if s in xa.index and s in xb.index
+                 and pd.notna(xa[s]) and pd.notna(xb[s])]
             mean, _, ci = mean_ci(d)
-            p = paired_t_p(d)
+            constant = len(d) >= 2 and max(d) - min(d) <= 1e-12 and abs(mean) > 1e-12
+            p = float("nan") if constant else paired_t_p(d)
             p_exact = sign_flip_p(d) if d else float("nan")
             rows.append({"a": a, "b": b, "metric": metric, "n": len(d), "diff_mean": mean, "diff_ci95": ci,
                          "p": p, "p_adj": min(1.0, p * m_tests) if p == p else float("nan"),
                          "p_exact": p_exact, "p_exact_adj": min(1.0, p_exact * m_tests) if p_exact == p_exact
-                         else float("nan"), "tests": m_tests, "alpha": alpha})
+                         else float("nan"), "constant": constant, "tests": m_tests, "alpha": alpha})
     return pd.DataFrame(rows)
 
 
@@ -136,22 +155,28 @@ def _p(x: float) -> str:
     return "-" if x != x else f"{x:.3f}"
 
 
+def paired_reading(r: dict) -> str:
+    """One row's reading: resolved only when the Bonferroni-adjusted paired t-test p is at most alpha, and
+    then whether the distribution-free sign-flip test agrees (with 3 seeds it cannot: 2^(1-3) = 0.25 before
+    adjustment)."""
+    side = "a higher" if r["diff_mean"] > 0 else "a lower"
+    if r["n"] < 2:
+        return "too few seeds"
+    if r.get("constant"):
+        return f"{side} by the same amount on every seed: t-test undefined, not resolved"
+    if not r["p_adj"] <= r["alpha"]:
+        return "not resolved"
+    return f"{side} (resolved{'; the sign-flip test agrees' if r['p_exact_adj'] <= r['alpha'] else '; t-test only'})"
+
+
 def paired_markdown(diffs: pd.DataFrame, labels: dict[str, str]) -> str:
-    """``paired_differences`` as a Markdown table with a reading per row: a difference counts as resolved
-    only when the Bonferroni-adjusted t-test p is at most alpha (the sign-flip column says whether the
-    distribution-free test could agree at this n)."""
+    """``paired_differences`` as a Markdown table with ``paired_reading`` per row."""
     lines = ["| a - b | metric | n | mean difference ± 95% CI | p (t) | p adjusted | p sign-flip (adjusted) | reading |",
              "|---|---|---|---|---|---|---|---|"]
     for r in diffs.to_dict("records"):
-        if r["n"] < 2:
-            reading = "too few seeds"
-        elif r["p_adj"] <= r["alpha"]:
-            reading = f"{'a higher' if r['diff_mean'] > 0 else 'a lower'} (resolved)"
-        else:
-            reading = "not resolved"
         lines.append(f"| {labels.get(r['a'], r['a'])} - {labels.get(r['b'], r['b'])} | {r['metric']} | {r['n']} | "
                      f"{format_cell(r['diff_mean'], r['diff_ci95'])} | {_p(r['p'])} | {_p(r['p_adj'])} | "
-                     f"{_p(r['p_exact'])} ({_p(r['p_exact_adj'])}) | {reading} |")
+                     f"{_p(r['p_exact'])} ({_p(r['p_exact_adj'])}) | {paired_reading(r)} |")
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ REGULARIZERS = ["ewc", "l2_anchor", "lwf", "er", "meta_er", "kfpf", "lr_rewarm",
 
 def points(parts: set[str], paradigms: tuple[str, ...] = ("sft", "grpo")) -> tuple[dict[str, tuple[str | None, list[str]]], dict[str, list[str]]]:
     """``({directory: (experiment, overrides)}, {table: [directories]})``; a point shared by two tables
-    (no replay under SFT) runs once."""
+    (no replay under SFT, ``replay=none`` in every part) runs once."""
     runs: dict[str, tuple[str | None, list[str]]] = {}
     tables: dict[str, list[str]] = {}
     if "gere" in parts:
@@ -56,7 +56,8 @@ def points(parts: set[str], paradigms: tuple[str, ...] = ("sft", "grpo")) -> tup
     if "fraction" in parts:
         for obj in paradigms:
             for f in FRACTIONS:
-                runs[f"{obj}_frac{f}"] = (None, [f"objective={obj}", "replay=er", f"replay.er.fraction={f}"])
+                runs[f"{obj}_frac{f}"] = (None, [f"objective={obj}", "replay=none"] if f == "0" else
+                                          [f"objective={obj}", "replay=er", f"replay.er.fraction={f}"])
         tables["fraction"] = [f"{obj}_frac{f}" for obj in paradigms for f in FRACTIONS]
     if "regularizers" in parts:
         runs["sft_frac0"] = (None, ["objective=sft", "replay=none"])

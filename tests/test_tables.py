@@ -338,27 +338,47 @@ def test_rft_cpt_real_vision_arms_start_on_a_tiny_random_qwen2_5_vl(tmp_path):
 
 
 def test_paired_differences_match_scipys_paired_t_and_pair_by_seed(tmp_path):
+    import pandas as pd
     from scipy import stats
 
     from analysis.tables import paired_differences, paired_markdown
 
     a = [(0.2, 0.50), (0.3, 0.40), (0.4, 0.60), (0.1, 0.55)]
-    b = [(0.1, 0.20), (0.1, 0.30), (0.2, 0.10), (0.9, 0.25)]  # seed 3 of b is missing below: pairs use seeds 0-2
+    b = {0: (0.1, 0.20), 2: (0.2, 0.10), 3: (0.9, 0.25)}  # b has no seed 1: pairs are seeds 0, 2, 3 (not by position)
     for s, (avg, fgt) in enumerate(a):
         _job(tmp_path, "p_a", s, avg=avg, fgt=fgt)
-    for s, (avg, fgt) in enumerate(b[:3]):
+    for s, (avg, fgt) in b.items():
         _job(tmp_path, "p_b", s, avg=avg, fgt=fgt)
     pts = {"p_a": Point("A"), "p_b": Point("B")}
     d = paired_differences(tidy(tmp_path, pts), [("p_a", "p_b")], ["forgetting", "avg_acc"])
     f = d[d["metric"] == "forgetting"].iloc[0]
-    ref = stats.ttest_rel([x[1] for x in a[:3]], [x[1] for x in b[:3]])
+    diffs = [a[s][1] - b[s][1] for s in (0, 2, 3)]  # .30, .50, .30
+    ref = stats.ttest_rel([a[s][1] for s in (0, 2, 3)], [b[s][1] for s in (0, 2, 3)])
     assert f["n"] == 3 and f["tests"] == 2
-    assert f["diff_mean"] == pytest.approx((0.3 + 0.1 + 0.5) / 3)
+    assert f["diff_mean"] == pytest.approx(sum(diffs) / 3)
     assert f["p"] == pytest.approx(ref.pvalue) and f["p_adj"] == pytest.approx(min(1.0, 2 * ref.pvalue))
-    assert f["diff_ci95"] == pytest.approx(mean_ci([0.3, 0.1, 0.5])[2])
+    assert f["diff_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * stats.sem(diffs), rel=1e-4)  # t95 table: 4.303
     assert f["p_exact"] == pytest.approx(0.25)  # all three differences positive: 2 of 8 sign patterns as extreme
     md = paired_markdown(d, {"p_a": "A", "p_b": "B"})
-    assert "| A - B | forgetting | 3 |" in md and "not resolved" in md
+    fline = next(x for x in md.splitlines() if "| forgetting |" in x)
+    assert fline.startswith("| A - B | forgetting | 3 | +0.367 ± ") and fline.endswith("| not resolved |")
+
+    # a metric missing on one seed drops that seed for that metric only; duplicated seeds use the first run;
+    # the same difference on every seed is not a resolved t-test; an empty frame gives n = 0
+    rows = [{"point": "x", "seed": s, "status": "completed", "dir": f"x{s}", "m1": 1.0 + 0.1 * s, "m2": 0.5}
+            for s in range(3)]
+    rows += [{"point": "y", "seed": s, "status": "completed", "dir": f"y{s}", "m1": 0.1 * s,
+              "m2": float("nan") if s == 1 else 0.25} for s in range(3)]
+    rows.append({"point": "y", "seed": 2, "status": "completed", "dir": "y9", "m1": 99.0, "m2": 99.0})
+    with pytest.warns(UserWarning, match="several completed runs of seed"):
+        d2 = paired_differences(pd.DataFrame(rows), [("x", "y")], ["m1", "m2", "absent"])
+    r = {x["metric"]: x for x in d2.to_dict("records")}
+    assert r["m1"]["n"] == 3 and r["m1"]["diff_mean"] == pytest.approx(1.0) and r["m1"]["constant"]
+    assert math.isnan(r["m1"]["p"]) and "t-test undefined" in paired_markdown(d2, {})
+    assert r["m2"]["n"] == 2 and r["m2"]["diff_mean"] == pytest.approx(0.25)
+    assert r["absent"]["n"] == 0
+    empty = paired_differences(pd.DataFrame(), [("x", "y")], ["m1"])
+    assert list(empty["n"]) == [0] and "too few seeds" in paired_markdown(empty, {})
 
 
 def _fake_point(root: Path, point: str, seeds: int, shift: float) -> None:
@@ -367,7 +387,8 @@ def _fake_point(root: Path, point: str, seeds: int, shift: float) -> None:
     for s in range(seeds):
         d = root / point / "jobs" / f"seed={s}"
         d.mkdir(parents=True)
-        m = {"avg_acc": 0.3 + 0.01 * s, "forgetting": 0.2 + shift + 0.02 * s, "bwt": -0.2 - shift - 0.02 * s,
+        f = 0.2 + 0.02 * s + shift * (1 + 0.05 * s)  # shifted rows forget 0.1, 0.105, 0.11 less
+        m = {"avg_acc": 0.3 + 0.01 * s, "forgetting": f, "bwt": -f,
              "new_acc": 0.5, "general_retention": -0.1 - 0.01 * s, "general_retention_unreplayed": -0.1}
         (d / "results.json").write_text(json.dumps({"status": "completed", "config": {"seed": s}, "metrics": m}))
 
@@ -380,7 +401,8 @@ def _fake_point(root: Path, point: str, seeds: int, shift: float) -> None:
 ])
 def test_table_scripts_write_their_claims_as_paired_differences(script, args, points, tmp_path):
     """With every job already complete the scripts only read and write: each claim's paired table appears
-    with the differences the fake runs were built with (GRPO/replay/AMA rows forget 0.1 less, every seed)."""
+    with the differences the fake runs were built with (GRPO/replay/AMA rows forget 0.100, 0.105 and 0.110
+    less on seeds 0-2: t-test resolved after Bonferroni, sign-flip cannot be at 3 seeds)."""
     import subprocess
     import sys
 
@@ -395,9 +417,11 @@ def test_table_scripts_write_their_claims_as_paired_differences(script, args, po
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     md = (tmp_path / "table.md").read_text()
     assert "mean difference ± 95% CI" in md
-    row = {"reproduce_ctbench": "| GRPO sequential FT - SFT sequential FT | forgetting | 3 | -0.100 ± 0.000 |",
-           "reproduce_averaging": "| SFT AMA - SFT wise 0.2 | forgetting | 3 | -0.100 ± 0.000 |",
-           "reproduce_replay": "| SFT replay 0.25 - no replay | forgetting | 3 | -0.100 ± 0.000 |"}[script]
+    row = {"reproduce_ctbench": "| GRPO sequential FT - SFT sequential FT | forgetting | 3 | -0.105 ± 0.012 |",
+           "reproduce_averaging": "| SFT AMA - SFT wise 0.2 | forgetting | 3 | -0.105 ± 0.012 |",
+           "reproduce_replay": "| SFT replay 0.25 - no replay | forgetting | 3 | -0.105 ± 0.012 |"}[script]
     assert row in md
     line = next(x for x in md.splitlines() if x.startswith(row))
-    assert line.endswith("| a lower (resolved) |")  # the same -0.1 on every seed: t-test p 0, sign-flip 0.25
+    assert line.endswith("| a lower (resolved; t-test only) |")
+    same = next(x for x in md.splitlines() if "| new_acc |" in x or "| general_retention |" in x)
+    assert same.endswith("| not resolved |")  # equal on every seed
