@@ -9,7 +9,9 @@ threads) jobs really run at once, the parallel sweep can at best finish seeds jo
 t_part against the basic launcher's seeds * t_all: a ceiling of seeds * t_all / (ceil(seeds / c) * t_part)
 (2 * t_all / t_part for 2 jobs on 2 cores; memory bandwidth and caches only lower it). t_all and t_part are
 the jobs' own wall times; the measured ratio is of whole sweeps, so process start-up counts against both
-launchers there. A job that already uses every core well leaves a parallel launcher little to gain.
+launchers there. A job that already uses every core well leaves a parallel launcher little to gain; jobs
+that slow each other down (shared caches, memory bandwidth, or virtual cores that share a physical one)
+fall short of the ceiling by the factor printed as "slower from sharing the machine".
 
     python scripts/bench_sweep.py                 # 4 seeds, 2 jobs at once
     python scripts/bench_sweep.py --seeds 4 --jobs 2 [overrides...]
@@ -81,6 +83,7 @@ def measure(args) -> list[dict]:
         a, b = results(tmp / "basic"), results(tmp / "parallel")
         alone = results(tmp / "alone")[0]["provenance"]["wall_seconds"]
         full = a[0]["provenance"]["wall_seconds"] if 0 in a else float("nan")
+        overhead = (basic - sum(r["provenance"]["wall_seconds"] for r in a.values())) / max(1, len(a))
         same = sorted(a) == sorted(b) == list(range(args.seeds)) and all(
             a[s][k] == b[s][k] for s in a for k in ("acc_matrix", "general_matrix", "base_acc"))
         threads = {name: sorted({r["provenance"]["machine"]["torch_threads"] for r in rs.values()})
@@ -91,8 +94,12 @@ def measure(args) -> list[dict]:
           f"{ratio:.2f}x (target >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})")
     conc = max(1, min(args.jobs, args.seeds, cores // part_threads))
     ceiling = args.seeds * full / (math.ceil(args.seeds / conc) * alone)
+    beside = sum(r["provenance"]["wall_seconds"] for r in b.values()) / max(1, len(b))
     print(f"one job alone (seed 0): {full:.1f} s at {threads['basic']} threads, {alone:.1f} s at {part_threads}: "
           f"ceiling for {conc} at once {ceiling:.2f}x; measured {ratio:.2f}x ({ratio / ceiling:.0%} of it)")
+    print(f"a job beside another ran {beside:.1f} s on average, alone at {part_threads} thread(s) {alone:.1f} s: "
+          f"{beside / alone:.2f}x slower from sharing the machine; start-up outside the run {overhead:.1f} s per job "
+          f"under the basic launcher")
     print(f"identical accuracy matrices per job: {'yes' if same else 'NO'}")
     if not same:
         raise SystemExit("error: the two launchers gave different accuracy matrices")
