@@ -7,7 +7,7 @@ alphas with mean 0.2). Each point runs over seeds as a Hydra multirun (resumable
 accuracy against forgetting and against general retention, mean +- std over seeds with each paradigm's
 Pareto frontier, and prints the table (mean +- 95% CI). AMA's and partwise's claim, that they beat uniform
 averaging, is read as paired differences over seeds against WiSE 0.2 (AMA's mean alpha; partwise's 0.4 / 0.1
-/ 0.2 blocks average about 0.24 per layer), with the
+/ 0.2 blocks average about 0.25 per layer), with the
 paired t-test Bonferroni-adjusted over the comparisons of a paradigm and the exact sign-flip test beside it.
 
     python scripts/reproduce_averaging.py --quick   # toy budget (base stage cached)

@@ -67,7 +67,7 @@ def main() -> None:
         d = paired_differences(df, pairs, metrics)
         frames.append(d.assign(family=title))
         notes += [f"## {title}", "", f"Paired over seeds; Bonferroni over the {len(pairs) * len(metrics)} rows of "
-                  "this family. Lower forgetting is better; higher general_retention and new_acc are better.", "",
+                  "this family.\nLower forgetting is better; higher general_retention and new_acc are better.", "",
                   paired_markdown(d, labels), ""]
     if frames:
         import pandas as pd
