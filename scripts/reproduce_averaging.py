@@ -81,9 +81,8 @@ def main() -> None:
                      annotate="setting", title="averaging: new-task accuracy vs general retention")
     lines = ["# Averaging at toy scale (default stream)", "", markdown_table(rows, METRICS), "",
              f"![forgetting]({p1.name})", f"![general]({p2.name})", ""]
-    df = tidy(root, {name: Point(f"{p.upper()} {setting}", None, [], {"paradigm": p})
-                     for name, (p, setting, _, _) in todo.items()})
     labels = {name: f"{p.upper()} {setting}" for name, (p, setting, _, _) in todo.items()}
+    df = tidy(root, {name: Point(label) for name, label in labels.items()})
     for p in paradigms:
         pairs = [(f"{p}_ama", f"{p}_wise0.2"), (f"{p}_partwise", f"{p}_wise0.2")]
         metrics = ["forgetting", "general_retention", "new_acc", "avg_acc"]

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pandas as pd  # noqa: E402
+
 from analysis.tables import (  # noqa: E402
     Point, paired_differences, paired_markdown, parse_args, run_points, tidy, write_table,
 )
@@ -70,8 +72,6 @@ def main() -> None:
                   "this family.\nLower forgetting is better; higher general_retention and new_acc are better.", "",
                   paired_markdown(d, labels), ""]
     if frames:
-        import pandas as pd
-
         pd.concat(frames).to_csv(args.out / "paired.csv", index=False)
     md, _ = write_table(args.out, "MLLM-CTBench-style methods x paradigms (toy scale)", pts, METRICS, notes)
     print("\n" + md + f"\n\nwritten: {args.out}/table.md, table.tex, runs.csv, paired.csv ({time.perf_counter() - t0:.0f} s)")

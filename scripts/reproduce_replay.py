@@ -177,11 +177,12 @@ def main() -> None:
     titles = {"gere": "(a) GeRe replay losses, SFT", "fraction": "(b) experience-replay fraction, SFT and GRPO",
               "schedule": "(c) past-task schedule at 25% replay, SFT, task-balanced buffer",
               "regularizers": "(d) rehearsal-free regularizers, meta-replay, k-FPF and LR schedules, SFT"}
+    specs = paired_specs(tables)
     for part, names in tables.items():
         metrics = GERE_METRICS if part == "gere" else METRICS
         rows = {mark_failed(label(n), root / n): summarise(completed_results(root / n), metrics) for n in names}
         lines += [f"## {titles[part]}", "", markdown_table(rows, metrics), ""]
-        pairs, pmetrics = paired_specs({part: names})[part]
+        pairs, pmetrics = specs[part]
         if pairs:
             d = paired_differences(tidy(root, {n: Point(label(n)) for n in names}), pairs, pmetrics)
             d.to_csv(root / f"paired_{part}.csv", index=False)
