@@ -225,7 +225,7 @@ def parse_args(description: str, default_out: str, paradigms: str = "sft,grpo"):
                     + " ".join(REAL_PARADIGM["grpo"]) + " (a point's own settings and extra overrides win)")
     ap.add_argument("--out", type=Path, default=None, help=f"output root (default: {default_out}[_quick|_real])")
     ap.add_argument("--jobs", type=int, default=1, help="sweep jobs at once on this machine (hydra/launcher="
-                    "cl_parallel; each gets cores / jobs threads; needs the [parallel] extra)")
+                    "cl_parallel: forked workers, each with cores / jobs threads)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = ap.parse_args()
     args.paradigms = [p.strip() for p in args.paradigms.split(",") if p.strip()]

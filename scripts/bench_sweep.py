@@ -3,6 +3,11 @@ after another, each with every core) against ``hydra/launcher=cl_parallel`` (``-
 cores / jobs threads). Reports jobs per hour for both, their ratio (target >= 1.5x on 2 cores), the
 threads each job ran with, and whether every job's accuracy matrices are identical under both launchers.
 
+``cl_parallel`` forks its workers from the sweep's process (``hydra_plugins/cl_launcher``); the same sweep
+also runs under Hydra's joblib launcher (``hydra/launcher=joblib``: loky workers, fresh interpreters that
+import torch, Lightning and transformers again), so the start-up each costs is measured in the same run: a
+sweep's wall time less the jobs' own run time (the busiest worker's sum of job wall times).
+
 It also measures the ceiling the cores allow: seed 0 run alone with cores / jobs threads. If one job at
 all cores takes t_all and alone at cores / jobs threads takes t_part, and c = min(jobs, seeds, cores /
 threads) jobs really run at once, the parallel sweep can at best finish seeds jobs in ceil(seeds / c) *
@@ -53,6 +58,16 @@ def results(out: Path) -> dict[int, dict]:
     return {r["config"]["seed"]: r for r in runs if r.get("status") == "completed"}
 
 
+def busiest(runs: dict[int, dict], jobs: int) -> float:
+    """The jobs' own run time in a parallel sweep: seeds are dealt to ``jobs`` workers one at a time, in
+    order to whichever worker frees first (as both parallel launchers do), and the busiest worker's sum of
+    wall times is the part of the sweep's wall time spent inside the jobs' runs."""
+    load = [0.0] * max(1, jobs)
+    for seed in sorted(runs):
+        load[load.index(min(load))] += runs[seed]["provenance"]["wall_seconds"]
+    return max(load)
+
+
 QUICK = ["--seeds", "2", "--steps-per-task", "40"]
 
 
@@ -78,14 +93,18 @@ def measure(args) -> list[dict]:
         par = sweep(tmp / "parallel", args.seeds, [*args.overrides, "hydra/launcher=cl_parallel",
                                                     f"hydra.launcher.n_jobs={args.jobs}"])
         print(f"[bench] cl_parallel ({args.jobs} jobs at once): {args.seeds} jobs in {par:.1f} s", flush=True)
+        loky = sweep(tmp / "loky", args.seeds, [*args.overrides, "hydra/launcher=joblib",
+                                                 f"hydra.launcher.n_jobs={args.jobs}"])
+        print(f"[bench] joblib launcher (loky workers, {args.jobs} at once): {args.seeds} jobs in {loky:.1f} s", flush=True)
         part_threads = max(1, cores // args.jobs)
         sweep(tmp / "alone", 1, [*args.overrides, f"threads={part_threads}"])
-        a, b = results(tmp / "basic"), results(tmp / "parallel")
+        a, b, c = results(tmp / "basic"), results(tmp / "parallel"), results(tmp / "loky")
         alone = results(tmp / "alone")[0]["provenance"]["wall_seconds"]
         full = a[0]["provenance"]["wall_seconds"] if 0 in a else float("nan")
         overhead = (basic - sum(r["provenance"]["wall_seconds"] for r in a.values())) / max(1, len(a))
-        same = sorted(a) == sorted(b) == list(range(args.seeds)) and all(
-            a[s][k] == b[s][k] for s in a for k in ("acc_matrix", "general_matrix", "base_acc"))
+        same = sorted(a) == sorted(b) == sorted(c) == list(range(args.seeds)) and all(
+            a[s][k] == b[s][k] == c[s][k] for s in a for k in ("acc_matrix", "general_matrix", "base_acc"))
+        startup = {name: wall - busiest(rs, args.jobs) for name, wall, rs in (("fork", par, b), ("loky", loky, c))}
         threads = {name: sorted({r["provenance"]["machine"]["torch_threads"] for r in rs.values()})
                    for name, rs in (("basic", a), ("parallel", b))}
     ratio = basic / par
@@ -100,14 +119,18 @@ def measure(args) -> list[dict]:
     print(f"a job beside another ran {beside:.1f} s on average, alone at {part_threads} thread(s) {alone:.1f} s: "
           f"{beside / alone:.2f}x slower from sharing the machine; start-up outside the run {overhead:.1f} s per job "
           f"under the basic launcher")
-    print(f"identical accuracy matrices per job: {'yes' if same else 'NO'}")
+    print(f"start-up outside the jobs' run time, per sweep: forked workers {startup['fork']:.1f} s, loky workers "
+          f"{startup['loky']:.1f} s; the loky sweep took {loky:.1f} s ({basic / loky:.2f}x the basic launcher's jobs/hour)")
+    print(f"identical accuracy matrices per job (basic, forked, loky): {'yes' if same else 'NO'}")
     if not same:
         raise SystemExit("error: the two launchers gave different accuracy matrices")
     label = " ".join(args.overrides) or "default experiment"
     return [row(f"sweep jobs/hour: cl_parallel ({args.jobs} at once) vs basic launcher, {args.seeds} seeds of "
                 f"the {label} (identical matrices)", 3600 * args.seeds / par, 3600 * args.seeds / basic, 1.5),
             row(f"sweep: measured parallel gain vs its ceiling (seeds x t_all / (ceil(seeds / {conc}) x t_part): seed 0 "
-                f"alone at all cores and at {part_threads} thread(s))", ratio, ceiling, None)]
+                f"alone at all cores and at {part_threads} thread(s))", ratio, ceiling, None),
+            row("sweep start-up per sweep (s, outside the jobs' run time): cl_parallel's forked workers vs joblib's loky",
+                startup["fork"], startup["loky"], None, ratio=startup["fork"] / startup["loky"] if startup["loky"] > 0 else float("nan"))]
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ from analysis.aggregate import (  # noqa: E402
 from analysis.fronts import (  # noqa: E402
     gain_levels, interior_best, matched_gain, plot_fronts, task_gain, verdict,
 )
-from analysis.tables import REAL as TABLES_REAL, real_overrides  # noqa: E402
+from analysis.tables import (  # noqa: E402
+    REAL as TABLES_REAL, Point, paired_differences, paired_markdown, real_overrides, tidy,
+)
 from analysis.sweep import QUICK as SWEEP_QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 ARMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo", "GRPO no KL": "rft_cpt_grpo_nokl",
@@ -76,6 +78,11 @@ PARADIGMS = {"SFT": "rft_cpt_sft", "GRPO": "rft_cpt_grpo"}
 METRICS = ["avg_acc", "forgetting", "bwt", "new_acc", "general_retention", "forward_kl_sampled_mean",
            "kl_base_general_final"]
 FRONT_METRICS = {"forgetting": True, "general_retention": False}  # metric -> lower is better
+# the parts' claims as paired comparisons (a - b): RL against SFT at one lr, and whether the KL term (or RIF's
+# token filter) is what keeps GRPO's forgetting low; reasoning traces against answer-only prompts
+SHARED_PAIRS = [("rft_cpt_grpo", "rft_cpt_sft"), ("rft_cpt_grpo_nokl", "rft_cpt_grpo"), ("rft_cpt_rif_grpo", "rft_cpt_grpo")]
+REASONING_PAIRS = [("rft_cpt_grpo_reasoning", "rft_cpt_grpo_noreasoning")]
+PAIRED_METRICS = ["forgetting", "general_retention", "new_acc"]
 PARTS = ("front", "ratio", "shared", "compute", "joint", "reasoning")
 SFT_LRS = "1e-6,3e-6,1e-5,3e-5,1e-4,3e-4,1e-3"  # low enough to reach GRPO's (smaller) gains
 GRPO_LRS = "3e-6,1e-5,3e-5,1e-4,3e-4,1e-3"
@@ -362,7 +369,8 @@ def part_shared(ctx: Ctx) -> list[str]:
             r["metrics"]["gain"] = task_gain(r)
         rows[mark_failed(label, out)] = summarise(rs, ["gain", *METRICS])
     return [f"## shared_lr: one learning rate ({lr:g}) for every arm", "", markdown_table(rows, ["gain", *METRICS]), "",
-            *_compute_rows(ctx.root / "shared_lr", ARMS), ""]
+            *_compute_rows(ctx.root / "shared_lr", ARMS), "",
+            *paired_lines(ctx.root / "shared_lr", ARMS, SHARED_PAIRS, PAIRED_METRICS)]
 
 
 def _seconds(by_seed: dict[int, dict]) -> float:
@@ -437,7 +445,21 @@ def part_reasoning(ctx: Ctx) -> list[str]:
             r["metrics"]["base_avg"] = sum(r["base_acc"]) / len(r["base_acc"])
         rows[mark_failed(label, out)] = summarise(runs, METRICS + ["base_avg"])
     return ["## Reasoning ablation (GRPO, base=tiny_reasoning)", "", markdown_table(rows, METRICS + ["base_avg"]),
-            "", *_compute_rows(ctx.root / "reasoning", REASONING_ARMS), ""]
+            "", *_compute_rows(ctx.root / "reasoning", REASONING_ARMS), "",
+            *paired_lines(ctx.root / "reasoning", REASONING_ARMS, REASONING_PAIRS, PAIRED_METRICS)]
+
+
+def paired_lines(root: Path, arms: dict[str, str], pairs: list[tuple[str, str]], metrics: list[str]) -> list[str]:
+    """Arms compared as per-seed differences (``analysis.tables.paired_differences``: a seed fixes what it
+    varies for every arm, so runs pair by seed), Bonferroni over the part's rows; written to
+    ``<root>/paired.csv``."""
+    if not root.exists():
+        return []
+    labels = {exp: label for label, exp in arms.items()}
+    d = paired_differences(tidy(root, {exp: Point(label) for label, exp in arms.items()}), pairs, metrics)
+    d.to_csv(root / "paired.csv", index=False)
+    return [f"Paired differences over seeds, Bonferroni over the {len(pairs) * len(metrics)} rows of this part:",
+            "", paired_markdown(d, labels), ""]
 
 
 if __name__ == "__main__":

@@ -127,7 +127,6 @@ def test_slurm_launcher_preset_matches_tasks_and_gpus_to_the_trainer():
 
 
 def test_parallel_launcher_preset_and_threads_per_job():
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     from hydra import compose, initialize_config_dir
 
     from cl.run import CONF_DIR, set_threads
@@ -135,7 +134,7 @@ def test_parallel_launcher_preset_and_threads_per_job():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True,
                       overrides=["hydra/launcher=cl_parallel", "hydra.launcher.n_jobs=2"])
-    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+    assert cfg.hydra.launcher._target_.endswith("ForkLauncher") and cfg.hydra.launcher.n_jobs == 2
     import torch
 
     before = torch.get_num_threads()
@@ -146,9 +145,58 @@ def test_parallel_launcher_preset_and_threads_per_job():
         torch.set_num_threads(before)
 
 
+def test_a_parallel_sweep_runs_every_job_in_forked_workers_and_sums_them_up(tmp_path, cache_dir):
+    """Three jobs, two at once: every job completes in its own directory with cores // 2 threads, the
+    sweep's summary counts them, and the basic launcher's directory names are kept."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "cl.run", "-m", "experiment=smoke", "seed=0,1,2",
+                           "stream.steps_per_task=2", "shift=none", "logger=none", f"cache_dir={cache_dir}",
+                           "hydra/launcher=cl_parallel", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 completed, 0 failed" in proc.stdout
+    res = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
+    assert sorted(r["config"]["seed"] for r in res) == [0, 1, 2] and {r["status"] for r in res} == {"completed"}
+    assert {r["provenance"]["machine"]["torch_threads"] for r in res} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert all(p.parent.name.startswith(f"experiment=smoke,seed={s},") for s, p in
+               enumerate(sorted(tmp_path.glob("*/results.json"))))
+
+
+def test_the_fork_launcher_refuses_a_multithreaded_parent_and_returns_plain_data():
+    """Forking a process with other threads running can deadlock the child, so the launcher refuses; a
+    job's configs made from run-time dataclasses come back as plain configs that pickle."""
+    import dataclasses
+    import pickle
+    import threading
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.cl_launcher.fork_launcher import ForkLauncher, portable
+
+    launcher = ForkLauncher(n_jobs=2)
+    launcher.setup(hydra_context=object(), task_function=lambda cfg: None, config=OmegaConf.create({}))
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, name="busy", daemon=True)
+    t.start()
+    try:
+        with pytest.raises(RuntimeError, match="other threads \\(busy\\)"):
+            launcher.launch([["seed=0"]], 0)
+    finally:
+        stop.set()
+        t.join()
+    made = dataclasses.make_dataclass("MadeAtRunTime", [("lr", float, 1e-4)])  # like cl.components' configs
+    ret = JobReturn(cfg=OmegaConf.create({"model": OmegaConf.structured(made)}), hydra_cfg=OmegaConf.create({}),
+                    status=JobStatus.COMPLETED, _return_value=0.5)
+    with pytest.raises(Exception):
+        pickle.dumps(ret)
+    back = pickle.loads(pickle.dumps(portable(ret)))
+    assert back.cfg.model.lr == 1e-4 and back.return_value == 0.5
+
+
 @pytest.mark.slow
 def test_a_parallel_sweep_gives_each_job_the_basic_launchers_results(tmp_path, cache_dir):
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     import json
 
     common = ["-m", "experiment=smoke", "seed=0,1", "stream.steps_per_task=3", "shift=none", f"cache_dir={cache_dir}"]

@@ -425,3 +425,24 @@ def test_table_scripts_write_their_claims_as_paired_differences(script, args, po
     assert line.endswith("| a lower (resolved; t-test only) |")
     same = next(x for x in md.splitlines() if "| new_acc |" in x or "| general_retention |" in x)
     assert same.endswith("| not resolved |")  # equal on every seed
+
+
+def test_rft_cpt_shared_and_reasoning_parts_read_their_claims_as_paired_differences(tmp_path):
+    """The no-KL and reasoning ablations compare arms by seed: GRPO without KL built to forget 0.100-0.110
+    less than GRPO on seeds 0-2 reads as resolved (t-test only at 3 seeds); RIF-GRPO, equal to GRPO on every
+    seed, does not; ``paired.csv`` holds the same rows."""
+    import pandas as pd
+
+    rft = _script("reproduce_rft_cpt")
+    root = tmp_path / "shared_lr"
+    for exp in rft.ARMS.values():
+        _fake_point(root, exp, 3, -0.1 if exp == "rft_cpt_grpo_nokl" else 0.0)
+    md = "\n".join(rft.paired_lines(root, rft.ARMS, rft.SHARED_PAIRS, rft.PAIRED_METRICS))
+    assert f"Bonferroni over the {len(rft.SHARED_PAIRS) * len(rft.PAIRED_METRICS)} rows" in md
+    nokl = next(x for x in md.splitlines() if x.startswith("| GRPO no KL - GRPO | forgetting | 3 | -0.105 ± 0.012 |"))
+    assert nokl.endswith("| a lower (resolved; t-test only) |")
+    rif = next(x for x in md.splitlines() if x.startswith("| RIF-GRPO - GRPO | forgetting | 3 |"))
+    assert rif.endswith("| not resolved |")
+    csv = pd.read_csv(root / "paired.csv")
+    assert len(csv) == len(rft.SHARED_PAIRS) * len(rft.PAIRED_METRICS) and set(csv["n"]) == {3}
+    assert rft.paired_lines(tmp_path / "reasoning", rft.REASONING_ARMS, rft.REASONING_PAIRS, rft.PAIRED_METRICS) == []

@@ -1,0 +1,1 @@
+"""The suite's Hydra launcher plugins (``hydra/launcher=cl_parallel``)."""
