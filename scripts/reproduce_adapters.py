@@ -26,7 +26,7 @@ from analysis.aggregate import (  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.aggregate import as_table  # noqa: E402
-from analysis.tables import REAL, real_overrides  # noqa: E402
+from analysis.tables import REAL, Point, paired_differences, paired_markdown, real_overrides, tidy  # noqa: E402
 from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "new_acc", "general_retention"]
@@ -34,6 +34,23 @@ SFT_ARMS = {"full": [], "LoRA": ["adapter=lora"], "LoRA merged per task": ["adap
             "task-LoRA": ["adapter=task_lora"], "MoRA": ["adapter=mora"], "HFT": ["adapter=hft"],
             "RegLoRA": ["adapter=reglora"]}
 GRPO_ARMS = {"full": [], "LoRA": ["adapter=lora"], "MoRA": ["adapter=mora"]}
+PAIRED_METRICS = ["forgetting", "general_retention", "new_acc"]  # the claim: adapters forget less, learn as much
+
+
+def point_name(paradigm: str, label: str) -> str:
+    return f"{paradigm}_{label.replace(' ', '_').replace('-', '_').lower()}"
+
+
+def paired_lines(root: Path, paradigm: str, arms: dict[str, list[str]]) -> list[str]:
+    """Every adapter against full fine-tuning of the same paradigm, per seed (a seed fixes the data draw
+    and the training order for every arm), Bonferroni over the paradigm's rows; ``paired_<paradigm>.csv``."""
+    names = {point_name(paradigm, label): label for label in arms}
+    full = point_name(paradigm, "full")
+    pairs = [(n, full) for n in names if n != full]
+    d = paired_differences(tidy(root, {n: Point(label) for n, label in names.items()}), pairs, PAIRED_METRICS)
+    d.to_csv(root / f"paired_{paradigm}.csv", index=False)
+    return [f"Paired differences against full fine-tuning over seeds, Bonferroni over the "
+            f"{len(pairs) * len(PAIRED_METRICS)} rows:", "", paired_markdown(d, names), ""]
 
 
 def main() -> None:
@@ -58,7 +75,7 @@ def main() -> None:
         rl = QUICK_RL if args.quick and paradigm == "grpo" else []
         rows, extra_cols = {}, []
         for label, ov in arms.items():
-            out = root / f"{paradigm}_{label.replace(' ', '_').replace('-', '_').lower()}"
+            out = root / point_name(paradigm, label)
             run_sweep(out, None, seeds, [*extra, *rl, f"objective={paradigm}", *real_overrides(args.real, paradigm), *ov,
                                          *args.overrides])
             runs = completed_results(out)
@@ -67,7 +84,7 @@ def main() -> None:
             sps = mean_ci([r["metrics"]["compute"]["train_steps_per_second"] for r in runs])[0] if runs else float("nan")
             extra_cols.append({"adapter": label, "trainable parameters (task 1)": f"{trainable:,}" if runs else "-",
                                "train steps/s": f"{sps:.2f}" if runs else "-"})
-        lines += [f"## {paradigm.upper()}", "", markdown_table(rows, METRICS), "",
+        lines += [f"## {paradigm.upper()}", "", markdown_table(rows, METRICS), "", *paired_lines(root, paradigm, arms),
                   f"## {paradigm.upper()}: trainable parameters and speed", "",
                   as_table(pd.DataFrame(extra_cols, columns=["adapter", "trainable parameters (task 1)", "train steps/s"])),
                   ""]

@@ -389,7 +389,8 @@ def _fake_point(root: Path, point: str, seeds: int, shift: float) -> None:
         d.mkdir(parents=True)
         f = 0.2 + 0.02 * s + shift * (1 + 0.05 * s)  # shifted rows forget 0.1, 0.105, 0.11 less
         m = {"avg_acc": 0.3 + 0.01 * s, "forgetting": f, "bwt": -f,
-             "new_acc": 0.5, "general_retention": -0.1 - 0.01 * s, "general_retention_unreplayed": -0.1}
+             "new_acc": 0.5, "general_retention": -0.1 - 0.01 * s, "general_retention_unreplayed": -0.1,
+             "compute": {"trainable_parameters_per_task": [1000], "train_steps_per_second": 10.0}}
         (d / "results.json").write_text(json.dumps({"status": "completed", "config": {"seed": s}, "metrics": m}))
 
 
@@ -398,6 +399,9 @@ def _fake_point(root: Path, point: str, seeds: int, shift: float) -> None:
     ("reproduce_averaging", [], lambda mod: list(mod.points(["sft", "grpo"]))),
     ("reproduce_replay", ["--parts", "fraction,regularizers"],
      lambda mod: list(mod.points({"fraction", "regularizers"})[0])),
+    ("reproduce_adapters", [], lambda mod: [mod.point_name(p, label) for p, arms in (("sft", mod.SFT_ARMS),
+                                                                                     ("grpo", mod.GRPO_ARMS))
+                                            for label in arms]),
 ])
 def test_table_scripts_write_their_claims_as_paired_differences(script, args, points, tmp_path):
     """With every job already complete the scripts only read and write: each claim's paired table appears
@@ -410,7 +414,7 @@ def test_table_scripts_write_their_claims_as_paired_differences(script, args, po
 
     mod = _script(script)
     for name in points(mod):
-        lower = any(k in name for k in ("grpo_", "_ama", "replay", "frac0.", "_ewc"))
+        lower = any(k in name for k in ("grpo_", "_ama", "replay", "frac0.", "_ewc", "sft_lora"))
         _fake_point(tmp_path, name, 3, -0.1 if lower else 0.0)
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--out", str(tmp_path), *args],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -419,7 +423,8 @@ def test_table_scripts_write_their_claims_as_paired_differences(script, args, po
     assert "mean difference ± 95% CI" in md
     row = {"reproduce_ctbench": "| GRPO sequential FT - SFT sequential FT | forgetting | 3 | -0.105 ± 0.012 |",
            "reproduce_averaging": "| SFT AMA - SFT wise 0.2 | forgetting | 3 | -0.105 ± 0.012 |",
-           "reproduce_replay": "| SFT replay 0.25 - no replay | forgetting | 3 | -0.105 ± 0.012 |"}[script]
+           "reproduce_replay": "| SFT replay 0.25 - no replay | forgetting | 3 | -0.105 ± 0.012 |",
+           "reproduce_adapters": "| LoRA - full | forgetting | 3 | -0.105 ± 0.012 |"}[script]
     assert row in md
     line = next(x for x in md.splitlines() if x.startswith(row))
     assert line.endswith("| a lower (resolved; t-test only) |")
