@@ -3,15 +3,20 @@
 ``hydra/launcher=cl_parallel`` (conf/hydra/launcher/cl_parallel.yaml). Hydra's joblib launcher starts loky
 workers: fresh interpreters that import torch, Lightning and transformers again before their first job, a
 fixed cost of seconds per sweep that a short sweep feels (docs/benchmarks.md measures both). Forked
-workers inherit the sweep process's imports, so a job starts as quickly as under the basic launcher.
+workers inherit the sweep process's imports.
 
-Each job runs exactly as Hydra's other launchers run it (``hydra.core.utils.run_job`` with the job's
-sweep config, ``hydra.job.num`` = its index), in the same directory, and returns its ``JobReturn`` to the
-sweep (a failed job's exception included). Jobs are handed out in order to whichever worker is free;
-``cl.run.set_threads`` gives each job cores // n_jobs torch threads.
+Each job runs as Hydra's basic launcher runs it (``hydra.core.utils.run_job`` with the job's sweep config,
+``hydra.job.num`` = its index), in the same directory. Jobs are handed out in order to whichever worker is
+free. ``hydra.launcher.n_jobs`` in each job's config is the number of workers actually running (fewer
+when the sweep has fewer jobs), so ``cl.run.set_threads`` gives each job cores // workers torch threads.
+Hydra callbacks: ``on_job_start`` runs in the worker, as the job starts; ``on_job_end`` runs in the sweep's
+process with the job's returned result, so a callback that collects jobs (the sweep summary) sees all of
+them. Ctrl-C, or a job that cannot even be set up, stops the sweep: the workers are killed (a killed run
+resumes from its last checkpoint when the sweep is run again).
 
-Forking needs a parent that has not started compute threads: the sweep's process only composes configs
-(it never trains), and the launcher refuses to fork when its Python has other threads running. Where
+Forking needs a parent without running threads or an initialised GPU: the sweep's process only composes
+configs (it never trains), and the launcher refuses to fork when its Python has other threads or CUDA is
+initialised (native thread pools that were never used are safe: their threads do not exist yet). Where
 ``fork`` is not available (Windows; macOS, where it is unsafe) use ``hydra/launcher=joblib``.
 """
 
@@ -19,17 +24,20 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import sys
 import threading
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
+from hydra._internal.callbacks import Callbacks
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -44,33 +52,72 @@ _SHARED: tuple | None = globals().get("_SHARED")
 
 def _execute(idx: int, overrides: Sequence[str]) -> JobReturn:
     """One job in a worker: the sweep config for ``overrides``, then Hydra's ``run_job``."""
-    hydra_context, config, task_function, singleton_state = _SHARED
+    hydra_context, config, task_function, singleton_state, workers = _SHARED
     setup_globals()
     Singleton.set_state(singleton_state)
     sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
     with open_dict(sweep_config):
         sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
         sweep_config.hydra.job.num = idx
+        sweep_config.hydra.launcher.n_jobs = workers  # the jobs really running at once share the cores
     HydraConfig.instance().set_config(sweep_config)
     ret = run_job(hydra_context=hydra_context, config=sweep_config, task_function=task_function,
                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
     return portable(ret)
 
 
+def _round_trips(value: Any) -> bool:
+    try:
+        pickle.loads(pickle.dumps(value))
+        return True
+    except Exception:
+        return False
+
+
 def portable(ret: JobReturn) -> JobReturn:
     """``ret`` as plain data for its trip back to the sweep's process: its configs without their structured
     types (components' configs are dataclasses made at run time, which do not pickle by reference), and a
-    return value or exception that does not pickle replaced by its ``repr``."""
+    return value or exception that does not survive pickling replaced by its text (an exception's with its
+    traceback)."""
     for name in ("cfg", "hydra_cfg"):
         value = getattr(ret, name, None)
         if isinstance(value, DictConfig):
             setattr(ret, name, OmegaConf.create(OmegaConf.to_container(value, resolve=False)))
-    try:
-        pickle.dumps(ret._return_value)
-    except Exception:
-        text = repr(ret._return_value)
-        ret._return_value = RuntimeError(text) if ret.status == JobStatus.FAILED else text
+    value = ret._return_value
+    if not _round_trips(value):
+        if isinstance(value, BaseException):
+            ret._return_value = RuntimeError("".join(traceback.format_exception(value)))
+        else:
+            ret._return_value = repr(value)
     return ret
+
+
+def job_config(ret: JobReturn) -> DictConfig:
+    """The job's config with its ``hydra`` node (as ``run_job`` passes it to ``on_job_end``)."""
+    cfg = OmegaConf.to_container(ret.cfg, resolve=False) if ret.cfg is not None else {}
+    hydra = OmegaConf.to_container(ret.hydra_cfg.hydra, resolve=False) if ret.hydra_cfg is not None else {}
+    return OmegaConf.create({**cfg, "hydra": hydra})
+
+
+class _StartOnly(Callbacks):
+    """The sweep's callbacks as a worker runs them: ``on_job_start`` there, ``on_job_end`` in the sweep's
+    process (``ForkLauncher.launch``)."""
+
+    def __init__(self, inner: Callbacks) -> None:
+        self.callbacks = list(inner.callbacks)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        pass
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers (running jobs included) and drop the queued jobs. SIGKILL, not SIGTERM: Lightning
+    turns SIGTERM into an exception that a sweep job records as a failure before its worker takes the next
+    queued job."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ForkLauncher(Launcher):
@@ -86,8 +133,10 @@ class ForkLauncher(Launcher):
         self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
 
     def workers(self, n: int) -> int:
-        import os
-
+        """Workers for ``n`` jobs: ``n_jobs`` (negative: joblib's rule, cores + 1 + n_jobs, so -1 = one per
+        core), at most one per job."""
+        if self.n_jobs == 0:
+            raise ValueError("hydra.launcher.n_jobs: 0 runs nothing; give a count >= 1, or -1 for one job per core")
         cores = os.cpu_count() or 1
         want = self.n_jobs if self.n_jobs > 0 else max(1, cores + 1 + self.n_jobs)
         return max(1, min(want, n))
@@ -102,19 +151,35 @@ class ForkLauncher(Launcher):
         if others:
             raise RuntimeError(f"hydra/launcher=cl_parallel: this process runs other threads ({', '.join(others)}), "
                                "so forking it could deadlock; use hydra/launcher=joblib hydra.launcher.n_jobs=N")
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            raise RuntimeError("hydra/launcher=cl_parallel: CUDA is initialised in this process and does not "
+                               "survive a fork; use hydra/launcher=joblib hydra.launcher.n_jobs=N")
+        n = self.workers(len(job_overrides))
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        n = self.workers(len(job_overrides))
         log.info(f"cl_parallel: {len(job_overrides)} jobs, {n} at once in forked workers; sweep output dir: {sweep_dir}")
         for idx, overrides in enumerate(job_overrides):
             log.info(f"\t#{initial_job_idx + idx} : {' '.join(filter_overrides(overrides))}")
-        _SHARED = (self.hydra_context, self.config, self.task_function, Singleton.get_state())
+        callbacks = self.hydra_context.callbacks
+        worker_context = HydraContext(config_loader=self.hydra_context.config_loader, callbacks=_StartOnly(callbacks))
+        _SHARED = (worker_context, self.config, self.task_function, Singleton.get_state(), n)
+        pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("fork"))
+        rets: list[JobReturn] = []
         try:
-            with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("fork")) as pool:
-                futures = [pool.submit(_execute, initial_job_idx + idx, list(overrides))
-                           for idx, overrides in enumerate(job_overrides)]
-                return [f.result() for f in futures]
+            futures = [pool.submit(_execute, initial_job_idx + idx, list(overrides))
+                       for idx, overrides in enumerate(job_overrides)]
+            for future in futures:
+                ret = future.result()
+                callbacks.on_job_end(config=job_config(ret), job_return=ret)
+                rets.append(ret)
+        except BaseException:
+            _stop(pool)
+            raise
+        else:
+            pool.shutdown(wait=True)
         finally:
             _SHARED = None
+        return rets
