@@ -134,7 +134,7 @@ def paired_specs(tables: dict[str, list[str]]) -> dict[str, tuple[list[tuple[str
             pairs = [(n, base[n.split("_")[0]]) for n in names if n not in base.values() and n.split("_")[0] in base]
             out[part] = (pairs, ["forgetting", "general_retention", "new_acc"])
         elif part == "regularizers":
-            out[part] = ([(n, "sft_frac0") for n in names if n != "sft_frac0"], ["forgetting", "general_retention"])
+            out[part] = ([(n, "sft_frac0") for n in names if n != "sft_frac0"], ["forgetting", "general_retention", "new_acc"])
         elif part == "gere":
             out[part] = ([(n, "sft_frac0") for n in names if n != "sft_frac0"],
                          ["general_retention", "general_retention_unreplayed"])
