@@ -25,11 +25,16 @@ sys.path.insert(0, str(ROOT))
 
 from cl import checkpoint as ck  # noqa: E402
 
-ENV = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def env() -> dict:
+    """The environment of a run started now: read when it starts, so that a variable set after import (the
+    tests' base-checkpoint cache, ``CL_CACHE_DIR``) reaches every run of a comparison alike."""
+    return {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run(args, out: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cl.run", *args, f"hydra.run.dir={out}"], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, "-m", "cl.run", *args, f"hydra.run.dir={out}"], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -39,7 +44,7 @@ def kill_midway(args, out: Path, rng: random.Random, attempts: int = 4, checkpoi
     ``prev``, which distributed runs keep); returns where it stopped."""
     for attempt in range(attempts):
         proc = subprocess.Popen([sys.executable, "-m", "cl.run", *args, f"hydra.run.dir={out}", "resume=never"],
-                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 600
         while len(ck.positions(out)) < checkpoints and proc.poll() is None and time.time() < deadline:

@@ -56,7 +56,6 @@ GRPO2 = ("experiment=smoke", "stream.tasks=[sub2,mul21,add3]", "objective=grpo",
              "train.reset_optimizer_per_task=false")
 
 
-@pytest.mark.slow  # drifts on an Intel AVX-512/AMX CPU inside the full suite (docs/reliability.md)
 @pytest.mark.parametrize("trainer", ["fsdp_cpu", "ddp_cpu"])
 def test_distributed_run_killed_inside_a_task_resumes_to_the_uninterrupted_result(tmp_path, cache_dir, monkeypatch,
                                                                                    trainer):
@@ -249,7 +248,7 @@ def _run_until_checkpoint(args, run_dir, after: tuple[int, int], timeout: float 
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "cl.run", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                            env=resume_check.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=resume_check.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
@@ -263,7 +262,6 @@ def _run_until_checkpoint(args, run_dir, after: tuple[int, int], timeout: float 
     pytest.fail(f"no checkpoint inside a task past {after} (exit {proc.returncode})")
 
 
-@pytest.mark.slow  # drifts on an Intel AVX-512/AMX CPU inside the full suite (docs/reliability.md)
 def test_fsdp_run_resumes_on_another_number_of_ranks(tmp_path, cache_dir, monkeypatch):
     """A 2-rank FSDP run (optimizer carried across tasks) killed inside a task, resumed on 1 rank, killed
     again inside a task, resumed on 2 ranks to the end: it completes with the uninterrupted 2-rank run's
