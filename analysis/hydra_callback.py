@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -35,7 +36,8 @@ class SweepSummary(Callback):
             job_dir = Path(config.hydra.runtime.output_dir)
         except Exception:  # a launcher that runs jobs elsewhere: on_multirun_end scans the sweep directory
             return
-        value = getattr(job_return, "return_value", None)
+        # a failed job's return_value re-raises its exception: read the stored value of completed jobs only
+        value = getattr(job_return, "_return_value", None) if job_return.status == JobStatus.COMPLETED else None
         if isinstance(value, str) and value.startswith("refused: "):  # its directory holds another run's results
             self.refused[job_dir] = value[len("refused: "):]
         else:

@@ -151,6 +151,18 @@ def paired_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], metri
     return pd.DataFrame(rows)
 
 
+def paired_section(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], metrics: Sequence[str],
+                   labels: dict[str, str], csv: Path | None = None,
+                   lead: str = "Paired differences over seeds") -> tuple[pd.DataFrame, list[str]]:
+    """:func:`paired_differences` of ``df`` (written to ``csv`` when given) and its Markdown lines under a
+    sentence that names the Bonferroni family, its size read from the differences themselves."""
+    d = paired_differences(df, pairs, metrics)
+    if csv is not None:
+        d.to_csv(csv, index=False)
+    n = int(d["tests"].iat[0]) if len(d) else 0
+    return d, [f"{lead}; Bonferroni over the {n} rows of this family.", "", paired_markdown(d, labels), ""]
+
+
 def _p(x: float) -> str:
     return "-" if x != x else f"{x:.3f}"
 

@@ -199,6 +199,15 @@ def check_inputs(cfg: DictConfig, run_dir: Path) -> dict:
     return fp
 
 
+def jobs_at_once(n_jobs: int, cores: int | None = None) -> int:
+    """Jobs a parallel launcher runs at once for ``hydra.launcher.n_jobs``, by joblib's rule: a count >= 1 as
+    given; negative, ``cores + 1 + n_jobs`` (-1: one per core), at least 1. 0 is refused."""
+    if n_jobs == 0:
+        raise ValueError("hydra.launcher.n_jobs: 0 runs nothing; give a count >= 1, or -1 for one job per core")
+    cores = cores or os.cpu_count() or 1
+    return n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+
+
 def set_threads(threads: int | None, hydra_cfg=None) -> int:
     """Set this process's torch compute threads: ``threads``, or, when null, the machine's cores shared
     evenly among the jobs a parallel launcher runs at once (``hydra/launcher=cl_parallel``: cores //
@@ -214,11 +223,8 @@ def set_threads(threads: int | None, hydra_cfg=None) -> int:
             threads = max(1, int(cpus)) if cpus else None  # a fractional CPU share: one thread
         except (ValueError, AttributeError):  # no Hydra context (tests, scripts)
             pass
-        cores = os.cpu_count() or 1
-        if isinstance(n_jobs, int) and n_jobs < 0:  # joblib's convention: -1 = as many jobs as cores
-            n_jobs = max(1, cores + 1 + n_jobs)
-        if isinstance(n_jobs, int) and n_jobs > 1:
-            threads = max(1, cores // n_jobs)
+        if isinstance(n_jobs, int) and n_jobs != 0 and jobs_at_once(n_jobs) > 1:
+            threads = max(1, (os.cpu_count() or 1) // jobs_at_once(n_jobs))
     if threads:
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()

@@ -1,6 +1,6 @@
 """Parallel local sweeps: the default experiment as a multi-seed sweep, Hydra's basic launcher (one job
 after another, each with every core) against ``hydra/launcher=cl_parallel`` (``--jobs`` at once, each with
-cores / jobs threads). Reports jobs per hour for both, their ratio (target >= 1.5x on 2 cores), the
+cores / jobs threads). Reports jobs per hour for each launcher, their ratio (target >= 1.5x on 2 cores), the
 threads each job ran with, and whether every job's accuracy matrices are identical under every launcher.
 
 ``cl_parallel`` forks its workers from the sweep's process (``hydra_plugins/cl_launcher``); the same sweep
@@ -60,7 +60,8 @@ def results(out: Path) -> dict[int, dict]:
 
 def busiest(runs: dict[int, dict], jobs: int) -> float:
     """The jobs' own run time in a parallel sweep: seeds are dealt to ``jobs`` workers one at a time, in
-    order to whichever worker frees first (as both parallel launchers do), and the busiest worker's sum of
+    order to whichever worker frees first (as the forked launcher does; joblib's loky batches and pre-dispatches,
+    so its figure is an approximation), and the busiest worker's sum of
     wall times is the part of the sweep's wall time spent inside the jobs' runs."""
     load = [0.0] * max(1, jobs)
     for seed in sorted(runs):
@@ -95,35 +96,34 @@ def measure(args) -> list[dict]:
         sweep(tmp / "warm", 1, [*args.overrides, "stream.steps_per_task=1", "eval.every_n_steps=null"])
         basic = sweep(tmp / "basic", args.seeds, args.overrides)
         print(f"[bench] basic launcher: {args.seeds} jobs in {basic:.1f} s", flush=True)
-        par = sweep(tmp / "parallel", args.seeds, [*args.overrides, "hydra/launcher=cl_parallel",
-                                                    f"hydra.launcher.n_jobs={args.jobs}"])
-        print(f"[bench] cl_parallel ({args.jobs} jobs at once): {args.seeds} jobs in {par:.1f} s", flush=True)
-        loky = float("nan")
-        if has_joblib:
-            loky = sweep(tmp / "loky", args.seeds, [*args.overrides, "hydra/launcher=joblib",
-                                                     f"hydra.launcher.n_jobs={args.jobs}"])
-            print(f"[bench] joblib launcher (loky workers, {args.jobs} at once): {args.seeds} jobs in {loky:.1f} s",
-                  flush=True)
-        else:
+        jobs = min(args.jobs, args.seeds)  # both parallel launchers then run the same workers, threads alike
+        launchers = {"forked": "cl_parallel", **({"loky": "joblib"} if has_joblib else {})}
+        walls = {}
+        for name, launcher in launchers.items():
+            walls[name] = sweep(tmp / name, args.seeds, [*args.overrides, f"hydra/launcher={launcher}",
+                                                         f"hydra.launcher.n_jobs={jobs}"])
+            print(f"[bench] hydra/launcher={launcher} ({name} workers, {jobs} at once): {args.seeds} jobs in "
+                  f"{walls[name]:.1f} s", flush=True)
+        if not has_joblib:
             print("[bench] joblib launcher not installed (the [parallel] extra): its comparison is skipped", flush=True)
-        part_threads = max(1, cores // args.jobs)
+        part_threads = max(1, cores // jobs)
         sweep(tmp / "alone", 1, [*args.overrides, f"threads={part_threads}"])
-        a, b = results(tmp / "basic"), results(tmp / "parallel")
-        c = results(tmp / "loky") if has_joblib else dict(b)
+        runs = {name: results(tmp / name) for name in ("basic", *launchers)}
+        a, b, par = runs["basic"], runs["forked"], walls["forked"]
         alone = results(tmp / "alone")[0]["provenance"]["wall_seconds"]
         full = a[0]["provenance"]["wall_seconds"] if 0 in a else float("nan")
         overhead = (basic - sum(r["provenance"]["wall_seconds"] for r in a.values())) / max(1, len(a))
-        same = sorted(a) == sorted(b) == sorted(c) == list(range(args.seeds)) and all(
-            a[s][k] == b[s][k] == c[s][k] for s in a for k in ("acc_matrix", "general_matrix", "base_acc"))
-        startup = {name: wall - busiest(rs, args.jobs) for name, wall, rs in (("fork", par, b), ("loky", loky, c))}
+        same = all(sorted(rs) == list(range(args.seeds)) for rs in runs.values()) and all(
+            rs[s][k] == a[s][k] for rs in runs.values() for s in a for k in ("acc_matrix", "general_matrix", "base_acc"))
+        startup = {name: walls[name] - busiest(runs[name], jobs) for name in launchers}
         threads = {name: sorted({r["provenance"]["machine"]["torch_threads"] for r in rs.values()})
-                   for name, rs in (("basic", a), ("parallel", b), ("loky", c if has_joblib else {}))}
+                   for name, rs in runs.items()}
     ratio = basic / par
-    print(f"\nmachine: {os.cpu_count()} cores; threads per job: basic {threads['basic']}, parallel {threads['parallel']}"
-          + (f", joblib {threads['loky']}" if has_joblib else ""))
+    print(f"\nmachine: {os.cpu_count()} cores; threads per job: "
+          + ", ".join(f"{name} {t}" for name, t in threads.items()))
     print(f"jobs/hour: basic {3600 * args.seeds / basic:.0f}, parallel {3600 * args.seeds / par:.0f}: "
           f"{ratio:.2f}x (target >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})")
-    conc = max(1, min(args.jobs, args.seeds, cores // part_threads))
+    conc = max(1, min(jobs, cores // part_threads))
     ceiling = args.seeds * full / (math.ceil(args.seeds / conc) * alone)
     beside = sum(r["provenance"]["wall_seconds"] for r in b.values()) / max(1, len(b))
     print(f"one job alone (seed 0): {full:.1f} s at {threads['basic']} threads, {alone:.1f} s at {part_threads}: "
@@ -131,18 +131,23 @@ def measure(args) -> list[dict]:
     print(f"a job beside another ran {beside:.1f} s on average, alone at {part_threads} thread(s) {alone:.1f} s: "
           f"{beside / alone:.2f}x slower from sharing the machine; start-up outside the run {overhead:.1f} s per job "
           f"under the basic launcher")
-    print(f"start-up outside the jobs' run time, per sweep: forked workers {startup['fork']:.1f} s, loky workers "
-          f"{startup['loky']:.1f} s; the loky sweep took {loky:.1f} s ({basic / loky:.2f}x the basic launcher's jobs/hour)")
-    print(f"identical accuracy matrices per job (basic, forked, loky): {'yes' if same else 'NO'}")
+    print("start-up outside the jobs' run time, per sweep: "
+          + ", ".join(f"{name} workers {t:.1f} s" for name, t in startup.items())
+          + (f"; the loky sweep took {walls['loky']:.1f} s ({basic / walls['loky']:.2f}x the basic launcher's jobs/hour)"
+             if "loky" in walls else ""))
+    print(f"identical accuracy matrices per job ({', '.join(runs)}): {'yes' if same else 'NO'}")
     if not same:
         raise SystemExit("error: the launchers gave different accuracy matrices")
     label = " ".join(args.overrides) or "default experiment"
-    return [row(f"sweep jobs/hour: cl_parallel ({args.jobs} at once) vs basic launcher, {args.seeds} seeds of "
+    rows = [row(f"sweep jobs/hour: cl_parallel ({jobs} at once) vs basic launcher, {args.seeds} seeds of "
                 f"the {label} (identical matrices)", 3600 * args.seeds / par, 3600 * args.seeds / basic, 1.5),
             row(f"sweep: measured parallel gain vs its ceiling (seeds x t_all / (ceil(seeds / {conc}) x t_part): seed 0 "
-                f"alone at all cores and at {part_threads} thread(s))", ratio, ceiling, None),
-            row("sweep start-up per sweep (s, outside the jobs' run time): cl_parallel's forked workers vs joblib's loky",
-                startup["fork"], startup["loky"], None, ratio=startup["fork"] / startup["loky"] if startup["loky"] > 0 else float("nan"))]
+                f"alone at all cores and at {part_threads} thread(s))", ratio, ceiling, None)]
+    if "loky" in startup:
+        rows.append(row("sweep start-up per sweep (s, outside the jobs' run time): cl_parallel's forked workers vs "
+                        "joblib's loky", startup["forked"], startup["loky"], None,
+                        ratio=startup["forked"] / startup["loky"] if startup["loky"] > 0 else float("nan")))
+    return rows
 
 
 if __name__ == "__main__":

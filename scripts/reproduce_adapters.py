@@ -26,7 +26,7 @@ from analysis.aggregate import (  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.aggregate import as_table  # noqa: E402
-from analysis.tables import REAL, Point, paired_differences, paired_markdown, real_overrides, tidy  # noqa: E402
+from analysis.tables import REAL, Point, paired_section, real_overrides, tidy  # noqa: E402
 from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
 METRICS = ["avg_acc", "forgetting", "new_acc", "general_retention"]
@@ -47,10 +47,8 @@ def paired_lines(root: Path, paradigm: str, arms: dict[str, list[str]]) -> list[
     names = {point_name(paradigm, label): label for label in arms}
     full = point_name(paradigm, "full")
     pairs = [(n, full) for n in names if n != full]
-    d = paired_differences(tidy(root, {n: Point(label) for n, label in names.items()}), pairs, PAIRED_METRICS)
-    d.to_csv(root / f"paired_{paradigm}.csv", index=False)
-    return [f"Paired differences against full fine-tuning over seeds, Bonferroni over the "
-            f"{len(pairs) * len(PAIRED_METRICS)} rows:", "", paired_markdown(d, names), ""]
+    return paired_section(tidy(root, {n: Point(label) for n, label in names.items()}), pairs, PAIRED_METRICS, names,
+                          root / f"paired_{paradigm}.csv", "Paired differences against full fine-tuning over seeds")[1]
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from analysis.aggregate import (  # noqa: E402
 )
 from analysis.plots import plot_pareto  # noqa: E402
 from analysis.tables import (  # noqa: E402
-    REAL, Point, paired_differences, paired_markdown, real_overrides, tidy,
+    REAL, Point, paired_section, real_overrides, tidy,
 )
 from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
@@ -86,11 +86,8 @@ def main() -> None:
     for p in paradigms:
         pairs = [(f"{p}_ama", f"{p}_wise0.2"), (f"{p}_partwise", f"{p}_wise0.2")]
         metrics = ["forgetting", "general_retention", "new_acc", "avg_acc"]
-        d = paired_differences(df, pairs, metrics)
-        d.to_csv(root / f"paired_{p}.csv", index=False)
         lines += [f"## {p.upper()}: learned (AMA, mean 0.2) and partwise alphas against uniform WiSE 0.2", "",
-                  f"Paired over seeds; Bonferroni over the {len(pairs) * len(metrics)} rows.", "",
-                  paired_markdown(d, labels), ""]
+                  *paired_section(df, pairs, metrics, labels, root / f"paired_{p}.csv", "Paired over seeds")[1]]
     write_report(root, lines)
     (root / "points.json").write_text(json.dumps(pts, indent=1))
     print("\n" + "\n".join(lines))

@@ -31,7 +31,7 @@ from analysis.aggregate import (  # noqa: E402
     completed_results, mark_failed, markdown_table, write_report, mean_ci, summarise,
 )
 from analysis.tables import (  # noqa: E402
-    REAL, Point, paired_differences, paired_markdown, real_overrides, tidy,
+    REAL, Point, paired_section, real_overrides, tidy,
 )
 from analysis.sweep import QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
@@ -184,11 +184,9 @@ def main() -> None:
         lines += [f"## {titles[part]}", "", markdown_table(rows, metrics), ""]
         pairs, pmetrics = specs[part]
         if pairs:
-            d = paired_differences(tidy(root, {n: Point(label(n)) for n in names}), pairs, pmetrics)
-            d.to_csv(root / f"paired_{part}.csv", index=False)
-            lines += [f"Paired differences over seeds (same seed, same data and order), Bonferroni over the "
-                      f"{len(pairs) * len(pmetrics)} rows of this part:", "",
-                      paired_markdown(d, {n: label(n) for n in names}), ""]
+            lines += paired_section(tidy(root, {n: Point(label(n)) for n in names}), pairs, pmetrics,
+                                    {n: label(n) for n in names}, root / f"paired_{part}.csv",
+                                    "Paired differences over seeds (same seed, same data and order)")[1]
     if "fraction" in parts:
         pic = plot_fraction(root, root / "replay_fraction.png")
         if pic is not None:

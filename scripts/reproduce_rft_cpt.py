@@ -65,7 +65,7 @@ from analysis.fronts import (  # noqa: E402
     gain_levels, interior_best, matched_gain, plot_fronts, task_gain, verdict,
 )
 from analysis.tables import (  # noqa: E402
-    REAL as TABLES_REAL, Point, paired_differences, paired_markdown, real_overrides, tidy,
+    REAL as TABLES_REAL, Point, paired_section, real_overrides, tidy,
 )
 from analysis.sweep import QUICK as SWEEP_QUICK, QUICK_RL, parallel_overrides, run_sweep  # noqa: E402
 
@@ -453,13 +453,9 @@ def paired_lines(root: Path, arms: dict[str, str], pairs: list[tuple[str, str]],
     """Arms compared as per-seed differences (``analysis.tables.paired_differences``: a seed fixes what it
     varies for every arm, so runs pair by seed), Bonferroni over the part's rows; written to
     ``<root>/paired.csv``."""
-    if not root.exists():
-        return []
     labels = {exp: label for label, exp in arms.items()}
-    d = paired_differences(tidy(root, {exp: Point(label) for label, exp in arms.items()}), pairs, metrics)
-    d.to_csv(root / "paired.csv", index=False)
-    return [f"Paired differences over seeds, Bonferroni over the {len(pairs) * len(metrics)} rows of this part:",
-            "", paired_markdown(d, labels), ""]
+    return paired_section(tidy(root, {exp: Point(label) for label, exp in arms.items()}), pairs, metrics, labels,
+                          root / "paired.csv")[1]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import torch
 from cl.run import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from resume_check import env as run_env  # noqa: E402  (one definition of a run's environment)
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +32,7 @@ def compose_cfg(*overrides: str):
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m cl.run ARGS`` in a subprocess, as a user would."""
-    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "cl.run", *args], cwd=cwd or ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "cl.run", *args], cwd=cwd or ROOT, env=run_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -254,8 +254,7 @@ def test_wandb_failing_mid_run_leaves_complete_local_files(tmp_path, cache_dir, 
 def test_killed_sweep_rerun_completes_only_the_missing_jobs(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     args = ("-m", "experiment=smoke", "seed=0,1,2", "stream.steps_per_task=20", f"hydra.sweep.dir={sweep}")
-    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "cl.run", *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cl.run", *args], cwd=ROOT, env=resume_check.env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def completed():

@@ -212,6 +212,48 @@ def test_the_fork_launcher_refuses_a_multithreaded_parent_and_returns_plain_data
     with pytest.raises(RuntimeError, match="TwoArgError"):
         back.return_value
 
+    def job():
+        raise ValueError("bad value")
+
+    try:
+        job()
+    except ValueError as e:
+        failed = JobReturn(cfg=OmegaConf.create({}), hydra_cfg=OmegaConf.create({}), status=JobStatus.FAILED,
+                           _return_value=e)
+    back = pickle.loads(pickle.dumps(portable(failed)))  # pickling drops the traceback; the note keeps it
+    with pytest.raises(ValueError, match="bad value") as info:
+        back.return_value
+    assert "in job" in "".join(info.value.__notes__)
+
+
+def test_a_parallel_sweep_with_a_bad_job_stops_before_any_job_starts(tmp_path):
+    """Every job's config is composed before the workers start: the second job's unknown option stops the
+    sweep before the first one trains (the basic launcher would run it and fail on the second)."""
+    cmd = [sys.executable, "-m", "cl.run", "-m", "experiment=smoke", "objective=sft,no_such_objective",
+           "logger=none", "hydra/launcher=cl_parallel", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no_such_objective" in proc.stderr
+    assert not list(tmp_path.glob("*/run.log"))
+
+
+def test_the_sweep_summary_counts_a_failed_job():
+    """A failed job's return value re-raises its exception when read: the summary still lists the job."""
+    from pathlib import Path
+
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from analysis.hydra_callback import SweepSummary
+
+    summary = SweepSummary()
+    summary.on_multirun_start(config=OmegaConf.create({}))
+    for status, value in ((JobStatus.FAILED, RuntimeError("crashed")), (JobStatus.COMPLETED, "refused: other run"),
+                          (JobStatus.COMPLETED, 0.5)):
+        ret = JobReturn(status=status, _return_value=value)
+        job_dir = f"/runs/{status.name}-{value}"
+        summary.on_job_end(config=OmegaConf.create({"hydra": {"runtime": {"output_dir": job_dir}}}), job_return=ret)
+    assert summary.job_dirs == [Path("/runs/FAILED-crashed"), Path("/runs/COMPLETED-0.5")]
+    assert list(summary.refused.values()) == ["other run"]
+
 
 @pytest.mark.skipif(sys.platform == "darwin" or sys.platform.startswith("win"), reason="the launcher forks")
 def test_ctrl_c_stops_a_parallel_sweep_and_its_workers(tmp_path, cache_dir):

@@ -450,7 +450,6 @@ def test_rft_cpt_shared_and_reasoning_parts_read_their_claims_as_paired_differen
     assert rif.endswith("| not resolved |")
     csv = pd.read_csv(root / "paired.csv")
     assert len(csv) == len(rft.SHARED_PAIRS) * len(rft.PAIRED_METRICS) and set(csv["n"]) == {3}
-    assert rft.paired_lines(tmp_path / "reasoning", rft.REASONING_ARMS, rft.REASONING_PAIRS, rft.PAIRED_METRICS) == []
     for exp in rft.REASONING_ARMS.values():  # with reasoning built to forget 0.100-0.110 less
         _fake_point(tmp_path / "reasoning", exp, 3, -0.1 if exp == "rft_cpt_grpo_reasoning" else 0.0)
     md = "\n".join(rft.paired_lines(tmp_path / "reasoning", rft.REASONING_ARMS, rft.REASONING_PAIRS, rft.PAIRED_METRICS))
