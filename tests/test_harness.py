@@ -46,7 +46,6 @@ def test_harness_scores_the_model_in_memory_as_it_is_now(tiny_qwen, monkeypatch)
         samples = sorted(point.samples["toy_choice"], key=lambda s: s["doc_id"])
         seen.append([s["doc_id"] for s in samples])
         model.eval()
-        correct = []
         for s in samples:
             got = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in s["resps"]]
             want = [_loglik(model, tok, *a.args if hasattr(a, "args") else a) for a in s["arguments"]]
