@@ -195,6 +195,78 @@ def matched_gain(runs: Runs, metrics: Sequence[str], levels: Sequence[float], n_
     return rows
 
 
+def matched_within_seed(runs: Runs, metrics: Sequence[str], fractions: Sequence[float] = (0.25, 0.5, 0.75),
+                        alpha: float = 0.05) -> list[dict]:
+    """Every pair's ``metrics`` difference at matched gain **inside each seed**, for sweeps whose seeds vary
+    the base model.
+
+    When a seed fixes the base model, the bases learn by different amounts, and one gain level for every
+    seed (``gain_levels`` on the mean fronts) may lie inside the fronts of few seeds. Here each seed is
+    read on its own: its fronts (rising branches of its own runs) give the gain range both paradigms of a
+    pair reach on that base, ``[lo_s, hi_s]``, and the level for fraction f is ``lo_s + f (hi_s - lo_s)``.
+    Both paradigms are read at that level, so each seed's difference is a matched one, on one base; the
+    levels differ between seeds. A seed whose fronts do not overlap is left out (``n_valid`` counts those
+    read). The verdict's inputs are those of ``matched_gain``: a paired t-test on the per-seed differences,
+    Bonferroni-adjusted over every difference in the table, and the exact sign-flip test.
+
+    Returns one row per (metric, fraction, pair) with ``estimate`` (the mean per-seed difference), ``lo``/
+    ``hi`` (the t interval of that mean; NaN below 2 seeds), the mean per-seed level ``gain`` and its range
+    ``gain_min``/``gain_max``, each paradigm's mean value (``a_mean``/``b_mean``), ``per_seed`` (seed ->
+    difference), ``levels`` (seed -> its level), ``n_valid``, ``p``/``p_adj``/``p_exact``/``p_exact_adj``,
+    ``tests``, ``alpha``.
+    """
+    from scipy import stats
+
+    paradigms = list(runs)
+    seeds = common_seeds(runs)
+    if not seeds:
+        raise ValueError("no seed completed in every (paradigm, learning rate) cell")
+    pairs = [(a, b) for i, a in enumerate(paradigms) for b in paradigms[i + 1:]]
+    m_tests = max(1, len(pairs) * len(metrics) * len(fractions))
+    rows = []
+    for metric in metrics:
+        for f in fractions:
+            for a, b in pairs:
+                per_seed, levels, va_all, vb_all = {}, {}, [], []
+                for s in seeds:
+                    fa = front_points({lr: {s: c[s]} for lr, c in runs[a].items()}, metric)[:2]
+                    fb = front_points({lr: {s: c[s]} for lr, c in runs[b].items()}, metric)[:2]
+                    if len(fa[0]) == 0 or len(fb[0]) == 0:
+                        continue
+                    lo, hi = max(fa[0][0], fb[0][0]), min(fa[0][-1], fb[0][-1])
+                    if not lo <= hi:
+                        continue
+                    level = float(lo + f * (hi - lo))
+                    va, vb = at_gain(*fa, level), at_gain(*fb, level)
+                    if math.isnan(va) or math.isnan(vb):
+                        continue
+                    per_seed[s] = va - vb
+                    levels[s] = level
+                    va_all.append(va)
+                    vb_all.append(vb)
+                diffs = list(per_seed.values())
+                n = len(diffs)
+                mean = float(np.mean(diffs)) if n else float("nan")
+                if n >= 2:
+                    half = float(stats.t.ppf(1 - alpha / 2, n - 1) * np.std(diffs, ddof=1) / math.sqrt(n))
+                else:
+                    half = float("nan")
+                p_t = paired_t_p(diffs)
+                p_x = sign_flip_p(diffs)
+                lv = list(levels.values())
+                rows.append({"metric": metric, "fraction": f, "who": f"{a} - {b}", "estimate": mean,
+                             "lo": mean - half, "hi": mean + half,
+                             "gain": float(np.mean(lv)) if n else float("nan"),
+                             "gain_min": min(lv) if n else float("nan"), "gain_max": max(lv) if n else float("nan"),
+                             "a_mean": float(np.mean(va_all)) if n else float("nan"),
+                             "b_mean": float(np.mean(vb_all)) if n else float("nan"),
+                             "per_seed": per_seed, "levels": levels, "n_valid": n, "n_seeds": len(seeds), "p": p_t,
+                             "p_adj": min(1.0, p_t * m_tests) if not math.isnan(p_t) else float("nan"),
+                             "p_exact": p_x, "p_exact_adj": min(1.0, p_x * m_tests) if n else float("nan"),
+                             "tests": m_tests, "alpha": alpha})
+    return rows
+
+
 def paired_t_p(diffs: Sequence[float]) -> float:
     """Two-sided p-value of a paired t-test that the per-seed differences have mean 0 (NaN below 2 seeds;
     0 when every difference is the same non-zero value, 1 when every one is 0, both up to rounding)."""

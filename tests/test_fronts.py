@@ -121,3 +121,30 @@ def test_the_front_is_the_rising_branch_up_to_the_peak_gain():
     assert front_points(by_lr, "forgetting", rising=False)[2] == [1e-5, 1e-3, 1e-4]  # sorted by gain
     # a matched reading at gain 0.1 uses the rising branch (interpolated 0.01 -> 0.1), not the collapsed 1e-3 point
     assert at_gain(g, v, 0.1) == pytest.approx(0.01 + (0.1 - 0.05) / 0.15 * 0.09)
+
+
+def test_matched_within_seed_reads_each_seed_on_its_own_base_when_common_levels_miss_most_seeds():
+    from analysis.fronts import matched_within_seed
+
+    # seed s's base learns (s + 1) times as much: a gain level common to every seed lies inside few seeds'
+    # fronts, while each seed's own fronts still overlap; SFT forgets 2 x gain, GRPO 1 x gain on every base
+    rng = np.random.default_rng(3)
+    runs = {"SFT": {}, "GRPO": {}}
+    for lr, g in ((1e-5, 0.02), (1e-4, 0.05), (1e-3, 0.08)):
+        runs["SFT"][lr] = {s: _run(g * (s + 1), 2 * g * (s + 1) + rng.normal(0, 0.002)) for s in range(5)}
+    for lr, g in ((1e-6, 0.01), (1e-5, 0.04), (1e-4, 0.07)):
+        runs["GRPO"][lr] = {s: _run(g * (s + 1), g * (s + 1) + rng.normal(0, 0.002)) for s in range(5)}
+    common = matched_gain(runs, ["forgetting"], gain_levels(runs), n_boot=50)
+    assert max(r["n_valid"] for r in common if " - " in r["who"]) < 5
+    rows = matched_within_seed(runs, ["forgetting"], fractions=(0.5,))
+    (row,) = rows
+    assert row["n_valid"] == 5 and row["tests"] == 1
+    for s, level in row["levels"].items():  # the middle of seed s's overlap [0.02, 0.07] x (s + 1)
+        assert level == pytest.approx(0.045 * (s + 1))
+        assert row["per_seed"][s] == pytest.approx(level, abs=0.01)  # 2 level - level
+    assert row["gain_min"] == pytest.approx(0.045) and row["gain_max"] == pytest.approx(0.225)
+    assert row["lo"] > 0 and verdict(row, lower_is_better=True).startswith("GRPO better")
+    # a seed whose fronts do not overlap is left out, not read by extrapolation
+    runs["GRPO"] = {lr: {**by_seed, 4: _run(1.0 + lr, 0.0)} for lr, by_seed in runs["GRPO"].items()}
+    (row,) = matched_within_seed(runs, ["forgetting"], fractions=(0.5,))
+    assert row["n_valid"] == 4 and 4 not in row["per_seed"]
