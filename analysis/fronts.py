@@ -339,3 +339,37 @@ def plot_fronts(runs: Runs, metric: str, levels: Sequence[float], path, title: s
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_fronts_by_seed(runs: Runs, metric: str, path, levels: Mapping[int, float] | None = None):
+    """One panel per seed (common to every cell): each paradigm's points of that seed alone, its rising
+    branch joined, points past its peak hollow, and the seed's own matched level (``levels``: seed -> gain)
+    as a dashed line. Shows what a mean front hides when the seeds vary the base model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = common_seeds(runs)
+    fig, axes = plt.subplots(1, len(seeds), figsize=(2.9 * len(seeds), 3.2), sharey=True, squeeze=False)
+    for ax, s in zip(axes[0], seeds):
+        for i, (p, by_lr) in enumerate(runs.items()):
+            one = {lr: {s: c[s]} for lr, c in by_lr.items()}
+            g, v, lrs = front_points(one, metric, rising=False)
+            on = set(front_points(one, metric)[2])
+            color = f"C{i}"
+            ax.plot([x for x, lr in zip(g, lrs) if lr in on], [y for y, lr in zip(v, lrs) if lr in on],
+                    marker="o", color=color, label=p)
+            off = [j for j, lr in enumerate(lrs) if lr not in on]
+            ax.scatter([g[j] for j in off], [v[j] for j in off], facecolors="none", edgecolors=color)
+        if levels and s in levels:
+            ax.axvline(levels[s], color="grey", lw=0.8, ls="--")
+        ax.set_title(f"seed {s}", fontsize=9)
+        ax.set_xlabel("new-task gain", fontsize=8)
+    axes[0][0].set_ylabel(metric)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{metric} against gain, each seed's own fronts (hollow: past the peak gain)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

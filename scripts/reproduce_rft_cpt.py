@@ -62,7 +62,8 @@ from analysis.aggregate import (  # noqa: E402
     as_table, completed_results, mark_failed, markdown_table, mean_ci, summarise, write_report,
 )
 from analysis.fronts import (  # noqa: E402
-    gain_levels, interior_best, matched_gain, matched_within_seed, plot_fronts, task_gain, verdict,
+    gain_levels, interior_best, matched_gain, matched_within_seed, plot_fronts, plot_fronts_by_seed, task_gain,
+    verdict,
 )
 from analysis.tables import (  # noqa: E402
     REAL as TABLES_REAL, Point, paired_section, real_overrides, tidy,
@@ -317,6 +318,8 @@ def within_seed_lines(runs: dict, root: Path) -> list[str]:
     """The ``matched_within_seed`` table: each seed read at gains both of its own fronts reach."""
     rows = matched_within_seed(runs, list(FRONT_METRICS))
     (root / "matched_within_seed.json").write_text(json.dumps(rows, indent=1, default=float))
+    mid = next((r for r in rows if r["metric"] == "forgetting" and r["fraction"] == 0.5), None)
+    plot = plot_fronts_by_seed(runs, "forgetting", root / "front_forgetting_by_seed.png", mid and mid["levels"])
     recs = []
     for r in rows:
         ok = r["n_valid"] > 0
@@ -337,7 +340,7 @@ def within_seed_lines(runs: dict, root: Path) -> list[str]:
             "reading that stays defined when the seeds vary the base model and the bases learn by different "
             "amounts. [95% t interval] of the mean per-seed difference; the verdict as in matched_gain, "
             f"Bonferroni-adjusted over the {rows[0]['tests']} differences of this table.", "",
-            as_table(pd.DataFrame(recs)), ""]
+            as_table(pd.DataFrame(recs)), "", f"![each seed's fronts, its middle level dashed]({plot.name})", ""]
 
 
 def matched_table(rows: list[dict]):

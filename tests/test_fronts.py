@@ -148,3 +148,14 @@ def test_matched_within_seed_reads_each_seed_on_its_own_base_when_common_levels_
     runs["GRPO"] = {lr: {**by_seed, 4: _run(1.0 + lr, 0.0)} for lr, by_seed in runs["GRPO"].items()}
     (row,) = matched_within_seed(runs, ["forgetting"], fractions=(0.5,))
     assert row["n_valid"] == 4 and 4 not in row["per_seed"]
+
+
+def test_plot_fronts_by_seed_draws_one_panel_per_common_seed(tmp_path):
+    import matplotlib.image as mpimg
+
+    from analysis.fronts import plot_fronts_by_seed
+
+    runs = _two_paradigms(seeds=range(3))
+    path = plot_fronts_by_seed(runs, "forgetting", tmp_path / "by_seed.png", {0: 0.2, 1: 0.2, 2: 0.2})
+    h, w = mpimg.imread(path).shape[:2]
+    assert w > 2.5 * h  # three panels side by side
