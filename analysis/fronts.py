@@ -200,14 +200,16 @@ def matched_within_seed(runs: Runs, metrics: Sequence[str], fractions: Sequence[
     """Every pair's ``metrics`` difference at matched gain **inside each seed**, for sweeps whose seeds vary
     the base model.
 
-    When a seed fixes the base model, the bases learn by different amounts, and one gain level for every
-    seed (``gain_levels`` on the mean fronts) may lie inside the fronts of few seeds. Here each seed is
-    read on its own: its fronts (rising branches of its own runs) give the gain range both paradigms of a
-    pair reach on that base, ``[lo_s, hi_s]``, and the level for fraction f is ``lo_s + f (hi_s - lo_s)``.
-    Both paradigms are read at that level, so each seed's difference is a matched one, on one base; the
-    levels differ between seeds. A seed whose fronts do not overlap is left out (``n_valid`` counts those
-    read). The verdict's inputs are those of ``matched_gain``: a paired t-test on the per-seed differences,
-    Bonferroni-adjusted over every difference in the table, and the exact sign-flip test.
+    When each seed brings its own base model, the bases learn by different amounts, and one gain level for
+    every seed (``gain_levels`` on the mean fronts) may lie inside the fronts of few seeds. Here each seed
+    is read on its own: its fronts (rising branches of its own runs) give the gain range both paradigms of
+    a pair reach on that base, ``[lo_s, hi_s]`` (from the gains alone, so a seed's level is the same for
+    every metric), and the level for fraction f is ``lo_s + f (hi_s - lo_s)``. Both paradigms are read at
+    that level, so each seed's difference is a matched one, on one base; the levels differ between seeds.
+    A seed whose fronts do not overlap (or only touch) is left out (``n_valid`` counts those read). The
+    verdict's inputs are those of ``matched_gain``: a paired t-test on the per-seed differences,
+    Bonferroni-adjusted over every difference in this table, and the exact sign-flip test; the t interval
+    reported is the unadjusted 95% one.
 
     Returns one row per (metric, fraction, pair) with ``estimate`` (the mean per-seed difference), ``lo``/
     ``hi`` (the t interval of that mean; NaN below 2 seeds), the mean per-seed level ``gain`` and its range
@@ -229,13 +231,15 @@ def matched_within_seed(runs: Runs, metrics: Sequence[str], fractions: Sequence[
             for a, b in pairs:
                 per_seed, levels, va_all, vb_all = {}, {}, [], []
                 for s in seeds:
-                    fa = front_points({lr: {s: c[s]} for lr, c in runs[a].items()}, metric)[:2]
-                    fb = front_points({lr: {s: c[s]} for lr, c in runs[b].items()}, metric)[:2]
-                    if len(fa[0]) == 0 or len(fb[0]) == 0:
+                    one_a = {lr: {s: c[s]} for lr, c in runs[a].items()}
+                    one_b = {lr: {s: c[s]} for lr, c in runs[b].items()}
+                    ga, gb = front_points(one_a, "gain")[0], front_points(one_b, "gain")[0]
+                    if len(ga) == 0 or len(gb) == 0:
                         continue
-                    lo, hi = max(fa[0][0], fb[0][0]), min(fa[0][-1], fb[0][-1])
-                    if not lo <= hi:
+                    lo, hi = max(ga[0], gb[0]), min(ga[-1], gb[-1])  # the range from gains alone: one level
+                    if not lo < hi:  # for every metric (a null metric value cannot move it)
                         continue
+                    fa, fb = front_points(one_a, metric)[:2], front_points(one_b, metric)[:2]
                     level = float(lo + f * (hi - lo))
                     va, vb = at_gain(*fa, level), at_gain(*fb, level)
                     if math.isnan(va) or math.isnan(vb):

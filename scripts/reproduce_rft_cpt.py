@@ -62,7 +62,7 @@ from analysis.aggregate import (  # noqa: E402
     as_table, completed_results, mark_failed, markdown_table, mean_ci, summarise, write_report,
 )
 from analysis.fronts import (  # noqa: E402
-    gain_levels, interior_best, matched_gain, matched_within_seed, plot_fronts, plot_fronts_by_seed, task_gain,
+    common_seeds, gain_levels, interior_best, matched_gain, matched_within_seed, plot_fronts, plot_fronts_by_seed, task_gain,
     verdict,
 )
 from analysis.tables import (  # noqa: E402
@@ -305,7 +305,8 @@ def part_front(ctx: Ctx, sft_lrs: list[float], grpo_lrs: list[float], n_levels: 
                   f"adjusted over the {table_rows[0]['tests']} differences read at once (p adj.); p exact adj.: "
                   "the distribution-free sign-flip test, which cannot go below 2^(1-n) before adjustment.", ""]
         (ctx.root / "matched_gain.json").write_text(json.dumps(table_rows, indent=1))
-    lines += within_seed_lines(runs, ctx.root)
+    if common_seeds(runs):
+        lines += within_seed_lines(runs, ctx.root)
     points = [{"paradigm": p, "lr": lr, "seed": s, "gain": task_gain(r),
                **{m: r["metrics"].get(m) for m in ("new_acc", "forgetting", "general_retention", "avg_acc",
                                                    "train_seconds")}}

@@ -124,30 +124,49 @@ def test_the_front_is_the_rising_branch_up_to_the_peak_gain():
 
 
 def test_matched_within_seed_reads_each_seed_on_its_own_base_when_common_levels_miss_most_seeds():
+    from scipy import stats
+
     from analysis.fronts import matched_within_seed
 
     # seed s's base learns (s + 1) times as much: a gain level common to every seed lies inside few seeds'
-    # fronts, while each seed's own fronts still overlap; SFT forgets 2 x gain, GRPO 1 x gain on every base
+    # fronts, while each seed's own fronts still overlap; SFT forgets 2 x gain + .1, GRPO 1 x gain on every base;
+    # each paradigm's largest lr collapses (gain below its peak), which the rising branch must drop
     rng = np.random.default_rng(3)
     runs = {"SFT": {}, "GRPO": {}}
     for lr, g in ((1e-5, 0.02), (1e-4, 0.05), (1e-3, 0.08)):
-        runs["SFT"][lr] = {s: _run(g * (s + 1), 2 * g * (s + 1) + rng.normal(0, 0.002)) for s in range(5)}
+        runs["SFT"][lr] = {s: _run(g * (s + 1), 0.1 + 2 * g * (s + 1) + rng.normal(0, 0.002)) for s in range(5)}
     for lr, g in ((1e-6, 0.01), (1e-5, 0.04), (1e-4, 0.07)):
         runs["GRPO"][lr] = {s: _run(g * (s + 1), g * (s + 1) + rng.normal(0, 0.002)) for s in range(5)}
+    runs["SFT"][1e-2] = {s: _run(0.03 * (s + 1), 0.9) for s in range(5)}
+    runs["GRPO"][1e-3] = {s: _run(0.03 * (s + 1), 0.9) for s in range(5)}
     common = matched_gain(runs, ["forgetting"], gain_levels(runs), n_boot=50)
     assert max(r["n_valid"] for r in common if " - " in r["who"]) < 5
-    rows = matched_within_seed(runs, ["forgetting"], fractions=(0.5,))
-    (row,) = rows
-    assert row["n_valid"] == 5 and row["tests"] == 1
-    for s, level in row["levels"].items():  # the middle of seed s's overlap [0.02, 0.07] x (s + 1)
-        assert level == pytest.approx(0.045 * (s + 1))
-        assert row["per_seed"][s] == pytest.approx(level, abs=0.01)  # 2 level - level
-    assert row["gain_min"] == pytest.approx(0.045) and row["gain_max"] == pytest.approx(0.225)
-    assert row["lo"] > 0 and verdict(row, lower_is_better=True).startswith("GRPO better")
-    # a seed whose fronts do not overlap is left out, not read by extrapolation
+    rows = matched_within_seed(runs, ["forgetting", "avg_acc"], fractions=(0.25, 0.5))
+    assert len(rows) == 4 and {r["tests"] for r in rows} == {4}
+    by = {(r["metric"], r["fraction"]): r for r in rows}
+    for f in (0.25, 0.5):
+        row = by[("forgetting", f)]
+        assert row["n_valid"] == 5
+        for s, level in row["levels"].items():  # seed s's overlap is [0.02, 0.07] x (s + 1)
+            assert level == pytest.approx((0.02 + f * 0.05) * (s + 1))
+            assert row["per_seed"][s] == pytest.approx(0.1 + level, abs=0.01)  # .1 + 2 level - level
+        assert row["levels"] == by[("avg_acc", f)]["levels"]  # one level per seed, whatever the metric
+        d = np.array(list(row["per_seed"].values()))
+        half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+        assert row["estimate"] == pytest.approx(d.mean())
+        assert (row["lo"], row["hi"]) == pytest.approx((d.mean() - half, d.mean() + half))
+        assert row["p"] == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue)
+        assert row["p_adj"] == pytest.approx(min(1.0, 4 * row["p"]))
+        assert row["lo"] > 0 and verdict(row, lower_is_better=True).startswith("GRPO better")
+    assert by[("forgetting", 0.25)]["gain_min"] == pytest.approx(0.0325)
+    # a seed whose fronts do not overlap is left out, not read by extrapolation; one seed gives no interval
     runs["GRPO"] = {lr: {**by_seed, 4: _run(1.0 + lr, 0.0)} for lr, by_seed in runs["GRPO"].items()}
     (row,) = matched_within_seed(runs, ["forgetting"], fractions=(0.5,))
     assert row["n_valid"] == 4 and 4 not in row["per_seed"]
+    one = {p: {lr: {0: c[0]} for lr, c in by_lr.items()} for p, by_lr in runs.items()}
+    (row,) = matched_within_seed(one, ["forgetting"], fractions=(0.5,))
+    assert row["n_valid"] == 1 and math.isnan(row["lo"]) and math.isnan(row["p"])
+    assert verdict(row, True).startswith("inconclusive")
 
 
 def test_plot_fronts_by_seed_draws_one_panel_per_common_seed(tmp_path):
