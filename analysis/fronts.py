@@ -180,17 +180,12 @@ def matched_gain(runs: Runs, metrics: Sequence[str], levels: Sequence[float], n_
             a, b = who.split(" - ")
             per_seed = {}
             for s in seeds:
-                one = {p: {lr: {s: by_seed[s]} for lr, by_seed in runs[p].items()} for p in (a, b)}
+                one = restrict(runs, [s])
                 va = at_gain(*front_points(one[a], metric)[:2], level)
                 vb = at_gain(*front_points(one[b], metric)[:2], level)
                 per_seed[s] = va - vb
             valid = [d for d in per_seed.values() if not math.isnan(d)]
-            p_t = paired_t_p(valid)
-            row.update({"per_seed": per_seed, "n_valid": len(valid), "p": p_t,
-                        "p_adj": min(1.0, p_t * m_tests) if not math.isnan(p_t) else float("nan"),
-                        "p_exact": sign_flip_p(valid),
-                        "p_exact_adj": min(1.0, sign_flip_p(valid) * m_tests) if valid else float("nan"),
-                        "alpha": alpha})
+            row.update({"per_seed": per_seed, **paired_tests(valid, m_tests), "alpha": alpha})
         rows.append(row)
     return rows
 
@@ -225,50 +220,53 @@ def matched_within_seed(runs: Runs, metrics: Sequence[str], fractions: Sequence[
         raise ValueError("no seed completed in every (paradigm, learning rate) cell")
     pairs = [(a, b) for i, a in enumerate(paradigms) for b in paradigms[i + 1:]]
     m_tests = max(1, len(pairs) * len(metrics) * len(fractions))
+    one = {s: restrict(runs, [s]) for s in seeds}
+    gains = {(p, s): front_points(one[s][p], "gain")[0] for p in paradigms for s in seeds}
+    ranges = {}  # (a, b) -> seed -> the gain range both of that seed's fronts reach (from the gains alone:
+    for a, b in pairs:  # one level per seed for every metric, which a null metric value cannot move)
+        ranges[(a, b)] = {}
+        for s in seeds:
+            ga, gb = gains[(a, s)], gains[(b, s)]
+            if len(ga) and len(gb) and max(ga[0], gb[0]) < min(ga[-1], gb[-1]):  # touching fronts: left out
+                ranges[(a, b)][s] = (max(ga[0], gb[0]), min(ga[-1], gb[-1]))
     rows = []
     for metric in metrics:
+        fronts = {(p, s): front_points(one[s][p], metric)[:2] for p in paradigms for s in seeds}
         for f in fractions:
             for a, b in pairs:
                 per_seed, levels, va_all, vb_all = {}, {}, [], []
-                for s in seeds:
-                    one_a = {lr: {s: c[s]} for lr, c in runs[a].items()}
-                    one_b = {lr: {s: c[s]} for lr, c in runs[b].items()}
-                    ga, gb = front_points(one_a, "gain")[0], front_points(one_b, "gain")[0]
-                    if len(ga) == 0 or len(gb) == 0:
-                        continue
-                    lo, hi = max(ga[0], gb[0]), min(ga[-1], gb[-1])  # the range from gains alone: one level
-                    if not lo < hi:  # for every metric (a null metric value cannot move it)
-                        continue
-                    fa, fb = front_points(one_a, metric)[:2], front_points(one_b, metric)[:2]
+                for s, (lo, hi) in ranges[(a, b)].items():
                     level = float(lo + f * (hi - lo))
-                    va, vb = at_gain(*fa, level), at_gain(*fb, level)
+                    va, vb = at_gain(*fronts[(a, s)], level), at_gain(*fronts[(b, s)], level)
                     if math.isnan(va) or math.isnan(vb):
                         continue
-                    per_seed[s] = va - vb
-                    levels[s] = level
+                    per_seed[s], levels[s] = va - vb, level
                     va_all.append(va)
                     vb_all.append(vb)
-                diffs = list(per_seed.values())
-                n = len(diffs)
-                mean = float(np.mean(diffs)) if n else float("nan")
-                if n >= 2:
-                    half = float(stats.t.ppf(1 - alpha / 2, n - 1) * np.std(diffs, ddof=1) / math.sqrt(n))
-                else:
-                    half = float("nan")
-                p_t = paired_t_p(diffs)
-                p_x = sign_flip_p(diffs)
-                lv = list(levels.values())
+                diffs, lv, n = list(per_seed.values()), list(levels.values()), len(per_seed)
+                mean = _mean(diffs)
+                half = (float(stats.t.ppf(1 - alpha / 2, n - 1) * np.std(diffs, ddof=1) / math.sqrt(n)) if n >= 2
+                        else float("nan"))
                 rows.append({"metric": metric, "fraction": f, "who": f"{a} - {b}", "estimate": mean,
-                             "lo": mean - half, "hi": mean + half,
-                             "gain": float(np.mean(lv)) if n else float("nan"),
-                             "gain_min": min(lv) if n else float("nan"), "gain_max": max(lv) if n else float("nan"),
-                             "a_mean": float(np.mean(va_all)) if n else float("nan"),
-                             "b_mean": float(np.mean(vb_all)) if n else float("nan"),
-                             "per_seed": per_seed, "levels": levels, "n_valid": n, "n_seeds": len(seeds), "p": p_t,
-                             "p_adj": min(1.0, p_t * m_tests) if not math.isnan(p_t) else float("nan"),
-                             "p_exact": p_x, "p_exact_adj": min(1.0, p_x * m_tests) if n else float("nan"),
-                             "tests": m_tests, "alpha": alpha})
+                             "lo": mean - half, "hi": mean + half, "gain": _mean(lv),
+                             "gain_min": min(lv, default=float("nan")), "gain_max": max(lv, default=float("nan")),
+                             "a_mean": _mean(va_all), "b_mean": _mean(vb_all),
+                             "per_seed": per_seed, "levels": levels, "n_seeds": len(seeds),
+                             **paired_tests(diffs, m_tests), "tests": m_tests, "alpha": alpha})
     return rows
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def paired_tests(diffs: Sequence[float], m_tests: int) -> dict:
+    """``n_valid``, the paired t-test's ``p`` and the exact sign-flip ``p_exact`` of per-seed differences
+    (NaN ones dropped), each also Bonferroni-adjusted over ``m_tests`` (``p_adj``, ``p_exact_adj``)."""
+    valid = [d for d in diffs if not math.isnan(d)]
+    p_t, p_x = paired_t_p(valid), sign_flip_p(valid)
+    return {"n_valid": len(valid), "p": p_t, "p_adj": float("nan") if math.isnan(p_t) else min(1.0, p_t * m_tests),
+            "p_exact": p_x, "p_exact_adj": float("nan") if math.isnan(p_x) else min(1.0, p_x * m_tests)}
 
 
 def paired_t_p(diffs: Sequence[float]) -> float:
@@ -358,7 +356,7 @@ def plot_fronts_by_seed(runs: Runs, metric: str, path, levels: Mapping[int, floa
     fig, axes = plt.subplots(1, len(seeds), figsize=(2.9 * len(seeds), 3.2), sharey=True, squeeze=False)
     for ax, s in zip(axes[0], seeds):
         for i, (p, by_lr) in enumerate(runs.items()):
-            one = {lr: {s: c[s]} for lr, c in by_lr.items()}
+            one = restrict({p: by_lr}, [s])[p]
             g, v, lrs = front_points(one, metric, rising=False)
             on = set(front_points(one, metric)[2])
             color = f"C{i}"
