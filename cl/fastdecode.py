@@ -138,7 +138,10 @@ class LlamaKernel:
         cos, sin = self.body.rotary_emb(like, pos)
         self.cos, self.sin = cos[0], sin[0]  # [total, head_dim]
 
-    def _layer(self, i: int, x: torch.Tensor, rope: tuple, mask: torch.Tensor, start: int) -> torch.Tensor:
+    def _layer(self, i: int, x: torch.Tensor, rope: tuple, mask: torch.Tensor, start) -> torch.Tensor:
+        """One decoder layer over ``x`` ``[b, s, hidden]`` written at positions ``start ..``: an int (keys and
+        values then span the positions filled so far), or a one-element tensor (a single token; keys and
+        values span the whole buffer, ``mask`` hides what is not filled: fixed shapes for a CUDA graph)."""
         spec = self.layers[i]
         q_p, k_p, v_p, o_p, g_p, u_p, d_p = spec["plans"]
         ln1, ln2 = spec["ln1"], spec["ln2"]
@@ -155,9 +158,14 @@ class LlamaKernel:
         cos, sin = rope
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        self.k[i].narrow(2, start, s).copy_(k)
-        self.v[i].narrow(2, start, s).copy_(v)
-        keys, values = self.k[i].narrow(2, 0, start + s), self.v[i].narrow(2, 0, start + s)
+        if torch.is_tensor(start):  # static shapes: write at a device-side index, attend over the whole buffer
+            self.k[i].index_copy_(2, start, k.to(self.k[i].dtype))
+            self.v[i].index_copy_(2, start, v.to(self.v[i].dtype))
+            keys, values = self.k[i], self.v[i]
+        else:
+            self.k[i].narrow(2, start, s).copy_(k)
+            self.v[i].narrow(2, start, s).copy_(v)
+            keys, values = self.k[i].narrow(2, 0, start + s), self.v[i].narrow(2, 0, start + s)
         if s == 1:  # one query: two batched products beat the fused kernel's blocking at these sizes
             groups = q.size(1) // keys.size(1)
             qg = q.view(b, keys.size(1), groups, hd)  # query heads of one key/value head together (GQA)
@@ -172,7 +180,7 @@ class LlamaKernel:
         h = _rms(x, ln2.weight, ln2.variance_epsilon)
         return x + _apply(d_p, F.silu(_apply(g_p, h)) * _apply(u_p, h))
 
-    def _run(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, start) -> torch.Tensor:
         x = F.embedding(ids, self.body.embed_tokens.weight, self.body.embed_tokens.padding_idx)
         rope = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [b, 1, s, head_dim]
         for i in range(len(self.layers)):
@@ -211,3 +219,62 @@ class LlamaKernel:
         logits = self._run(ids, pos, mask.bool()[:, None, None, :], self.filled)  # True: may attend
         self.filled += 1
         return logits
+
+    def static_step(self, graph: bool | None = None) -> "StaticStep":
+        """A drop-in for ``step`` with fixed shapes (keys and values over the whole buffer, the unfilled part
+        masked): on CUDA replayed as one CUDA graph per call (``graph=None``: when the buffers are on a CUDA
+        device), which removes the per-kernel launch cost that bounds small-batch decoding there. Call after
+        ``prefill``."""
+        return StaticStep(self, self.k[0].is_cuda if graph is None else graph)
+
+
+class StaticStep:
+    """``LlamaKernel.step`` over static input buffers. The first call runs the step eagerly on a side stream
+    (twice: the warm-up CUDA graphs need; each run writes the same key/value slot, so repeating is harmless) and
+    captures it; every call copies its inputs into the buffers and replays the graph. With ``graph=False``
+    the same static step runs eagerly (what the CPU tests check against ``step``)."""
+
+    def __init__(self, kernel: LlamaKernel, graph: bool):
+        self.kernel, self.graph = kernel, graph
+        ref = kernel.k[0]
+        n, total = ref.size(0), ref.size(2)
+        self.ids = torch.zeros(n, 1, dtype=torch.long, device=ref.device)
+        self.pos = torch.zeros(n, 1, dtype=torch.long, device=ref.device)
+        self.mask = torch.zeros(n, 1, 1, total, dtype=torch.bool, device=ref.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=ref.device)
+        self.cuda_graph = None
+        self.out: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        return self.kernel._run(self.ids, self.pos, self.mask, self.slot)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        k = self.kernel
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        self.mask[:, 0, 0, : mask.size(1)].copy_(mask.bool())
+        self.slot.fill_(k.filled)
+        if not self.graph:
+            out = self._forward()
+        else:
+            if self.cuda_graph is None:
+                self._capture()
+            self.cuda_graph.replay()
+            out = self.out.clone()
+        k.filled += 1
+        return out
+
+    def _capture(self) -> None:
+        # autocast's weight-cast cache would hand the graph tensors freed when the autocast region ends
+        on = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if on else torch.bfloat16
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.autocast("cuda", dtype=dtype, enabled=on, cache_enabled=False):
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            self.cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.cuda_graph, capture_error_mode="thread_local"):
+                self.out = self._forward()

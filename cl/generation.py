@@ -107,6 +107,7 @@ def decode_ids(
     num_return_sequences: int = 1,
     batch_size: int = 256,
     use_kernel: bool = True,
+    static_step: bool | None = None,
 ) -> list[list[int]]:
     """``generate_ids`` as a minimal decode loop: over ``cl.fastdecode``'s kernel for the Llama family
     (Llama, Mistral, Qwen2, Qwen3, with plain peft LoRA layers), else over the model's own KV cache
@@ -120,6 +121,11 @@ def decode_ids(
     tokens are drawn with ``torch.multinomial`` on their softmax (greedy: argmax); finished rows get the pad
     token; the loop stops when every row has ended. So greedy tokens are those of ``generate``, and a
     sampled run consumes the RNG as ``generate`` does (same draws on the same logits).
+
+    On a CUDA device the kernel's single-token step has fixed shapes and is replayed as a CUDA graph
+    (``static_step``; ``None``: on CUDA, ``True`` on any device, where it runs eagerly off CUDA): keys and
+    values span the whole buffer with the unfilled part masked, so the logits match the step's to float
+    rounding (the attention sums over more, all-zero-weighted, positions).
 
     One difference, for speed: with ``num_return_sequences = n > 1`` each distinct prompt is prefilled once
     and its cache repeated ``n`` times (``generate`` prefills all ``n`` copies). The logits are the same
@@ -168,7 +174,8 @@ def decode_ids(
             kernel = kernel_for(model)[0] if use_kernel else None
             if kernel is not None and kernel.fits(length + max_new_tokens):
                 logits = kernel.prefill(ids0, mask0, pos0, length + max_new_tokens, repeat=n)
-                step = kernel.step
+                static = ids0.is_cuda if static_step is None else static_step
+                step = kernel.static_step() if static else kernel.step
             else:
                 logits, step = _hf_prefill(model, chunk, ids0, mask0, pos0, n, device)
             seq, mask = ids0.repeat_interleave(n, 0), mask0.repeat_interleave(n, 0)

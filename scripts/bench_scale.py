@@ -99,6 +99,13 @@ def build_model(size: str, max_len: int, device: str):
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     spec.setdefault("vocab_size", len(tok))
     torch.manual_seed(0)
+    with torch.device(device):  # built where it runs (a 0.5B model's initialisation on CPUs takes a while)
+        model = _build(family, spec, max_len, ids)
+    model.generation_config = transformers.GenerationConfig(**ids)
+    return model, tok
+
+
+def _build(family: str, spec: dict, max_len: int, ids: dict):
     if family == "llama":
         cfg = transformers.LlamaConfig(max_position_embeddings=max_len, tie_word_embeddings=True,
                                        num_key_value_heads=spec["num_attention_heads"], **spec, **ids)
@@ -106,8 +113,7 @@ def build_model(size: str, max_len: int, device: str):
     else:
         cfg = transformers.Qwen2Config(max_position_embeddings=max(max_len, 512), tie_word_embeddings=True, **spec, **ids)
         model = transformers.Qwen2ForCausalLM(cfg)
-    model.generation_config = transformers.GenerationConfig(**ids)
-    return model.to(device), tok
+    return model
 
 
 def matmul_params(model) -> int:

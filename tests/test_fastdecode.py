@@ -96,6 +96,55 @@ def test_kernel_logits_match_the_model_step_by_step(kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_static_step_matches_the_step_and_the_model(kind):
+    """The fixed-shape step (what a CUDA graph replays; eager here) writes its slot from a device-side index and
+    attends over the whole buffer with the unfilled part masked: the model's logits at every step."""
+    from cl.fastdecode import kernel_for
+
+    model = _model(kind, seed=11)
+    prompts = _prompts(12)
+    steps = [[7 + 2 * i + j for i in range(len(prompts))] for j in range(5)]
+    kernel, why = kernel_for(model)
+    assert kernel is not None, why
+    b = collate_prompts(prompts, 0)
+    mask = b["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    total = b["input_ids"].size(1) + len(steps) + 3  # slack at the end: masked, never filled
+    with torch.no_grad():
+        ref = _reference_logits(model, prompts, steps)
+        got = [kernel.prefill(b["input_ids"], mask, pos, total)]
+        step = kernel.static_step(graph=False)
+        p = pos[:, -1:]
+        for col in steps:
+            mask = torch.cat([mask, torch.ones(len(col), 1, dtype=mask.dtype)], -1)
+            p = p + 1
+            got.append(step(torch.tensor(col)[:, None], mask, p))
+    assert kernel.filled == b["input_ids"].size(1) + len(steps)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_through_the_static_step_gives_generates_tokens():
+    """``decode_ids`` with the static step (on CUDA a graph replay; forced here on CPU): the greedy and sampled
+    tokens of ``generate``, also with n completions per prompt and through a LoRA adapter."""
+    from cl.generation import decode_ids, generate_ids
+
+    fmt = _Fmt()
+    for model in (_model("qwen2", seed=13), _lora(_model("llama", seed=14), ["q_proj", "down_proj"])):
+        prompts = _prompts(15)
+        assert decode_ids(model, prompts, fmt, 9, static_step=True) == generate_ids(model, prompts, fmt, 9)
+        torch.manual_seed(3)
+        a = generate_ids(model, prompts, fmt, 9, do_sample=True, top_p=0.9)
+        torch.manual_seed(3)
+        assert decode_ids(model, prompts, fmt, 9, do_sample=True, top_p=0.9, static_step=True) == a
+        torch.manual_seed(4)
+        b = decode_ids(model, prompts, fmt, 9, do_sample=True, top_p=0.9, num_return_sequences=3, static_step=True)
+        torch.manual_seed(4)
+        c = decode_ids(model, prompts, fmt, 9, do_sample=True, top_p=0.9, num_return_sequences=3, static_step=False)
+        assert b == c and len(b) == 3 * len(prompts)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_kernel_decode_gives_generates_greedy_and_sampled_tokens(kind):
     from cl.generation import decode_ids, generate_ids
 

@@ -1,0 +1,309 @@
+"""Where a GPU step's time goes, and what each speed option buys, on a ~0.5B Qwen2 (Qwen2.5-0.5B's shape, random
+weights): SFT tokens/s and MFU for each training variant, a kernel profile of one eager SFT step, rollout
+tokens/s of ``generate`` against ``rollout_backend=hf_fast`` (``cl.generation.decode_ids``) with the greedy
+tokens of both compared, and whole GRPO steps with each backend. Every ratio is against a baseline measured
+in the same run; MFU is against the bf16 matrix-product peak measured in the same run.
+
+    python scripts/bench_gpu.py [--parts peak,sft,profile,rollouts,grpo] [--variants eager,fused,...] [--json F]
+    python scripts/bench_gpu.py --device cpu --size 1m --steps 2 --warmup 1    # every code path, on CPUs
+
+SFT variants (comma-separated, each a fresh model and optimizer, Lightning's Trainer, bf16-mixed):
+``eager`` (the default recipe: AdamW, foreach), ``fused`` (AdamW ``fused=True``: ``optimizer.fused=true``),
+``b32`` / ``fused_b32`` (the same at batch 32), ``compile`` (``train.compile=true`` + fused AdamW), ``manual``
+(fused AdamW, a plain PyTorch loop without Lightning: what the Trainer costs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_scale as bs  # noqa: E402
+from cl.core.data import PromptFormat  # noqa: E402
+from cl.module import ContinualLM  # noqa: E402
+from cl.objectives.sft import SFTObjective  # noqa: E402
+from cl.schedule import LRSchedule  # noqa: E402
+from tasks.registry import build_task  # noqa: E402
+
+SIZE = "qwen0.5b"
+DEV = "cuda"
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def peak(seconds: float) -> float:
+    """bf16 8192^3 product FLOP/s, after ``seconds`` of the same product to bring the clocks up; best of 5."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(20):
+            a @ b
+        e.record()
+        torch.cuda.synchronize()
+        best = max(best, 20 * 2 * n**3 / (s.elapsed_time(e) / 1e3))
+    return best
+
+
+def sft_module(variant: str, batch: int, seq: int, steps: int):
+    model, tok = bs.build_model(SIZE, seq, DEV)
+    data = bs.RandomSequences(model.config.vocab_size, seq, batch * steps)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
+    fused = "fused" in variant or variant in ("manual", "compile")
+    opt = partial(torch.optim.AdamW, lr=1e-4, **({"fused": True} if fused else {}))
+    module = ContinualLM(model, SFTObjective(), opt, LRSchedule(warmup_steps=0), compile_train="compile" in variant)
+    return model, module, loader
+
+
+def bench_sft_variant(variant: str, batch: int, seq: int, steps: int, warmup: int, pk: float) -> dict:
+    b = 32 if "b32" in variant else batch
+    model, module, loader = sft_module(variant, b, seq, steps + warmup)
+    if variant == "manual":
+        sec = manual_steps(module, loader, steps, warmup)
+    else:
+        sec = 1.0 / bs.suite_steps_per_second(module, loader, steps + warmup, warmup, sync=sync,
+                                             **bs.trainer_kwargs(DEV, "bf16-mixed"))
+    tokens = b * seq / sec
+    flops = tokens * bs.train_flops_per_token(model, seq)
+    r = {"part": "sft", "variant": variant, "batch": b, "seq": seq, "step_s": sec, "tokens_per_s": tokens,
+         "flops": flops, "mfu": flops / pk, "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0}
+    log(f"SFT {variant:>16}: {b}x{seq}  {sec * 1e3:7.1f} ms/step  {tokens:9,.0f} tokens/s  "
+        f"{flops / 1e12:6.1f} TFLOP/s  MFU {r['mfu']:6.1%}  peak mem {r['max_mem_gb']:.1f} GiB")
+    del model, module, loader
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return r
+
+
+def _train_step(module, batch, opt):
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        loss, _ = module.objective.step(module, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def manual_steps(module, loader, steps: int, warmup: int) -> float:
+    module.model.train()
+    opt = module.make_optimizer(module.model.parameters())
+    it = iter(loader)
+    batches = [{k: v.to(DEV) for k, v in next(it).items()} for _ in range(steps + warmup)]
+    for b in batches[:warmup]:
+        _train_step(module, b, opt)
+    sync()
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+        _train_step(module, b, opt)
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def profile_sft(batch: int, seq: int, out: Path | None) -> dict:
+    """Kernel time by kind over 3 eager steps (fused AdamW, plain loop): the top kernels and the GPU-busy share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, module, loader = sft_module("fused", batch, seq, 8)
+    module.model.train()
+    opt = module.make_optimizer(module.model.parameters())
+    it = iter(loader)
+    batches = [{k: v.to(DEV) for k, v in next(it).items()} for _ in range(5)]
+    for b in batches[:2]:
+        _train_step(module, b, opt)
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b in batches[2:]:
+            _train_step(module, b, opt)
+        sync()
+    wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events) / 1e6
+    events.sort(key=lambda e: -e.self_device_time_total)
+    log(f"profile: 3 steps, wall {wall * 1e3:.0f} ms (profiled), kernel time {total * 1e3:.0f} ms "
+        f"({total / wall:.0%} of wall)")
+    top = []
+    for e in events[:25]:
+        t = e.self_device_time_total / 1e6
+        top.append({"kernel": e.key[:110], "ms": t * 1e3 / 3, "share": t / total, "calls": e.count // 3})
+        log(f"  {t / total:6.1%}  {t * 1e3 / 3:8.2f} ms/step  x{e.count // 3:<5} {e.key[:110]}")
+    ops = sorted([e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU
+                  and e.key.startswith("aten::")], key=lambda e: -e.device_time_total)[:20]
+    log("  by aten op (device time incl. children, per step):")
+    for e in ops:
+        log(f"    {e.device_time_total / 3e3:8.2f} ms  x{e.count // 3:<5} {e.key}")
+    if out is not None:
+        prof.export_chrome_trace(str(out))
+    del model, module, loader, opt
+    torch.cuda.empty_cache()
+    return {"part": "profile", "wall_s": wall / 3, "kernel_s": total / 3, "top": top}
+
+
+# -- rollouts ------------------------------------------------------------------------------------------------
+def rollouts(prompts_n: int, group: int, new: int, repeats: int) -> list[dict]:
+    from cl.generation import decode_ids, generate_ids
+
+    model, tok = bs.build_model(SIZE, 256, DEV)
+    model.eval()
+    fmt = PromptFormat(tok)
+    task = build_task("add3", 2000, 50, 0)
+    prompts = fmt.prompt_ids(list(task.train["prompt"][:prompts_n]))
+    kw = dict(max_new_tokens=new, do_sample=True, top_p=0.99, num_return_sequences=group)
+    fns = {"generate": lambda: generate_ids(model, prompts, fmt, **kw),
+           "hf_fast": lambda: decode_ids(model, prompts, fmt, **kw),  # on CUDA: the step as a CUDA graph
+           "hf_fast_no_graph": lambda: decode_ids(model, prompts, fmt, static_step=False, **kw)}
+    times = {k: [] for k in fns}
+    model.generation_config.min_new_tokens = new
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        for fn in fns.values():
+            fn()
+        sync()
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                sync()
+                times[k].append(time.perf_counter() - t)
+    model.generation_config.min_new_tokens = None
+    tokens = prompts_n * group * new
+    rate = {k: tokens / statistics.median(v) for k, v in times.items()}
+    for k, v in rate.items():
+        log(f"rollouts bf16 autocast {k:>18}: {v:9,.0f} tokens/s  ({tokens / v * 1e3:7.1f} ms per batch)  "
+            f"{v / rate['generate']:.2f}x generate")
+    same = {}
+    for precision in ("fp32", "bf16"):  # greedy tokens: graph replay vs the eager step vs generate
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            g = generate_ids(model, prompts, fmt, max_new_tokens=new)
+            f = decode_ids(model, prompts, fmt, max_new_tokens=new)
+            e = decode_ids(model, prompts, fmt, max_new_tokens=new, static_step=False)
+        same[precision] = {"graph_vs_eager_step": sum(a == b for a, b in zip(f, e)) / len(f),
+                           "graph_vs_generate": sum(a == b for a, b in zip(f, g)) / len(f),
+                           "eager_step_vs_generate": sum(a == b for a, b in zip(e, g)) / len(f)}
+        log(f"rollouts greedy {precision}: rows identical (of {len(f)}): " +
+            ", ".join(f"{k} {v:.0%}" for k, v in same[precision].items()))
+    del model
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return [{"part": "rollouts", "tokens": tokens, "rate": rate, "greedy_same": same}]
+
+
+def grpo(backend: str, pk: float, steps: int) -> dict:
+    import copy
+
+    from cl.objectives.grpo import GRPOObjective
+    from cl.run import task_loader
+
+    prompts, group, new = 16, 8, 64
+    model, tok = bs.build_model(SIZE, 256, DEV)
+    model.generation_config.min_new_tokens = new
+    fmt = PromptFormat(tok)
+    task = build_task("add3", 2000, 50, 0)
+    obj = GRPOObjective(group_size=group, max_new_tokens=new, kl_coef=0.01, reference="task_start",
+                        rollout_backend=backend)
+    obj.bind(fmt, {task.name: task})
+    obj.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    module = ContinualLM(model, obj, partial(torch.optim.AdamW, lr=1e-6, fused=True), LRSchedule(warmup_steps=0))
+    loader = bs.task_loader(fmt, prompts, steps + 1, seed=0, collate_fn=obj.collate_fn(fmt.pad_id))(task, 0)
+    before = obj.tokens_generated
+    sec = 1.0 / bs.suite_steps_per_second(module, loader, steps + 1, 1, sync=sync,
+                                         **bs.trainer_kwargs(DEV, "bf16-mixed"))
+    gen = (obj.tokens_generated - before) / (steps + 1)
+    prompt_len = sum(len(p) for p in fmt.prompt_ids(task.train["prompt"][:prompts])) / prompts
+    seq = prompt_len + new
+    n = prompts * group * seq
+    flops = (gen * bs.fwd_flops_per_token(model, seq) + n * bs.fwd_flops_per_token(model, seq)
+             + n * bs.train_flops_per_token(model, seq)) / sec
+    r = {"part": "grpo", "backend": backend, "step_s": sec, "gen_tokens_per_s": gen / sec, "flops": flops,
+         "mfu": flops / pk}
+    log(f"GRPO {backend:>8}: {sec:6.2f} s/step  {gen / sec:9,.0f} gen tokens/s  MFU {r['mfu']:6.1%}")
+    del model, module, obj
+    torch.cuda.empty_cache()
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="peak,sft,rollouts,grpo")
+    ap.add_argument("--variants", default="eager,fused,manual,b32,fused_b32")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--backends", default="hf_fast,hf")
+    ap.add_argument("--repeats", type=int, default=2, help="timed rollout batches per backend")
+    ap.add_argument("--grpo-steps", type=int, default=3, help="timed GRPO steps per backend (after one warm-up)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of every code path (use a small --size)")
+    ap.add_argument("--size", default="qwen0.5b", choices=list(bs.SIZES))
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--trace", type=Path, help="write the profiler's chrome trace here")
+    args = ap.parse_args()
+    global DEV, SIZE
+    DEV, SIZE = args.device, args.size
+    if DEV == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no GPU")
+    parts = args.parts.split(",")
+    rows: list[dict] = []
+
+    def save():
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1, default=str))
+
+    log(f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU'} | torch {torch.__version__} | transformers "
+        f"{__import__('transformers').__version__}")
+    pk = peak(3.0) if DEV == "cuda" else bs.matmul_peak("cpu", torch.bfloat16)
+    log(f"bf16 matmul peak {pk / 1e12:.0f} TFLOP/s")
+    rows.append({"part": "peak", "flops": pk})
+    save()
+    for part in parts:
+        try:
+            if part == "sft":
+                for v in args.variants.split(","):
+                    try:
+                        rows.append(bench_sft_variant(v, args.batch_size, args.seq_len, args.steps, args.warmup, pk))
+                    except Exception as e:  # keep measuring the others
+                        log(f"SFT {v}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                        torch.cuda.empty_cache()
+                    save()
+            elif part == "profile":
+                rows.append(profile_sft(args.batch_size, args.seq_len, args.trace))
+            elif part == "rollouts":
+                rows += rollouts(16, 8, 64, args.repeats)
+            elif part == "grpo":
+                for b in args.backends.split(","):
+                    rows.append(grpo(b, pk, args.grpo_steps))
+                    save()
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            log(f"{part}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            torch.cuda.empty_cache()
+        save()
+
+
+if __name__ == "__main__":
+    main()
