@@ -5,7 +5,8 @@ another, so none competes for the cores) and prints one Markdown table, benchmar
     python scripts/bench.py [--quick] [--only sft,grpo] [--write docs/benchmarks.md]
 
 ``--quick`` passes ``--quick`` to every script (small sizes: a few minutes in all on 2 cores); without it
-each runs at its documented size (about an hour on 2 cores). ``--write`` also writes the table, the machine
+each runs at its documented size (about an hour on 2 cores). ``gpu`` (``bench_gpu.py``: SFT MFU, CUDA-graph
+rollouts and GRPO steps on a ~0.5B model) runs only where torch sees a CUDA GPU. ``--write`` also writes the table, the machine
 and the command to a Markdown file. A script that fails is reported in the table and makes the command
 exit 1 after the others have run.
 """
@@ -27,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from benchlib import rows_markdown  # noqa: E402
 
-BENCHES = ("sft", "vlm_sft", "replay", "rollouts", "grpo", "eval", "scale", "sweep")
+BENCHES = ("sft", "vlm_sft", "replay", "rollouts", "grpo", "eval", "scale", "sweep", "gpu")
+NEEDS_GPU = ("gpu",)  # skipped (and said so) where torch sees no CUDA GPU
 VARIANTS = {"vlm_sft": ("sft", ["--vision"])}  # a benchmark run by another script with extra arguments
 
 
@@ -45,6 +47,12 @@ def machine() -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_one(name: str, quick: bool, extra: list[str]) -> tuple[list[dict], float, str | None]:
@@ -81,6 +89,10 @@ def main() -> None:
         raise SystemExit(f"error: --only: unknown {', '.join(bad)}; allowed: {', '.join(BENCHES)}")
     rows, failed, total = [], [], time.perf_counter()
     for name in names:
+        if name in NEEDS_GPU and not _has_gpu():
+            print(f"[bench] {name}: skipped (torch sees no CUDA GPU; `python scripts/bench_{name}.py --device cpu "
+                  "--size 1m` runs its code paths on CPUs)", flush=True)
+            continue
         got, _, error = run_one(name, args.quick, [])
         if error is not None:
             failed.append(name)

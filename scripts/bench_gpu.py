@@ -245,28 +245,35 @@ def grpo(backend: str, pk: float, steps: int) -> dict:
     return r
 
 
-def main() -> None:
+QUICK = ["--variants", "eager,manual,fused_b32", "--steps", "4", "--warmup", "2", "--repeats", "1",
+         "--grpo-steps", "2"]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="peak,sft,rollouts,grpo")
+    ap.add_argument("--parts", default="sft,rollouts,grpo", help="any of sft, profile, rollouts, grpo")
     ap.add_argument("--variants", default="eager,fused,manual,b32,fused_b32")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="timed SFT steps after the warm-up")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--backends", default="hf_fast,hf")
     ap.add_argument("--repeats", type=int, default=2, help="timed rollout batches per backend")
     ap.add_argument("--grpo-steps", type=int, default=3, help="timed GRPO steps per backend (after one warm-up)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of every code path (use a small --size)")
     ap.add_argument("--size", default="qwen0.5b", choices=list(bs.SIZES))
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="also write every measurement here")
     ap.add_argument("--trace", type=Path, help="write the profiler's chrome trace here")
-    args = ap.parse_args()
+    return ap
+
+
+def measure(args) -> list[dict]:
     global DEV, SIZE
     DEV, SIZE = args.device, args.size
     if DEV == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no GPU")
-    parts = args.parts.split(",")
+        raise SystemExit("error: --device cuda but torch sees no GPU (run on CPUs with --device cpu --size 1m)")
     rows: list[dict] = []
+    failed: list[str] = []
 
     def save():
         if args.json:
@@ -275,35 +282,63 @@ def main() -> None:
     log(f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU'} | torch {torch.__version__} | transformers "
         f"{__import__('transformers').__version__}")
     pk = peak(3.0) if DEV == "cuda" else bs.matmul_peak("cpu", torch.bfloat16)
-    log(f"bf16 matmul peak {pk / 1e12:.0f} TFLOP/s")
+    log(f"bf16 matmul peak {pk / 1e12:.1f} TFLOP/s")
     rows.append({"part": "peak", "flops": pk})
-    save()
-    for part in parts:
-        try:
-            if part == "sft":
-                for v in args.variants.split(","):
-                    try:
-                        rows.append(bench_sft_variant(v, args.batch_size, args.seq_len, args.steps, args.warmup, pk))
-                    except Exception as e:  # keep measuring the others
-                        log(f"SFT {v}: FAILED {type(e).__name__}: {str(e)[:300]}")
-                        torch.cuda.empty_cache()
-                    save()
-            elif part == "profile":
-                rows.append(profile_sft(args.batch_size, args.seq_len, args.trace))
-            elif part == "rollouts":
-                rows += rollouts(16, 8, 64, args.repeats)
-            elif part == "grpo":
-                for b in args.backends.split(","):
-                    rows.append(grpo(b, pk, args.grpo_steps))
-                    save()
-        except Exception as e:
-            import traceback
+    for part in args.parts.split(","):
+        jobs = {"sft": [partial(bench_sft_variant, v, args.batch_size, args.seq_len, args.steps, args.warmup, pk)
+                        for v in args.variants.split(",")],
+                "profile": [partial(profile_sft, args.batch_size, args.seq_len, args.trace)],
+                "rollouts": [partial(rollouts, 16, 8, 64, args.repeats)],
+                "grpo": [partial(grpo, b, pk, args.grpo_steps) for b in args.backends.split(",")]}.get(part)
+        if jobs is None:
+            raise SystemExit(f"error: --parts: unknown '{part}'; allowed: sft, profile, rollouts, grpo")
+        for job in jobs:  # a failure is reported and the others still run (one short GPU lease, many readings)
+            try:
+                got = job()
+                rows.extend(got if isinstance(got, list) else [got])
+            except Exception as e:
+                import traceback
 
-            traceback.print_exc()
-            log(f"{part}: FAILED {type(e).__name__}: {str(e)[:300]}")
-            torch.cuda.empty_cache()
-        save()
+                traceback.print_exc()
+                failed.append(f"{part} {job.args[0] if part in ('sft', 'grpo') else ''}".strip())
+                log(f"{failed[-1]}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
+            save()
+    if failed:
+        raise SystemExit(f"error: failed: {', '.join(failed)} (the others are above)")
+    return summary_rows(rows, pk)
+
+
+def summary_rows(rows: list[dict], pk: float) -> list[dict]:
+    """The benchmark table's lines: MFU per SFT variant (target 35% for the 0.5B model on a GPU), the Trainer
+    against a plain loop, rollouts against ``generate`` (target 2x on a GPU) and GRPO steps per backend."""
+    from benchlib import row
+
+    gpu = DEV == "cuda"
+    out = []
+    sft = {r["variant"]: r for r in rows if r["part"] == "sft"}
+    for v, r in sft.items():
+        out.append(row(f"{DEV} SFT {SIZE} {v} {r['batch']}x{r['seq']} (bf16-mixed): model TFLOP/s vs bf16 matmul peak "
+                       "(MFU)", r["flops"] / 1e12, pk / 1e12, 0.35 if gpu and SIZE == "qwen0.5b" else None))
+    if "eager" in sft and "manual" in sft:
+        out.append(row(f"{DEV} SFT {SIZE}: tokens/s through the suite's Trainer vs a plain loop (batch "
+                       f"{sft['eager']['batch']})", sft["eager"]["tokens_per_s"], sft["manual"]["tokens_per_s"], None))
+    for r in rows:
+        if r["part"] == "rollouts":
+            out.append(row(f"{DEV} rollouts {SIZE}: hf_fast ({'CUDA graph' if gpu else 'eager'} step) vs generate, "
+                           "tokens/s (16x8 seqs x 64 tokens, bf16 autocast)", r["rate"]["hf_fast"],
+                           r["rate"]["generate"], 2.0 if gpu else None))
+            out.append(row(f"{DEV} rollouts {SIZE}: hf_fast without the static step vs generate, tokens/s",
+                           r["rate"]["hf_fast_no_graph"], r["rate"]["generate"], None))
+    grpo_rows = {r["backend"]: r for r in rows if r["part"] == "grpo"}
+    if "hf_fast" in grpo_rows and "hf" in grpo_rows:
+        out.append(row(f"{DEV} GRPO {SIZE} steps/s: rollout_backend=hf_fast vs hf (16 prompts x G 8, 64 tokens)",
+                       1 / grpo_rows["hf_fast"]["step_s"], 1 / grpo_rows["hf"]["step_s"], None))
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    from benchlib import bench_main
+
+    bench_main(parser(), measure, QUICK)
