@@ -232,7 +232,8 @@ class StaticStep:
     """``LlamaKernel.step`` over static input buffers. The first call runs the step eagerly on a side stream
     (twice: the warm-up CUDA graphs need; each run writes the same key/value slot, so repeating is harmless) and
     captures it; every call copies its inputs into the buffers and replays the graph. With ``graph=False``
-    the same static step runs eagerly (what the CPU tests check against ``step``)."""
+    the same static step runs eagerly (what the CPU tests check against ``step``); so does a step whose capture
+    fails, with a warning."""
 
     def __init__(self, kernel: LlamaKernel, graph: bool):
         self.kernel, self.graph = kernel, graph
@@ -254,11 +255,18 @@ class StaticStep:
         self.pos.copy_(pos)
         self.mask[:, 0, 0, : mask.size(1)].copy_(mask.bool())
         self.slot.fill_(k.filled)
+        if self.graph and self.cuda_graph is None:
+            try:
+                self._capture()
+            except RuntimeError as e:  # e.g. an operation capture does not allow: decode on, eagerly
+                import warnings
+
+                warnings.warn(f"hf_fast: the decode step could not be captured as a CUDA graph ({str(e)[:200]}); "
+                              "decoding with the eager step", RuntimeWarning, stacklevel=2)
+                self.graph, self.cuda_graph = False, None
         if not self.graph:
             out = self._forward()
         else:
-            if self.cuda_graph is None:
-                self._capture()
             self.cuda_graph.replay()
             out = self.out.clone()
         k.filled += 1

@@ -144,6 +144,36 @@ def test_decode_through_the_static_step_gives_generates_tokens():
         assert b == c and len(b) == 3 * len(prompts)
 
 
+def test_static_step_falls_back_to_eager_when_capture_fails(monkeypatch):
+    """A step that cannot be captured (here: capture raises) warns once and decodes on eagerly, same tokens."""
+    from cl.fastdecode import StaticStep, kernel_for
+
+    model = _model("qwen2", seed=16)
+    prompts = _prompts(17)
+    b = collate_prompts(prompts, 0)
+    mask = b["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticStep, "_capture", refuse)
+    outs = []
+    for graph in (True, False):
+        kernel = kernel_for(model)[0]
+        with torch.no_grad():
+            kernel.prefill(b["input_ids"], mask, pos, b["input_ids"].size(1) + 2)
+            step = kernel.static_step(graph=graph)
+            m = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], -1)
+            if graph:
+                with pytest.warns(RuntimeWarning, match="could not be captured"):
+                    outs.append(step(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 1))
+                assert step.graph is False
+            else:
+                outs.append(step(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 1))
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_kernel_decode_gives_generates_greedy_and_sampled_tokens(kind):
     from cl.generation import decode_ids, generate_ids
