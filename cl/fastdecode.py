@@ -232,8 +232,8 @@ class StaticStep:
     """``LlamaKernel.step`` over static input buffers. The first call runs the step eagerly on a side stream
     (twice: the warm-up CUDA graphs need; each run writes the same key/value slot, so repeating is harmless) and
     captures it; every call copies its inputs into the buffers and replays the graph. With ``graph=False``
-    the same static step runs eagerly (what the CPU tests check against ``step``); so does a step whose capture
-    fails, with a warning."""
+    the same static step runs eagerly (what the CPU tests check against ``step``). A failed capture raises with
+    the way out (``rollout_backend=hf``), after putting the thread back on its stream."""
 
     def __init__(self, kernel: LlamaKernel, graph: bool):
         self.kernel, self.graph = kernel, graph
@@ -245,28 +245,33 @@ class StaticStep:
         self.slot = torch.zeros(1, dtype=torch.long, device=ref.device)
         self.cuda_graph = None
         self.out: torch.Tensor | None = None
+        self.buffer = ref.data_ptr()  # the key/value buffers the graph writes: a new prefill replaces them
 
     def _forward(self) -> torch.Tensor:
         return self.kernel._run(self.ids, self.pos, self.mask, self.slot)
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         k = self.kernel
+        if k.k[0].data_ptr() != self.buffer:
+            raise RuntimeError("StaticStep: the kernel was prefilled again; make a new static step after prefill")
+        if k.filled >= self.mask.size(-1):
+            raise ValueError(f"StaticStep: all {self.mask.size(-1)} buffer positions are filled")
         self.ids.copy_(ids)
         self.pos.copy_(pos)
         self.mask[:, 0, 0, : mask.size(1)].copy_(mask.bool())
         self.slot.fill_(k.filled)
-        if self.graph and self.cuda_graph is None:
-            try:
-                self._capture()
-            except RuntimeError as e:  # e.g. an operation capture does not allow: decode on, eagerly
-                import warnings
-
-                warnings.warn(f"hf_fast: the decode step could not be captured as a CUDA graph ({str(e)[:200]}); "
-                              "decoding with the eager step", RuntimeWarning, stacklevel=2)
-                self.graph, self.cuda_graph = False, None
         if not self.graph:
             out = self._forward()
         else:
+            if self.cuda_graph is None:
+                prev = torch.cuda.current_stream(self.ids.device)
+                try:
+                    with torch.cuda.device(self.ids.device):
+                        self._capture()
+                except RuntimeError as e:  # a failed capture can leave the thread on the capture stream
+                    torch.cuda.set_stream(prev)
+                    raise RuntimeError(f"rollout_backend=hf_fast: the decode step could not be captured as a CUDA "
+                                       f"graph ({str(e)[:300]}); use objective.rollout_backend=hf") from e
             self.cuda_graph.replay()
             out = self.out.clone()
         k.filled += 1

@@ -57,7 +57,6 @@ class ContinualLM(pl.LightningModule):
         self.task_steps: int | None = None  # optimizer steps of the current task (the LR schedule's length)
         self.nonfinite = TrainSettings.nonfinite  # stop | skip: what a non-finite loss does
         self.skipped_steps = 0
-        self._unchecked: list[tuple] = []  # (loss, logs) of each batch since the last update, checked before the next
         self.resume_optim: dict | None = None  # optimizer/scheduler states to load in configure_optimizers
         self.resume_rng: dict | None = None  # RNG states to restore when the resumed fit starts
         self._scheduler = None
@@ -114,7 +113,6 @@ class ContinualLM(pl.LightningModule):
     def on_train_start(self) -> None:
         """A resumed fit continues with the checkpoint's RNG states: Lightning's distributed strategies
         re-seed every process in their setup (``reset_seed``), after the checkpoint was loaded."""
-        self._unchecked = []
         if self.resume_rng is not None:
             from cl.checkpoint import set_rng_state
 
@@ -173,37 +171,24 @@ class ContinualLM(pl.LightningModule):
             if out is not None:
                 loss = loss + out[0]
                 logs.update(out[1])
-        if self.nonfinite == "skip":
-            # the one check that must come before the backward (a skipped batch has none); it waits for the
-            # forward, so the host cannot queue the backward while the device works
-            if not torch.isfinite(loss):  # no backward, no update: AdamW skips parameters without gradients
+        if not torch.isfinite(loss):
+            where = (f"task {self.task_idx + 1} step {self.step_in_task + 1} (global_iter {self.global_iter + 1}): "
+                     + ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1
+                                 and not torch.isfinite(v))[:300])
+            if self.nonfinite == "skip":  # no backward, no update: AdamW skips parameters without gradients
                 self.skipped_steps += 1
                 self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
                 return None
-        else:  # stop: checked in on_before_optimizer_step, after the backward is queued, before any update
-            self._unchecked.append((loss.detach(), {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()}))
+            raise FloatingPointError(f"non-finite loss {loss.item()} at {where} (set train.nonfinite=skip to skip "
+                                     "such batches instead)")
         logs = {f"train/{k}": v for k, v in logs.items()}
         n = batch["input_ids"].size(0) if "input_ids" in batch else len(batch["prompt_ids"])
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=n)
         self.log("cl/global_iter", float(self.global_iter + 1), on_step=True, on_epoch=False)
         return loss
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """``train.nonfinite=stop``: a non-finite loss stops the run here, before the update it would make.
-        Checking after the backward rather than in ``training_step`` lets the host queue the backward while
-        the device still runs the forward (one wait per step instead of a stall between the two)."""
-        pending, self._unchecked = self._unchecked, []
-        bad = [p for p in pending if not torch.isfinite(p[0])] if pending else []
-        if bad:
-            loss, logs = bad[0]
-            where = (f"task {self.task_idx + 1} step {self.step_in_task + 1} (global_iter {self.global_iter + 1}): "
-                     + ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1
-                                 and not torch.isfinite(v))[:300])
-            raise FloatingPointError(f"non-finite loss {loss.item()} at {where} (set train.nonfinite=skip to skip "
-                                     "such batches instead)")
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Lightning's clipping, except for fused optimizers (``optimizer.fused=true``) without a gradient
+        """Lightning's clipping, except for fused optimizers (``+optimizer.fused=true``) without a gradient
         scaler: Lightning's mixed-precision plugin refuses to clip any optimizer that unscales inside its
         step, but under ``bf16-mixed`` (and full precision) there is no scaler, so the gradients are clipped
         here as they are, by the same norm or value rule."""

@@ -144,34 +144,69 @@ def test_decode_through_the_static_step_gives_generates_tokens():
         assert b == c and len(b) == 3 * len(prompts)
 
 
-def test_static_step_falls_back_to_eager_when_capture_fails(monkeypatch):
-    """A step that cannot be captured (here: capture raises) warns once and decodes on eagerly, same tokens."""
-    from cl.fastdecode import StaticStep, kernel_for
+def _prefilled(model, prompts, extra: int):
+    from cl.fastdecode import kernel_for
 
-    model = _model("qwen2", seed=16)
-    prompts = _prompts(17)
+    kernel = kernel_for(model)[0]
     b = collate_prompts(prompts, 0)
     mask = b["attention_mask"]
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    kernel.prefill(b["input_ids"], mask, pos, b["input_ids"].size(1) + extra)
+    return kernel, mask, pos
 
-    def refuse(self):
-        raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(StaticStep, "_capture", refuse)
+def test_static_step_under_bf16_autocast_matches_the_step():
+    """Under autocast the new keys and values are bf16 while the buffers keep the weights' dtype (as the step's
+    narrowed copy casts them): the static step writes them the same way."""
+    model = _model("qwen2", seed=18)
+    prompts = _prompts(19)
     outs = []
-    for graph in (True, False):
-        kernel = kernel_for(model)[0]
-        with torch.no_grad():
-            kernel.prefill(b["input_ids"], mask, pos, b["input_ids"].size(1) + 2)
-            step = kernel.static_step(graph=graph)
-            m = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], -1)
-            if graph:
-                with pytest.warns(RuntimeWarning, match="could not be captured"):
-                    outs.append(step(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 1))
-                assert step.graph is False
-            else:
-                outs.append(step(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 1))
-    assert torch.equal(outs[0], outs[1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for static in (False, True):
+            kernel, mask, pos = _prefilled(model, prompts, 3)
+            step = kernel.static_step(graph=False) if static else kernel.step
+            got, p = [], pos[:, -1:]
+            for j in range(3):
+                mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], -1)
+                p = p + 1
+                got.append(step(torch.full((len(prompts), 1), 5 + j), mask, p))
+            outs.append(got)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, atol=5e-2, rtol=2e-2)
+
+
+def test_static_step_guards_and_a_failed_capture_names_the_way_out(monkeypatch):
+    from cl.fastdecode import StaticStep
+
+    model = _model("llama", seed=20)
+    prompts = _prompts(21)
+    with torch.no_grad():
+        kernel, mask, pos = _prefilled(model, prompts, 1)
+        step = kernel.static_step(graph=False)
+        m = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], -1)
+        step(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 1)
+        with pytest.raises(ValueError, match="buffer positions are filled"):
+            step(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 2)
+        kernel, mask, pos = _prefilled(model, prompts, 2)
+        stale = kernel.static_step(graph=False)
+        b = collate_prompts(prompts, 0)
+        kernel.prefill(b["input_ids"], mask, pos, b["input_ids"].size(1) + 2)
+        with pytest.raises(RuntimeError, match="prefilled again"):
+            stale(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 1)
+        # a capture that fails: the thread goes back to its stream and the error names rollout_backend=hf
+        streams = []
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the stream before")
+        monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
+        monkeypatch.setattr(torch.cuda, "device", lambda d: __import__("contextlib").nullcontext())
+
+        def fail(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        monkeypatch.setattr(StaticStep, "_capture", fail)
+        kernel, mask, pos = _prefilled(model, prompts, 2)
+        with pytest.raises(RuntimeError, match=r"could not be captured.*rollout_backend=hf"):
+            kernel.static_step(graph=True)(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 1)
+        assert streams == ["the stream before"]
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
