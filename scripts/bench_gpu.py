@@ -31,9 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_scale as bs  # noqa: E402
 from cl.core.data import PromptFormat  # noqa: E402
-from cl.module import ContinualLM  # noqa: E402
-from cl.objectives.sft import SFTObjective  # noqa: E402
-from cl.schedule import LRSchedule  # noqa: E402
 from tasks.registry import build_task  # noqa: E402
 
 SIZE = "qwen0.5b"
@@ -41,43 +38,16 @@ DEV = "cuda"
 
 
 def sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
+    bs.sync(DEV)
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def peak(seconds: float) -> float:
-    """bf16 8192^3 product FLOP/s, after ``seconds`` of the same product to bring the clocks up; best of 5."""
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        torch.cuda.synchronize()
-    best = 0.0
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(20):
-            a @ b
-        e.record()
-        torch.cuda.synchronize()
-        best = max(best, 20 * 2 * n**3 / (s.elapsed_time(e) / 1e3))
-    return best
-
-
 def sft_module(variant: str, batch: int, seq: int, steps: int):
-    model, tok = bs.build_model(SIZE, seq, DEV)
-    data = bs.RandomSequences(model.config.vocab_size, seq, batch * steps)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
-    fused = "fused" in variant or variant in ("manual", "compile")
-    opt = partial(torch.optim.AdamW, lr=1e-4, **({"fused": True} if fused else {}))
-    module = ContinualLM(model, SFTObjective(), opt, LRSchedule(warmup_steps=0), compile_train="compile" in variant)
-    return model, module, loader
+    return bs.sft_setup(SIZE, DEV, batch, seq, steps, compile_train="compile" in variant,
+                        fused="fused" in variant or variant in ("manual", "compile"))
 
 
 def bench_sft_variant(variant: str, batch: int, seq: int, steps: int, warmup: int, pk: float) -> dict:
@@ -110,11 +80,16 @@ def _train_step(module, batch, opt):
     opt.zero_grad(set_to_none=True)
 
 
-def manual_steps(module, loader, steps: int, warmup: int) -> float:
+def plain_loop(module, loader, n: int):
+    """``module``'s optimizer and ``n`` batches on the device, for steps without the Trainer (``_train_step``)."""
     module.model.train()
-    opt = module.make_optimizer(module.model.parameters())
     it = iter(loader)
-    batches = [{k: v.to(DEV) for k, v in next(it).items()} for _ in range(steps + warmup)]
+    return module.make_optimizer(module.model.parameters()), [{k: v.to(DEV) for k, v in next(it).items()}
+                                                              for _ in range(n)]
+
+
+def manual_steps(module, loader, steps: int, warmup: int) -> float:
+    opt, batches = plain_loop(module, loader, steps + warmup)
     for b in batches[:warmup]:
         _train_step(module, b, opt)
     sync()
@@ -130,10 +105,7 @@ def profile_sft(batch: int, seq: int, out: Path | None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     model, module, loader = sft_module("fused", batch, seq, 8)
-    module.model.train()
-    opt = module.make_optimizer(module.model.parameters())
-    it = iter(loader)
-    batches = [{k: v.to(DEV) for k, v in next(it).items()} for _ in range(5)]
+    opt, batches = plain_loop(module, loader, 5)
     for b in batches[:2]:
         _train_step(module, b, opt)
     sync()
@@ -176,9 +148,9 @@ def rollouts(prompts_n: int, group: int, new: int, repeats: int) -> list[dict]:
     task = build_task("add3", 2000, 50, 0)
     prompts = fmt.prompt_ids(list(task.train["prompt"][:prompts_n]))
     kw = dict(max_new_tokens=new, do_sample=True, top_p=0.99, num_return_sequences=group)
-    fns = {"generate": lambda: generate_ids(model, prompts, fmt, **kw),
-           "hf_fast": lambda: decode_ids(model, prompts, fmt, **kw),  # on CUDA: the step as a CUDA graph
-           "hf_fast_no_graph": lambda: decode_ids(model, prompts, fmt, static_step=False, **kw)}
+    fns = {"generate": partial(generate_ids, model, prompts, fmt, **kw),
+           "hf_fast": partial(decode_ids, model, prompts, fmt, **kw),  # on CUDA: the step as a CUDA graph
+           "hf_fast_no_graph": partial(decode_ids, model, prompts, fmt, static_step=False, **kw)}
     times = {k: [] for k in fns}
     model.generation_config.min_new_tokens = new
     with torch.autocast(DEV, dtype=torch.bfloat16):
@@ -208,43 +180,19 @@ def rollouts(prompts_n: int, group: int, new: int, repeats: int) -> list[dict]:
                            "eager_step_vs_generate": sum(a == b for a, b in zip(e, g)) / len(f)}
         log(f"rollouts greedy {precision}: rows identical (of {len(f)}): " +
             ", ".join(f"{k} {v:.0%}" for k, v in same[precision].items()))
-    del model
+    del model, fns
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return [{"part": "rollouts", "tokens": tokens, "rate": rate, "greedy_same": same}]
 
 
 def grpo(backend: str, pk: float, steps: int) -> dict:
-    import copy
-
-    from cl.objectives.grpo import GRPOObjective
-    from cl.run import task_loader
-
-    prompts, group, new = 16, 8, 64
-    model, tok = bs.build_model(SIZE, 256, DEV)
-    model.generation_config.min_new_tokens = new
-    fmt = PromptFormat(tok)
-    task = build_task("add3", 2000, 50, 0)
-    obj = GRPOObjective(group_size=group, max_new_tokens=new, kl_coef=0.01, reference="task_start",
-                        rollout_backend=backend)
-    obj.bind(fmt, {task.name: task})
-    obj.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    module = ContinualLM(model, obj, partial(torch.optim.AdamW, lr=1e-6, fused=True), LRSchedule(warmup_steps=0))
-    loader = bs.task_loader(fmt, prompts, steps + 1, seed=0, collate_fn=obj.collate_fn(fmt.pad_id))(task, 0)
-    before = obj.tokens_generated
-    sec = 1.0 / bs.suite_steps_per_second(module, loader, steps + 1, 1, sync=sync,
-                                         **bs.trainer_kwargs(DEV, "bf16-mixed"))
-    gen = (obj.tokens_generated - before) / (steps + 1)
-    prompt_len = sum(len(p) for p in fmt.prompt_ids(task.train["prompt"][:prompts])) / prompts
-    seq = prompt_len + new
-    n = prompts * group * seq
-    flops = (gen * bs.fwd_flops_per_token(model, seq) + n * bs.fwd_flops_per_token(model, seq)
-             + n * bs.train_flops_per_token(model, seq)) / sec
-    r = {"part": "grpo", "backend": backend, "step_s": sec, "gen_tokens_per_s": gen / sec, "flops": flops,
-         "mfu": flops / pk}
-    log(f"GRPO {backend:>8}: {sec:6.2f} s/step  {gen / sec:9,.0f} gen tokens/s  MFU {r['mfu']:6.1%}")
-    del model, module, obj
-    torch.cuda.empty_cache()
+    """Whole GRPO steps (16 prompts x G 8, 64 new tokens, KL reference, fused AdamW) with one rollout backend."""
+    r = bs.bench_grpo(SIZE, DEV, "bf16-mixed", 16, 8, 64, steps + 1, 1, rollout_backend=backend, fused=True)
+    r.update(backend=backend, gen_tokens_per_s=r["tokens_per_s"], mfu=r["flops"] / pk)
+    log(f"GRPO {backend:>8}: {r['step_s']:6.2f} s/step  {r['tokens_per_s']:9,.0f} gen tokens/s  MFU {r['mfu']:6.1%}")
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
     return r
 
 
@@ -284,7 +232,7 @@ def measure(args) -> list[dict]:
 
     log(f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU'} | torch {torch.__version__} | transformers "
         f"{__import__('transformers').__version__}")
-    pk = peak(3.0) if DEV == "cuda" else bs.matmul_peak("cpu", torch.bfloat16)
+    pk = bs.matmul_peak(DEV, torch.bfloat16, warmup_s=3.0 if DEV == "cuda" else 0.0)
     log(f"bf16 matmul peak {pk / 1e12:.1f} TFLOP/s")
     rows.append({"part": "peak", "flops": pk})
     for part in args.parts.split(","):

@@ -72,13 +72,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: str, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """FLOP/s of a large square matrix product (n = 2048 on CPU, 8192 on GPU), best of three timings."""
+def matmul_peak(device: str, dtype: torch.dtype, seconds: float = 1.0, warmup_s: float = 0.0) -> float:
+    """FLOP/s of a large square matrix product (n = 2048 on CPU, 8192 on GPU), best of three timings, after
+    two products and ``warmup_s`` more seconds of them (a GPU's clocks rise under load)."""
     n = 8192 if device.startswith("cuda") else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    t0 = time.perf_counter()
     for _ in range(2):
         a @ b
+    while time.perf_counter() - t0 < warmup_s:
+        a @ b
+        sync(device)
     sync(device)
     best = 0.0
     for _ in range(3):
@@ -161,13 +166,20 @@ def timed_fit(module, loader, steps: int, warmup: int, device: str, precision: s
     return 1.0 / suite_steps_per_second(module, loader, steps, warmup, sync=sync, **trainer_kwargs(device, precision))
 
 
+def sft_setup(size: str, device: str, batch: int, seq: int, steps: int, compile_train: bool = False,
+              fused: bool = False):
+    """``(model, module, loader)``: the SFT benchmark's model, its ``ContinualLM`` (AdamW at lr 1e-4, fused when
+    asked) and a loader of ``steps`` batches of random sequences."""
+    model, _ = build_model(size, seq, device)
+    data = RandomSequences(model.config.vocab_size, seq, batch * steps)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
+    opt = partial(torch.optim.AdamW, lr=1e-4, **({"fused": True} if fused else {}))
+    return model, ContinualLM(model, SFTObjective(), opt, LRSchedule(warmup_steps=0), compile_train=compile_train), loader
+
+
 def bench_sft(size: str, device: str, precision: str, batch: int, seq: int, steps: int, warmup: int,
               compile_train: bool = False) -> dict:
-    model, tok = build_model(size, seq, device)
-    data = RandomSequences(model.config.vocab_size if size.startswith("qwen") else len(tok), seq, batch * steps)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
-    module = ContinualLM(model, SFTObjective(), partial(torch.optim.AdamW, lr=1e-4), LRSchedule(warmup_steps=0),
-                         compile_train=compile_train)
+    model, module, loader = sft_setup(size, device, batch, seq, steps, compile_train)
     sec = timed_fit(module, loader, steps, warmup, device, precision)
     tokens = batch * seq / sec
     return {"part": "sft_compiled" if compile_train else "sft", "size": size, "params": count_parameters(model), "tokens_per_s": tokens,
@@ -175,15 +187,17 @@ def bench_sft(size: str, device: str, precision: str, batch: int, seq: int, step
 
 
 def bench_grpo(size: str, device: str, precision: str, prompts: int, group: int, new_tokens: int, steps: int,
-               warmup: int) -> dict:
+               warmup: int, rollout_backend: str = "hf", fused: bool = False) -> dict:
     model, tok = build_model(size, 256, device)
     model.generation_config.min_new_tokens = new_tokens  # every completion has exactly new_tokens tokens
     fmt = PromptFormat(tok)
     task = build_task("add3", 2000, 50, 0)
-    obj = GRPOObjective(group_size=group, max_new_tokens=new_tokens, kl_coef=0.01, reference="task_start")
+    obj = GRPOObjective(group_size=group, max_new_tokens=new_tokens, kl_coef=0.01, reference="task_start",
+                        rollout_backend=rollout_backend)
     obj.bind(fmt, {task.name: task})
     obj.ref_model = __import__("copy").deepcopy(model).eval().requires_grad_(False)
-    module = ContinualLM(model, obj, partial(torch.optim.AdamW, lr=1e-6), LRSchedule(warmup_steps=0))
+    opt = partial(torch.optim.AdamW, lr=1e-6, **({"fused": True} if fused else {}))
+    module = ContinualLM(model, obj, opt, LRSchedule(warmup_steps=0))
     loader = task_loader(fmt, prompts, steps, seed=0, collate_fn=obj.collate_fn(fmt.pad_id))(task, 0)
     before = obj.tokens_generated
     sec = timed_fit(module, loader, steps, warmup, device, precision)
