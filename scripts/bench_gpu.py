@@ -1,7 +1,8 @@
 """Where a GPU step's time goes, and what each speed option buys, on a ~0.5B Qwen2 (Qwen2.5-0.5B's shape, random
 weights): SFT tokens/s and MFU for each training variant, a kernel profile of 3 plain-loop SFT steps, rollout
 tokens/s of ``generate`` against ``rollout_backend=hf_fast`` (``cl.generation.decode_ids``) with the greedy
-tokens of both compared, and whole GRPO steps with each backend. Every ratio is against a baseline measured
+tokens of both compared, and whole GRPO steps with each backend and with TRL's ``GRPOTrainer`` on the same settings
+(target: the suite with ``hf_fast`` >= 1.5x TRL's steps/s). Every ratio is against a baseline measured
 in the same run; MFU is against the bf16 matrix-product peak measured in the same run.
 
     python scripts/bench_gpu.py [--quick] [--parts sft,rollouts,grpo] [--variants eager,fused,...] [--json F]
@@ -12,12 +13,13 @@ SFT variants (comma-separated, each a fresh model and optimizer, Lightning's Tra
 ``eager`` (the default recipe: AdamW, foreach), ``fused`` (AdamW ``fused=True``: ``+optimizer.fused=true``),
 ``b32`` / ``fused_b32`` (the same at batch 32), ``compile`` (``train.compile=true`` + fused AdamW), ``manual``
 (fused AdamW, a plain PyTorch loop without Lightning; autocast keeps its weight-cast cache there, which Lightning
-turns off).
+turns off), ``manual_b32`` (the plain loop at batch 32).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -47,13 +49,13 @@ def log(msg: str) -> None:
 
 def sft_module(variant: str, batch: int, seq: int, steps: int):
     return bs.sft_setup(SIZE, DEV, batch, seq, steps, compile_train="compile" in variant,
-                        fused="fused" in variant or variant in ("manual", "compile"))
+                        fused="fused" in variant or "manual" in variant or variant == "compile")
 
 
 def bench_sft_variant(variant: str, batch: int, seq: int, steps: int, warmup: int, pk: float) -> dict:
     b = 32 if "b32" in variant else batch
     model, module, loader = sft_module(variant, b, seq, steps + warmup)
-    if variant == "manual":
+    if "manual" in variant:
         sec = manual_steps(module, loader, steps, warmup)
     else:
         sec = 1.0 / bs.suite_steps_per_second(module, loader, steps + warmup, warmup, sync=sync,
@@ -187,9 +189,29 @@ def rollouts(prompts_n: int, group: int, new: int, repeats: int) -> list[dict]:
 
 
 def grpo(backend: str, pk: float, steps: int) -> dict:
-    """Whole GRPO steps (16 prompts x G 8, 64 new tokens, KL reference, fused AdamW) with one rollout backend."""
-    r = bs.bench_grpo(SIZE, DEV, "bf16-mixed", 16, 8, 64, steps + 1, 1, rollout_backend=backend, fused=True)
-    r.update(backend=backend, gen_tokens_per_s=r["tokens_per_s"], mfu=r["flops"] / pk)
+    """Whole GRPO steps (16 prompts x G 8, 64 new tokens, KL 0.01 against a reference copy, lr 1e-6, fused
+    AdamW on a GPU, gradients clipped at norm 1) with one rollout backend, or ``trl``: TRL's ``GRPOTrainer``
+    (which samples with ``generate``) on the same model, prompts and settings (``bench_grpo.trl_run``)."""
+    if backend == "trl":
+        import tempfile
+
+        import bench_grpo
+
+        model, tok = bs.build_model(SIZE, 256, DEV)
+        task = build_task("add3", 2000, 50, 0)
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(f"{d}/model")  # TRL loads its reference copy from the model's path
+            model.config._name_or_path = f"{d}/model"
+            rate = bench_grpo.trl_run(model, tok, task, 0.01, steps + 1, 1, f"{d}/trl", prompts=16, group=8, new_tokens=64,
+                                      lr=1e-6, device=DEV, sync=sync, max_grad_norm=1.0,
+                                      **({"optim": "adamw_torch_fused"} if DEV == "cuda" else {}))
+        r = {"part": "grpo", "step_s": 1 / rate, "tokens_per_s": 16 * 8 * 64 * rate, "mfu": float("nan")}
+        del model
+    else:
+        r = bs.bench_grpo(SIZE, DEV, "bf16-mixed", 16, 8, 64, steps + 1, 1, rollout_backend=backend,
+                          fused=DEV == "cuda")
+        r["mfu"] = r["flops"] / pk
+    r.update(backend=backend, gen_tokens_per_s=r["tokens_per_s"])
     log(f"GRPO {backend:>8}: {r['step_s']:6.2f} s/step  {r['tokens_per_s']:9,.0f} gen tokens/s  MFU {r['mfu']:6.1%}")
     if DEV == "cuda":
         torch.cuda.empty_cache()
@@ -208,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8, help="timed SFT steps after the warm-up")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--backends", default="hf_fast,hf")
+    ap.add_argument("--backends", default="hf_fast,hf,trl", help="rollout backends for GRPO steps; trl: TRL's "
+                    "GRPOTrainer on the same settings (skipped when trl is not installed)")
     ap.add_argument("--repeats", type=int, default=2, help="timed rollout batches per backend")
     ap.add_argument("--grpo-steps", type=int, default=3, help="timed GRPO steps per backend (after one warm-up)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of every code path (use a small --size)")
@@ -240,7 +263,7 @@ def measure(args) -> list[dict]:
                         for v in args.variants.split(",")],
                 "profile": [partial(profile_sft, args.batch_size, args.seq_len, args.trace)],
                 "rollouts": [partial(rollouts, 16, 8, 64, args.repeats)],
-                "grpo": [partial(grpo, b, pk, args.grpo_steps) for b in args.backends.split(",")]}.get(part)
+                "grpo": [partial(grpo, b, pk, args.grpo_steps) for b in backends(args.backends)]}.get(part)
         if jobs is None:
             raise SystemExit(f"error: --parts: unknown '{part}'; allowed: sft, profile, rollouts, grpo")
         for job in jobs:  # a failure is reported and the others still run (one short GPU lease, many readings)
@@ -261,6 +284,14 @@ def measure(args) -> list[dict]:
     return summary_rows(rows, pk)
 
 
+def backends(names: str) -> list[str]:
+    out = names.split(",")
+    if "trl" in out and importlib.util.find_spec("trl") is None:
+        log("GRPO trl: skipped, trl is not installed (pip install trl)")
+        out.remove("trl")
+    return out
+
+
 def summary_rows(rows: list[dict], pk: float) -> list[dict]:
     """The benchmark table's lines: MFU per SFT variant (target 35% for the 0.5B model on a GPU), the Trainer
     against a plain loop, rollouts against ``generate`` (target 2x on a GPU) and GRPO steps per backend."""
@@ -272,11 +303,11 @@ def summary_rows(rows: list[dict], pk: float) -> list[dict]:
     for v, r in sft.items():
         out.append(row(f"{DEV} SFT {SIZE} {v} {r['batch']}x{r['seq']} (bf16-mixed): model TFLOP/s vs bf16 matmul peak "
                        "(MFU)", r["flops"] / 1e12, pk / 1e12, 0.35 if gpu and SIZE == "qwen0.5b" else None))
-    trainer = "fused" if "fused" in sft else "eager"  # the plain loop uses fused AdamW: compare like with like
-    if trainer in sft and "manual" in sft:
-        out.append(row(f"{DEV} SFT {SIZE}: tokens/s through the suite's Trainer ({trainer}) vs a plain loop (fused), "
-                       f"batch {sft[trainer]['batch']}", sft[trainer]["tokens_per_s"], sft["manual"]["tokens_per_s"],
-                       None))
+    for trainer, loop in (("fused" if "fused" in sft else "eager", "manual"), ("fused_b32", "manual_b32")):
+        if trainer in sft and loop in sft:  # the plain loop uses fused AdamW: compare like with like
+            out.append(row(f"{DEV} SFT {SIZE}: tokens/s through the suite's Trainer ({trainer}) vs a plain loop (fused), "
+                           f"batch {sft[trainer]['batch']}", sft[trainer]["tokens_per_s"], sft[loop]["tokens_per_s"],
+                           None))
     for r in rows:
         if r["part"] == "rollouts":
             out.append(row(f"{DEV} rollouts {SIZE}: hf_fast ({'CUDA graph' if gpu else 'eager'} step) vs generate, "
@@ -288,6 +319,11 @@ def summary_rows(rows: list[dict], pk: float) -> list[dict]:
     if "hf_fast" in grpo_rows and "hf" in grpo_rows:
         out.append(row(f"{DEV} GRPO {SIZE} steps/s: rollout_backend=hf_fast vs hf (16 prompts x G 8, 64 tokens)",
                        1 / grpo_rows["hf_fast"]["step_s"], 1 / grpo_rows["hf"]["step_s"], None))
+    for b in ("hf_fast", "hf"):
+        if b in grpo_rows and "trl" in grpo_rows:
+            out.append(row(f"{DEV} GRPO {SIZE} steps/s: suite (rollout_backend={b}) vs TRL GRPOTrainer (same settings)",
+                           1 / grpo_rows[b]["step_s"], 1 / grpo_rows["trl"]["step_s"],
+                           1.5 if gpu and b == "hf_fast" else None))
     return out
 
 

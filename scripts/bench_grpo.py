@@ -67,7 +67,12 @@ def suite(model, fmt, task, kl: float, steps: int, warmup: int, profile: dict | 
     return suite_steps_per_second(module, loader, steps, warmup)
 
 
-def trl_run(model, tok, task, kl: float, steps: int, warmup: int, out: str) -> float:
+def trl_run(model, tok, task, kl: float, steps: int, warmup: int, out: str, prompts: int = PROMPTS,
+            group: int = G, new_tokens: int = NEW_TOKENS, lr: float = LR, device: str = "cpu",
+            sync=lambda: None, **config) -> float:
+    """TRL's ``GRPOTrainer`` on the suite's GRPO configuration (see the module docstring); steady-state steps/s
+    after ``warmup`` steps. On a GPU (``device="cuda"``) it runs bf16-mixed, as the suite's GPU runs do;
+    ``sync`` waits for the device before each clock reading; ``config`` overrides ``GRPOConfig`` fields."""
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -75,18 +80,20 @@ def trl_run(model, tok, task, kl: float, steps: int, warmup: int, out: str) -> f
         t0 = t1 = 0.0
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             if state.global_step == warmup:
                 Clock.t0 = time.perf_counter()
             Clock.t1 = time.perf_counter()
 
-    args = GRPOConfig(
-        output_dir=out, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.01, max_grad_norm=1e9, per_device_train_batch_size=PROMPTS * G, num_generations=G,
-        max_completion_length=NEW_TOKENS, temperature=1.0, top_p=0.99, top_k=0,
-        generation_kwargs={"min_new_tokens": NEW_TOKENS}, epsilon=0.2, epsilon_high=0.3, loss_type="bnpo",
-        beta=kl, use_bias_correction_kl=False, num_iterations=1, bf16=False, use_cpu=True, report_to="none",
+    gpu = device != "cpu"
+    args = GRPOConfig(**{**dict(
+        output_dir=out, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.01, max_grad_norm=1e9, per_device_train_batch_size=prompts * group, num_generations=group,
+        max_completion_length=new_tokens, temperature=1.0, top_p=0.99, top_k=0,
+        generation_kwargs={"min_new_tokens": new_tokens}, epsilon=0.2, epsilon_high=0.3, loss_type="bnpo",
+        beta=kl, use_bias_correction_kl=False, num_iterations=1, bf16=gpu, use_cpu=not gpu, report_to="none",
         logging_steps=10**6, save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
-    )
+    ), **config})
     verifier = task.verifier
 
     def reward(completions, answer, **_):

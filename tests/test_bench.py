@@ -22,7 +22,8 @@ TINY = {
     "eval": ["--n", "10", "--repeats", "1", "--skip-run", "experiment=smoke"],
     "scale": ["--sizes", "1m", "--steps", "2", "--warmup", "1", "--stream-lengths", "2,3", "--stream-steps", "3"],
     "sweep": ["--quick", "--steps-per-task", "3", "experiment=smoke", "eval.every_n_steps=null"],  # --quick + overrides
-    "gpu": ["--device", "cpu", "--size", "1m", "--steps", "2", "--warmup", "1", "--variants", "eager,manual",
+    "gpu": ["--device", "cpu", "--size", "1m", "--steps", "2", "--warmup", "1",
+            "--variants", "eager,manual,fused_b32,manual_b32",
             "--repeats", "1", "--grpo-steps", "1", "--seq-len", "64"],  # its GPU code paths, on CPUs
 }
 
