@@ -168,6 +168,19 @@ def test_a_second_copy_of_a_running_command_stops_with_a_clear_error(tmp_path):
         pass
 
 
+@pytest.fixture
+def smoke_base(cache_dir, tmp_path):
+    """The smoke experiment's base model, built (or found in the cache) before a test patches training: a patch
+    keyed on the step count would otherwise hit the base stage when this test runs alone."""
+    from cl.run import prepare_model
+    from tasks.stream import build_tasks
+
+    cfg = compose_cfg("experiment=smoke", f"cache_dir={cache_dir}")
+    names = list(cfg.base.general) + list(cfg.base.exposure)
+    tasks = {t.name: t for t in build_tasks(names, cfg.data.n_train, cfg.data.n_eval, cfg.data.seed)}
+    prepare_model(cfg, tmp_path / "base", tasks)
+
+
 def _nan_at(monkeypatch, iters: set[int]):
     from cl.objectives.sft import SFTObjective
 
@@ -182,7 +195,8 @@ def _nan_at(monkeypatch, iters: set[int]):
     monkeypatch.setattr(SFTObjective, "step", step)
 
 
-def test_nonfinite_loss_stops_with_partial_results_and_keeps_the_last_checkpoint(tmp_path, cache_dir, monkeypatch):
+def test_nonfinite_loss_stops_with_partial_results_and_keeps_the_last_checkpoint(tmp_path, cache_dir, smoke_base,
+                                                                                   monkeypatch):
     _nan_at(monkeypatch, {38})  # task 2, step 8
     out = tmp_path / "run"
     cfg = compose_cfg("experiment=smoke", f"cache_dir={cache_dir}", "checkpoint.every_n_steps=5")
@@ -200,7 +214,7 @@ def test_nonfinite_loss_stops_with_partial_results_and_keeps_the_last_checkpoint
     assert res["metrics"]["compute"]["skipped_nonfinite_steps"] == 1
 
 
-def test_nonfinite_loss_can_skip_the_batch_and_count_it(tmp_path, cache_dir, monkeypatch):
+def test_nonfinite_loss_can_skip_the_batch_and_count_it(tmp_path, cache_dir, smoke_base, monkeypatch):
     _nan_at(monkeypatch, {3, 40})
     cfg = compose_cfg("experiment=smoke", f"cache_dir={cache_dir}", "train.nonfinite=skip")
     res = run(cfg, tmp_path / "run")
