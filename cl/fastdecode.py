@@ -220,23 +220,43 @@ class LlamaKernel:
         self.filled += 1
         return logits
 
-    def static_step(self, graph: bool | None = None) -> "StaticStep":
+    def static_step(self, graph: bool | None = None, compiled: bool = False) -> "StaticStep":
         """A drop-in for ``step`` with fixed shapes (keys and values over the whole buffer, the unfilled part
         masked): on CUDA replayed as one CUDA graph per call (``graph=None``: when the buffers are on a CUDA
-        device), which removes the per-kernel launch cost that bounds small-batch decoding there. Call after
-        ``prefill``."""
-        return StaticStep(self, self.k[0].is_cuda if graph is None else graph)
+        device), which removes the per-kernel launch cost that bounds small-batch decoding there; elsewhere,
+        with ``compiled``, run through ``torch.compile`` (:func:`compiled_step`). Call after ``prefill``."""
+        graph = self.k[0].is_cuda if graph is None else graph
+        return StaticStep(self, graph, compiled=compiled and not graph)
+
+
+def _static_run(kernel: "LlamaKernel", ids, pos, mask, slot) -> torch.Tensor:
+    return kernel._run(ids, pos, mask, slot)
+
+
+_COMPILED: list = []
+
+
+def compiled_step():
+    """The static step through ``torch.compile`` (Inductor; ``dynamic=False``), one function per process: it
+    fuses the ~30 small operations of each layer (norms, rotary, masking, softmax, SiLU, residuals) that
+    dominate a single-token step at small sizes on CPUs. Compiled once per (rows, buffer length, dtype,
+    autocast state); kernels of later batches with those shapes reuse it (Dynamo guards on shapes, not on
+    the tensors' identity), and weights updated in place by the optimizer are read afresh at every call."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_static_run, dynamic=False))
+    return _COMPILED[0]
 
 
 class StaticStep:
     """``LlamaKernel.step`` over static input buffers. The first call runs the step eagerly on a side stream
     (twice: the warm-up CUDA graphs need; each run writes the same key/value slot, so repeating is harmless) and
     captures it; every call copies its inputs into the buffers and replays the graph. With ``graph=False``
-    the same static step runs eagerly (what the CPU tests check against ``step``). A failed capture raises with
+    the same static step runs eagerly (what the CPU tests check against ``step``), or compiled
+    (``compiled``: :func:`compiled_step`). A failed capture raises with
     the way out (``rollout_backend=hf``), after putting the thread back on its stream."""
 
-    def __init__(self, kernel: LlamaKernel, graph: bool):
-        self.kernel, self.graph = kernel, graph
+    def __init__(self, kernel: LlamaKernel, graph: bool, compiled: bool = False):
+        self.kernel, self.graph, self.compiled = kernel, graph, compiled
         ref = kernel.k[0]
         n, total = ref.size(0), ref.size(2)
         self.ids = torch.zeros(n, 1, dtype=torch.long, device=ref.device)
@@ -248,7 +268,14 @@ class StaticStep:
         self.buffer = ref.data_ptr()  # the key/value buffers the graph writes: a new prefill replaces them
 
     def _forward(self) -> torch.Tensor:
-        return self.kernel._run(self.ids, self.pos, self.mask, self.slot)
+        if not self.compiled:
+            return self.kernel._run(self.ids, self.pos, self.mask, self.slot)
+        try:
+            return compiled_step()(self.kernel, self.ids, self.pos, self.mask, self.slot)
+        except Exception as e:  # Inductor needs a C++ compiler on CPUs; a failure names the way out
+            raise RuntimeError(f"objective.rollout_compile: torch.compile of the decode step failed "
+                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
+                               "set objective.rollout_compile=false") from e
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         k = self.kernel

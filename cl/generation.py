@@ -95,6 +95,9 @@ _PROCESSOR_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_
                        "watermarking_config", "cache_implementation", "num_beams", "penalty_alpha")
 
 
+COMPILE_BUCKET = 32  # decode_ids(compile_step=True): buffer lengths are rounded up to a multiple of this
+
+
 @torch.no_grad()
 def decode_ids(
     model: torch.nn.Module,
@@ -108,6 +111,7 @@ def decode_ids(
     batch_size: int = 256,
     use_kernel: bool = True,
     static_step: bool | None = None,
+    compile_step: bool = False,
 ) -> list[list[int]]:
     """``generate_ids`` as a minimal decode loop: over ``cl.fastdecode``'s kernel for the Llama family
     (Llama, Mistral, Qwen2, Qwen3, with plain peft LoRA layers), else over the model's own KV cache
@@ -125,7 +129,11 @@ def decode_ids(
     On a CUDA device the kernel's single-token step has fixed shapes and is replayed as a CUDA graph
     (``static_step``; ``None``: on CUDA, ``True`` on any device, where it runs eagerly off CUDA): keys and
     values span the whole buffer with the unfilled part masked, so the logits match the step's to float
-    rounding (the attention sums over more, all-zero-weighted, positions).
+    rounding (the attention sums over more, all-zero-weighted, positions). Off CUDA, ``compile_step`` runs
+    that static step through ``torch.compile`` (``cl.fastdecode.compiled_step``; the first batch of each shape
+    pays the compilation, tens of seconds on CPUs), with the buffer rounded up to a multiple of
+    ``COMPILE_BUCKET`` positions so that prompts of nearby lengths share one compiled step; on CUDA the
+    step is a CUDA graph either way.
 
     One difference, for speed: with ``num_return_sequences = n > 1`` each distinct prompt is prefilled once
     and its cache repeated ``n`` times (``generate`` prefills all ``n`` copies). The logits are the same
@@ -172,10 +180,14 @@ def decode_ids(
             if do_sample and top_p < 1.0:
                 procs.append(TopPLogitsWarper(top_p))
             kernel = kernel_for(model)[0] if use_kernel else None
-            if kernel is not None and kernel.fits(length + max_new_tokens):
-                logits = kernel.prefill(ids0, mask0, pos0, length + max_new_tokens, repeat=n)
-                static = ids0.is_cuda if static_step is None else static_step
-                step = kernel.static_step() if static else kernel.step
+            total = length + max_new_tokens
+            compiled = compile_step and not ids0.is_cuda
+            if compiled and kernel is not None and kernel.fits(-(-total // COMPILE_BUCKET) * COMPILE_BUCKET):
+                total = -(-total // COMPILE_BUCKET) * COMPILE_BUCKET  # one compiled step for nearby lengths
+            if kernel is not None and kernel.fits(total):
+                logits = kernel.prefill(ids0, mask0, pos0, total, repeat=n)
+                static = compiled or (ids0.is_cuda if static_step is None else static_step)
+                step = kernel.static_step(compiled=compiled) if static else kernel.step
             else:
                 logits, step = _hf_prefill(model, chunk, ids0, mask0, pos0, n, device)
             seq, mask = ids0.repeat_interleave(n, 0), mask0.repeat_interleave(n, 0)

@@ -49,11 +49,11 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def make_backend(name: str, vllm: dict | None = None):
+def make_backend(name: str, vllm: dict | None = None, compile_step: bool = False):
     if name == "hf":
         return HFRollouts()
     if name == "hf_fast":
-        return HFFastRollouts()
+        return HFFastRollouts(compile_step)
     if name == "vllm":
         return VLLMRollouts(**(vllm or {}))
     raise ValueError(f"objective.rollout_backend: '{name}' is not one of {', '.join(BACKENDS)}")
@@ -81,6 +81,7 @@ class HFRollouts:
     name = "hf"
     correction = None  # samples come from the model being trained: on-policy
     sample = staticmethod(generate_ids)  # how completions are drawn (hf_fast: decode_ids, same signature)
+    sample_options: dict = {}  # passed to ``sample`` besides the sampling settings
 
     def mark_stale(self) -> None:
         pass
@@ -89,7 +90,8 @@ class HFRollouts:
                  temperature: float, top_p: float) -> tuple[list[list[int]], None]:
         """``n`` completions per prompt (prompt-major), and no sampler log-probs."""
         return self.sample(module.model, prompts, fmt, max_new_tokens=max_new_tokens, do_sample=True,
-                           temperature=temperature, top_p=top_p, num_return_sequences=n), None
+                           temperature=temperature, top_p=top_p, num_return_sequences=n,
+                           **self.sample_options), None
 
 
 class HFFastRollouts(HFRollouts):
@@ -98,6 +100,9 @@ class HFFastRollouts(HFRollouts):
 
     name = "hf_fast"
     sample = staticmethod(decode_ids)
+
+    def __init__(self, compile_step: bool = False) -> None:
+        self.sample_options = {"compile_step": True} if compile_step else {}  # objective.rollout_compile
 
 
 def vllm_weights(model: nn.Module):

@@ -8,8 +8,9 @@ PPO epoch, AdamW at lr 1e-4, fp32. Two settings: no KL (no reference model) and 
 reference copy, TRL with ``use_bias_correction_kl=False`` to compute the same term). Runs alternate
 (suite, TRL, suite, TRL, ...); the median steady-state steps/s (after a warm-up) of each is compared.
 Target: suite >= 1.5x TRL. The suite runs with both HF rollout backends (``hf``: ``generate``; ``hf_fast``:
-the minimal decode loop). A profile of one suite step (generation vs policy forward/backward vs
-reference forward) is printed, since generation dominates RL cost.
+the minimal decode loop), and with ``hf_fast``'s step compiled (``hf_fast+compile``:
+``objective.rollout_compile=true``; compiled during the warm-up steps). A profile of one suite step
+(generation vs policy forward/backward vs reference forward) is printed, since generation dominates RL cost.
 
     pip install trl  # benchmark-only dependency
     python scripts/bench_grpo.py [--quick] [--steps 20] [--warmup 3] [--repeats 3] [--kl 0.0 0.01]
@@ -57,7 +58,8 @@ def suite(model, fmt, task, kl: float, steps: int, warmup: int, profile: dict | 
           backend: str = "hf") -> float:
     model.generation_config.min_new_tokens = NEW_TOKENS
     obj = GRPOObjective(group_size=G, temperature=1.0, top_p=0.99, max_new_tokens=NEW_TOKENS, kl_coef=kl,
-                        reference="task_start", loss_agg="token_mean", rollout_backend=backend)
+                        reference="task_start", loss_agg="token_mean", rollout_backend=backend.split("+")[0],
+                        rollout_compile=backend.endswith("+compile"))
     obj.bind(fmt, {task.name: task})
     module = ContinualLM(model, obj, partial(torch.optim.AdamW, lr=LR), LRSchedule())
     obj.on_task_start(Ctx(module))
@@ -129,7 +131,7 @@ def _instrument(obj: GRPOObjective, profile: dict) -> None:
 
 
 QUICK = ["--steps", "5", "--warmup", "2", "--repeats", "1", "--kl", "0.01"]
-BACKENDS = ("hf", "hf_fast")
+BACKENDS = ("hf", "hf_fast", "hf_fast+compile")  # +compile: objective.rollout_compile=true
 
 
 def measure(args) -> list[dict]:

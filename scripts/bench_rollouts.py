@@ -3,8 +3,11 @@
 and the same loop over the model's own ``DynamicCache``) at GRPO's shapes, on the default tiny model:
 8 prompts x G = 8 completions = 64 sequences, exactly 16 new tokens each (``min_new_tokens``), T = 1.0,
 top-p 0.99. Calls alternate; the median tokens/s of each is compared (target: hf_fast >= 2x generate).
-``--compile`` also measures the other candidate the design considered: a static KV cache with the
-single-token forward compiled by ``torch.compile`` (its compile time is reported separately).
+hf_fast is measured with its eager step and with its step compiled (``objective.rollout_compile=true``:
+``decode_ids(compile_step=True)``; the compile time, paid once per shape, is reported separately and left
+out of the rate), and the greedy tokens of the compiled step are compared with the eager step's.
+``--compile`` also measures the other candidate the design considered: a static KV cache with
+transformers' single-token forward compiled by ``torch.compile``.
 
     python scripts/bench_rollouts.py [--quick] [--repeats 7] [--compile]
 """
@@ -74,7 +77,14 @@ def measure(args) -> list[dict]:
     kw = dict(max_new_tokens=NEW, do_sample=True, top_p=0.99, num_return_sequences=G)
     fns = {"generate": lambda: generate_ids(model, prompts, fmt, **kw),
            "hf_fast": lambda: decode_ids(model, prompts, fmt, **kw),
-           "hf_fast, cache loop": lambda: decode_ids(model, prompts, fmt, use_kernel=False, **kw)}
+           "hf_fast, cache loop": lambda: decode_ids(model, prompts, fmt, use_kernel=False, **kw),
+           "hf_fast, compiled step": lambda: decode_ids(model, prompts, fmt, compile_step=True, **kw)}
+    t = time.perf_counter()
+    fns["hf_fast, compiled step"]()
+    print(f"hf_fast compiled step: compiled in {time.perf_counter() - t:.1f} s (once per shape)", flush=True)
+    greedy = [decode_ids(model, prompts, fmt, max_new_tokens=NEW, compile_step=c) for c in (False, True)]
+    same = sum(a == b for a, b in zip(*greedy))
+    print(f"greedy rows identical, compiled vs eager step: {same}/{len(greedy[0])}", flush=True)
     if args.compile:
         t = time.perf_counter()
         step = torch.compile(model.forward, dynamic=False)
@@ -92,9 +102,11 @@ def measure(args) -> list[dict]:
     tokens = PROMPTS * G * NEW
     rate = {k: tokens / statistics.median(v) for k, v in times.items()}
     for k, v in rate.items():
-        print(f"{k:<20} {v:9,.0f} tokens/s  ({1000 * tokens / v:6.1f} ms per rollout batch)")
+        print(f"{k:<22} {v:9,.0f} tokens/s  ({1000 * tokens / v:6.1f} ms per rollout batch)")
     rows = [row(f"rollouts: hf_fast vs generate, tokens/s ({PROMPTS}x{G} seqs x {NEW} tokens)",
                 rate["hf_fast"], rate["generate"], 2.0),
+            row("rollouts: hf_fast with its step compiled (rollout_compile) vs generate, tokens/s",
+                rate["hf_fast, compiled step"], rate["generate"], 2.0),
             row("rollouts: hf_fast without the Llama kernel (model's own cache) vs generate, tokens/s",
                 rate["hf_fast, cache loop"], rate["generate"], None)]
     if "static+compile" in rate:

@@ -313,3 +313,60 @@ def test_kernel_with_bf16_base_and_fp32_lora_as_peft_stores_them():
             off = _reference_logits(model, prompts, [])[0]
     assert (ref - off).abs().max() > 0.1
     torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
+
+
+def test_compiled_step_gives_the_models_logits_and_generates_tokens(monkeypatch):
+    """``decode_ids(compile_step=True)`` (``objective.rollout_compile``): the static step through torch.compile,
+    with the buffer rounded up to a multiple of ``COMPILE_BUCKET``: the model's logits step by step, and the
+    greedy and sampled tokens of ``generate``, also through a LoRA adapter."""
+    from cl import fastdecode
+    from cl.generation import COMPILE_BUCKET, decode_ids, generate_ids
+
+    model = _model("qwen2", seed=23)
+    prompts = _prompts(24)
+    steps = [[7 + 2 * i + j for i in range(len(prompts))] for j in range(4)]
+    kernel, mask, pos = _prefilled(model, prompts, len(steps) + 2)
+    with torch.no_grad():
+        ref = _reference_logits(model, prompts, steps)[1:]
+        step = kernel.static_step(graph=False, compiled=True)
+        got, p = [], pos[:, -1:]
+        for col in steps:
+            mask = torch.cat([mask, torch.ones(len(col), 1, dtype=mask.dtype)], -1)
+            p = p + 1
+            got.append(step(torch.tensor(col)[:, None], mask, p))
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    totals, prefill = [], fastdecode.LlamaKernel.prefill
+    monkeypatch.setattr(fastdecode.LlamaKernel, "prefill",
+                        lambda self, *a, **k: totals.append(a[3]) or prefill(self, *a, **k))
+    fmt = _Fmt()
+    for model in (model, _lora(_model("llama", seed=25), ["q_proj", "down_proj"])):
+        assert decode_ids(model, prompts, fmt, 9, compile_step=True) == generate_ids(model, prompts, fmt, 9)
+        torch.manual_seed(5)
+        a = generate_ids(model, prompts, fmt, 9, do_sample=True, top_p=0.9, num_return_sequences=2)
+        torch.manual_seed(5)
+        assert decode_ids(model, prompts, fmt, 9, do_sample=True, top_p=0.9, num_return_sequences=2,
+                          compile_step=True) == a
+    assert totals and all(t % COMPILE_BUCKET == 0 and t >= 9 + max(map(len, prompts)) for t in totals)
+
+
+def test_a_failed_compile_names_the_way_out(monkeypatch):
+    from cl import fastdecode
+
+    def broken():
+        def fn(*a):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nmore lines")
+        return fn
+
+    monkeypatch.setattr(fastdecode, "compiled_step", broken)
+    model = _model("llama", seed=26)
+    prompts = _prompts(27)
+    with torch.no_grad():
+        kernel, mask, pos = _prefilled(model, prompts, 1)
+        assert kernel.static_step(graph=True, compiled=True).compiled is False  # on CUDA: the graph instead
+        step = kernel.static_step(graph=False, compiled=True)
+        m = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], -1)
+        with pytest.raises(RuntimeError, match=r"rollout_compile: torch.compile of the decode step failed "
+                                               r"\(RuntimeError: InductorError: CppCompileError: C\+\+ compile "
+                                               r"error\); set objective.rollout_compile=false"):
+            step(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 1)

@@ -411,3 +411,24 @@ def test_grpo_run_with_hf_fast_rollouts_and_its_fsdp_refusal(tmp_path, cache_dir
 
     with pytest.raises(ConfigError, match="hf_fast"):
         validate_config(compose_cfg("objective=grpo", "objective.rollout_backend=hf_fast", "trainer=fsdp"))
+
+
+def test_grpo_run_with_hf_fasts_compiled_step_and_its_refusal_elsewhere(tmp_path, cache_dir, monkeypatch):
+    """``objective.rollout_compile=true``: a GRPO run decodes through the compiled step and completes; with
+    another rollout backend the setting is refused."""
+    from cl import fastdecode
+    from cl.run import run
+    from cl.validate import ConfigError, validate_config
+
+    calls = []
+    real = fastdecode.compiled_step
+    monkeypatch.setattr(fastdecode, "compiled_step", lambda: calls.append(1) or real())
+    cfg = compose_cfg("experiment=smoke", "objective=grpo", "objective.rollout_backend=hf_fast",
+                      "objective.rollout_compile=true", "objective.group_size=4", "stream.steps_per_task=2",
+                      "stream.batch_size=4", "eval.every_n_steps=null", f"cache_dir={cache_dir}")
+    res = run(cfg, tmp_path / "run")
+    assert res["status"] == "completed" and res["metrics"]["compute"]["tokens_generated"] > 0
+    assert calls  # the decode steps went through the compiled function
+    with pytest.raises(ConfigError, match=r"objective.rollout_compile: compiles hf_fast's decode step; "
+                                          r"rollout_backend is hf"):
+        validate_config(compose_cfg("objective=grpo", "objective.rollout_compile=true"))

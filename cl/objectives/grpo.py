@@ -77,6 +77,10 @@ class GRPOObjective(Component):
         rollout_backend: ``hf`` (transformers ``generate`` on the training model), ``hf_fast`` (a minimal
             decode loop on the training model, same tokens; not under FSDP) or ``vllm`` (a colocated
             vLLM engine, weights synced before each rollout; ``cl.rollouts``).
+        rollout_compile: with ``hf_fast`` on CPUs, the Llama-family decode step through ``torch.compile``
+            (``cl.generation.decode_ids(compile_step=True)``): faster steps after a one-off compilation of
+            tens of seconds per prompt-batch shape; needs a C++ compiler. Ignored on CUDA, where the step is
+            a CUDA graph.
         vllm: the vLLM engine's settings (``cl.rollouts.VLLMRollouts``).
         length_reward: ``none`` | ``grpo_lambda`` | ``hapo``: a length term added to the task reward
             (:mod:`cl.objectives.length_rewards`; HAPO's per-problem history is checkpointed).
@@ -115,6 +119,9 @@ class GRPOObjective(Component):
         from cl.rollouts import BACKENDS, RolloutBackendError, VLLMRollouts
 
         c.choice(f"{at}.rollout_backend", BACKENDS)
+        if c.get(f"{at}.rollout_compile") and c.get(f"{at}.rollout_backend") != "hf_fast":
+            c.add(f"{at}.rollout_compile", f"compiles hf_fast's decode step; rollout_backend is "
+                                           f"{c.get(f'{at}.rollout_backend')} (use rollout_backend=hf_fast)")
         if c.get(f"{at}.rollout_backend") == "hf_fast" and is_fsdp(dict(c.get("trainer") or {})):
             c.add(f"{at}.rollout_backend", "hf_fast cannot step sharded ranks in lockstep under trainer=fsdp; "
                                                "use rollout_backend=hf")
@@ -149,7 +156,8 @@ class GRPOObjective(Component):
                  max_new_tokens: int = 16, eps_low: float = 0.2, eps_high: float = 0.3, kl_coef: float = 0.01,
                  reference: str = "task_start", ref_sync_every: int | None = None, loss_agg: str = "token_mean",
                  advantage: str = "grpo", ppo_epochs: int = 1, dynamic_sampling: bool = False,
-                 reward_scale: float = 1.0, rollout_backend: str = "hf", vllm: dict | None = None,
+                 reward_scale: float = 1.0, rollout_backend: str = "hf", rollout_compile: bool = False,
+                 vllm: dict | None = None,
                  length_reward: str = "none", length_weight: float = 1.0, lambda_fraction: float = 0.5):
         if reference not in REFERENCES:
             raise ValueError(f"objective.reference: '{reference}' is not one of {', '.join(REFERENCES)}")
@@ -168,7 +176,7 @@ class GRPOObjective(Component):
         self.kl_coef, self.reference, self.ref_sync_every = kl_coef, reference, ref_sync_every
         self.loss_agg, self.advantage, self.ppo_epochs = loss_agg, advantage, ppo_epochs
         self.dynamic_sampling, self.reward_scale = dynamic_sampling, reward_scale
-        self.rollouts = make_backend(rollout_backend, dict(vllm or {}))
+        self.rollouts = make_backend(rollout_backend, dict(vllm or {}), compile_step=rollout_compile)
         self.length_reward, self.length_weight, self.lambda_fraction = length_reward, length_weight, lambda_fraction
         self.length_history: dict[str, int] = {}  # hapo: problem -> shortest correct completion so far
         self.completion_tokens: dict[str, list[int]] = {}  # task -> [completions, tokens] rolled out
