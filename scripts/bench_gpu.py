@@ -202,8 +202,8 @@ def grpo(backend: str, pk: float, steps: int) -> dict:
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(f"{d}/model")  # TRL loads its reference copy from the model's path
             model.config._name_or_path = f"{d}/model"
-            rate = bench_grpo.trl_run(model, tok, task, 0.01, steps + 1, 1, f"{d}/trl", prompts=16, group=8, new_tokens=64,
-                                      lr=1e-6, device=DEV, sync=sync, max_grad_norm=1.0,
+            rate = bench_grpo.trl_run(model, tok, task, 0.01, steps + 1, 1, f"{d}/trl", prompts=16, group=8,
+                                      new_tokens=64, lr=1e-6, device=DEV, sync=sync, max_grad_norm=1.0,
                                       **({"optim": "adamw_torch_fused"} if DEV == "cuda" else {}))
         r = {"part": "grpo", "step_s": 1 / rate, "tokens_per_s": 16 * 8 * 64 * rate, "mfu": float("nan")}
         del model
@@ -305,9 +305,9 @@ def summary_rows(rows: list[dict], pk: float) -> list[dict]:
                        "(MFU)", r["flops"] / 1e12, pk / 1e12, 0.35 if gpu and SIZE == "qwen0.5b" else None))
     for trainer, loop in (("fused" if "fused" in sft else "eager", "manual"), ("fused_b32", "manual_b32")):
         if trainer in sft and loop in sft:  # the plain loop uses fused AdamW: compare like with like
-            out.append(row(f"{DEV} SFT {SIZE}: tokens/s through the suite's Trainer ({trainer}) vs a plain loop (fused), "
-                           f"batch {sft[trainer]['batch']}", sft[trainer]["tokens_per_s"], sft[loop]["tokens_per_s"],
-                           None))
+            out.append(row(f"{DEV} SFT {SIZE}: tokens/s through the suite's Trainer ({trainer}) vs a plain loop "
+                           f"(fused), batch {sft[trainer]['batch']}", sft[trainer]["tokens_per_s"],
+                           sft[loop]["tokens_per_s"], None))
     for r in rows:
         if r["part"] == "rollouts":
             out.append(row(f"{DEV} rollouts {SIZE}: hf_fast ({'CUDA graph' if gpu else 'eager'} step) vs generate, "
