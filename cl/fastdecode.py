@@ -239,9 +239,11 @@ _COMPILED: list = []
 def compiled_step():
     """The static step through ``torch.compile`` (Inductor; ``dynamic=False``), one function per process: it
     fuses the ~30 small operations of each layer (norms, rotary, masking, softmax, SiLU, residuals) that
-    dominate a single-token step at small sizes on CPUs. Compiled once per (rows, buffer length, dtype,
-    autocast state); kernels of later batches with those shapes reuse it (Dynamo guards on shapes, not on
-    the tensors' identity), and weights updated in place by the optimizer are read afresh at every call."""
+    dominate a single-token step at small sizes on CPUs. Compiled once per variant (rows, buffer length,
+    dtype, autocast state, the model's layer structure); kernels of later batches of a variant reuse it
+    (Dynamo guards on shapes, not on the tensors' identity), and weights updated in place by the optimizer
+    are read afresh at every call. Past ``torch._dynamo.config.recompile_limit`` variants (8) in a process,
+    Dynamo runs new ones eagerly and logs a warning."""
     if not _COMPILED:
         _COMPILED.append(torch.compile(_static_run, dynamic=False))
     return _COMPILED[0]
@@ -272,10 +274,10 @@ class StaticStep:
             return self.kernel._run(self.ids, self.pos, self.mask, self.slot)
         try:
             return compiled_step()(self.kernel, self.ids, self.pos, self.mask, self.slot)
-        except Exception as e:  # Inductor needs a C++ compiler on CPUs; a failure names the way out
+        except torch._dynamo.exc.TorchDynamoException as e:  # tracing or Inductor's build (a C++ compiler) failed
+            first = (str(e).strip().splitlines() or [repr(e)])[0][:300]
             raise RuntimeError(f"objective.rollout_compile: torch.compile of the decode step failed "
-                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
-                               "set objective.rollout_compile=false") from e
+                               f"({type(e).__name__}: {first}); set objective.rollout_compile=false") from e
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         k = self.kernel

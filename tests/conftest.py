@@ -30,6 +30,16 @@ def compose_cfg(*overrides: str):
     return compose_config(*overrides)
 
 
+def base_model(cfg, run_dir: Path) -> dict:
+    """Build (or find in ``cfg.cache_dir``) the base model of ``cfg`` as a run would; its ``base_info``."""
+    from cl.run import prepare_model
+    from tasks.stream import build_tasks
+
+    names = list(cfg.base.general) + list(cfg.base.exposure)
+    tasks = {t.name: t for t in build_tasks(names, cfg.data.n_train, cfg.data.n_eval, cfg.data.seed)}
+    return prepare_model(cfg, run_dir, tasks)[2]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m cl.run ARGS`` in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "cl.run", *args], cwd=cwd or ROOT, env=run_env(),

@@ -69,14 +69,10 @@ def test_default_base_stage_meets_the_recipe_targets(tmp_path):
     from omegaconf import OmegaConf
 
     from cl.base_stage import BaseRecipe, base_health
-    from cl.run import prepare_model
-    from tasks.stream import build_tasks
-    from tests.conftest import compose_cfg
+    from tests.conftest import base_model, compose_cfg
 
     cfg = compose_cfg(f"cache_dir={tmp_path}")
-    names = list(cfg.base.general) + list(cfg.base.exposure)
-    tasks = {t.name: t for t in build_tasks(names, cfg.data.n_train, cfg.data.n_eval, cfg.data.seed)}
-    _, _, info = prepare_model(cfg, tmp_path, tasks)
+    info = base_model(cfg, tmp_path)
     report = json.loads((Path(info["path"]) / "base_report.json").read_text())
     recipe = BaseRecipe(**{k: v for k, v in OmegaConf.to_container(cfg.base).items() if k != "kind"})
     assert report["stopped_by"] == "criteria", report["steps"]

@@ -315,13 +315,27 @@ def test_kernel_with_bf16_base_and_fp32_lora_as_peft_stores_them():
     torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
 
 
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+needs_cxx = pytest.mark.skipif(__import__("cl.objectives.grpo", fromlist=["x"]).cxx_compiler() is None,
+                               reason="torch.compile on CPUs needs a C++ compiler")
+
+
+@needs_cxx
 def test_compiled_step_gives_the_models_logits_and_generates_tokens(monkeypatch):
     """``decode_ids(compile_step=True)`` (``objective.rollout_compile``): the static step through torch.compile,
     with the buffer rounded up to a multiple of ``COMPILE_BUCKET``: the model's logits step by step, and the
-    greedy and sampled tokens of ``generate``, also through a LoRA adapter."""
+    greedy and sampled tokens of ``generate``, also through a LoRA adapter; a weight changed in place (as the
+    optimizer does) is read by the graph already compiled."""
     from cl import fastdecode
     from cl.generation import COMPILE_BUCKET, decode_ids, generate_ids
 
+    torch._dynamo.reset()  # no variants left from other tests: these compile here
+    before = _compiled_graphs()
     model = _model("qwen2", seed=23)
     prompts = _prompts(24)
     steps = [[7 + 2 * i + j for i in range(len(prompts))] for j in range(4)]
@@ -348,17 +362,23 @@ def test_compiled_step_gives_the_models_logits_and_generates_tokens(monkeypatch)
         assert decode_ids(model, prompts, fmt, 9, do_sample=True, top_p=0.9, num_return_sequences=2,
                           compile_step=True) == a
     assert totals and all(t % COMPILE_BUCKET == 0 and t >= 9 + max(map(len, prompts)) for t in totals)
+    compiled = _compiled_graphs()
+    assert compiled > before  # the steps ran compiled, not eagerly
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.add_(0.5)
+    assert decode_ids(model, prompts, fmt, 9, compile_step=True) == generate_ids(model, prompts, fmt, 9)
+    assert _compiled_graphs() == compiled  # the same graph, with the new weight
 
 
 def test_a_failed_compile_names_the_way_out(monkeypatch):
+    """A compilation failure (Dynamo's or Inductor's; its message may be empty) says how to turn compiling off;
+    an error of the step itself passes through as it is."""
+    from torch._dynamo.exc import TorchDynamoException
+
     from cl import fastdecode
 
-    def broken():
-        def fn(*a):
-            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nmore lines")
-        return fn
-
-    monkeypatch.setattr(fastdecode, "compiled_step", broken)
+    raised = []
+    monkeypatch.setattr(fastdecode, "compiled_step", lambda: lambda *a: (_ for _ in ()).throw(raised[-1]))
     model = _model("llama", seed=26)
     prompts = _prompts(27)
     with torch.no_grad():
@@ -366,7 +386,15 @@ def test_a_failed_compile_names_the_way_out(monkeypatch):
         assert kernel.static_step(graph=True, compiled=True).compiled is False  # on CUDA: the graph instead
         step = kernel.static_step(graph=False, compiled=True)
         m = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], -1)
+        call = lambda: step(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 1)  # noqa: E731
+        raised.append(TorchDynamoException("CppCompileError: C++ compile error\nmore lines"))
         with pytest.raises(RuntimeError, match=r"rollout_compile: torch.compile of the decode step failed "
-                                               r"\(RuntimeError: InductorError: CppCompileError: C\+\+ compile "
+                                               r"\(TorchDynamoException: CppCompileError: C\+\+ compile "
                                                r"error\); set objective.rollout_compile=false"):
-            step(torch.full((len(prompts), 1), 5), m, pos[:, -1:] + 1)
+            call()
+        raised.append(TorchDynamoException())
+        with pytest.raises(RuntimeError, match=r"failed \(TorchDynamoException: TorchDynamoException\(\)\); set"):
+            call()
+        raised.append(RuntimeError("out of memory"))
+        with pytest.raises(RuntimeError, match="^out of memory$"):
+            call()

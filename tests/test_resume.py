@@ -172,13 +172,9 @@ def test_a_second_copy_of_a_running_command_stops_with_a_clear_error(tmp_path):
 def smoke_base(cache_dir, tmp_path):
     """The smoke experiment's base model, built (or found in the cache) before a test patches training: a patch
     keyed on the step count would otherwise hit the base stage when this test runs alone."""
-    from cl.run import prepare_model
-    from tasks.stream import build_tasks
+    from tests.conftest import base_model
 
-    cfg = compose_cfg("experiment=smoke", f"cache_dir={cache_dir}")
-    names = list(cfg.base.general) + list(cfg.base.exposure)
-    tasks = {t.name: t for t in build_tasks(names, cfg.data.n_train, cfg.data.n_eval, cfg.data.seed)}
-    prepare_model(cfg, tmp_path / "base", tasks)
+    base_model(compose_cfg("experiment=smoke", f"cache_dir={cache_dir}"), tmp_path / "base")
 
 
 def _nan_at(monkeypatch, iters: set[int]):

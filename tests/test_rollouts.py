@@ -420,6 +420,12 @@ def test_grpo_run_with_hf_fasts_compiled_step_and_its_refusal_elsewhere(tmp_path
     from cl.run import run
     from cl.validate import ConfigError, validate_config
 
+    from torch._dynamo.utils import counters
+
+    if __import__("cl.objectives.grpo", fromlist=["x"]).cxx_compiler() is None:
+        pytest.skip("torch.compile on CPUs needs a C++ compiler")
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
     calls = []
     real = fastdecode.compiled_step
     monkeypatch.setattr(fastdecode, "compiled_step", lambda: calls.append(1) or real())
@@ -428,7 +434,11 @@ def test_grpo_run_with_hf_fasts_compiled_step_and_its_refusal_elsewhere(tmp_path
                       "stream.batch_size=4", "eval.every_n_steps=null", f"cache_dir={cache_dir}")
     res = run(cfg, tmp_path / "run")
     assert res["status"] == "completed" and res["metrics"]["compute"]["tokens_generated"] > 0
-    assert calls  # the decode steps went through the compiled function
+    assert calls and counters["stats"]["unique_graphs"] > before  # decode steps ran compiled, not eagerly
     with pytest.raises(ConfigError, match=r"objective.rollout_compile: compiles hf_fast's decode step; "
                                           r"rollout_backend is hf"):
         validate_config(compose_cfg("objective=grpo", "objective.rollout_compile=true"))
+    monkeypatch.setattr("cl.objectives.grpo.cxx_compiler", lambda: None)
+    with pytest.raises(ConfigError, match=r"objective.rollout_compile: torch.compile needs a C\+\+ compiler"):
+        validate_config(compose_cfg("objective=grpo", "objective.rollout_backend=hf_fast",
+                                    "objective.rollout_compile=true"))

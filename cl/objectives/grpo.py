@@ -56,6 +56,15 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler Inductor would build CPU kernels with (``$CXX``, else ``c++``/``g++``/``clang++``), or None."""
+    import os
+    import shutil
+
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
 class GRPOObjective(Component):
     """Group-relative policy optimisation.
 
@@ -78,9 +87,9 @@ class GRPOObjective(Component):
             decode loop on the training model, same tokens; not under FSDP) or ``vllm`` (a colocated
             vLLM engine, weights synced before each rollout; ``cl.rollouts``).
         rollout_compile: with ``hf_fast`` on CPUs, the Llama-family decode step through ``torch.compile``
-            (``cl.generation.decode_ids(compile_step=True)``): faster steps after a one-off compilation of
-            tens of seconds per prompt-batch shape; needs a C++ compiler. Ignored on CUDA, where the step is
-            a CUDA graph.
+            (``cl.generation.decode_ids(compile_step=True)``): faster steps after a one-off compilation per
+            prompt-batch shape (8-25 s at the tiny model); needs a C++ compiler. Ignored on CUDA, where the
+            step is a CUDA graph, and for models outside the Llama family (they decode eagerly).
         vllm: the vLLM engine's settings (``cl.rollouts.VLLMRollouts``).
         length_reward: ``none`` | ``grpo_lambda`` | ``hapo``: a length term added to the task reward
             (:mod:`cl.objectives.length_rewards`; HAPO's per-problem history is checkpointed).
@@ -122,6 +131,9 @@ class GRPOObjective(Component):
         if c.get(f"{at}.rollout_compile") and c.get(f"{at}.rollout_backend") != "hf_fast":
             c.add(f"{at}.rollout_compile", f"compiles hf_fast's decode step; rollout_backend is "
                                            f"{c.get(f'{at}.rollout_backend')} (use rollout_backend=hf_fast)")
+        elif c.get(f"{at}.rollout_compile") and not cxx_compiler():
+            c.add(f"{at}.rollout_compile", "torch.compile needs a C++ compiler on CPUs and none was found (install "
+                                           "g++ or set CXX), or set rollout_compile=false")
         if c.get(f"{at}.rollout_backend") == "hf_fast" and is_fsdp(dict(c.get("trainer") or {})):
             c.add(f"{at}.rollout_backend", "hf_fast cannot step sharded ranks in lockstep under trainer=fsdp; "
                                                "use rollout_backend=hf")
