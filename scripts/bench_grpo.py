@@ -34,7 +34,7 @@ import transformers
 from cl.core.data import PromptFormat
 from cl.model import build_tiny_llama, load_model_and_tokenizer
 from cl.module import ContinualLM
-from cl.objectives.grpo import GRPOObjective
+from cl.objectives.grpo import GRPOObjective, cxx_compiler
 from cl.run import task_loader
 from cl.schedule import LRSchedule
 from tasks.registry import build_task
@@ -133,7 +133,8 @@ def _instrument(obj: GRPOObjective, profile: dict) -> None:
 
 
 QUICK = ["--steps", "5", "--warmup", "2", "--repeats", "1", "--kl", "0.01"]
-BACKENDS = ("hf", "hf_fast", "hf_fast+compile")  # +compile: objective.rollout_compile=true
+# +compile: objective.rollout_compile=true (where a C++ compiler is found; torch.compile needs one on CPUs)
+BACKENDS = ("hf", "hf_fast", *(("hf_fast+compile",) if cxx_compiler() else ()))
 
 
 def measure(args) -> list[dict]:
