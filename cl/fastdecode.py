@@ -18,6 +18,8 @@ not in eval mode.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -233,9 +235,16 @@ def _static_run(kernel: "LlamaKernel", ids, pos, mask, slot) -> torch.Tensor:
     return kernel._run(ids, pos, mask, slot)
 
 
-_COMPILED: list = []
+def cxx_compiler() -> str | None:
+    """The C++ compiler Inductor would build CPU kernels with (``$CXX``, else ``c++``/``g++``/``clang++``), or None."""
+    import os
+    import shutil
+
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
 
 
+@functools.cache
 def compiled_step():
     """The static step through ``torch.compile`` (Inductor; ``dynamic=False``), one function per process: it
     fuses the ~30 small operations of each layer (norms, rotary, masking, softmax, SiLU, residuals) that
@@ -244,9 +253,7 @@ def compiled_step():
     (Dynamo guards on shapes, not on the tensors' identity), and weights updated in place by the optimizer
     are read afresh at every call. Past ``torch._dynamo.config.recompile_limit`` variants (8) in a process,
     Dynamo runs new ones eagerly and logs a warning."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_static_run, dynamic=False))
-    return _COMPILED[0]
+    return torch.compile(_static_run, dynamic=False)
 
 
 class StaticStep:

@@ -131,9 +131,9 @@ def decode_ids(
     values span the whole buffer with the unfilled part masked, so the logits match the step's to float
     rounding (the attention sums over more, all-zero-weighted, positions). Off CUDA, ``compile_step`` runs
     that static step through ``torch.compile`` (``cl.fastdecode.compiled_step``; the first batch of each shape
-    pays the compilation: 8 s with Inductor's on-disk cache warm, 25 s cold, measured on the tiny model), with the buffer rounded up to a multiple of
-    ``COMPILE_BUCKET`` positions so that prompts of nearby lengths share one compiled step; on CUDA the
-    step is a CUDA graph either way.
+    pays the compilation: 8 s with Inductor's on-disk cache warm, 25 s cold, measured on the tiny model),
+    with the buffer rounded up to a multiple of ``COMPILE_BUCKET`` positions so that prompts of nearby
+    lengths share one compiled step; on CUDA the step is a CUDA graph either way.
 
     One difference, for speed: with ``num_return_sequences = n > 1`` each distinct prompt is prefilled once
     and its cache repeated ``n`` times (``generate`` prefills all ``n`` copies). The logits are the same
@@ -182,8 +182,9 @@ def decode_ids(
             kernel = kernel_for(model)[0] if use_kernel else None
             total = length + max_new_tokens
             compiled = compile_step and not ids0.is_cuda
-            if compiled and kernel is not None and kernel.fits(-(-total // COMPILE_BUCKET) * COMPILE_BUCKET):
-                total = -(-total // COMPILE_BUCKET) * COMPILE_BUCKET  # one compiled step for nearby lengths
+            bucketed = -(-total // COMPILE_BUCKET) * COMPILE_BUCKET  # one compiled step for nearby lengths
+            if compiled and kernel is not None and kernel.fits(bucketed):
+                total = bucketed
             if kernel is not None and kernel.fits(total):
                 logits = kernel.prefill(ids0, mask0, pos0, total, repeat=n)
                 static = compiled or (ids0.is_cuda if static_step is None else static_step)

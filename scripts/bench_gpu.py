@@ -192,6 +192,7 @@ def grpo(backend: str, pk: float, steps: int) -> dict:
     """Whole GRPO steps (16 prompts x G 8, 64 new tokens, KL 0.01 against a reference copy, lr 1e-6, fused
     AdamW on a GPU, gradients clipped at norm 1) with one rollout backend, or ``trl``: TRL's ``GRPOTrainer``
     (which samples with ``generate``) on the same model, prompts and settings (``bench_grpo.trl_run``)."""
+    prompts, group, new = 16, 8, 64
     if backend == "trl":
         import tempfile
 
@@ -202,13 +203,14 @@ def grpo(backend: str, pk: float, steps: int) -> dict:
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(f"{d}/model")  # TRL loads its reference copy from the model's path
             model.config._name_or_path = f"{d}/model"
-            rate = bench_grpo.trl_run(model, tok, task, 0.01, steps + 1, 1, f"{d}/trl", prompts=16, group=8,
-                                      new_tokens=64, lr=1e-6, device=DEV, sync=sync, max_grad_norm=1.0,
+            rate = bench_grpo.trl_run(model, tok, task, 0.01, steps + 1, 1, f"{d}/trl", prompts=prompts,
+                                      group=group, new_tokens=new, lr=1e-6, device=DEV, sync=sync,
+                                      max_grad_norm=1.0,
                                       **({"optim": "adamw_torch_fused"} if DEV == "cuda" else {}))
-        r = {"part": "grpo", "step_s": 1 / rate, "tokens_per_s": 16 * 8 * 64 * rate, "mfu": float("nan")}
+        r = {"part": "grpo", "step_s": 1 / rate, "tokens_per_s": prompts * group * new * rate, "mfu": float("nan")}
         del model
     else:
-        r = bs.bench_grpo(SIZE, DEV, "bf16-mixed", 16, 8, 64, steps + 1, 1, rollout_backend=backend,
+        r = bs.bench_grpo(SIZE, DEV, "bf16-mixed", prompts, group, new, steps + 1, 1, rollout_backend=backend,
                           fused=DEV == "cuda")
         r["mfu"] = r["flops"] / pk
     r.update(backend=backend, gen_tokens_per_s=r["tokens_per_s"])

@@ -34,7 +34,8 @@ import transformers
 from cl.core.data import PromptFormat
 from cl.model import build_tiny_llama, load_model_and_tokenizer
 from cl.module import ContinualLM
-from cl.objectives.grpo import GRPOObjective, cxx_compiler
+from cl.fastdecode import cxx_compiler
+from cl.objectives.grpo import GRPOObjective
 from cl.run import task_loader
 from cl.schedule import LRSchedule
 from tasks.registry import build_task

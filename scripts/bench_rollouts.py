@@ -24,9 +24,9 @@ import torch
 import transformers
 
 from cl.core.data import PromptFormat, collate_prompts
+from cl.fastdecode import cxx_compiler
 from cl.generation import decode_ids, generate_ids
 from cl.model import build_tiny_llama, load_model_and_tokenizer
-from cl.objectives.grpo import cxx_compiler
 from tasks.registry import build_task
 
 from benchlib import row  # scripts/benchlib.py (this directory is on sys.path)

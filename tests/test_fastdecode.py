@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cl.core.data import collate_prompts
+from cl.fastdecode import cxx_compiler
 
 SIZES = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -321,8 +322,7 @@ def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-needs_cxx = pytest.mark.skipif(__import__("cl.objectives.grpo", fromlist=["x"]).cxx_compiler() is None,
-                               reason="torch.compile on CPUs needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(cxx_compiler() is None, reason="torch.compile on CPUs needs a C++ compiler")
 
 
 @needs_cxx

@@ -416,13 +416,13 @@ def test_grpo_run_with_hf_fast_rollouts_and_its_fsdp_refusal(tmp_path, cache_dir
 def test_grpo_run_with_hf_fasts_compiled_step_and_its_refusal_elsewhere(tmp_path, cache_dir, monkeypatch):
     """``objective.rollout_compile=true``: a GRPO run decodes through the compiled step and completes; with
     another rollout backend the setting is refused."""
+    from torch._dynamo.utils import counters
+
     from cl import fastdecode
     from cl.run import run
     from cl.validate import ConfigError, validate_config
 
-    from torch._dynamo.utils import counters
-
-    if __import__("cl.objectives.grpo", fromlist=["x"]).cxx_compiler() is None:
+    if fastdecode.cxx_compiler() is None:
         pytest.skip("torch.compile on CPUs needs a C++ compiler")
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
@@ -438,7 +438,7 @@ def test_grpo_run_with_hf_fasts_compiled_step_and_its_refusal_elsewhere(tmp_path
     with pytest.raises(ConfigError, match=r"objective.rollout_compile: compiles hf_fast's decode step; "
                                           r"rollout_backend is hf"):
         validate_config(compose_cfg("objective=grpo", "objective.rollout_compile=true"))
-    monkeypatch.setattr("cl.objectives.grpo.cxx_compiler", lambda: None)
+    monkeypatch.setattr("cl.fastdecode.cxx_compiler", lambda: None)
     with pytest.raises(ConfigError, match=r"objective.rollout_compile: torch.compile needs a C\+\+ compiler"):
         validate_config(compose_cfg("objective=grpo", "objective.rollout_backend=hf_fast",
                                     "objective.rollout_compile=true"))

@@ -56,15 +56,6 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def cxx_compiler() -> str | None:
-    """The C++ compiler Inductor would build CPU kernels with (``$CXX``, else ``c++``/``g++``/``clang++``), or None."""
-    import os
-    import shutil
-
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
-    return next((path for path in map(shutil.which, names) if path), None)
-
-
 class GRPOObjective(Component):
     """Group-relative policy optimisation.
 
@@ -126,6 +117,8 @@ class GRPOObjective(Component):
             c.integer(f"{at}.ref_sync_every", minimum=1)
         from cl.fsdp import is_fsdp
         from cl.rollouts import BACKENDS, RolloutBackendError, VLLMRollouts
+
+        from cl.fastdecode import cxx_compiler
 
         c.choice(f"{at}.rollout_backend", BACKENDS)
         if c.get(f"{at}.rollout_compile") and c.get(f"{at}.rollout_backend") != "hf_fast":
